@@ -1,0 +1,562 @@
+"""Every formula of the suite, once, as pure tensor functions.
+
+No models, no I/O: the trainers (`train_rloo.py`, `train_offline.py`), the judge and the theory tests
+(`theory/`) import these and nothing else re-implements them. Equation numbers refer to
+"Failure Modes of Maximum Entropy RLHF" (main text Eqs. 1-7, appendix C Eqs. 8-12).
+
+Notation (as in `shared/reference.md`): S = summed response log-prob log pi(y|x), A = S / |y| (per-token
+mean), rho = S - S_ref, h = rho_w - rho_l. All losses return *per-example* losses (the caller takes the
+mean) together with the implicit rewards a trainer logs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+DEFAULT_CHUNK_SIZE = 1024  # rows of [*, vocab] logits processed at once by the memory-lean functions
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checks (bad input raises a ValueError that names the argument)
+# --------------------------------------------------------------------------------------------------
+def _check_same_shape(**tensors: Tensor) -> None:
+    items = list(tensors.items())
+    name0, t0 = items[0]
+    for name, t in items[1:]:
+        if t.shape != t0.shape:
+            raise ValueError(
+                f"`{name}` has shape {tuple(t.shape)} but `{name0}` has shape {tuple(t0.shape)}; "
+                "they must match"
+            )
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"`{name}` must be > 0, got {value}")
+
+
+def _check_mask(name: str, mask: Tensor) -> None:
+    if mask.numel() == 0 or not bool(mask.to(torch.bool).any()):
+        raise ValueError(f"`{name}` selects no token: every sequence would have an empty response")
+
+
+# --------------------------------------------------------------------------------------------------
+# log-probabilities, entropy, KL estimators
+# --------------------------------------------------------------------------------------------------
+def token_logprobs(
+    logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Tensor:
+    """log softmax(logits / T)[label] for every position, without a full [B, T, V] log-softmax.
+
+    logits: [..., V], labels: [...] (same leading shape). Returns [...] in the dtype of `logits`
+    (upcast to float32 when logits are half precision, where logsumexp would lose digits).
+
+    Memory: the naive `log_softmax(logits).gather(...)` materialises a second [B, T, V] tensor (and keeps
+    it for backward). Here each chunk of `chunk_size` rows computes `logit[label] - logsumexp(row)`, so the
+    transient is [chunk_size, V]. With T != 1 the scaled chunk is kept for backward (one logits-sized
+    copy in total under autograd, none under no_grad).
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"`labels` has shape {tuple(labels.shape)} but `logits` has leading shape "
+            f"{tuple(logits.shape[:-1])}; they must match"
+        )
+    _check_positive("temperature", temperature)
+    _check_positive("chunk_size", chunk_size)
+    vocab = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab)
+    flat_labels = labels.reshape(-1).long()
+    out_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    pieces = []
+    for start in range(0, flat_logits.shape[0], chunk_size):
+        chunk = flat_logits[start : start + chunk_size].to(out_dtype)
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        chosen = chunk.gather(-1, flat_labels[start : start + chunk_size, None]).squeeze(-1)
+        pieces.append(chosen - torch.logsumexp(chunk, dim=-1))
+    if not pieces:
+        return flat_logits.new_zeros(labels.shape, dtype=out_dtype)
+    return torch.cat(pieces).reshape(labels.shape)
+
+
+def masked_sum(values: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    return (values * mask.to(values.dtype)).sum(dim)
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
+    """Mean over the positions where mask is 1 (over everything when dim is None)."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp_min(1.0)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp_min(1.0)
+
+
+def sequence_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    temperature: float = 1.0,
+    average: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """Sequence log-probability S = sum_t log pi(y_t | x, y_<t) over the response mask ([B, T] -> [B]).
+
+    `average=True` gives the length-normalised A = S / |y| used by SimPO (Eq. 7 and Sec. 2.3).
+    `logits[:, t]` must be the prediction for `labels[:, t]` (the caller shifts).
+    """
+    _check_same_shape(labels=labels, mask=mask)
+    _check_mask("mask", mask)
+    logps = token_logprobs(logits, labels, temperature=temperature, chunk_size=chunk_size)
+    total = masked_sum(logps, mask)
+    if average:
+        return total / mask.to(total.dtype).sum(-1).clamp_min(1.0)
+    return total
+
+
+def token_entropy(
+    logits: Tensor, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Tensor:
+    """Exact entropy of softmax(logits / T) at every position: H = logsumexp(z) - sum p z. [..., V] -> [...]
+
+    This is the true token entropy from the logits (not -log p of the sampled token), chunked like
+    `token_logprobs`. Mask it with `masked_mean` over real response tokens.
+    """
+    _check_positive("temperature", temperature)
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    out_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    pieces = []
+    for start in range(0, flat.shape[0], chunk_size):
+        z = flat[start : start + chunk_size].to(out_dtype)
+        if temperature != 1.0:
+            z = z / temperature
+        lse = torch.logsumexp(z, dim=-1)
+        p = torch.softmax(z, dim=-1)
+        pieces.append(lse - (p * z).sum(-1))
+    if not pieces:
+        return flat.new_zeros(logits.shape[:-1], dtype=out_dtype)
+    return torch.cat(pieces).reshape(logits.shape[:-1])
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman's k1/k2/k3).
+
+    With d = log pi_ref - log pi on a sampled token:
+      k1 = -d               (unbiased, can be negative on a batch),
+      k2 = d^2 / 2          (biased, low variance),
+      k3 = exp(d) - 1 - d   (unbiased and never negative).
+    """
+    _check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    d = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d.pow(2)
+    if estimator == "k3":
+        return torch.expm1(d) - d
+    raise ValueError(f"`estimator` must be one of 'k1', 'k2', 'k3', got {estimator!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# maximum-entropy RL in closed form (Sec. 3, appendix C): used by the theory suite and the toy lab
+# --------------------------------------------------------------------------------------------------
+def maxent_optimal_policy(rewards: Tensor, alpha: float) -> Tensor:
+    """pi*(y|x) = exp(r(x,y) / alpha) / Z(x) (Eq. 3 / Eq. 8). rewards: [..., Y] -> probabilities [..., Y]."""
+    _check_positive("alpha", alpha)
+    return torch.softmax(rewards / alpha, dim=-1)
+
+
+def maxent_log_partition(rewards: Tensor, alpha: float) -> Tensor:
+    """log Z(x) = log sum_y exp(r(x,y) / alpha) (appendix C.1). [..., Y] -> [...]."""
+    _check_positive("alpha", alpha)
+    return torch.logsumexp(rewards / alpha, dim=-1)
+
+
+def maxent_objective(policy_logprobs: Tensor, rewards: Tensor, alpha: float) -> Tensor:
+    """J(pi) = E_{y~pi}[r(x,y)] + alpha H(pi(.|x)) = E_pi[r - alpha log pi] (Eq. 2). [..., Y] -> [...].
+
+    Zero-probability responses contribute nothing (0 * log 0 = 0).
+    """
+    _check_same_shape(policy_logprobs=policy_logprobs, rewards=rewards)
+    probs = policy_logprobs.exp()
+    term = torch.where(probs > 0, probs * (rewards - alpha * policy_logprobs), torch.zeros_like(probs))
+    return term.sum(-1)
+
+
+def reward_from_policy(policy_logprobs: Tensor, alpha: float, log_partition: Tensor | float = 0.0) -> Tensor:
+    """Eq. 4: r(x,y) = alpha log pi_r(y|x) + alpha log Z(x).
+
+    With log_partition = 0 this is the representative of the reward's equivalence class that
+    Theorem 1 (appendix C.6) picks: r' = alpha log pi.
+    """
+    if isinstance(log_partition, Tensor):
+        log_partition = log_partition.unsqueeze(-1)
+    return alpha * policy_logprobs + alpha * log_partition
+
+
+def bradley_terry_probability(reward_1: Tensor, reward_2: Tensor) -> Tensor:
+    """p(y1 > y2 | x) = sigma(r1 - r2) (Eq. 1 / Eq. 9)."""
+    return torch.sigmoid(reward_1 - reward_2)
+
+
+def plackett_luce_log_likelihood(ranked_scores: Tensor) -> Tensor:
+    """log p(tau) = sum_k [s_k - log sum_{j>=k} exp(s_j)] (Eq. 11 / Eq. 12).
+
+    ranked_scores: [..., K], position k holds the score of the response ranked k-th (best first).
+    Returns [...]. The suffix log-sum-exp is a reversed logcumsumexp, stable for any scale.
+    """
+    if ranked_scores.shape[-1] < 2:
+        raise ValueError(f"`ranked_scores` needs K >= 2 responses, got K = {ranked_scores.shape[-1]}")
+    suffix_lse = torch.logcumsumexp(ranked_scores.flip(-1), dim=-1).flip(-1)
+    return (ranked_scores - suffix_lse).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# offline losses
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class PairwiseLossOutput:
+    """Per-example losses and the implicit rewards the trainers log (`rewards/chosen`, ...)."""
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+
+    @property
+    def margins(self) -> Tensor:
+        return self.chosen_rewards - self.rejected_rewards
+
+    @property
+    def accuracies(self) -> Tensor:
+        return (self.chosen_rewards > self.rejected_rewards).to(self.losses.dtype)
+
+
+def _lengths(name: str, lengths: Tensor, like: Tensor) -> Tensor:
+    _check_same_shape(**{"logps": like, name: lengths})
+    lengths = lengths.to(like.dtype)
+    if bool((lengths <= 0).any()):
+        raise ValueError(f"`{name}` must be >= 1 for every example (an empty response has no log-prob)")
+    return lengths
+
+
+def sft_loss(sequence_logps: Tensor, lengths: Tensor) -> Tensor:
+    """Per-example negative log-likelihood per response token: -S / |y|."""
+    return -sequence_logps / _lengths("lengths", lengths, sequence_logps)
+
+
+def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor) -> PairwiseLossOutput:
+    """Reward-model loss -log sigma(r(x,y_w) - r(x,y_l)) (Sec. 2.1, Eq. 1)."""
+    _check_same_shape(chosen_scores=chosen_scores, rejected_scores=rejected_scores)
+    losses = -F.logsigmoid(chosen_scores - rejected_scores)
+    return PairwiseLossOutput(losses, chosen_scores.detach(), rejected_scores.detach())
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+) -> PairwiseLossOutput:
+    """DPO (Sec. 2.2): -log sigma(beta * h), h = (S_w - S_w^ref) - (S_l - S_l^ref)."""
+    _check_same_shape(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+    _check_positive("beta", beta)
+    chosen = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected = beta * (policy_rejected_logps - ref_rejected_logps)
+    losses = -F.logsigmoid(chosen - rejected)
+    return PairwiseLossOutput(losses, chosen.detach(), rejected.detach())
+
+
+def simpo_rewards(logps: Tensor, lengths: Tensor, beta: float, length_normalize: bool = True) -> Tensor:
+    """SimPO's implicit reward r = (beta / |y|) log pi(y|x) (Sec. 2.3); alpha log pi without normalisation
+    (Eq. 4 with Z dropped, appendix C.2)."""
+    if length_normalize:
+        return beta * logps / _lengths("lengths", lengths, logps)
+    return beta * logps
+
+
+def simpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    beta: float,
+    gamma: float = 0.0,
+    length_normalize: bool = True,
+) -> PairwiseLossOutput:
+    """SimPO: -log sigma(beta A_w - beta A_l - gamma) (Sec. 2.3, Sec. 3.2).
+
+    `gamma` is the absolute target margin (TRL's `simpo_gamma`; the official repo's ratio gamma/beta
+    times beta). With `length_normalize=False` and gamma = 0 this is exactly the maximum-entropy
+    Bradley-Terry likelihood of appendix C.2: -log sigma(alpha log pi(y_w) - alpha log pi(y_l)), alpha = beta.
+    """
+    _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    _check_positive("beta", beta)
+    chosen = simpo_rewards(policy_chosen_logps, chosen_lengths, beta, length_normalize)
+    rejected = simpo_rewards(policy_rejected_logps, rejected_lengths, beta, length_normalize)
+    losses = -F.logsigmoid(chosen - rejected - gamma)
+    return PairwiseLossOutput(losses, chosen.detach(), rejected.detach())
+
+
+def simpo_plackett_luce_loss(
+    ranked_logps: Tensor,
+    ranked_lengths: Tensor,
+    beta: float,
+    gamma: float = 0.0,
+    length_normalize: bool = True,
+) -> Tensor:
+    """SimPO over K ranked responses under Plackett-Luce (appendix C.3, Eq. 12): -log p(tau).
+
+    ranked_logps, ranked_lengths: [B, K], column k holds the response ranked k-th (best first).
+    s_k = beta * A_k (or beta * S_k). The margin enters as s_k - gamma * (K - 1 - k), so that with K = 2
+    the loss is exactly `simpo_loss` with margin gamma. Returns per-example losses [B].
+    """
+    _check_same_shape(ranked_logps=ranked_logps, ranked_lengths=ranked_lengths)
+    if ranked_logps.dim() != 2 or ranked_logps.shape[-1] < 2:
+        raise ValueError(f"`ranked_logps` must be [batch, K] with K >= 2, got {tuple(ranked_logps.shape)}")
+    scores = simpo_rewards(ranked_logps, ranked_lengths, beta, length_normalize)
+    k = scores.shape[-1]
+    offsets = gamma * torch.arange(k - 1, -1, -1, dtype=scores.dtype, device=scores.device)
+    return -plackett_luce_log_likelihood(scores - offsets)
+
+
+def ipo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    beta: float,
+) -> PairwiseLossOutput:
+    """IPO: (h_bar - 1 / (2 beta))^2, h_bar the difference of per-token-averaged log-ratios."""
+    _check_positive("beta", beta)
+    rho_w = (policy_chosen_logps - ref_chosen_logps) / _lengths("chosen_lengths", chosen_lengths, policy_chosen_logps)
+    rho_l = (policy_rejected_logps - ref_rejected_logps) / _lengths(
+        "rejected_lengths", rejected_lengths, policy_rejected_logps
+    )
+    losses = (rho_w - rho_l - 1.0 / (2.0 * beta)).pow(2)
+    return PairwiseLossOutput(losses, (beta * rho_w).detach(), (beta * rho_l).detach())
+
+
+def cpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    beta: float,
+    nll_coef: float = 1.0,
+) -> PairwiseLossOutput:
+    """CPO: -log sigma(beta (S_w - S_l)) + nll_coef * NLL(y_w), NLL per token (set nll_coef = 0 to drop it)."""
+    _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    _check_positive("beta", beta)
+    chosen = beta * policy_chosen_logps
+    rejected = beta * policy_rejected_logps
+    losses = -F.logsigmoid(chosen - rejected) + nll_coef * sft_loss(policy_chosen_logps, chosen_lengths)
+    return PairwiseLossOutput(losses, chosen.detach(), rejected.detach())
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    lam: float = 0.1,
+) -> PairwiseLossOutput:
+    """ORPO: NLL(y_w) - lam * log sigma(log_odds), log_odds = (A_w - A_l) - [log(1-e^{A_w}) - log(1-e^{A_l})].
+
+    Rewards logged as lam * A (as TRL does).
+    """
+    a_w = policy_chosen_logps / _lengths("chosen_lengths", chosen_lengths, policy_chosen_logps)
+    a_l = policy_rejected_logps / _lengths("rejected_lengths", rejected_lengths, policy_rejected_logps)
+    # A is a mean log-prob and so <= 0; clamp a hair below 0 so log(1 - e^A) stays finite.
+    a_w_c, a_l_c = a_w.clamp(max=-1e-6), a_l.clamp(max=-1e-6)
+    log_odds = (a_w_c - a_l_c) - (_log1mexp(a_w_c) - _log1mexp(a_l_c))
+    losses = -a_w - lam * F.logsigmoid(log_odds)
+    return PairwiseLossOutput(losses, (lam * a_w).detach(), (lam * a_l).detach())
+
+
+def slic_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    delta: float = 1.0,
+    nll_coef: float = 0.1,
+) -> PairwiseLossOutput:
+    """SLiC-HF calibration: max(0, delta - S_w + S_l) + nll_coef * NLL(y_w) (NLL per token)."""
+    _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    hinge = torch.clamp(delta - policy_chosen_logps + policy_rejected_logps, min=0.0)
+    losses = hinge + nll_coef * sft_loss(policy_chosen_logps, chosen_lengths)
+    return PairwiseLossOutput(losses, policy_chosen_logps.detach(), policy_rejected_logps.detach())
+
+
+CHIPO_MAX_LOGRATIO = 30.0  # exp(30) ~ 1e13: far past any clip; keeps e^rho finite in float32
+
+
+def chipo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    reward_clip: float = 1.0,
+) -> PairwiseLossOutput:
+    """chi-PO (Huang et al. 2025): link phi(z) = z + log z on the density ratio z = pi / pi_ref,
+    r = beta (e^rho + rho); loss -log sigma(clip(r_w - r_l, -2 R, 2 R)) with R = `reward_clip`.
+
+    rho is clamped at CHIPO_MAX_LOGRATIO before the exponential: beyond it the clipped logit is
+    saturated anyway for any beta > 2R e^-30, so the value and gradient are unchanged in practice.
+    """
+    _check_positive("beta", beta)
+    _check_positive("reward_clip", reward_clip)
+    rho_w = (policy_chosen_logps - ref_chosen_logps).clamp(max=CHIPO_MAX_LOGRATIO)
+    rho_l = (policy_rejected_logps - ref_rejected_logps).clamp(max=CHIPO_MAX_LOGRATIO)
+    chosen = beta * (rho_w.exp() + rho_w)
+    rejected = beta * (rho_l.exp() + rho_l)
+    logits = torch.clamp(chosen - rejected, -2.0 * reward_clip, 2.0 * reward_clip)
+    losses = -F.logsigmoid(logits)
+    return PairwiseLossOutput(losses, chosen.detach(), rejected.detach())
+
+
+# --------------------------------------------------------------------------------------------------
+# online RLOO pieces
+# --------------------------------------------------------------------------------------------------
+REGULARIZERS = ("kl", "entropy", "none")
+
+
+@dataclass
+class RegularizedReward:
+    rewards: Tensor  # r_phi + non_score_reward, the quantity RLOO maximises ("RLHF reward")
+    non_score_reward: Tensor  # the regulariser's contribution, per sequence
+
+
+def regularized_reward(
+    scores: Tensor,
+    logprobs: Tensor,
+    response_mask: Tensor,
+    regularizer: str,
+    coef: float,
+    ref_logprobs: Optional[Tensor] = None,
+    length_normalize: bool = False,
+) -> RegularizedReward:
+    """The sequence reward RLOO maximises, for each regulariser (Sec. 4.1).
+
+    scores: [B] reward-model scores; logprobs, ref_logprobs, response_mask: [B, T] per sampled token.
+      kl:      r - beta * sum_t (log pi - log pi_ref)            (Sec. 2.1, Sec. 4.1; k1 estimator)
+      entropy: r - alpha * log pi(y|x)                           (Eq. 6)
+               r - (alpha / |y|) * log pi(y|x)                   (Eq. 7, length_normalize=True)
+               a negative alpha is the paper's minimum-entropy variant (Sec. 4.2.1)
+      none:    r
+    The entropy term -alpha log pi(y|x) is a one-sample estimate of alpha H(pi(.|x)): its batch mean is
+    the "entropy bonus" of Figures 1-2.
+    """
+    _check_same_shape(logprobs=logprobs, response_mask=response_mask)
+    if scores.shape != logprobs.shape[:1]:
+        raise ValueError(f"`scores` has shape {tuple(scores.shape)}, expected ({logprobs.shape[0]},)")
+    if regularizer == "kl":
+        if ref_logprobs is None:
+            raise ValueError("`ref_logprobs` is required for regularizer 'kl'")
+        _check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
+        non_score = -coef * masked_sum(kl_estimate(logprobs, ref_logprobs, "k1"), response_mask)
+    elif regularizer == "entropy":
+        seq_logp = masked_sum(logprobs, response_mask)
+        if length_normalize:
+            lengths = response_mask.to(seq_logp.dtype).sum(-1)
+            if bool((lengths <= 0).any()):
+                raise ValueError("`response_mask` has an empty response; |y| must be >= 1 to normalise")
+            seq_logp = seq_logp / lengths
+        non_score = -coef * seq_logp
+    elif regularizer == "none":
+        non_score = torch.zeros_like(scores)
+    else:
+        raise ValueError(f"`regularizer` must be one of {REGULARIZERS}, got {regularizer!r}")
+    return RegularizedReward(rewards=scores + non_score, non_score_reward=non_score)
+
+
+def rloo_advantages(rewards: Tensor) -> Tensor:
+    """REINFORCE leave-one-out advantages (Ahmadian et al. 2024).
+
+    rewards: [num_prompts, k], the k sampled completions of each prompt. For sample i the baseline is
+    the mean of the other k - 1 rewards: A_i = r_i - (sum_j r_j - r_i) / (k - 1) = k / (k - 1) (r_i - mean r).
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"`rewards` must be [num_prompts, k], got shape {tuple(rewards.shape)}")
+    k = rewards.shape[1]
+    if k < 2:
+        raise ValueError(f"`rewards` needs k >= 2 samples per prompt for a leave-one-out baseline, got k = {k}")
+    baseline = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+    return rewards - baseline
+
+
+def whiten(values: Tensor, mask: Optional[Tensor] = None, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / std over the (masked) entries; shift_mean=False keeps the mean."""
+    if mask is None:
+        mask = torch.ones_like(values)
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean).pow(2), mask)
+    out = (values - mean) * torch.rsqrt(var + eps)
+    return out if shift_mean else out + mean
+
+
+@dataclass
+class PolicyLossOutput:
+    loss: Tensor  # scalar
+    clipfrac: Tensor  # fraction of (sequences|tokens) where the clipped branch is active
+    approxkl: Tensor  # 0.5 * mean((new - old log-prob)^2)
+    ratio: Tensor  # mean importance ratio
+
+
+def ppo_clipped_policy_loss(
+    new_logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    cliprange: float,
+    level: str = "sequence",
+) -> PolicyLossOutput:
+    """Clipped surrogate max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) (Schulman et al. 2017).
+
+    new_logprobs, old_logprobs, response_mask: [B, T]; advantages: [B] (one per sequence).
+      level="sequence": rho = exp(sum_t new - sum_t old), the paper's RLOO tooling (TRL's 2024 RLOOTrainer);
+      level="token":    rho_t per token with the sequence advantage broadcast, masked token mean.
+    """
+    _check_same_shape(new_logprobs=new_logprobs, old_logprobs=old_logprobs, response_mask=response_mask)
+    if advantages.shape != new_logprobs.shape[:1]:
+        raise ValueError(f"`advantages` has shape {tuple(advantages.shape)}, expected ({new_logprobs.shape[0]},)")
+    _check_positive("cliprange", cliprange)
+    mask = response_mask.to(new_logprobs.dtype)
+    if level == "sequence":
+        log_ratio = masked_sum(new_logprobs - old_logprobs, mask)
+        ratio = log_ratio.exp()
+        unclipped = -advantages * ratio
+        clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+        loss = torch.max(unclipped, clipped).mean()
+        clipfrac = (clipped > unclipped).to(ratio.dtype).mean()
+        approxkl = 0.5 * log_ratio.pow(2).mean()
+        return PolicyLossOutput(loss, clipfrac.detach(), approxkl.detach(), ratio.mean().detach())
+    if level == "token":
+        log_ratio = new_logprobs - old_logprobs
+        ratio = log_ratio.exp()
+        adv = advantages[:, None]
+        unclipped = -adv * ratio
+        clipped = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+        loss = masked_mean(torch.max(unclipped, clipped), mask)
+        clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), mask)
+        approxkl = 0.5 * masked_mean(log_ratio.pow(2), mask)
+        return PolicyLossOutput(loss, clipfrac.detach(), approxkl.detach(), masked_mean(ratio, mask).detach())
+    raise ValueError(f"`level` must be 'sequence' or 'token', got {level!r}")
