@@ -49,6 +49,23 @@ def _check_mask(name: str, mask: Tensor) -> None:
 # --------------------------------------------------------------------------------------------------
 # log-probabilities, entropy, KL estimators
 # --------------------------------------------------------------------------------------------------
+def _row_chunks(x: Tensor, chunk_size: int):
+    """Yield [rows, V] pieces of x ([..., V]) in row-major order without copying x.
+
+    `x.reshape(-1, V)` silently copies the whole tensor when x is a non-viewable slice such as the
+    usual shifted `logits[:, :-1]`; then we walk the leading dimension instead (views only).
+    """
+    vocab = x.shape[-1]
+    try:
+        flat = x.view(-1, vocab)
+    except RuntimeError:
+        for sub in x.unbind(0):
+            yield from _row_chunks(sub, chunk_size)
+        return
+    for start in range(0, flat.shape[0], chunk_size):
+        yield flat[start : start + chunk_size]
+
+
 def token_logprobs(
     logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> Tensor:
@@ -69,19 +86,20 @@ def token_logprobs(
         )
     _check_positive("temperature", temperature)
     _check_positive("chunk_size", chunk_size)
-    vocab = logits.shape[-1]
-    flat_logits = logits.reshape(-1, vocab)
     flat_labels = labels.reshape(-1).long()
     out_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
     pieces = []
-    for start in range(0, flat_logits.shape[0], chunk_size):
-        chunk = flat_logits[start : start + chunk_size].to(out_dtype)
+    start = 0
+    for chunk in _row_chunks(logits, chunk_size):
+        rows = chunk.shape[0]
+        chunk = chunk.to(out_dtype)
         if temperature != 1.0:
             chunk = chunk / temperature
-        chosen = chunk.gather(-1, flat_labels[start : start + chunk_size, None]).squeeze(-1)
+        chosen = chunk.gather(-1, flat_labels[start : start + rows, None]).squeeze(-1)
         pieces.append(chosen - torch.logsumexp(chunk, dim=-1))
+        start += rows
     if not pieces:
-        return flat_logits.new_zeros(labels.shape, dtype=out_dtype)
+        return logits.new_zeros(labels.shape, dtype=out_dtype)
     return torch.cat(pieces).reshape(labels.shape)
 
 
@@ -128,19 +146,18 @@ def token_entropy(
     `token_logprobs`. Mask it with `masked_mean` over real response tokens.
     """
     _check_positive("temperature", temperature)
-    vocab = logits.shape[-1]
-    flat = logits.reshape(-1, vocab)
+    _check_positive("chunk_size", chunk_size)
     out_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
     pieces = []
-    for start in range(0, flat.shape[0], chunk_size):
-        z = flat[start : start + chunk_size].to(out_dtype)
+    for z in _row_chunks(logits, chunk_size):
+        z = z.to(out_dtype)
         if temperature != 1.0:
             z = z / temperature
         lse = torch.logsumexp(z, dim=-1)
         p = torch.softmax(z, dim=-1)
         pieces.append(lse - (p * z).sum(-1))
     if not pieces:
-        return flat.new_zeros(logits.shape[:-1], dtype=out_dtype)
+        return logits.new_zeros(logits.shape[:-1], dtype=out_dtype)
     return torch.cat(pieces).reshape(logits.shape[:-1])
 
 
@@ -303,6 +320,9 @@ def simpo_loss(
     """
     _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
     _check_positive("beta", beta)
+    if length_normalize:  # validate here so the error names the caller's argument
+        _lengths("chosen_lengths", chosen_lengths, policy_chosen_logps)
+        _lengths("rejected_lengths", rejected_lengths, policy_rejected_logps)
     chosen = simpo_rewards(policy_chosen_logps, chosen_lengths, beta, length_normalize)
     rejected = simpo_rewards(policy_rejected_logps, rejected_lengths, beta, length_normalize)
     losses = -F.logsigmoid(chosen - rejected - gamma)
@@ -325,6 +345,9 @@ def simpo_plackett_luce_loss(
     _check_same_shape(ranked_logps=ranked_logps, ranked_lengths=ranked_lengths)
     if ranked_logps.dim() != 2 or ranked_logps.shape[-1] < 2:
         raise ValueError(f"`ranked_logps` must be [batch, K] with K >= 2, got {tuple(ranked_logps.shape)}")
+    _check_positive("beta", beta)
+    if length_normalize:
+        _lengths("ranked_lengths", ranked_lengths, ranked_logps)
     scores = simpo_rewards(ranked_logps, ranked_lengths, beta, length_normalize)
     k = scores.shape[-1]
     offsets = gamma * torch.arange(k - 1, -1, -1, dtype=scores.dtype, device=scores.device)
@@ -341,6 +364,12 @@ def ipo_loss(
     beta: float,
 ) -> PairwiseLossOutput:
     """IPO: (h_bar - 1 / (2 beta))^2, h_bar the difference of per-token-averaged log-ratios."""
+    _check_same_shape(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
     _check_positive("beta", beta)
     rho_w = (policy_chosen_logps - ref_chosen_logps) / _lengths("chosen_lengths", chosen_lengths, policy_chosen_logps)
     rho_l = (policy_rejected_logps - ref_rejected_logps) / _lengths(
@@ -360,6 +389,7 @@ def cpo_loss(
     """CPO: -log sigma(beta (S_w - S_l)) + nll_coef * NLL(y_w), NLL per token (set nll_coef = 0 to drop it)."""
     _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
     _check_positive("beta", beta)
+    _lengths("chosen_lengths", chosen_lengths, policy_chosen_logps)
     chosen = beta * policy_chosen_logps
     rejected = beta * policy_rejected_logps
     losses = -F.logsigmoid(chosen - rejected) + nll_coef * sft_loss(policy_chosen_logps, chosen_lengths)
@@ -382,6 +412,7 @@ def orpo_loss(
 
     Rewards logged as lam * A (as TRL does).
     """
+    _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
     a_w = policy_chosen_logps / _lengths("chosen_lengths", chosen_lengths, policy_chosen_logps)
     a_l = policy_rejected_logps / _lengths("rejected_lengths", rejected_lengths, policy_rejected_logps)
     # A is a mean log-prob and so <= 0; clamp a hair below 0 so log(1 - e^A) stays finite.
@@ -400,6 +431,7 @@ def slic_loss(
 ) -> PairwiseLossOutput:
     """SLiC-HF calibration: max(0, delta - S_w + S_l) + nll_coef * NLL(y_w) (NLL per token)."""
     _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    _lengths("chosen_lengths", chosen_lengths, policy_chosen_logps)
     hinge = torch.clamp(delta - policy_chosen_logps + policy_rejected_logps, min=0.0)
     losses = hinge + nll_coef * sft_loss(policy_chosen_logps, chosen_lengths)
     return PairwiseLossOutput(losses, policy_chosen_logps.detach(), policy_rejected_logps.detach())
@@ -419,17 +451,29 @@ def chipo_loss(
     """chi-PO (Huang et al. 2025): link phi(z) = z + log z on the density ratio z = pi / pi_ref,
     r = beta (e^rho + rho); loss -log sigma(clip(r_w - r_l, -2 R, 2 R)) with R = `reward_clip`.
 
-    rho is clamped at CHIPO_MAX_LOGRATIO before the exponential: beyond it the clipped logit is
-    saturated anyway for any beta > 2R e^-30, so the value and gradient are unchanged in practice.
+    No overflow: e^rho_w - e^rho_l is computed as e^m (e^(rho_w - m) - e^(rho_l - m)) with
+    m = max(rho_w, rho_l) and the factor e^m capped at e^CHIPO_MAX_LOGRATIO. Below the cap this is exact;
+    above it the difference keeps its sign and is ~1e13 * beta in size, so the clipped logit is
+    saturated whenever the two log-ratios differ noticeably (it is exact after clipping in practice).
+    The logged rewards use rho clamped at CHIPO_MAX_LOGRATIO.
     """
+    _check_same_shape(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
     _check_positive("beta", beta)
     _check_positive("reward_clip", reward_clip)
-    rho_w = (policy_chosen_logps - ref_chosen_logps).clamp(max=CHIPO_MAX_LOGRATIO)
-    rho_l = (policy_rejected_logps - ref_rejected_logps).clamp(max=CHIPO_MAX_LOGRATIO)
-    chosen = beta * (rho_w.exp() + rho_w)
-    rejected = beta * (rho_l.exp() + rho_l)
-    logits = torch.clamp(chosen - rejected, -2.0 * reward_clip, 2.0 * reward_clip)
+    rho_w = policy_chosen_logps - ref_chosen_logps
+    rho_l = policy_rejected_logps - ref_rejected_logps
+    m = torch.maximum(rho_w, rho_l)
+    exp_diff = m.clamp(max=CHIPO_MAX_LOGRATIO).exp() * ((rho_w - m).exp() - (rho_l - m).exp())
+    logits = torch.clamp(beta * (exp_diff + rho_w - rho_l), -2.0 * reward_clip, 2.0 * reward_clip)
     losses = -F.logsigmoid(logits)
+    rho_w_c, rho_l_c = rho_w.clamp(max=CHIPO_MAX_LOGRATIO), rho_l.clamp(max=CHIPO_MAX_LOGRATIO)
+    chosen = beta * (rho_w_c.exp() + rho_w_c)
+    rejected = beta * (rho_l_c.exp() + rho_l_c)
     return PairwiseLossOutput(losses, chosen.detach(), rejected.detach())
 
 

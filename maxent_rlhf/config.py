@@ -1,0 +1,287 @@
+"""One config system for every script: typed dataclasses whose fields carry their help text.
+
+Precedence: dataclass defaults < YAML file (`--config path.yaml`) < command line (`--key value`).
+Unknown keys are errors that suggest the closest valid key; wrong types name the field and the type
+that was expected. The resolved config is written to the run directory by the scripts (`save_config`).
+
+    @dataclass
+    class MyConfig(RunConfig):
+        lr: float = cfg(1e-6, "peak learning rate of AdamW")
+
+    cfg = parse_config(MyConfig)          # reads sys.argv
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional, Sequence, Type, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message says which key and how."""
+
+
+def cfg(default: Any = dataclasses.MISSING, help: str = "", choices: Optional[Sequence[Any]] = None, **kw):
+    """A dataclass field with its help text (and optional allowed values)."""
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kw)
+    return dataclasses.field(default=default, metadata=metadata, **kw)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Fields every script shares: where the run goes, seeding, logging and checkpointing."""
+
+    output_dir: str = cfg("runs/default", "run directory: resolved config, metrics.jsonl, checkpoints/")
+    seed: int = cfg(1, "random seed (torch, numpy, python); each process adds nothing: streams are identical per config")
+    resume: Optional[str] = cfg(
+        None, "resume from 'latest' (the newest checkpoint in output_dir) or from a checkpoint directory"
+    )
+    save_every: int = cfg(0, "save a checkpoint every N steps/iterations (0: only at the end)")
+    keep_last: int = cfg(0, "keep only the newest K checkpoints (0: keep all)")
+    log_every: int = cfg(1, "log metrics every N steps/iterations")
+    report_to: str = cfg(
+        "auto",
+        "extra trackers: 'auto' (tensorboard when installed), 'tensorboard', 'wandb', 'none'; metrics.jsonl is always written",
+        choices=("auto", "tensorboard", "wandb", "none"),
+    )
+    mixed_precision: str = cfg(
+        "auto", "'auto' (bf16 on GPU, float32 on CPU), 'no', 'bf16' or 'fp16'", choices=("auto", "no", "bf16", "fp16")
+    )
+    trust_remote_code: bool = cfg(False, "allow custom model code from the hub (off unless you trust the repo)")
+
+
+# --------------------------------------------------------------------------------------------------
+# type coercion
+# --------------------------------------------------------------------------------------------------
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null" if len(args) == 1 else " or ".join(map(_type_name, args))
+    if origin in (list, typing.List):
+        (inner,) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_name(inner)}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(name: str, tp: Any, value: Any, source: str) -> Any:
+    def fail() -> ConfigError:
+        return ConfigError(
+            f"{source}: field `{name}` expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in typing.get_args(tp):
+                return None
+            raise fail()
+        for arg in args:
+            try:
+                return _coerce(name, arg, value, source)
+            except ConfigError:
+                continue
+        raise fail()
+    if origin in (list, typing.List):
+        (inner,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip() != ""]
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        return [_coerce(name, inner, v, source) for v in value]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise fail()
+    if tp is int:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                raise fail() from None
+            if f.is_integer():
+                return int(f)
+        raise fail()
+    if tp is float:
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail()
+    return value
+
+
+def _fields(cls: type) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, valid: Sequence[str], source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"{source}: unknown key `{key}`{hint}")
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def config_from_dict(cls: Type[T], values: dict, source: str = "config") -> T:
+    """Build `cls` from a plain mapping, checking keys, types and choices."""
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown_key(key, list(fields), source)
+        f, tp = fields[key]
+        v = _coerce(key, tp, value, source)
+        choices = f.metadata.get("choices")
+        if choices is not None and v not in choices:
+            raise ConfigError(f"{source}: field `{key}` must be one of {list(choices)}, got {v!r}")
+        kwargs[key] = v
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field without default
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _help_formatter(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=40, width=110)
+
+
+def build_parser(cls: type, description: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description or (cls.__doc__ or ""),
+        formatter_class=_help_formatter,
+        allow_abbrev=False,
+        epilog="Every option can also be set in the YAML file given by --config; the command line wins.",
+    )
+    parser.add_argument("--config", metavar="YAML", help="YAML file of options (keys as below, without --)")
+    for name, (f, tp) in _fields(cls).items():
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
+        )
+        help_text = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        extra = f" {{{', '.join(map(str, choices))}}}" if choices else ""
+        parser.add_argument(
+            f"--{name}",
+            dest=name,
+            metavar=_type_name(tp).upper().replace(" ", "_"),
+            nargs="?" if tp is bool else None,
+            const="true" if tp is bool else None,
+            default=argparse.SUPPRESS,
+            help=f"{help_text}{extra} (default: {default})".replace("%", "%%"),
+        )
+    return parser
+
+
+def parse_config(cls: Type[T], argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> T:
+    """Parse `--config file.yaml` and `--key value` overrides into a `cls` instance.
+
+    Exits with a clear message (argparse style, status 2) on a ConfigError.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(cls, description)
+    args, unknown = parser.parse_known_args(argv)
+    valid = list(_fields(cls))
+    try:
+        for token in unknown:
+            if token.startswith("--"):
+                raise _unknown_key(token[2:].split("=", 1)[0], valid, "command line")
+            raise ConfigError(f"command line: unexpected argument {token!r} (options look like --key value)")
+        values: dict = {}
+        if args.config:
+            values.update(load_yaml(args.config))
+            config_from_dict(cls, values, source=args.config)  # report YAML errors against the file
+        cli = {k: v for k, v in vars(args).items() if k != "config"}
+        values.update(cli)
+        return config_from_dict(cls, values, source="command line" if cli else (args.config or "config"))
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+def config_to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with --config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(config), f, sort_keys=False)
+
+
+def derive_batch_sizes(
+    global_batch_size: int, num_processes: int, micro_batch_size: int, name: str = "global_batch_size"
+) -> tuple[int, int]:
+    """Split a global batch into per-process micro-batches and gradient-accumulation steps.
+
+    Returns (per_process_batch, gradient_accumulation_steps) so that
+    global = num_processes * micro_batch_size * gradient_accumulation_steps: the optimisation does not
+    change with the number of GPUs.
+    """
+    if global_batch_size <= 0 or micro_batch_size <= 0:
+        raise ConfigError(f"`{name}` ({global_batch_size}) and the micro-batch size ({micro_batch_size}) must be >= 1")
+    if global_batch_size % num_processes:
+        raise ConfigError(
+            f"`{name}` = {global_batch_size} does not divide over {num_processes} processes; "
+            f"use a multiple of {num_processes}"
+        )
+    per_process = global_batch_size // num_processes
+    if per_process % micro_batch_size:
+        raise ConfigError(
+            f"`{name}` = {global_batch_size} over {num_processes} processes gives {per_process} per process, "
+            f"which the micro-batch size {micro_batch_size} does not divide; pick a micro-batch size that "
+            f"divides {per_process}"
+        )
+    return per_process, per_process // micro_batch_size

@@ -1,0 +1,180 @@
+"""Batched generation, EOS truncation, response log-prob forwards and reward-model scoring.
+
+Conventions (used by train_rloo.py, evaluate_judge.py and the toy lab):
+- queries are LEFT-padded to a common length `context_length`; responses follow, RIGHT-padded;
+- the attention mask of query+response is built from lengths (query mask ++ response mask), never from
+  `input_ids != pad_token_id`, because Pythia reuses EOS as pad and the EOS must stay visible;
+- position ids count real tokens only, so a left-padded prompt sees the same positions as unpadded.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import objectives
+
+Tensor = torch.Tensor
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists to `length` (default: the longest). Returns (input_ids, attention_mask)."""
+    length = length or max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if len(s) > length:
+            raise ValueError(f"sequence {i} has {len(s)} tokens, more than the padded length {length}")
+        if len(s):
+            ids[i, length - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, length - len(s) :] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def first_true_index(bools: Tensor, dim: int = -1) -> Tensor:
+    """Index of the first True along `dim`, or the size of `dim` when there is none."""
+    size = bools.shape[dim]
+    idx = torch.arange(size, device=bools.device).expand_as(bools)
+    return torch.where(bools, idx, torch.full_like(idx, size)).min(dim).values
+
+
+def truncate_after_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep each response up to and including its first EOS; pad the rest.
+
+    Returns (responses, response_mask, contains_eos): the mask is 1 on real tokens (the EOS included);
+    a response that never emitted EOS keeps all its tokens and has contains_eos False.
+    """
+    eos_at = first_true_index(responses == eos_token_id)
+    positions = torch.arange(responses.shape[1], device=responses.device)[None, :]
+    mask = positions <= eos_at[:, None]
+    truncated = torch.where(mask, responses, torch.full_like(responses, pad_token_id))
+    return truncated, mask.long(), eos_at < responses.shape[1]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    do_sample: bool = True,
+    synced_gpus: bool = False,
+) -> Tensor:
+    """KV-cached batched sampling (or greedy) with HF `generate`; returns responses [B, max_new_tokens].
+
+    Pure temperature sampling: top_k = 0 and top_p = 1 so the sampling distribution is exactly
+    softmax(logits / T), the one whose log-probs RLOO uses. Rows that stop early are padded.
+    """
+    from transformers import GenerationConfig
+
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_k=0 if do_sample else None,
+        top_p=1.0 if do_sample else None,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=None,
+    )
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=gen_config,
+        synced_gpus=synced_gpus,
+    )
+    responses = out[:, input_ids.shape[1] :]
+    if responses.shape[1] < max_new_tokens:
+        fill = responses.new_full((responses.shape[0], max_new_tokens - responses.shape[1]), pad_token_id)
+        responses = torch.cat([responses, fill], dim=1)
+    return responses
+
+
+def response_logits(model, query_responses: Tensor, attention_mask: Tensor, context_length: int) -> Tensor:
+    """Logits predicting each response token: [B, T_resp, V], from one forward pass.
+
+    Only the response positions' logits are computed (`logits_to_keep`), so a 512-token prompt costs
+    no [B, 512, V] logits tensor.
+    """
+    resp_len = query_responses.shape[1] - context_length
+    kwargs = dict(
+        input_ids=query_responses,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    try:
+        out = model(**kwargs, logits_to_keep=resp_len + 1)
+    except TypeError:  # models without logits_to_keep
+        out = model(**kwargs)
+    logits = out.logits
+    return logits[:, -(resp_len + 1) : -1]
+
+
+def response_logprobs(
+    model,
+    query_responses: Tensor,
+    attention_mask: Tensor,
+    context_length: int,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
+    """Per-token log-probs of the response tokens under softmax(logits / T) (memory-lean, `objectives`).
+
+    Returns logprobs [B, T_resp] (and the true token entropy [B, T_resp] when asked).
+    """
+    logits = response_logits(model, query_responses, attention_mask, context_length)
+    labels = query_responses[:, context_length:]
+    logps = objectives.token_logprobs(logits, labels, temperature=temperature)
+    if return_entropy:
+        with torch.no_grad():
+            entropy = objectives.token_entropy(logits.detach(), temperature=temperature)
+        return logps, entropy
+    return logps
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last position with mask 1 in each row (right-padded sequences)."""
+    length = attention_mask.shape[1]
+    return length - 1 - first_true_index(attention_mask.flip(-1).bool())
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Scalar reward read at the last real token (the EOS) of prompt + response: [B].
+
+    Runs the backbone and applies the `score` head at that one position, instead of relying on HF's
+    pooling, which finds the last non-pad token by pad id and breaks when pad == EOS (Pythia).
+    """
+    backbone = getattr(reward_model, reward_model.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    idx = last_token_index(attention_mask)
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+    return reward_model.score(picked).squeeze(-1).float()
+
+
+def reward_model_scores_with_grad(reward_model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Same as `reward_model_scores`, differentiable (reward-model training)."""
+    backbone = getattr(reward_model, reward_model.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    idx = last_token_index(attention_mask)
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+    return reward_model.score(picked).squeeze(-1)

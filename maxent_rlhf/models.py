@@ -1,0 +1,183 @@
+"""Loading tokenizers, policies and reward models (hub id or local path), and building tiny ones.
+
+Real runs load Pythia / GPT-NeoX checkpoints from the hub (e.g. `cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr`).
+Tests, the toy lab and the GPU smoke benchmark build small GPT-NeoX models and word-level tokenizers
+locally with the same classes, so the same code paths run without any download.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|padding|>"
+UNK_TOKEN = "<unk>"
+
+
+def resolve_dtype(mixed_precision: str, device: torch.device | str) -> torch.dtype:
+    """Weights dtype for frozen models: bf16 on GPU when asked ('auto' or 'bf16'), float32 on CPU."""
+    device = torch.device(device)
+    if mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    if mixed_precision == "fp16":
+        return torch.float16
+    return torch.float32
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "left", trust_remote_code: bool = False, revision=None):
+    """AutoTokenizer with a pad token and the given padding side.
+
+    A tokenizer without a pad token (Pythia's) gets one: the EOS token is reused as pad, which is safe
+    here because every mask in the suite is built from lengths / attention masks, never from pad ids.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    if tok.eos_token is None:
+        raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; responses could never end")
+    if tok.pad_token is None:
+        logger.warning("tokenizer %s has no pad token: using EOS %r as pad", name_or_path, tok.eos_token)
+        print(f"[maxent_rlhf] tokenizer {name_or_path} has no pad token: using EOS {tok.eos_token!r} as pad")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_policy(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
+    revision=None,
+):
+    """A causal LM (AutoModelForCausalLM), safetensors weights only."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, revision=revision
+    )
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def load_reward_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, revision=None):
+    """A one-label sequence classifier (AutoModelForSequenceClassification), read at the last real token."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    num_labels = getattr(config, "num_labels", None)
+    if num_labels != 1:
+        raise ValueError(
+            f"reward model {name_or_path!r} has num_labels = {num_labels}; a reward model must be a "
+            "sequence classifier with exactly one label (a scalar score)"
+        )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, revision=revision
+    )
+    if not hasattr(model, "score"):
+        raise ValueError(f"reward model {name_or_path!r} ({type(model).__name__}) has no `score` head")
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# tiny local models (tests, toy lab, benchmarks)
+# --------------------------------------------------------------------------------------------------
+def build_word_tokenizer(words: Iterable[str], save_dir: Optional[str | Path] = None, model_max_length: int = 2048):
+    """A word-level HF fast tokenizer over `words` (whitespace-split), with EOS, pad and unk tokens.
+
+    Special tokens are ids 0 (EOS), 1 (pad), 2 (unk); words follow in the order given (deduplicated).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {EOS_TOKEN: 0, PAD_TOKEN: 1, UNK_TOKEN: 2}
+    for w in words:
+        if w not in vocab:
+            vocab[w] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        model_max_length=model_max_length,
+        padding_side="left",
+    )
+    if save_dir is not None:
+        tok.save_pretrained(str(save_dir))
+    return tok
+
+
+def tiny_gpt_neox_config(
+    vocab_size: int,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    intermediate_size: Optional[int] = None,
+    max_position_embeddings: int = 512,
+    eos_token_id: int = 0,
+    pad_token_id: int = 1,
+    num_labels: int = 1,
+):
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        max_position_embeddings=max_position_embeddings,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        num_labels=num_labels,
+    )
+
+
+def build_tiny_policy(tokenizer, seed: int = 0, save_dir: Optional[str | Path] = None, **config_kw):
+    """A randomly initialised GPT-NeoX causal LM (the Pythia architecture) sized by `config_kw`."""
+    from transformers import GPTNeoXForCausalLM
+
+    config = tiny_gpt_neox_config(
+        len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config_kw
+    )
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(config)
+    if save_dir is not None:
+        model.save_pretrained(str(save_dir))
+        tokenizer.save_pretrained(str(save_dir))
+    return model
+
+
+def build_tiny_reward_model(tokenizer, seed: int = 0, save_dir: Optional[str | Path] = None, **config_kw):
+    """A randomly initialised one-label GPT-NeoX sequence classifier."""
+    from transformers import GPTNeoXForSequenceClassification
+
+    config = tiny_gpt_neox_config(
+        len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, num_labels=1, **config_kw
+    )
+    torch.manual_seed(seed)
+    model = GPTNeoXForSequenceClassification(config)
+    if save_dir is not None:
+        model.save_pretrained(str(save_dir))
+        tokenizer.save_pretrained(str(save_dir))
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

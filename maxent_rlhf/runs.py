@@ -1,0 +1,307 @@
+"""Run directory, metrics logging, seeding and checkpoints shared by every script.
+
+Layout of a run directory:
+    config.yaml            resolved config (what actually ran)
+    metrics.jsonl          one JSON object per logged step: {"step": N, "train/loss": ..., ...}
+    checkpoints/step_00000010/
+        model.safetensors, config.json, tokenizer files      HF `save_pretrained` (what the judge loads)
+        trainer_state.pt     optimizer, scheduler, step, data position, user state (torch.load weights_only)
+        rng_state_<rank>.pt  python / numpy / torch RNG states of every process
+        trainer_state.json   the human-readable part (step, user state)
+
+Checkpoints are written to a temporary directory and renamed into place, so a run killed while saving
+never leaves a half checkpoint that `--resume latest` would pick up.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+
+from .config import save_config
+
+CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def is_main_process(accelerator=None) -> bool:
+    return accelerator is None or accelerator.is_main_process
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or reward became NaN/inf; the last checkpoint on disk is still usable."""
+
+
+def check_finite(name: str, value: torch.Tensor | float, step: int, run_dir: Optional["RunDir"] = None) -> None:
+    v = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+    if not math.isfinite(v):
+        last = latest_checkpoint(run_dir.path) if run_dir is not None else None
+        where = f"; the last checkpoint ({last}) is intact" if last else ""
+        raise NonFiniteError(
+            f"{name} is {v} at step {step}: stopping. Lower the learning rate, check the data, or use "
+            f"float32{where}"
+        )
+
+
+class RunDir:
+    """The run directory. Only the main process writes files; every process may call the methods."""
+
+    def __init__(self, output_dir: str | Path, accelerator=None):
+        self.path = Path(output_dir)
+        self.accelerator = accelerator
+        self.checkpoints_dir = self.path / "checkpoints"
+        if self.is_main:
+            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+
+    @property
+    def is_main(self) -> bool:
+        return is_main_process(self.accelerator)
+
+    def save_config(self, config: Any) -> None:
+        if self.is_main:
+            save_config(config, self.path / "config.yaml")
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        """Append to metrics.jsonl and send to accelerate's trackers (main process only)."""
+        record = {"step": int(step)}
+        for k, v in metrics.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach().float().item() if v.numel() == 1 else v.detach().float().tolist()
+            record[k] = v
+        if self.is_main:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        if self.accelerator is not None and getattr(self.accelerator, "trackers", None):
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            self.accelerator.log(scalars, step=int(step))
+
+    def append_jsonl(self, filename: str, records: Iterable[dict]) -> None:
+        if self.is_main:
+            with open(self.path / filename, "a") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+                f.flush()
+
+    def truncate_logs_after(self, step: int, filenames: Iterable[str] = ("metrics.jsonl",)) -> None:
+        """On resume from `step`, drop lines a killed run logged past its last checkpoint."""
+        if not self.is_main:
+            return
+        for name in filenames:
+            path = self.path / name
+            if not path.exists():
+                continue
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", -1) <= step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+            path.write_text("".join(l + "\n" for l in kept))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------------
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run directory (or of its checkpoints/ folder), oldest first."""
+    root = Path(run_dir)
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").exists():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path: str | Path) -> int:
+    m = CHECKPOINT_RE.match(Path(path).name)
+    if not m:
+        raise ValueError(f"{path} is not a checkpoint directory (expected a name like step_00000010)")
+    return int(m.group(1))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_resume(resume: Optional[str], output_dir: str | Path) -> Optional[Path]:
+    """'latest' -> newest checkpoint in output_dir (None if there is none yet); a path -> that checkpoint."""
+    if not resume:
+        return None
+    if resume == "latest":
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    if not (path / "trainer_state.json").exists():
+        raise FileNotFoundError(
+            f"resume: {path} is not a complete checkpoint (no trainer_state.json); "
+            f"use 'latest' or one of {[str(p) for p in list_checkpoints(output_dir)]}"
+        )
+    return path
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_python(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_python(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_python(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    return x
+
+
+def save_checkpoint(
+    run_dir: RunDir,
+    step: int,
+    model: torch.nn.Module,
+    tokenizer=None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler=None,
+    state: Optional[dict] = None,
+    keep_last: int = 0,
+) -> Path:
+    """Write checkpoints/step_{step:08d}: HF weights (safetensors), tokenizer, optimizer, scheduler,
+    RNG of every process and `state` (JSON-able: step, data position, ...). Atomic by rename."""
+    acc = run_dir.accelerator
+    final = run_dir.checkpoints_dir / f"step_{step:08d}"
+    tmp = run_dir.checkpoints_dir / f".tmp-step_{step:08d}"
+    if run_dir.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if acc is not None:
+        acc.wait_for_everyone()
+        unwrapped = acc.unwrap_model(model)
+        state_dict = acc.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards on the main process
+    else:
+        unwrapped, state_dict = model, None
+    # every process saves its own RNG streams (tmp exists for all after the barrier above)
+    rank = acc.process_index if acc is not None else 0
+    torch.save(_rng_state(), tmp / f"rng_state_{rank}.pt")
+    if run_dir.is_main:
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save(
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "state": state or {},
+            },
+            tmp / "trainer_state.pt",
+        )
+    if acc is not None:
+        acc.wait_for_everyone()
+    if run_dir.is_main:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "state": _to_python(state or {})}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep_last and keep_last > 0:
+            for old in list_checkpoints(run_dir.path)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    if acc is not None:
+        acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: Optional[torch.nn.Module] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler=None,
+    accelerator=None,
+) -> dict:
+    """Restore weights (when `model` is given), optimizer, scheduler and this process's RNG state.
+
+    Returns the `state` dict saved with the checkpoint, plus "step".
+    """
+    path = Path(path)
+    if not (path / "trainer_state.json").exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+    if model is not None:
+        from safetensors.torch import load_file
+
+        target = accelerator.unwrap_model(model) if accelerator is not None else model
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path} has no .safetensors weights")
+        weights = {}
+        for f in files:
+            weights.update(load_file(f))
+        missing, unexpected = target.load_state_dict(weights, strict=False)
+        # tied weights (embed_out / lm_head) may be stored once; anything else missing is an error
+        missing = [k for k in missing if not any(t in k for t in ("embed_out", "lm_head"))]
+        if missing or unexpected:
+            raise RuntimeError(f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    if optimizer is not None and blob.get("optimizer") is not None:
+        optimizer.load_state_dict(blob["optimizer"])
+    if scheduler is not None and blob.get("scheduler") is not None:
+        scheduler.load_state_dict(blob["scheduler"])
+    rank = accelerator.process_index if accelerator is not None else 0
+    rng_file = path / f"rng_state_{rank}.pt"
+    if not rng_file.exists():
+        rng_file = path / "rng_state_0.pt"
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    state = dict(blob.get("state") or {})
+    state["step"] = int(blob["step"])
+    return state
