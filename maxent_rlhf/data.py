@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .artifacts import resolve_path
+
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -19,6 +21,7 @@ def load_any_dataset(name_or_path: str, split: str = "train"):
     """A `datasets.Dataset` from a local file / directory of files, or a hub id (users with internet)."""
     import datasets
 
+    name_or_path = resolve_path(name_or_path)
     path = Path(name_or_path)
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():

@@ -13,6 +13,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from .artifacts import resolve_path
+
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
@@ -38,6 +40,7 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left", trust_remote_c
     """
     from transformers import AutoTokenizer
 
+    name_or_path = resolve_path(name_or_path)
     tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     if tok.eos_token is None:
         raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; responses could never end")
@@ -59,6 +62,7 @@ def load_policy(
     """A causal LM (AutoModelForCausalLM), safetensors weights only."""
     from transformers import AutoModelForCausalLM
 
+    name_or_path = resolve_path(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, revision=revision
     )
@@ -72,6 +76,7 @@ def load_reward_model(name_or_path: str, dtype: torch.dtype = torch.float32, tru
     """A one-label sequence classifier (AutoModelForSequenceClassification), read at the last real token."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    name_or_path = resolve_path(name_or_path)
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     num_labels = getattr(config, "num_labels", None)
     if num_labels != 1:
