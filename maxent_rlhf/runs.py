@@ -277,20 +277,14 @@ def load_checkpoint(
     if not (path / "trainer_state.json").exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
     if model is not None:
-        from safetensors.torch import load_file
-
+        # Load through HF (from_pretrained maps saved names such as embed_out <-> lm_head across
+        # transformers versions), then copy into the live, possibly accelerate-wrapped, model.
         target = accelerator.unwrap_model(model) if accelerator is not None else model
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
+        if not list(path.glob("*.safetensors")):
             raise FileNotFoundError(f"{path} has no .safetensors weights")
-        weights = {}
-        for f in files:
-            weights.update(load_file(f))
-        missing, unexpected = target.load_state_dict(weights, strict=False)
-        # tied weights (embed_out / lm_head) may be stored once; anything else missing is an error
-        missing = [k for k in missing if not any(t in k for t in ("embed_out", "lm_head"))]
-        if missing or unexpected:
-            raise RuntimeError(f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        loaded = type(target).from_pretrained(path, dtype=next(target.parameters()).dtype, use_safetensors=True)
+        target.load_state_dict(loaded.state_dict())
+        del loaded
     blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     if optimizer is not None and blob.get("optimizer") is not None:
         optimizer.load_state_dict(blob["optimizer"])
