@@ -212,8 +212,9 @@ def build_parser(cls: type, description: Optional[str] = None) -> argparse.Argum
         help_text = f.metadata.get("help", "")
         choices = f.metadata.get("choices")
         extra = f" {{{', '.join(map(str, choices))}}}" if choices else ""
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])  # --max-new-tokens too
         parser.add_argument(
-            f"--{name}",
+            *flags,
             dest=name,
             metavar=_type_name(tp).upper().replace(" ", "_"),
             nargs="?" if tp is bool else None,
