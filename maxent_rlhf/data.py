@@ -5,6 +5,7 @@ Column checks name the missing column and the columns that were found. Script-sp
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -59,4 +60,192 @@ def as_text(value, source: str, row: int, column: str) -> str:
     raise DataError(
         f"{source}: row {row}, column `{column}` must be a string or a list of {{role, content}} messages, "
         f"got {type(value).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# offline tokenisation (train_offline.py): SFT, pairwise and listwise data
+# --------------------------------------------------------------------------------------------------
+# Every example becomes a prompt and K responses: K = 1 (sft: the completion), K = 2 (pairwise:
+# chosen, rejected), K >= 2 (listwise: the responses in ranked order, best first).
+#
+# Policy (the Pythia TL;DR recipe): prompt and response are tokenised separately with no special
+# tokens; the EOS token is appended to every response. A response longer than `max_response_length`
+# (EOS included) keeps its first tokens (and loses its EOS); a prompt longer than `max_prompt_length`
+# is an error, dropped, or keeps its LAST tokens (`prompt_overflow`), so "TL;DR:" stays next to the
+# response. Counts of truncated / dropped examples are returned in a `TokenizeReport`.
+OFFLINE_KINDS = {
+    "sft": ("prompt", "completion"),
+    "pairwise": ("prompt", "chosen", "rejected"),
+    "listwise": ("prompt", "responses", "ranking"),
+}
+PROMPT_OVERFLOW = ("error", "drop", "truncate_left")
+
+
+@dataclass
+class TokenizeReport:
+    source: str
+    rows: int = 0
+    kept: int = 0
+    dropped_bad: int = 0  # empty or identical responses
+    dropped_long_prompts: int = 0
+    truncated_prompts: int = 0
+    truncated_responses: int = 0  # examples with at least one response cut at max_response_length
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: kept {self.kept} of {self.rows} examples"]
+        if self.dropped_bad:
+            parts.append(f"dropped {self.dropped_bad} with an empty or identical chosen/rejected response")
+        if self.dropped_long_prompts:
+            parts.append(f"dropped {self.dropped_long_prompts} whose prompt exceeds max_prompt_length")
+        if self.truncated_prompts:
+            parts.append(f"cut {self.truncated_prompts} prompts to their last max_prompt_length tokens")
+        parts.append(f"truncated {self.truncated_responses} examples' responses at max_response_length")
+        return "; ".join(parts)
+
+
+def _batched_ids(tokenizer, texts: list, chunk: int = 2048) -> list:
+    out = []
+    for start in range(0, len(texts), chunk):
+        out.extend(tokenizer(texts[start : start + chunk], add_special_tokens=False)["input_ids"])
+    return out
+
+
+def tokenize_offline_dataset(
+    dataset,
+    tokenizer,
+    kind: str,
+    max_prompt_length: int,
+    max_response_length: int,
+    prompt_overflow: str = "error",
+    source: str = "dataset",
+) -> tuple[list, TokenizeReport]:
+    """Tokenise a dataset for train_offline.py. Returns (examples, report).
+
+    Each example is {"prompt": [ids], "responses": [[ids + EOS], ...]} with the responses of a pairwise
+    row in the order (chosen, rejected) and those of a listwise row in ranked order (best first).
+    Columns: sft `prompt`/`completion`; pairwise `prompt`/`chosen`/`rejected` (strings or lists of
+    {role, content} messages); listwise `prompt`/`responses`/`ranking`, where `ranking` lists indices
+    into `responses`, best first (a permutation of range(K); every row has the same K).
+    Rows with an empty response, or identical responses (after truncation), are dropped and counted;
+    when no row is left this is a DataError.
+    """
+    if kind not in OFFLINE_KINDS:
+        raise ValueError(f"`kind` must be one of {list(OFFLINE_KINDS)}, got {kind!r}")
+    if prompt_overflow not in PROMPT_OVERFLOW:
+        raise ValueError(f"`prompt_overflow` must be one of {list(PROMPT_OVERFLOW)}, got {prompt_overflow!r}")
+    require_columns(dataset, OFFLINE_KINDS[kind], source)
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"{source}: the tokenizer has no EOS token; responses could never end")
+    eos = tokenizer.eos_token_id
+    report = TokenizeReport(source=source, rows=len(dataset))
+
+    prompts = [as_text(v, source, i, "prompt") for i, v in enumerate(dataset["prompt"])]
+    if kind == "sft":
+        responses = [[as_text(v, source, i, "completion")] for i, v in enumerate(dataset["completion"])]
+    elif kind == "pairwise":
+        responses = [
+            [as_text(c, source, i, "chosen"), as_text(r, source, i, "rejected")]
+            for i, (c, r) in enumerate(zip(dataset["chosen"], dataset["rejected"]))
+        ]
+    else:
+        responses = []
+        num_k = None
+        for i, (resp, ranking) in enumerate(zip(dataset["responses"], dataset["ranking"])):
+            if not isinstance(resp, list) or len(resp) < 2:
+                raise DataError(f"{source}: row {i}, column `responses` must be a list of >= 2 responses")
+            if num_k is None:
+                num_k = len(resp)
+            if len(resp) != num_k:
+                raise DataError(f"{source}: row {i} has {len(resp)} responses, row 0 has {num_k}; K must be constant")
+            if sorted(ranking) != list(range(num_k)):
+                raise DataError(
+                    f"{source}: row {i}, column `ranking` must be a permutation of 0..{num_k - 1} "
+                    f"(indices into `responses`, best first), got {ranking}"
+                )
+            responses.append([as_text(resp[j], source, i, "responses") for j in ranking])
+
+    num_k = len(responses[0]) if responses else 0
+    prompt_ids = _batched_ids(tokenizer, prompts)
+    flat = _batched_ids(tokenizer, [r for rs in responses for r in rs])
+    examples = []
+    for i, p in enumerate(prompt_ids):
+        if len(p) > max_prompt_length:
+            if prompt_overflow == "error":
+                raise DataError(
+                    f"{source}: row {i} has a prompt of {len(p)} tokens, longer than max_prompt_length = "
+                    f"{max_prompt_length}; raise max_prompt_length or set prompt_overflow to 'drop' or "
+                    "'truncate_left'"
+                )
+            if prompt_overflow == "drop":
+                report.dropped_long_prompts += 1
+                continue
+            p = p[-max_prompt_length:]
+            report.truncated_prompts += 1
+        texts = responses[i]
+        resp_ids = []
+        truncated = False
+        for j, text in enumerate(texts):
+            ids = flat[i * num_k + j] + [eos]
+            if len(ids) > max_response_length:
+                ids = ids[:max_response_length]
+                truncated = True
+            resp_ids.append(ids)
+        empty = any(not t.strip() for t in texts)
+        identical = len({tuple(r) for r in resp_ids}) < len(resp_ids)
+        if empty or identical:
+            report.dropped_bad += 1
+            continue
+        report.truncated_responses += int(truncated)
+        examples.append({"prompt": p, "responses": resp_ids})
+    report.kept = len(examples)
+    if not examples:
+        raise DataError(f"{source}: no usable example left ({report.summary()})")
+    return examples, report
+
+
+@dataclass
+class ResponseBatch:
+    """K responses per prompt in one batch, response-major: row k * B + b is response k of example b.
+
+    input_ids / attention_mask: [K*B, P + R], the prompt LEFT-padded to P and the response RIGHT-padded
+    to R (the layout of `generation`); labels / response_mask: [K*B, R]; context_length = P.
+    """
+
+    input_ids: "object"
+    attention_mask: "object"
+    labels: "object"
+    response_mask: "object"
+    context_length: int
+    num_responses: int
+
+    def to(self, device):
+        for name in ("input_ids", "attention_mask", "labels", "response_mask"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
+def collate_responses(examples: list, pad_token_id: int) -> ResponseBatch:
+    """Pad a list of tokenised examples (from `tokenize_offline_dataset`) into one ResponseBatch."""
+    import torch
+
+    from .generation import left_pad
+
+    num_k = len(examples[0]["responses"])
+    prompts = [ex["prompt"] for k in range(num_k) for ex in examples]
+    responses = [ex["responses"][k] for k in range(num_k) for ex in examples]
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id)
+    width = max(len(r) for r in responses)
+    labels = torch.full((len(responses), width), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for i, r in enumerate(responses):
+        labels[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        response_mask[i, : len(r)] = 1
+    return ResponseBatch(
+        input_ids=torch.cat([prompt_ids, labels], 1),
+        attention_mask=torch.cat([prompt_mask, response_mask], 1),
+        labels=labels,
+        response_mask=response_mask,
+        context_length=prompt_ids.shape[1],
+        num_responses=num_k,
     )

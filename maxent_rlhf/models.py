@@ -186,3 +186,60 @@ def build_tiny_reward_model(tokenizer, seed: int = 0, save_dir: Optional[str | P
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# reward-model training helpers (train_offline.py, loss `reward`)
+# --------------------------------------------------------------------------------------------------
+def load_reward_model_for_training(
+    name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, revision=None
+):
+    """A one-label sequence classifier to train: an existing reward model (checked by
+    `load_reward_model`: exactly one label), or a causal LM (the SFT policy) whose backbone is reused
+    under a freshly initialised one-label `score` head."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_path(name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    if any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+        return load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
+    print(f"[maxent_rlhf] reward model initialised from policy {name_or_path}: new one-label `score` head")
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, revision=revision
+    )
+
+
+FINAL_NORM_NAMES = ("final_layer_norm", "ln_f", "norm", "final_layernorm")
+
+
+@torch.no_grad()
+def shift_reward_output(reward_model, delta: float) -> str:
+    """Add the constant `delta` to every reward the model outputs, keeping the plain HF format.
+
+    A reward model computes r = w . n(h) (+ b), with n the backbone's final norm and w the one-label
+    `score` head. When the head has a bias, b += delta. GPT-NeoX's head has none (`bias=False`), so the
+    shift goes into the final norm's bias instead: beta_n += delta * w / ||w||^2 gives
+    w . (n(h) + delta * w / ||w||^2) = w . n(h) + delta exactly. This is only valid because in a
+    sequence classifier the final norm's output feeds nothing but the score head (the backbone returns
+    it as `last_hidden_state`; there is no LM head). Returns the name of the parameter changed.
+    """
+    score = reward_model.score
+    if getattr(score, "bias", None) is not None:
+        score.bias.add_(delta)
+        return "score.bias"
+    w = score.weight.detach().float().reshape(-1)
+    if score.weight.shape[0] != 1:
+        raise ValueError(f"shift_reward_output needs a one-label score head, got weight {tuple(score.weight.shape)}")
+    norm_sq = float(w.pow(2).sum())
+    if norm_sq == 0.0:
+        raise ValueError("the reward model's score head is all zeros; its output cannot be shifted")
+    backbone = getattr(reward_model, reward_model.base_model_prefix)
+    for name in FINAL_NORM_NAMES:
+        norm = getattr(backbone, name, None)
+        if norm is not None and getattr(norm, "bias", None) is not None:
+            norm.bias.add_((delta * w / norm_sq).to(norm.bias.dtype))
+            return f"{reward_model.base_model_prefix}.{name}.bias"
+    raise ValueError(
+        f"{type(reward_model).__name__}: neither a `score` bias nor a final norm with a bias "
+        f"({', '.join(FINAL_NORM_NAMES)}) to hold the reward shift"
+    )

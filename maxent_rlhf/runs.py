@@ -8,6 +8,12 @@ Layout of a run directory:
         trainer_state.pt     optimizer, scheduler, step, data position, user state (torch.load weights_only)
         rng_state_<rank>.pt  python / numpy / torch RNG states of every process
         trainer_state.json   the human-readable part (step, user state)
+        engine_state/        only under DeepSpeed or FSDP: accelerate `save_state` output (sharded
+                             weights + optimizer state of every process); trainer_state.pt then has
+                             optimizer None and "engine_state": True. See `uses_engine_state`.
+
+Distributed runs: every process calls the functions here; only the main process writes logs and the
+HF weights; checkpoints of several nodes need `output_dir` on a filesystem that every node sees.
 
 Checkpoints are written to a temporary directory and renamed into place, so a run killed while saving
 never leaves a half checkpoint that `--resume latest` would pick up.
@@ -41,6 +47,59 @@ def is_main_process(accelerator=None) -> bool:
     return accelerator is None or accelerator.is_main_process
 
 
+def check_launch(accelerator=None) -> None:
+    """Refuse a launch whose processes did not join one process group.
+
+    torchrun / `accelerate launch` set WORLD_SIZE for every process. On a machine without GPUs, accelerate
+    1.x only forms a (gloo) group when told to use the CPU; otherwise each process silently runs alone and
+    they all write the same run directory. Called by `RunDir`.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    seen = accelerator.num_processes if accelerator is not None else 1
+    if world > 1 and seen != world:
+        raise RuntimeError(
+            f"launched as {world} processes (WORLD_SIZE={world}) but accelerate sees {seen}: the processes "
+            "did not join one process group. On a machine without GPUs set ACCELERATE_USE_CPU=true "
+            "(see configs/accelerate/cpu.yaml); with GPUs, check that CUDA is visible to every process"
+        )
+
+
+def mean_over_processes(accelerator, metrics: dict) -> dict:
+    """Average scalar metrics over all processes in one all-reduce (each process holds an equal share
+    of the global batch, so the mean of the per-process means is the global-batch mean).
+
+    Returns python floats; non-scalar values are passed through unchanged. Every process must call it
+    with the same keys in the same order.
+    """
+    keys = [k for k, v in metrics.items() if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)]
+    out = dict(metrics)
+    if not keys:
+        return out
+    values = torch.tensor(
+        [float(metrics[k].detach().float().item()) if isinstance(metrics[k], torch.Tensor) else float(metrics[k]) for k in keys],
+        dtype=torch.float64,
+    )
+    if accelerator is not None and accelerator.num_processes > 1:
+        values = accelerator.reduce(values.to(accelerator.device), reduction="mean").cpu()
+    for k, v in zip(keys, values.tolist()):
+        out[k] = v
+    return out
+
+
+ENGINE_STATE_DIR = "engine_state"
+
+
+def uses_engine_state(accelerator) -> bool:
+    """True under DeepSpeed and FSDP, whose optimizer state is sharded over the processes: a checkpoint
+    then keeps model + optimizer in accelerate's own format (`accelerator.save_state`, every process
+    writing its shard) under `engine_state/`, next to the gathered HF weights. False on CPU, one GPU and
+    DDP, where the optimizer state is whole on every process and goes into trainer_state.pt."""
+    if accelerator is None:
+        return False
+    dt = getattr(accelerator, "distributed_type", None)
+    return getattr(dt, "value", dt) in ("DEEPSPEED", "FSDP")
+
+
 class NonFiniteError(RuntimeError):
     """A loss or reward became NaN/inf; the last checkpoint on disk is still usable."""
 
@@ -60,6 +119,7 @@ class RunDir:
     """The run directory. Only the main process writes files; every process may call the methods."""
 
     def __init__(self, output_dir: str | Path, accelerator=None):
+        check_launch(accelerator)
         self.path = Path(output_dir)
         self.accelerator = accelerator
         self.checkpoints_dir = self.path / "checkpoints"
@@ -218,8 +278,13 @@ def save_checkpoint(
     keep_last: int = 0,
 ) -> Path:
     """Write checkpoints/step_{step:08d}: HF weights (safetensors), tokenizer, optimizer, scheduler,
-    RNG of every process and `state` (JSON-able: step, data position, ...). Atomic by rename."""
+    RNG of every process and `state` (JSON-able: step, data position, ...). Atomic by rename.
+
+    Every process must call it. Under DeepSpeed / FSDP (`uses_engine_state`) the optimizer state is
+    saved by `accelerator.save_state` into engine_state/ (a collective: each process writes its shard)
+    instead of `optimizer.state_dict()`, which would hold only the main process's shard."""
     acc = run_dir.accelerator
+    engine = uses_engine_state(acc)
     final = run_dir.checkpoints_dir / f"step_{step:08d}"
     tmp = run_dir.checkpoints_dir / f".tmp-step_{step:08d}"
     if run_dir.is_main:
@@ -234,19 +299,21 @@ def save_checkpoint(
     # every process saves its own RNG streams (tmp exists for all after the barrier above)
     rank = acc.process_index if acc is not None else 0
     torch.save(_rng_state(), tmp / f"rng_state_{rank}.pt")
+    if engine:
+        acc.save_state(str(tmp / ENGINE_STATE_DIR))  # every process: its weight + optimizer shards
     if run_dir.is_main:
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        torch.save(
-            {
-                "step": step,
-                "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "state": state or {},
-            },
-            tmp / "trainer_state.pt",
-        )
+        blob = {
+            "step": step,
+            "optimizer": optimizer.state_dict() if optimizer is not None and not engine else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "state": state or {},
+        }
+        if engine:
+            blob["engine_state"] = True
+        torch.save(blob, tmp / "trainer_state.pt")
     if acc is not None:
         acc.wait_for_everyone()
     if run_dir.is_main:
@@ -272,10 +339,29 @@ def load_checkpoint(
     """Restore weights (when `model` is given), optimizer, scheduler and this process's RNG state.
 
     Returns the `state` dict saved with the checkpoint, plus "step".
+
+    A checkpoint written under DeepSpeed / FSDP (engine_state/) is restored with
+    `accelerator.load_state`: call this on every process, after `accelerator.prepare`, under the same
+    accelerate config and number of processes. The two kinds of checkpoint do not mix (the optimizer
+    layouts differ); the error says so. Either kind's HF weights start a new run as a model path.
     """
     path = Path(path)
     if not (path / "trainer_state.json").exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    saved_engine = bool(blob.get("engine_state", False))
+    if saved_engine != uses_engine_state(accelerator) and (model is not None or optimizer is not None):
+        here = getattr(getattr(accelerator, "distributed_type", None), "value", None) or "no accelerator"
+        raise RuntimeError(
+            f"{path} was written {'under DeepSpeed/FSDP (sharded optimizer state in engine_state/)' if saved_engine else 'without DeepSpeed/FSDP (whole optimizer state)'}"
+            f", but this run uses {here}: resume with the accelerate config and number of processes that "
+            f"wrote it, or start a new run from its HF weights (model path {path})"
+        )
+    if saved_engine:
+        if not getattr(accelerator, "_models", None):
+            raise RuntimeError(f"{path}: call load_checkpoint after accelerator.prepare(model, optimizer, ...) under DeepSpeed/FSDP")
+        accelerator.load_state(str(path / ENGINE_STATE_DIR))  # weights + optimizer shards of this process
+        model = optimizer = None  # restored; the HF copy and trainer_state.pt hold no optimizer state
     if model is not None:
         # Load through HF (from_pretrained maps saved names such as embed_out <-> lm_head across
         # transformers versions), then copy into the live, possibly accelerate-wrapped, model.
@@ -285,7 +371,6 @@ def load_checkpoint(
         loaded = type(target).from_pretrained(path, dtype=next(target.parameters()).dtype, use_safetensors=True)
         target.load_state_dict(loaded.state_dict())
         del loaded
-    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     if optimizer is not None and blob.get("optimizer") is not None:
         optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None and blob.get("scheduler") is not None:
@@ -299,3 +384,19 @@ def load_checkpoint(
     state = dict(blob.get("state") or {})
     state["step"] = int(blob["step"])
     return state
+
+
+def resolve_trackers(report_to: str) -> list:
+    """accelerate `log_with` names for RunConfig.report_to: 'auto' means tensorboard when installed."""
+    if report_to in ("none", "", None):
+        return []
+    if report_to == "auto":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            try:
+                import tensorboardX  # noqa: F401
+            except ImportError:
+                return []
+        return ["tensorboard"]
+    return [report_to]
