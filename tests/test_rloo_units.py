@@ -1,0 +1,222 @@
+"""train_rloo.py: known answers for the iteration's steps 2-6 on hand-built tensors, and every bad input."""
+import json
+from dataclasses import fields, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import train_rloo
+from maxent_rlhf import generation, objectives
+from maxent_rlhf.config import ConfigError, parse_config
+from maxent_rlhf.data import DataError
+
+EOS, PAD = 0, 1
+
+
+# ------------------------------------------------------------------ step 2 + 3: EOS truncation and penalty
+def test_step2_truncates_after_first_eos_keeps_it_and_step3_penalises_missing_eos():
+    raw = torch.tensor([
+        [5, 6, EOS, 7, EOS],  # EOS in the middle: keep it, pad the rest
+        [EOS, 5, 6, 7, 8],  # EOS first: a one-token response
+        [5, 6, 7, 8, 9],  # never emits EOS: kept whole, penalised
+        [5, 6, 7, 8, EOS],  # EOS as the very last sampled token
+    ])
+    responses, mask, has_eos = generation.truncate_after_eos(raw, EOS, PAD)
+    assert responses.tolist() == [[5, 6, EOS, PAD, PAD], [EOS, PAD, PAD, PAD, PAD], [5, 6, 7, 8, 9], [5, 6, 7, 8, EOS]]
+    assert mask.sum(1).tolist() == [3, 1, 5, 5]
+    assert has_eos.tolist() == [True, True, False, True]
+    scores = train_rloo.apply_eos_penalty(torch.tensor([0.5, 1.0, 2.0, -1.0]), has_eos, penalty=1.5)
+    assert scores.tolist() == [0.5, 1.0, 0.5, -1.0]
+
+
+def test_step3_reward_is_read_at_last_real_token_and_retokenising_same_vocab_changes_nothing(tiny_tokenizer, tiny_reward_dir):
+    from maxent_rlhf.models import load_reward_model
+
+    rm = load_reward_model(tiny_reward_dir).eval()
+    tok = tiny_tokenizer
+    q_ids, q_mask = generation.left_pad([tok("POST: my cat TL;DR:")["input_ids"], tok("TL;DR:")["input_ids"]], tok.pad_token_id)
+    raw = torch.tensor([[tok.convert_tokens_to_ids("cat"), tok.eos_token_id, 5], [6, 7, 8]])
+    resp, r_mask, has_eos = generation.truncate_after_eos(raw, tok.eos_token_id, tok.pad_token_id)
+    direct = generation.reward_model_scores(rm, torch.cat([q_ids, resp], 1), torch.cat([q_mask, r_mask], 1))
+    ids, mask = train_rloo.retokenize_for_reward(tok, tok, q_ids, q_mask, resp, r_mask, has_eos)
+    assert torch.allclose(direct, generation.reward_model_scores(rm, ids, mask), atol=1e-5)
+    # the score of row 0 is the reward model read at its EOS: the same as scoring the unpadded sequence alone
+    alone = torch.tensor([tok("POST: my cat TL;DR: cat")["input_ids"] + [tok.eos_token_id]])
+    assert torch.allclose(direct[0], generation.reward_model_scores(rm, alone, torch.ones_like(alone))[0], atol=1e-5)
+
+
+# ------------------------------------------------------------------ step 4: temperature-scaled log-probs
+class FixedLogits(torch.nn.Module):
+    """A 'model' whose logits are a fixed function of position: logits[t] = table[t]."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, input_ids, logits_to_keep=0, **kw):
+        b, t = input_ids.shape
+        logits = self.table[:t].expand(b, t, -1)
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+def test_step4_logprobs_are_of_logits_over_temperature_at_the_response_positions():
+    torch.manual_seed(0)
+    table = torch.randn(6, 5)
+    qr = torch.tensor([[PAD, 3, 4, 2, EOS, PAD]])  # context 3 (one left pad), response [2, EOS, PAD]
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0]])
+    lp, ent = generation.response_logprobs(FixedLogits(table), qr, mask, context_length=3, temperature=0.7, return_entropy=True)
+    expected = torch.log_softmax(table / 0.7, -1)
+    # the logits at position t predict token t + 1
+    assert torch.allclose(lp[0], torch.stack([expected[2, 2], expected[3, EOS], expected[4, PAD]]), atol=1e-6)
+    p = torch.softmax(table / 0.7, -1)
+    assert torch.allclose(ent[0], -(p * p.log()).sum(-1)[2:5], atol=1e-5)
+
+
+# ------------------------------------------------------------------ step 5: regularised reward per regulariser
+LOGP = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])
+REF = torch.tensor([[-1.5, -1.0, -3.0], [-1.0, -0.5, 0.0]])
+MASK = torch.tensor([[1, 1, 0], [1, 1, 1]])  # sequence 0 has 2 real tokens: its third token is padding
+SCORES = torch.tensor([1.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    "kw, expected_non_score",
+    [
+        (dict(regularizer="kl", kl_coef=0.5), [-0.5 * (0.5 - 1.0), -0.5 * (0.5 + 0.0 + 0.0)]),
+        (dict(regularizer="entropy", entropy_coef=0.1), [0.3, 0.1]),  # -alpha * log pi(y|x), Eq. 6
+        (dict(regularizer="entropy", entropy_coef=0.1, length_normalize=True), [0.15, 0.1 / 3]),  # Eq. 7
+        (dict(regularizer="entropy", entropy_coef=0.1, length_normalize=True, min_entropy=True), [-0.15, -0.1 / 3]),
+        (dict(regularizer="entropy", entropy_coef=-0.1), [-0.3, -0.1]),  # a negative alpha is the same variant
+        (dict(regularizer="none", kl_coef=0.5, entropy_coef=0.1), [0.0, 0.0]),
+    ],
+)
+def test_step5_regularised_reward_known_answers(kw, expected_non_score):
+    c = train_rloo.RLOOConfig(**kw)
+    reg = objectives.regularized_reward(SCORES, LOGP, MASK, c.regularizer, train_rloo._regularizer_coef(c),
+                                        ref_logprobs=REF, length_normalize=c.length_normalize)
+    assert torch.allclose(reg.non_score_reward, torch.tensor(expected_non_score), atol=1e-6)
+    assert torch.allclose(reg.rewards, SCORES + torch.tensor(expected_non_score), atol=1e-6)
+
+
+# ------------------------------------------------------------------ step 6: advantages in the script's row layout
+def test_step6_leave_one_out_advantages_follow_the_row_layout():
+    # 2 prompts x k = 3: rows 0-2 belong to prompt 0, rows 3-5 to prompt 1 (row p * k + j)
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 60.0])
+    adv = train_rloo.rloo_row_advantages(rewards, k=3)
+    assert torch.allclose(adv, torch.tensor([1 - 2.5, 2 - 2.0, 3 - 1.5, 10 - 40.0, 20 - 35.0, 60 - 15.0]))
+    w = train_rloo.rloo_row_advantages(rewards, k=3, whiten=True)
+    assert abs(float(w.mean())) < 1e-6 and abs(float(w.std(unbiased=False)) - 1) < 1e-4
+    with pytest.raises(ValueError, match="whole groups"):
+        train_rloo.rloo_row_advantages(rewards[:5], k=3)
+
+
+def test_prompt_tokenisation_cuts_from_the_left_and_counts(tiny_tokenizer):
+    ids, cut = train_rloo.tokenize_prompts(tiny_tokenizer, ["my cat sat on the mat TL;DR:", "TL;DR:"], max_len=3)
+    assert cut == 1
+    assert tiny_tokenizer.decode(ids[0]) == "the mat TL;DR:" and tiny_tokenizer.decode(ids[1]) == "TL;DR:"
+    with pytest.raises(DataError, match="tokenises to nothing"):
+        train_rloo.tokenize_prompts(tiny_tokenizer, [""], max_len=3)
+
+
+def test_prompt_stream_is_seeded_and_resumable():
+    a = train_rloo.PromptStream(10, 4, seed=3)
+    first = [a.next() for _ in range(3)]  # 10 // 4: the third batch starts epoch 1
+    assert a.epoch == 1 and sorted(first[0] + first[1]) == sorted(set(first[0] + first[1]))
+    b = train_rloo.PromptStream(10, 4, seed=3)
+    b.next()
+    c = train_rloo.PromptStream(10, 4, seed=3)
+    c.load(b.state())
+    assert [c.next(), c.next()] == first[1:]
+
+
+# ------------------------------------------------------------------ bad input
+def test_batch_plan_per_process_sizes_and_errors():
+    c = train_rloo.RLOOConfig(batch_size=64, rloo_k=4, num_mini_batches=2, per_device_train_batch_size=8)
+    p = train_rloo._batch_plan(c, num_processes=2)
+    assert (p.prompts_global, p.prompts_local, p.rows_local, p.mini_local, p.grad_accum) == (16, 8, 32, 16, 2)
+    with pytest.raises(ConfigError, match="rloo_k"):
+        train_rloo._batch_plan(replace(c, rloo_k=1), 1)
+    with pytest.raises(ConfigError, match=r"multiple of num_processes x rloo_k = 3 x 4 = 12"):
+        train_rloo._batch_plan(c, 3)
+    with pytest.raises(ConfigError, match=r"multiple of num_processes x rloo_k = 1 x 3"):
+        train_rloo._batch_plan(replace(c, rloo_k=3), 1)
+    with pytest.raises(ConfigError, match="num_mini_batches"):
+        train_rloo._batch_plan(replace(c, num_mini_batches=3), 1)
+    with pytest.raises(ConfigError, match="micro-batch size 5"):
+        train_rloo._batch_plan(replace(c, per_device_train_batch_size=5), 2)
+    with pytest.raises(ConfigError, match="less than one batch"):
+        train_rloo._batch_plan(replace(c, total_episodes=10), 1)
+
+
+@pytest.fixture
+def ok(tiny_policy_dir, tiny_reward_dir, tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"POST: {w} TL;DR:"}) + "\n" for w in ["cat", "dog", "mat", "home"]))
+    return train_rloo.RLOOConfig(model_name_or_path=tiny_policy_dir, reward_model_name_or_path=tiny_reward_dir,
+                                 dataset_name=str(data), batch_size=4, rloo_k=2, per_device_train_batch_size=4,
+                                 num_iterations=1, response_length=4, report_to="none", output_dir=str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(rloo_k=1), ConfigError, "at least 2 completions"),
+        (dict(batch_size=6, rloo_k=4), ConfigError, "multiple of num_processes x rloo_k"),
+        (dict(min_entropy=True, regularizer="kl"), ConfigError, "min_entropy"),
+        (dict(min_entropy=True, regularizer="entropy", entropy_coef=-0.1), ConfigError, "flip the sign twice"),
+        (dict(regularizer="none", reward_model_name_or_path=None), ConfigError, "nothing to score"),
+        (dict(reward_fn="no_such_module_xyz:f"), ConfigError, "cannot be imported"),
+        (dict(reward_fn="json"), ConfigError, "package.module:function"),
+        (dict(temperature=0.0), ConfigError, "temperature"),
+        (dict(response_length=0), ConfigError, "response_length"),
+        (dict(batch_size=16, rloo_k=2), DataError, "4 rows, fewer than the 8 prompts"),
+        (dict(prompt_column="query"), DataError, r"missing column\(s\) \['query'\]"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_message(ok, overrides, error, match):
+    with pytest.raises(error, match=match):
+        train_rloo.main(replace(ok, **overrides))
+
+
+def test_reward_model_must_be_a_one_label_classifier(ok, tiny_tokenizer, tmp_path):
+    from transformers import GPTNeoXForSequenceClassification
+
+    from maxent_rlhf.models import tiny_gpt_neox_config
+
+    two = tmp_path / "two_label"
+    GPTNeoXForSequenceClassification(tiny_gpt_neox_config(len(tiny_tokenizer), num_labels=2)).save_pretrained(two)
+    tiny_tokenizer.save_pretrained(two)
+    with pytest.raises(ValueError, match="num_labels = 2"):
+        train_rloo.main(replace(ok, reward_model_name_or_path=str(two)))
+
+
+# ------------------------------------------------------------------ configs
+CONFIGS = sorted(Path(__file__).resolve().parent.parent.glob("configs/*.yaml"))
+RLOO_CONFIGS = [p for p in CONFIGS if p.name.split("_")[0] in ("kl", "maxent", "minent")]
+
+
+def test_every_field_has_help():
+    assert all(f.metadata.get("help") for f in fields(train_rloo.RLOOConfig))
+
+
+def test_paper_configs_exist():
+    names = {p.stem for p in RLOO_CONFIGS}
+    assert {"maxent_1b", "maxent_2p8b", "maxent_6p9b", "kl_1b", "kl_2p8b", "kl_6p9b", "minent_1b", "minent_2p8b"} <= names
+
+
+@pytest.mark.parametrize("path", RLOO_CONFIGS, ids=lambda p: p.stem)
+def test_paper_configs_parse_and_match_the_paper(path):
+    c = parse_config(train_rloo.RLOOConfig, ["--config", str(path)])
+    size = path.stem.split("_")[1].replace("p", ".")
+    assert size in c.model_name_or_path and size in c.reward_model_name_or_path
+    assert (c.rloo_k, c.response_length, c.temperature, c.missing_eos_penalty) == (2, 53, 0.7, 1.0)
+    train_rloo._batch_plan(c, 8)  # the published recipe: 8 GPUs
+    if path.stem.startswith("kl"):
+        assert (c.regularizer, c.kl_coef, c.learning_rate) == ("kl", 0.05, 1e-6)
+    else:
+        assert c.regularizer == "entropy" and c.length_normalize
+        assert (train_rloo._regularizer_coef(c) < 0) == path.stem.startswith("minent")
+    if path.stem.startswith("maxent"):
+        assert c.learning_rate == 1e-7
