@@ -71,8 +71,14 @@ def generate(
 
     Pure temperature sampling: top_k = 0 and top_p = 1 so the sampling distribution is exactly
     softmax(logits / T), the one whose log-probs RLOO uses. Rows that stop early are padded.
+
+    `model` may be a DDP / accelerate wrapper (its `.module` generates). Under ZeRO-3 or FSDP pass
+    `synced_gpus=True` (see `maxent_rlhf.distributed.unwrap_for_generation` / `needs_synced_gpus`).
     """
     from transformers import GenerationConfig
+
+    while not hasattr(model, "generate") and hasattr(model, "module"):  # DDP has no `generate`
+        model = model.module
 
     gen_config = GenerationConfig(
         max_new_tokens=max_new_tokens,

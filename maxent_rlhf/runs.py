@@ -357,7 +357,7 @@ def load_checkpoint(
             f", but this run uses {here}: resume with the accelerate config and number of processes that "
             f"wrote it, or start a new run from its HF weights (model path {path})"
         )
-    if saved_engine:
+    if saved_engine and (model is not None or optimizer is not None):
         if not getattr(accelerator, "_models", None):
             raise RuntimeError(f"{path}: call load_checkpoint after accelerator.prepare(model, optimizer, ...) under DeepSpeed/FSDP")
         accelerator.load_state(str(path / ENGINE_STATE_DIR))  # weights + optimizer shards of this process

@@ -1,0 +1,250 @@
+"""What the scripts need beyond plain `accelerator.prepare` under DeepSpeed ZeRO and FSDP.
+
+Plain CPU, one GPU and DDP need none of this: every helper here is a no-op (or the obvious thing) there,
+so a script calls them unconditionally and stays one code path. Supported combinations:
+
+    accelerate config          policy                    frozen ref / reward model      generation
+    cpu / single / multi_gpu   DDP (or bare)              replica on every process       unwrapped module
+    deepspeed_zero2.yaml       ZeRO-2 engine              bf16 replica on every GPU      unwrapped module
+    deepspeed_zero3.yaml       ZeRO-3 engine (sharded)    own ZeRO-3 inference engine,   full weights gathered
+                                                          weights offloaded to CPU       on every GPU, synced_gpus
+    fsdp2.yaml                 FSDP2 (fully_shard)        bf16 replica on every GPU      per-layer all-gather,
+                                                                                         synced_gpus
+    FSDP version 1             refused for generation (`unwrap_for_generation` says so): use fsdp2.yaml
+
+Gradient accumulation: the scripts divide each micro-batch loss by their accumulation count and call
+`accelerator.backward` per micro-batch inside `micro_step(...)`. Under DDP / FSDP that skips the
+gradient all-reduce on all but the last micro-batch; under DeepSpeed it tells the engine which backward
+ends the accumulation (the engine steps there and only there), and `configure_deepspeed` keeps
+DeepSpeed's own accumulation count at 1 so it does not divide the loss a second time. The optimizer
+step the script calls afterwards is a no-op under DeepSpeed (accelerate's wrapper); clipping then uses
+DeepSpeed's `gradient_clipping`, which `configure_deepspeed` sets to the script's max_grad_norm.
+
+Nothing here can run on this project's CPU test machine beyond the no-op paths; the DeepSpeed / FSDP
+branches are kept short and follow accelerate 1.x and DeepSpeed's documented APIs.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from typing import Optional
+
+import torch
+
+
+def distributed_type(accelerator) -> str:
+    """accelerate's DistributedType as a plain string ('NO', 'MULTI_GPU', 'MULTI_CPU', 'DEEPSPEED', 'FSDP', ...)."""
+    if accelerator is None:
+        return "NO"
+    dt = getattr(accelerator, "distributed_type", "NO")
+    return str(getattr(dt, "value", dt))
+
+
+def is_deepspeed(accelerator) -> bool:
+    return distributed_type(accelerator) == "DEEPSPEED"
+
+
+def zero_stage(accelerator) -> int:
+    """ZeRO stage under DeepSpeed, else 0."""
+    if not is_deepspeed(accelerator):
+        return 0
+    plugin = accelerator.state.deepspeed_plugin
+    stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage", getattr(plugin, "zero_stage", 0))
+    return int(stage)
+
+
+def fsdp_version(accelerator) -> int:
+    """1 or 2 under FSDP, else 0."""
+    if distributed_type(accelerator) != "FSDP":
+        return 0
+    plugin = accelerator.state.fsdp_plugin
+    return int(getattr(plugin, "fsdp_version", 1) or 1)
+
+
+def needs_synced_gpus(accelerator) -> bool:
+    """True when a forward pass is a collective (ZeRO-3, FSDP): every process must keep calling the model
+    until all have finished generating (HF `generate(synced_gpus=True)`), or the others would hang."""
+    return zero_stage(accelerator) == 3 or fsdp_version(accelerator) > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed configuration of the trained model
+# --------------------------------------------------------------------------------------------------
+def _set_ds_value(config: dict, dotted: str, value, source: str) -> None:
+    """Fill `dotted` in a DeepSpeed config dict: 'auto' or missing -> value; a different number -> error."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+        node = node.setdefault(p, {})
+    current = node.get(leaf, "auto")
+    if current in ("auto", None) or current == value:
+        node[leaf] = value
+        return
+    raise ValueError(
+        f"DeepSpeed config `{dotted}` = {current!r}, but {source} = {value!r}: leave it 'auto' (or remove it) "
+        "in the DeepSpeed / accelerate config so the experiment config decides"
+    )
+
+
+def configure_deepspeed(accelerator, micro_batch_size: int, max_grad_norm: float) -> None:
+    """Fill DeepSpeed's batch fields from the experiment config; call before `accelerator.prepare`.
+
+    - train_micro_batch_size_per_gpu = the script's micro-batch (accelerate needs it when no DataLoader
+      is prepared, as in train_rloo.py);
+    - gradient_accumulation_steps = 1 and train_batch_size = micro * processes: the scripts accumulate
+      themselves (see the module docstring and `micro_step`), so DeepSpeed must not scale the loss again;
+    - gradient_clipping = max_grad_norm (DeepSpeed clips inside its step; 0 turns clipping off).
+    No-op without DeepSpeed. A value set explicitly in the DeepSpeed config that disagrees is an error.
+    """
+    if not is_deepspeed(accelerator):
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    _set_ds_value(config, "train_micro_batch_size_per_gpu", int(micro_batch_size), "the micro-batch size")
+    _set_ds_value(config, "gradient_accumulation_steps", 1, "the accumulation DeepSpeed must do (the script accumulates)")
+    _set_ds_value(config, "train_batch_size", int(micro_batch_size) * accelerator.num_processes, "micro-batch x processes")
+    _set_ds_value(config, "gradient_clipping", float(max_grad_norm) if max_grad_norm and max_grad_norm > 0 else 0.0, "max_grad_norm")
+
+
+@contextlib.contextmanager
+def micro_step(accelerator, model, is_last: bool):
+    """One micro-batch of gradient accumulation (wrap the forward and `accelerator.backward`).
+
+    DDP / FSDP: gradients are all-reduced only on the last micro-batch (`no_sync` before it).
+    DeepSpeed: the engine steps inside `accelerator.backward` when accelerate's sync flag is set, so the
+    flag is held False until the last micro-batch. Single process: nothing to do.
+    """
+    if accelerator is None or accelerator.num_processes == 1 and not is_deepspeed(accelerator):
+        yield
+        return
+    if is_deepspeed(accelerator):
+        state = accelerator.gradient_state
+        previous = state.sync_gradients
+        state._set_sync_gradients(bool(is_last))
+        try:
+            yield
+        finally:
+            state._set_sync_gradients(previous)
+        return
+    if is_last:
+        yield
+        return
+    with accelerator.no_sync(model):
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# frozen models (reference policy, reward model)
+# --------------------------------------------------------------------------------------------------
+def frozen_offload_device() -> str:
+    """Where ZeRO-3 keeps frozen models' weights: MAXENT_FROZEN_OFFLOAD = 'cpu' (default) or 'none'."""
+    value = os.environ.get("MAXENT_FROZEN_OFFLOAD", "cpu").strip().lower()
+    if value not in ("cpu", "none"):
+        raise ValueError(f"MAXENT_FROZEN_OFFLOAD must be 'cpu' or 'none', got {value!r}")
+    return value
+
+
+@contextlib.contextmanager
+def frozen_model_loading(accelerator):
+    """Load frozen models inside this context. Under ZeRO-3 with `zero3_init_flag` it turns
+    `deepspeed.zero.Init` off, so the model arrives whole on the CPU and `prepare_frozen_model` can put
+    its weights where MAXENT_FROZEN_OFFLOAD says (a model built under zero.Init stays sharded on the
+    GPUs, which is correct but not offloaded). Elsewhere: nothing."""
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None) if is_deepspeed(accelerator) else None
+    if plugin is not None and zero_stage(accelerator) == 3 and getattr(plugin, "zero3_init_flag", False):
+        with plugin.zero3_init_context_manager(enable=False):
+            yield
+    else:
+        yield
+
+
+def frozen_inference_config(ds_config: dict, offload: str, hidden_size: Optional[int] = None) -> dict:
+    """The DeepSpeed config of a frozen model's inference-only ZeRO-3 engine, from the policy's config:
+    same precision and stage 3, no optimizer / scheduler, batch fields made concrete, parameters offloaded
+    to `offload` ('cpu' or 'none')."""
+    config = copy.deepcopy(ds_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    micro = config.get("train_micro_batch_size_per_gpu", "auto")
+    config["train_micro_batch_size_per_gpu"] = micro if isinstance(micro, int) else 1
+    config["gradient_accumulation_steps"] = 1
+    config.pop("train_batch_size", None)  # DeepSpeed derives it from micro x accumulation x processes
+    config.pop("gradient_clipping", None)
+    zero = config.setdefault("zero_optimization", {})
+    zero["stage"] = 3
+    zero.pop("offload_optimizer", None)
+    zero["offload_param"] = {"device": "cpu", "pin_memory": True} if offload == "cpu" else {"device": "none"}
+    if hidden_size:  # TRL's settings for a frozen ZeRO-3 model: small buckets, no prefetch
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
+        zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+        zero["stage3_prefetch_bucket_size"] = 0
+    for key, value in list(zero.items()):
+        if value == "auto":
+            zero.pop(key)
+    return config
+
+
+def prepare_frozen_model(model: torch.nn.Module, accelerator, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """Put a frozen model (reference policy, reward model) where it belongs; returns the model to call.
+
+    Gradients off and eval mode always. ZeRO-3: wrapped in its own inference-only ZeRO-3 engine whose
+    weights are offloaded to CPU (MAXENT_FROZEN_OFFLOAD) and streamed to the GPU layer by layer in each
+    forward; every process must then run the same number of forwards (equal per-process batches, which
+    `derive_batch_sizes` guarantees). Everything else: a plain replica moved to `accelerator.device`
+    (cast to `dtype` when given). The returned object is called like the model (`generation` helpers
+    reach the HF model through `.module` when it is an engine).
+    """
+    model.requires_grad_(False)
+    model.eval()
+    if zero_stage(accelerator) == 3:
+        import deepspeed
+
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        config = frozen_inference_config(ds_config, frozen_offload_device(), hidden)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def hf_model(model):
+    """The HF model inside an accelerate / DeepSpeed / DDP wrapper (attributes such as `score`,
+    `base_model_prefix`, `generate`); FSDP2 modules are their own HF model."""
+    while not hasattr(model, "base_model_prefix") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# generation with a sharded policy
+# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def unwrap_for_generation(accelerator, model, gather: bool = True):
+    """Yield the HF model to call `generate` / rollout forwards on, ready for this accelerate setup.
+
+    - no accelerator, CPU, one GPU, DDP, ZeRO-1/2: the unwrapped module (weights are whole everywhere);
+    - ZeRO-3: the full weights are gathered on every GPU for the duration (`GatheredParameters`; 14 GB
+      for 6.9B in bf16), so generation runs at single-GPU speed; `gather=False` keeps them sharded (one
+      all-gather per layer per token: slow, least memory). Pass `synced_gpus=needs_synced_gpus(acc)`;
+    - FSDP2: the module itself (each layer all-gathers in its forward); pass synced_gpus as above;
+    - FSDP1: refused (the root's parameters are flat-sharded; HF generate cannot run through it).
+    """
+    if accelerator is None:
+        yield hf_model(model)
+        return
+    version = fsdp_version(accelerator)
+    if version == 1:
+        raise NotImplementedError(
+            "generation under FSDP version 1 is not supported: use FSDP2 (configs/accelerate/fsdp2.yaml, "
+            "fsdp_version: 2) or DeepSpeed ZeRO-3 (configs/accelerate/deepspeed_zero3.yaml)"
+        )
+    unwrapped = hf_model(accelerator.unwrap_model(model))
+    if zero_stage(accelerator) == 3 and gather:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=None):
+            yield unwrapped
+        return
+    yield unwrapped
