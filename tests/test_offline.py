@@ -2,12 +2,17 @@
 import json
 import math
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import train_offline
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # train_offline.py is a top-level script, importable from the repo root
+
+import train_offline  # noqa: E402
 from maxent_rlhf import data, generation, models, objectives, runs
 from maxent_rlhf.config import ConfigError, parse_config
 from train_offline import LOSSES, OfflineConfig
@@ -362,3 +367,14 @@ def test_help_lists_every_field_with_default(capsys):
     for name in ("--precompute_ref_logprobs", "--global_batch_size", "--reward_norm_dataset", "--prompt_overflow"):
         assert name in out
     assert "(default: 64)" in out
+
+
+@pytest.mark.parametrize("name", ["sft", "rm", "dpo", "simpo"])
+def test_shipped_1b_configs_parse(name):
+    c = parse_config(OfflineConfig, ["--config", str(REPO / "configs" / f"{name}_1b.yaml")])
+    assert c.loss == {"rm": "reward"}.get(name, name)
+    assert "cleanrl/EleutherAI_pythia-1b-deduped" in c.model_name_or_path or c.model_name_or_path == "EleutherAI/pythia-1b-deduped"
+    if name == "simpo":
+        assert (c.learning_rate, c.beta, c.gamma) == (2e-7, 2.0, 1.0)
+    if name == "dpo":
+        assert (c.learning_rate, c.beta) == (1e-6, 0.05)
