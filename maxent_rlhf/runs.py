@@ -400,3 +400,15 @@ def resolve_trackers(report_to: str) -> list:
                 return []
         return ["tensorboard"]
     return [report_to]
+
+
+def resolve_mixed_precision(mixed_precision: str) -> str:
+    """accelerate `mixed_precision` for RunConfig.mixed_precision: 'auto' takes what `accelerate launch`
+    set (ACCELERATE_MIXED_PRECISION), else bf16 on a GPU and 'no' on CPU; other values pass through.
+    (Same rule as train_offline.mixed_precision_for; added here for train_rloo.py.)"""
+    if mixed_precision != "auto":
+        return mixed_precision
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher:
+        return launcher
+    return "bf16" if torch.cuda.is_available() else "no"
