@@ -1,0 +1,495 @@
+"""Win rates of checkpoints against the dataset's reference summaries, judged pairwise.
+
+    python evaluate_judge.py --checkpoints runs/maxent_1b --dataset trl-lib/tldr --split test --n 500
+    accelerate launch evaluate_judge.py --config eval.yaml          # generation split over GPUs
+
+1. Generation: every checkpoint (a checkpoint directory, a run directory = all its checkpoints by step,
+   or a list of them; optionally an SFT baseline) decodes the prompts greedily (max_new_tokens 53,
+   batched, left-padded, truncated after EOS) into <out>/generations/<label>.jsonl; a rerun generates
+   only what is missing.
+2. Judging: each (policy, reference) pair goes to a judge from `maxent_rlhf.judges` (openai,
+   reward-model, or a registered one such as the toy lab's toy-gold). A/B order comes from a hash of
+   (seed, example id). Judgments are appended and flushed to a JSONL cache as they complete, keyed by
+   (judge, template version, post, both summaries, order): a rerun sends no request for a judged pair.
+   Before sending anything the number of requests and an estimate of tokens are printed; --max_requests
+   caps them and --dry_run stops there.
+3. Output: per checkpoint the win rate, its 95% Wilson score interval, n, invalid answers and the mean
+   token lengths of policy and reference summaries: a table, <out>/summary.json and <out>/win_rate.png.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from maxent_rlhf.config import ConfigError, RunConfig, cfg, parse_config, save_config
+from maxent_rlhf.judges import (
+    TEMPLATE_VERSION,
+    JudgeError,
+    JudgmentCache,
+    Pair,
+    Verdict,
+    cache_key,
+    get_judge,
+    post_from_prompt,
+)
+
+METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "win_rate"
+
+
+@dataclass
+class EvalConfig(RunConfig):
+    """Win rates of checkpoints against reference summaries, judged by an LLM or a reward model."""
+
+    output_dir: str = cfg("eval/default", "output directory: generations/, judgments.jsonl, summary.json, win_rate.png")
+    checkpoints: list[str] = cfg(
+        [], "checkpoints to evaluate (comma-separated): checkpoint dirs, model dirs / hub ids, or run dirs (all their checkpoints, by step)"
+    )
+    sft_model: Optional[str] = cfg(None, "SFT baseline model (hub id or dir): evaluated too and drawn as a horizontal line")
+    tokenizer: Optional[str] = cfg(None, "tokenizer (hub id or dir); default: each model's own")
+    dataset: str = cfg("trl-lib/tldr", "dataset: hub id, local json/jsonl/parquet file, or a directory with <split>.jsonl")
+    split: str = cfg("test", "dataset split")
+    n: int = cfg(500, "number of examples (the first n of the split; 0: all)")
+    prompt_column: str = cfg("prompt", "column with the policy prompt (`SUBREDDIT: ... TL;DR:`)")
+    reference_column: str = cfg("completion", "column with the reference summary the policy is compared with")
+    id_column: str = cfg("id", "column with a stable example id (falls back to the row index when absent)")
+    max_prompt_length: int = cfg(512, "prompts longer than this many tokens keep their last tokens")
+    max_new_tokens: int = cfg(53, "greedy decoding length limit (the TL;DR recipe's 53)")
+    batch_size: int = cfg(16, "generation batch size per process")
+    judge: str = cfg("openai", "judge: 'openai', 'reward-model', or a registered one (e.g. 'toy-gold')")
+    judge_model: str = cfg("gpt-4o-mini", "model name sent to the OpenAI-compatible server")
+    base_url: Optional[str] = cfg(None, "OpenAI-compatible server URL (e.g. http://localhost:8000/v1 for vLLM); key only from OPENAI_API_KEY")
+    concurrency: int = cfg(8, "judge requests in flight at most")
+    request_timeout: float = cfg(60.0, "seconds before one judge request times out (then it is retried)")
+    max_retries: int = cfg(6, "retries of a request on 429/5xx/timeouts/connection errors before stopping with an error")
+    backoff_base: float = cfg(1.0, "first retry delay in seconds (doubled per retry, with jitter), unless the server sends Retry-After")
+    backoff_max: float = cfg(60.0, "longest back-off delay in seconds")
+    parse_retries: int = cfg(2, "re-asks after an answer without `Preferred: A|B`; then the pair counts as invalid")
+    logprobs: bool = cfg(False, "also read P(A), P(B) from the answer token's top logprobs: a soft win rate")
+    reward_model: Optional[str] = cfg(None, "reward model (hub id or dir) for --judge reward-model")
+    judge_batch_size: int = cfg(16, "batch size of local judges (reward-model)")
+    cache_path: Optional[str] = cfg(None, "judgment cache (JSONL); default <output_dir>/judgments.jsonl")
+    max_requests: int = cfg(0, "send at most this many judge requests (pairs) in this run (0: no cap)")
+    dry_run: bool = cfg(False, "generate, then print the number of judge requests and the token estimate, and stop")
+    confidence_level: float = cfg(0.95, "coverage of the Wilson score interval of the win rate")
+    plot: bool = cfg(True, "write win_rate.png (win rate against training step)")
+
+
+@dataclass
+class Target:
+    label: str  # file name under generations/
+    path: str
+    step: Optional[int]
+    baseline: bool = False
+
+
+@dataclass
+class Example:
+    id: str
+    prompt: str
+    reference: str
+
+
+# --------------------------------------------------------------------------------------------------
+# what to evaluate
+# --------------------------------------------------------------------------------------------------
+def resolve_targets(config: EvalConfig) -> list[Target]:
+    from maxent_rlhf.runs import checkpoint_step, list_checkpoints
+
+    found: list[tuple[str, Optional[int]]] = []
+    for entry in config.checkpoints:
+        p = Path(entry)
+        ckpts = list_checkpoints(p) if p.is_dir() and not (p / "config.json").exists() else []
+        if ckpts:
+            found.extend((str(c), checkpoint_step(c)) for c in ckpts)
+        elif p.is_dir() and not (p / "config.json").exists():
+            raise ConfigError(f"checkpoints: {entry} has no model (config.json) and no complete checkpoints (step_*/)")
+        else:
+            try:
+                step = checkpoint_step(p)
+            except ValueError:
+                step = None
+            found.append((entry, step))
+    targets: list[Target] = []
+    used: set[str] = set()
+    for path, step in found:
+        p = Path(path)
+        label = _safe(p.name) or _safe(path)
+        if label in used:  # the same step of two runs: prefix the run name
+            run = p.parent.parent.name if p.parent.name == "checkpoints" else p.parent.name
+            label = _safe(f"{run}__{p.name}")
+        k, base = 2, label
+        while label in used:
+            label, k = f"{base}_{k}", k + 1
+        used.add(label)
+        targets.append(Target(label, path, step))
+    if config.sft_model:
+        targets.append(Target("sft_baseline", config.sft_model, None, baseline=True))
+    if not targets:
+        raise ConfigError("nothing to evaluate: give --checkpoints (and/or --sft_model)")
+    return targets
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._")
+
+
+def load_examples(config: EvalConfig) -> list[Example]:
+    from maxent_rlhf.data import as_text, load_any_dataset, require_columns
+
+    source = f"{config.dataset} [{config.split}]"
+    ds = load_any_dataset(config.dataset, config.split)
+    require_columns(ds, [config.prompt_column, config.reference_column], source)
+    if config.n and config.n < len(ds):
+        ds = ds.select(range(config.n))
+    has_id = config.id_column in ds.column_names
+    examples, seen = [], set()
+    for i, row in enumerate(ds):
+        ex_id = str(row[config.id_column]) if has_id else str(i)
+        if ex_id in seen:
+            raise ConfigError(f"{source}: row {i} repeats example id {ex_id!r} (column `{config.id_column}`)")
+        seen.add(ex_id)
+        prompt = as_text(row[config.prompt_column], source, i, config.prompt_column)
+        reference = as_text(row[config.reference_column], source, i, config.reference_column)
+        examples.append(Example(ex_id, prompt, reference.strip()))
+    return examples
+
+
+def policy_first(seed: int, example_id: str) -> bool:
+    """Whether the policy's summary is shown as A: a hash of (seed, example id), ~half each way."""
+    return hashlib.sha256(f"{seed}:{example_id}".encode()).digest()[0] % 2 == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# generation
+# --------------------------------------------------------------------------------------------------
+def _prompt_hash(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+def read_generations(path: Path, examples: list[Example], config: EvalConfig) -> dict[str, dict]:
+    """Existing generations by example id; a line torn by a kill is dropped (regenerated)."""
+    if not path.exists():
+        return {}
+    by_id = {e.id: e for e in examples}
+    out = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        ex = by_id.get(rec.get("id"))
+        if ex is None:
+            continue  # from a larger --n: harmless
+        if rec.get("prompt_sha") != _prompt_hash(ex.prompt) or rec.get("max_new_tokens") != config.max_new_tokens:
+            raise ConfigError(
+                f"{path}, line {lineno}: generation of example {ex.id!r} was made for another prompt or "
+                f"max_new_tokens ({rec.get('max_new_tokens')} vs {config.max_new_tokens}); use another "
+                "--output_dir or delete the file"
+            )
+        out[ex.id] = rec
+    return out
+
+
+def generate_missing(target: Target, examples: list[Example], config: EvalConfig, state, out_dir: Path) -> None:
+    """Greedy generations for the examples of `target` not yet in its file (split over processes)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from maxent_rlhf.generation import generate, left_pad, truncate_after_eos
+    from maxent_rlhf.models import load_policy, load_tokenizer, resolve_dtype
+
+    path = out_dir / "generations" / f"{target.label}.jsonl"
+    existing = read_generations(path, examples, config)
+    missing = [e for e in examples if e.id not in existing]
+    if not missing:
+        if state.is_main_process:
+            print(f"[evaluate_judge] {path} complete ({len(existing)} generations): skipping generation")
+        return
+    mine = missing[state.process_index :: state.num_processes]
+    device = state.device
+    tok = load_tokenizer(config.tokenizer or target.path, padding_side="left", trust_remote_code=config.trust_remote_code)
+    model = load_policy(
+        target.path, dtype=resolve_dtype(config.mixed_precision, device), trust_remote_code=config.trust_remote_code
+    ).to(device).eval()
+    records = []
+    sink = open(path, "a", encoding="utf-8") if state.num_processes == 1 else None
+    bar = tqdm(total=len(missing), desc=f"generate {target.label}", disable=not state.is_main_process)
+    try:
+        for s in range(0, len(mine), config.batch_size):
+            batch = mine[s : s + config.batch_size]
+            queries = [tok(e.prompt, add_special_tokens=False).input_ids[-config.max_prompt_length :] for e in batch]
+            ids, mask = left_pad(queries, tok.pad_token_id)
+            resp = generate(
+                model, ids.to(device), mask.to(device), config.max_new_tokens,
+                tok.eos_token_id, tok.pad_token_id, do_sample=False,
+            )
+            resp, rmask, _ = truncate_after_eos(resp, tok.eos_token_id, tok.pad_token_id)
+            resp, rmask = resp.cpu(), rmask.cpu()
+            for e, row, m in zip(batch, resp, rmask):
+                tokens = row[m.bool()].tolist()
+                if tokens and tokens[-1] == tok.eos_token_id:
+                    tokens = tokens[:-1]
+                rec = {
+                    "id": e.id,
+                    "generation": tok.decode(tokens, skip_special_tokens=True).strip(),
+                    "n_tokens": len(tokens),
+                    "reference_tokens": len(tok(" " + e.reference, add_special_tokens=False).input_ids),
+                    "prompt_sha": _prompt_hash(e.prompt),
+                    "max_new_tokens": config.max_new_tokens,
+                    "model": target.path,
+                }
+                if sink is not None:
+                    sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                else:
+                    records.append(rec)
+            if sink is not None:
+                sink.flush()
+            bar.update(len(batch) * state.num_processes)
+    finally:
+        bar.close()
+        if sink is not None:
+            sink.close()
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object(records)
+        if state.is_main_process:
+            with open(path, "a", encoding="utf-8") as f:
+                for rec in gathered:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        state.wait_for_everyone()
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------
+# judging and statistics
+# --------------------------------------------------------------------------------------------------
+def _outcome(verdict: Verdict, pol_first: bool) -> tuple[str, Optional[float]]:
+    """('policy' | 'reference' | 'tie' | 'invalid', P(policy preferred) or None)."""
+    p_pol = None
+    if verdict.p_a is not None:
+        p_pol = verdict.p_a if pol_first else 1.0 - verdict.p_a
+    if verdict.preferred in ("tie", "invalid"):
+        return verdict.preferred, p_pol
+    policy_won = (verdict.preferred == "A") == pol_first
+    return ("policy" if policy_won else "reference"), p_pol
+
+
+def _fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(rows: list[dict], confidence_level: float) -> None:
+    pct = int(round(confidence_level * 100))
+    soft = any(r.get("soft_win_rate") is not None for r in rows)
+    scored = any(r.get("mean_policy_score") is not None for r in rows)
+    head = ["checkpoint", "step", "win rate", f"{pct}% CI (Wilson)", "n", "invalid", "len policy", "len ref"]
+    head += ["soft win"] * soft + ["score pol/ref"] * scored
+    lines = []
+    for r in rows:
+        ci = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+        line = [r["label"], "-" if r["step"] is None else str(r["step"]), _fmt(r["win_rate"]), ci, str(r["n"]),
+                str(r["invalid"]), _fmt(r["mean_policy_tokens"], ".1f"), _fmt(r["mean_reference_tokens"], ".1f")]
+        if soft:
+            line.append(_fmt(r.get("soft_win_rate")))
+        if scored:
+            line.append(f"{_fmt(r.get('mean_policy_score'))}/{_fmt(r.get('mean_reference_score'))}")
+        lines.append(line)
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print("  ".join("-" * w for w in widths))
+    for l in lines:
+        print("  ".join(c.ljust(w) for c, w in zip(l, widths)))
+
+
+def plot_win_rates(rows: list[dict], path: Path, judge_desc: str, confidence_level: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = [r for r in rows if not r["baseline"] and r["win_rate"] is not None]
+    base = [r for r in rows if r["baseline"] and r["win_rate"] is not None]
+    with_steps = all(r["step"] is not None for r in curve)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if curve:
+        xs = [r["step"] if with_steps else i for i, r in enumerate(curve)]
+        ys = [r["win_rate"] for r in curve]
+        err = [[y - r["ci_low"] for y, r in zip(ys, curve)], [r["ci_high"] - y for y, r in zip(ys, curve)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label="policy")
+        if not with_steps:
+            ax.set_xticks(xs, [r["label"] for r in curve], rotation=30, ha="right")
+    for r in base:
+        ax.axhline(r["win_rate"], color="gray", linestyle="--", label=f"SFT baseline ({r['win_rate']:.2f})")
+        ax.axhspan(r["ci_low"], r["ci_high"], color="gray", alpha=0.15)
+    ax.set_xlabel("training step" if with_steps else "checkpoint")
+    ax.set_ylabel("win rate vs reference")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"win rate ({judge_desc}); bars: {int(round(confidence_level * 100))}% Wilson CI", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _judge_kwargs(config: EvalConfig) -> dict:
+    return dict(
+        judge_model=config.judge_model, base_url=config.base_url, concurrency=config.concurrency,
+        request_timeout=config.request_timeout, max_retries=config.max_retries, backoff_base=config.backoff_base,
+        backoff_max=config.backoff_max, parse_retries=config.parse_retries, logprobs=config.logprobs,
+        reward_model=config.reward_model, tokenizer=config.tokenizer, judge_batch_size=config.judge_batch_size,
+        max_prompt_length=config.max_prompt_length, mixed_precision=config.mixed_precision,
+        trust_remote_code=config.trust_remote_code, seed=config.seed,
+    )
+
+
+def main(config: EvalConfig) -> dict:
+    """Generate, judge and summarise. Returns the summary dict (an empty dict on non-main processes)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    out_dir = Path(config.output_dir)
+    if state.is_main_process:
+        (out_dir / "generations").mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "eval_config.yaml")
+    state.wait_for_everyone()
+
+    targets = resolve_targets(config)
+    examples = load_examples(config)
+    if not examples:
+        raise ConfigError(f"{config.dataset} [{config.split}] has no examples")
+    for target in targets:
+        generate_missing(target, examples, config, state, out_dir)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}  # judging and statistics run on the main process only
+
+    # ---- pairs, cache look-up, pre-flight --------------------------------------------------------
+    judge = get_judge(config.judge, **_judge_kwargs(config))
+    cache = JudgmentCache(config.cache_path or out_dir / "judgments.jsonl") if judge.cacheable else None
+    gens = {t.label: read_generations(out_dir / "generations" / f"{t.label}.jsonl", examples, config) for t in targets}
+    plan = []  # (target, example, pol_first, key)
+    todo: dict[str, Pair] = {}
+    todo_meta: dict[str, dict] = {}
+    for ex in examples:  # example-major: a --max_requests cap leaves every checkpoint the same examples
+        post = post_from_prompt(ex.prompt)
+        first = policy_first(config.seed, ex.id)
+        order = "policy_A" if first else "policy_B"
+        for t in targets:
+            g = gens[t.label].get(ex.id)
+            if g is None:
+                raise RuntimeError(f"generation of example {ex.id!r} missing for {t.label} after generation")
+            a, b = (g["generation"], ex.reference) if first else (ex.reference, g["generation"])
+            key = cache_key(judge.cache_id, TEMPLATE_VERSION, post, a, b, order)
+            plan.append((t, ex, first, key))
+            if (cache is None or key not in cache) and key not in todo:
+                todo[key] = Pair(ex.id, ex.prompt, post, a, b)
+                todo_meta[key] = {"example_id": ex.id, "order": order, "summary_a": a, "summary_b": b}
+    n_pairs = len(plan)
+    n_cached = sum(1 for _, _, _, k in plan if cache is not None and k in cache)
+    keys = list(todo)
+    capped = bool(config.max_requests) and len(keys) > config.max_requests
+    send = keys[: config.max_requests] if capped else keys
+    tokens = judge.estimate_tokens([todo[k] for k in send])
+    print(
+        f"[evaluate_judge] judge {judge.describe()}: {n_pairs} pairs ({len(targets)} models x {len(examples)} "
+        f"examples), {n_cached} cached, {len(keys)} to judge"
+        + (f", capped at --max_requests {config.max_requests}" if capped else "")
+        + f": {len(send)} requests" + (f", ~{tokens:,} tokens (estimate; retries extra)" if tokens else "")
+    )
+    if config.dry_run:
+        return {"dry_run": True, "pairs": n_pairs, "cached": n_cached, "requests": len(send), "estimated_tokens": tokens}
+
+    # ---- judge --------------------------------------------------------------------------------------
+    fresh: dict[str, Verdict] = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(send), desc="judge")
+
+    def on_result(i: int, verdict: Verdict) -> None:
+        key = send[i]
+        fresh[key] = verdict
+        if cache is not None:
+            cache.put(key, verdict, judge=judge.cache_id, template_version=TEMPLATE_VERSION, **todo_meta[key])
+        bar.update(1)
+
+    try:
+        judge.judge_many([todo[k] for k in send], on_result)
+    except JudgeError as e:
+        where = f"; the {len(fresh)} judgments made in this run are saved in {cache.path}, a rerun continues" if cache else ""
+        raise type(e)(f"{e}{where}") from None
+    finally:
+        bar.close()
+        if cache is not None:
+            cache.close()
+
+    # ---- statistics -----------------------------------------------------------------------------
+    import evaluate
+
+    metric = evaluate.load(str(METRIC_PATH))
+    rows = []
+    for t in targets:
+        preds, probs, scores_p, scores_r, unjudged = [], [], [], [], 0
+        for tt, ex, first, key in plan:
+            if tt is not t:
+                continue
+            v = fresh.get(key) or (cache.get(key) if cache is not None else None)
+            if v is None:
+                unjudged += 1
+                continue
+            outcome, p_pol = _outcome(v, first)
+            preds.append(outcome)
+            probs.append(p_pol)
+            if v.scores is not None:
+                scores_p.append(v.scores[0] if first else v.scores[1])
+                scores_r.append(v.scores[1] if first else v.scores[0])
+        stats = metric.compute(
+            predictions=preds, confidence_level=config.confidence_level,
+            probabilities=probs if any(p is not None for p in probs) else None,
+        )
+        g = gens[t.label]
+        rows.append({
+            "label": t.label, "path": t.path, "step": t.step, "baseline": t.baseline, **stats,
+            "unjudged": unjudged,
+            "mean_policy_tokens": sum(g[e.id]["n_tokens"] for e in examples) / len(examples),
+            "mean_reference_tokens": sum(g[e.id]["reference_tokens"] for e in examples) / len(examples),
+            "mean_policy_score": sum(scores_p) / len(scores_p) if scores_p else None,
+            "mean_reference_score": sum(scores_r) / len(scores_r) if scores_r else None,
+        })
+    summary = {
+        "judge": config.judge,
+        "judge_id": judge.cache_id,
+        "template_version": TEMPLATE_VERSION,
+        "ci_method": "wilson",
+        "confidence_level": config.confidence_level,
+        "dataset": config.dataset,
+        "split": config.split,
+        "n_examples": len(examples),
+        "seed": config.seed,
+        "requests_sent": getattr(judge, "requests_sent", len(send)),
+        "judged_now": len(fresh),
+        "cached": n_cached,
+        "incomplete": any(r["unjudged"] for r in rows),
+        "checkpoints": [r for r in rows if not r["baseline"]],
+        "baseline": next((r for r in rows if r["baseline"]), None),
+    }
+    print_table(rows, config.confidence_level)
+    if summary["incomplete"]:
+        print("[evaluate_judge] WARNING: some pairs are not judged yet (--max_requests); rerun to complete")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if config.plot:
+        plot_win_rates(rows, out_dir / "win_rate.png", judge.describe(), config.confidence_level)
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_config(EvalConfig))
+    except (JudgeError, ConfigError) as err:
+        sys.exit(f"evaluate_judge.py: error: {err}")

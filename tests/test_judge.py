@@ -1,0 +1,425 @@
+"""evaluate_judge.py + maxent_rlhf/judges.py end to end through the real `openai` client against the
+local fake server (tests/fake_openai_server.py): exact win rates, A/B mapping, invalid answers, faults
+and retries, the crash-safe cache (rerun, kill + restart), the API key never written anywhere."""
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (str(ROOT), str(ROOT / "tests")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import evaluate_judge as ej  # noqa: E402
+from fake_openai_server import FakeJudgeServer  # noqa: E402
+from maxent_rlhf import judges  # noqa: E402
+from maxent_rlhf.judges import JudgeUnavailableError, OpenAIJudge, Pair, parse_preference  # noqa: E402
+SECRET = "sk-test-SECRET-9f8e7d6c5b4a"
+MARKER = "good"
+WORDS = "my cat sat on the mat today and it was very happy but the dog ran far away from home".split()
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+
+
+@pytest.fixture
+def server():
+    with FakeJudgeServer(marker=MARKER, api_key=SECRET) as s:
+        yield s
+
+
+def make_dataset(tmp_path: Path, n: int, garbled=()) -> Path:
+    path = tmp_path / "data" / "test.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i in range(n):
+            post = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(12)) + (" garble" if i in garbled else "")
+            prompt = f"SUBREDDIT: r/cats\n\nTITLE: t{i}\n\nPOST: {post}\n\nTL;DR:"
+            f.write(json.dumps({"id": f"ex{i}", "prompt": prompt, "completion": f" reference summary {i}"}) + "\n")
+    return path
+
+
+def fake_run(tmp_path: Path, steps) -> Path:
+    """A run directory with complete-looking checkpoints (no weights: generations are pre-written)."""
+    run = tmp_path / "run"
+    for s in steps:
+        d = run / "checkpoints" / f"step_{s:08d}"
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text(json.dumps({"step": s}))
+    return run
+
+
+def write_generations(out: Path, label: str, data: Path, texts: dict, max_new_tokens=53):
+    """Crafted generations: example index -> summary text; n_tokens = words, reference_tokens = 3."""
+    rows = [json.loads(l) for l in data.read_text().splitlines()]
+    path = out / "generations" / f"{label}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i, row in enumerate(rows):
+            text = texts[i]
+            f.write(json.dumps({"id": row["id"], "generation": text, "n_tokens": len(text.split()),
+                                "reference_tokens": 3, "prompt_sha": ej._prompt_hash(row["prompt"]),
+                                "max_new_tokens": max_new_tokens}) + "\n")
+
+
+def with_marker(n, winners, tag="", neutral=False):
+    """Policy summaries that beat the (neutral) reference on the examples in `winners` (marker word) and
+    lose on the others (anti-marker word; `neutral`: neither word, so the server's position bias decides)."""
+    lose = f"the dog ran far {tag}".strip() if neutral else f"the dog ran bad {tag}".strip()
+    return {i: (f"the cat sat {MARKER} {tag}".strip() if i in winners else lose) for i in range(n)}
+
+
+def config(tmp_path, server, data, checkpoints, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), checkpoints=[str(c) for c in checkpoints], dataset=str(data),
+                split="test", n=0, judge="openai", judge_model="fake-judge", base_url=server.base_url if server else None,
+                concurrency=4, request_timeout=2.0, max_retries=3, backoff_base=0.01, backoff_max=0.05,
+                plot=False)
+    base.update(kw)
+    return ej.EvalConfig(**base)
+
+
+def assert_no_secret(tmp_path, *texts):
+    for p in Path(tmp_path).rglob("*"):
+        if p.is_file():
+            assert SECRET.encode() not in p.read_bytes(), f"API key written to {p}"
+    for t in texts:
+        assert SECRET not in t
+
+
+# --------------------------------------------------------------------------------------------------
+# units
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,expected", [
+    ("Comparison: A is tighter.\nPreferred: A", "A"),
+    ('Comparison: x\nPreferred: "B"', "B"),
+    ("comparison: x\npreferred: b", "B"),
+    ("**Comparison:** x\n**Preferred:** A", "A"),
+    ("Preferred: Summary B", "B"),
+    ("Comparison: Summary A is better than B.\nPreferred: B", "B"),
+    (" 'A' ", "A"),
+    ("Preferred: Both", None),
+    ("I cannot decide.", None),
+    ("", None),
+])
+def test_parse_preference(text, expected):
+    assert parse_preference(text) == expected
+
+
+def test_soft_preference_from_logprobs():
+    content = [{"token": "Comparison: x\n"}, {"token": "Preferred"}, {"token": ":"},
+               {"token": " B", "top_logprobs": [{"token": " B", "logprob": -0.5}, {"token": " A", "logprob": -1.5},
+                                                {"token": "B", "logprob": -3.0}]}]
+    pa, pb = 0.22313016014842982, 0.6065306597126334 + 0.049787068367863944
+    assert judges.soft_preference_from_logprobs(content) == pytest.approx(pa / (pa + pb))
+    assert judges.soft_preference_from_logprobs([{"token": "A", "top_logprobs": []}]) is None
+
+
+def test_win_rate_metric_loads_offline_by_path(monkeypatch):
+    import evaluate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    m = evaluate.load(str(ej.METRIC_PATH))
+    r = m.compute(predictions=["policy"] * 8 + ["reference"] * 2 + ["invalid"] * 3)
+    assert (r["n"], r["wins"], r["losses"], r["invalid"], r["ci_method"]) == (10, 8, 2, 3, "wilson")
+    assert r["win_rate"] == 0.8
+    assert r["ci_low"] == pytest.approx(0.4902, abs=1e-4) and r["ci_high"] == pytest.approx(0.9433, abs=1e-4)
+    t = m.compute(predictions=["policy", "tie", "reference", "reference"], probabilities=[0.9, 0.5, None, 0.1])
+    assert t["win_rate"] == 0.375 and t["soft_win_rate"] == pytest.approx(0.5)
+    assert m.compute(predictions=["invalid"])["win_rate"] is None
+
+
+def test_registry_and_kwarg_filtering():
+    @judges.register_judge("test-constant")
+    class Constant(judges.Judge):
+        def __init__(self, answer="A"):
+            self.answer = answer
+
+        def judge_pair(self, pair):
+            return judges.Verdict(self.answer)
+
+    j = judges.get_judge("test-constant", answer="B", judge_model="ignored", concurrency=3)
+    got = []
+    j.judge_many([Pair("1", "p", "p", "a", "b")], lambda i, v: got.append((i, v.preferred)))
+    assert got == [(0, "B")] and j.name == "test-constant"
+    with pytest.raises(ValueError, match="unknown judge 'nope'.*openai.*reward-model"):
+        judges.get_judge("nope")
+    with pytest.raises(ValueError, match="preferred"):
+        judges.Verdict("coin-flip")
+
+
+def test_cache_skips_torn_line_and_appends_cleanly(tmp_path):
+    path = tmp_path / "c.jsonl"
+    c = judges.JudgmentCache(path)
+    c.put("k1", judges.Verdict("A"))
+    c.close()
+    with open(path, "a") as f:
+        f.write('{"key": "k2", "verdi')  # killed mid-write
+    c = judges.JudgmentCache(path)
+    assert "k1" in c and "k2" not in c and c.torn_lines == 1
+    c.put("k2", judges.Verdict("B", p_a=0.1))
+    c.close()
+    c = judges.JudgmentCache(path)
+    assert c.get("k2").preferred == "B" and c.get("k1").preferred == "A" and c.torn_lines == 1
+
+
+def test_backoff_honours_retry_after_and_retries_5xx_and_timeouts():
+    with FakeJudgeServer(marker=MARKER, api_key=SECRET, faults=["429", "500", "slow", "503"],
+                         retry_after="7", slow_seconds=1.5) as s:
+        j = OpenAIJudge(judge_model="m", base_url=s.base_url, request_timeout=0.4, max_retries=5,
+                        backoff_base=1.0, backoff_max=60.0)
+        slept = []
+
+        async def record(d):
+            slept.append(d)
+
+        j._sleep = record
+        out = []
+        j.judge_many([Pair("1", "p", "post", f"x {MARKER}", "y")], lambda i, v: out.append(v))
+    assert out[0].preferred == "A"
+    assert slept[0] == 7.0  # Retry-After honoured exactly
+    # exponential in the retry number (base 1 s, doubled), jittered into [d/2, d]
+    assert 1.0 <= slept[1] <= 2.0 and 2.0 <= slept[2] <= 4.0 and 4.0 <= slept[3] <= 8.0
+    assert len(slept) == 4 and j.requests_sent == 5
+    assert s.statuses[429] == 1 and s.statuses[500] == 1 and s.statuses[503] == 1
+
+
+def test_non_retryable_error_is_reported_not_retried():
+    with FakeJudgeServer(marker=MARKER, api_key="another-key") as s:
+        j = OpenAIJudge(judge_model="m", base_url=s.base_url, max_retries=5, backoff_base=0.01)
+        with pytest.raises(judges.JudgeError, match="HTTP 401") as e:
+            j.judge_many([Pair("1", "p", "post", "a", "b")], lambda i, v: None)
+        assert s.requests == 1 and SECRET not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end
+# --------------------------------------------------------------------------------------------------
+def test_exact_win_rates_with_faults_then_rerun_sends_nothing(tmp_path, server, capsys, caplog):
+    for name in ("openai", "httpx", "httpx2", "httpcore", "maxent_rlhf", "evaluate_judge"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    n = 8
+    data = make_dataset(tmp_path, n)
+    run = fake_run(tmp_path, [20, 10])
+    out = tmp_path / "out"
+    write_generations(out, "step_00000010", data, with_marker(n, {0, 1, 2}, "ten"))
+    write_generations(out, "step_00000020", data, with_marker(n, {0, 1, 2, 3, 4, 5}, "twenty"))
+    write_generations(out, "sft_baseline", data, with_marker(n, {7}, "sft"))
+    server.faults = ["429", "500", "slow", "garbled", None, "503"]
+    server.slow_seconds = 1.5
+    cfg = config(tmp_path, server, data, [run], sft_model="not-loaded", request_timeout=0.5, plot=True)
+    summary = ej.main(cfg)
+
+    rows = summary["checkpoints"]
+    assert [r["step"] for r in rows] == [10, 20]
+    assert [r["win_rate"] for r in rows] == [3 / 8, 6 / 8]
+    assert summary["baseline"]["win_rate"] == 1 / 8
+    assert all(r["n"] == 8 and r["invalid"] == 0 for r in rows + [summary["baseline"]])
+    assert rows[0]["mean_policy_tokens"] == 5 and rows[0]["mean_reference_tokens"] == 3
+    lo, hi = judges_wilson(3, 8)
+    assert (rows[0]["ci_low"], rows[0]["ci_high"]) == pytest.approx((lo, hi)) and summary["ci_method"] == "wilson"
+    # every pair judged exactly once despite 429/500/503/timeout/garbled faults
+    assert len(server.judged) == 24 and set(server.judged.values()) == {1}
+    assert server.statuses[429] == 1 and server.statuses[500] == 1 and server.auth_failures == 0
+    assert json.loads((out / "summary.json").read_text())["checkpoints"][1]["win_rate"] == 0.75
+    assert (out / "win_rate.png").stat().st_size > 1000
+    first = capsys.readouterr()
+    assert "24 to judge: 24 requests" in first.out and "95% CI (Wilson)" in first.out
+
+    before = server.requests
+    again = ej.main(cfg)
+    assert server.requests == before, "a rerun must send no request"
+    assert [r["win_rate"] for r in again["checkpoints"]] == [3 / 8, 6 / 8] and again["cached"] == 24
+    second = capsys.readouterr()
+    assert "0 to judge" in second.out
+    assert_no_secret(tmp_path, first.out, first.err, second.out, second.err, caplog.text)
+
+
+def judges_wilson(k, n):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wr", ej.METRIC_PATH / "win_rate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.wilson_interval(k, n)
+
+
+def test_order_randomisation_maps_back(tmp_path, server):
+    """Neither summary has the marker: the server always answers A. The policy must then win exactly on
+    the examples where the seeded hash put it in position A."""
+    n = 16
+    data = make_dataset(tmp_path, n)
+    run = fake_run(tmp_path, [5])
+    write_generations(tmp_path / "out", "step_00000005", data, with_marker(n, set(), neutral=True))
+    for seed in (1, 2):
+        first = [ej.policy_first(seed, f"ex{i}") for i in range(n)]
+        assert 0 < sum(first) < n  # both positions used
+        s = ej.main(config(tmp_path, server, data, [run], seed=seed, output_dir=str(tmp_path / "out"),
+                           cache_path=str(tmp_path / f"cache{seed}.jsonl")))
+        assert s["checkpoints"][0]["wins"] == sum(first) and s["checkpoints"][0]["losses"] == n - sum(first)
+        recs = [json.loads(l) for l in open(tmp_path / f"cache{seed}.jsonl")]
+        assert {r["example_id"]: r["order"] == "policy_A" for r in recs} == {f"ex{i}": first[i] for i in range(n)}
+    # and with the marker: the position does not matter any more
+    write_generations(tmp_path / "out", "step_00000005", data, with_marker(n, set(range(n))))
+    s = ej.main(config(tmp_path, server, data, [run]))
+    assert s["checkpoints"][0]["win_rate"] == 1.0
+
+
+def test_invalid_answers_are_counted_not_coin_flips(tmp_path, server):
+    n = 8
+    data = make_dataset(tmp_path, n, garbled={1, 4, 6})
+    run = fake_run(tmp_path, [1])
+    write_generations(tmp_path / "out", "step_00000001", data, with_marker(n, {0, 1, 2, 3}))
+    s = ej.main(config(tmp_path, server, data, [run], parse_retries=2))
+    r = s["checkpoints"][0]
+    assert (r["invalid"], r["n"], r["wins"], r["losses"]) == (3, 5, 3, 2)  # 1 (a win) is invalid, not a win
+    assert r["win_rate"] == 3 / 5
+    assert server.requests == 5 + 3 * 3  # each invalid pair asked 1 + parse_retries times
+    recs = [json.loads(l) for l in open(tmp_path / "out" / "judgments.jsonl")]
+    bad = [x for x in recs if x["verdict"]["preferred"] == "invalid"]
+    assert len(bad) == 3 and all(x["verdict"]["attempts"] == 3 for x in bad)
+
+
+def test_logprobs_soft_win_rate(tmp_path):
+    n = 6
+    data = make_dataset(tmp_path, n)
+    run = fake_run(tmp_path, [1])
+    write_generations(tmp_path / "out", "step_00000001", data, with_marker(n, {0, 1}))
+    with FakeJudgeServer(marker=MARKER, api_key=SECRET, p_preferred=0.9) as s:
+        out = ej.main(config(tmp_path, s, data, [run], logprobs=True))
+    r = out["checkpoints"][0]
+    assert r["win_rate"] == 2 / 6
+    assert r["soft_win_rate"] == pytest.approx((2 * 0.9 + 4 * 0.1) / 6) and out["judge_id"].endswith("+logprobs")
+
+
+def test_dry_run_and_max_requests(tmp_path, server, capsys):
+    n = 8
+    data = make_dataset(tmp_path, n)
+    run = fake_run(tmp_path, [1, 2])
+    for label in ("step_00000001", "step_00000002"):
+        write_generations(tmp_path / "out", label, data, with_marker(n, {0, 1}))
+    # step 1 and step 2 generated the same summaries: the same pair is judged once for both
+    dry = ej.main(config(tmp_path, server, data, [run], dry_run=True))
+    assert dry == {"dry_run": True, "pairs": 16, "cached": 0, "requests": 8, "estimated_tokens": dry["estimated_tokens"]}
+    assert dry["estimated_tokens"] > 8 * 60 and server.requests == 0
+    capped = ej.main(config(tmp_path, server, data, [run], max_requests=3))
+    assert server.requests == 3 and capped["incomplete"] and capped["checkpoints"][0]["n"] == 3
+    assert "capped at --max_requests 3" in capsys.readouterr().out
+    full = ej.main(config(tmp_path, server, data, [run]))
+    assert server.requests == 8 and set(server.judged.values()) == {1} and not full["incomplete"]
+    assert [r["win_rate"] for r in full["checkpoints"]] == [2 / 8, 2 / 8]
+
+
+def test_server_down_stops_with_clear_error_keeping_judgments(tmp_path, server):
+    n = 8
+    data = make_dataset(tmp_path, n)
+    run = fake_run(tmp_path, [1])
+    write_generations(tmp_path / "out", "step_00000001", data, with_marker(n, {0}))
+    server.faults = lambda i, body: "503" if i >= 3 else None
+    with pytest.raises(JudgeUnavailableError, match=r"kept failing.*HTTP 503.*3 judgments .*saved") as e:
+        ej.main(config(tmp_path, server, data, [run], concurrency=1, max_retries=2))
+    assert SECRET not in str(e.value)
+    assert len((tmp_path / "out" / "judgments.jsonl").read_text().splitlines()) == 3
+    server.faults = None  # the server is back: the rerun judges only the other 5
+    s = ej.main(config(tmp_path, server, data, [run]))
+    assert s["checkpoints"][0]["n"] == 8 and set(server.judged.values()) == {1} and len(server.judged) == 8
+    # nothing listening at all: connection errors, retried, then the same clear error
+    with pytest.raises(JudgeUnavailableError, match="connection error"):
+        ej.main(config(tmp_path, None, data, [run], base_url="http://127.0.0.1:9/v1", max_retries=1,
+                       cache_path=str(tmp_path / "other.jsonl")))
+
+
+def test_killed_midway_then_restarted_judges_each_pair_once(tmp_path, server):
+    n = 10
+    data = make_dataset(tmp_path, n)
+    run = fake_run(tmp_path, [1])
+    out = tmp_path / "out"
+    write_generations(out, "step_00000001", data, with_marker(n, {0, 3, 5}))
+    server.hold_after = 4  # the 5th request hangs: the process is killed with it in flight
+    args = ["--output_dir", str(out), "--checkpoints", str(run), "--dataset", str(data), "--n", "0",
+            "--judge_model", "fake-judge", "--base-url", server.base_url, "--concurrency", "1", "--plot", "false"]
+    code = "import sys, evaluate_judge as ej; ej.main(ej.parse_config(ej.EvalConfig, sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_API_KEY": SECRET}
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while server.held == 0 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert server.held == 1, proc.communicate(timeout=5) if proc.poll() is not None else "no request held"
+        proc.kill()
+        stdout, stderr = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = (out / "judgments.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and sum(server.judged.values()) == 4  # everything answered was saved
+    server.hold_after = None
+    server.release.set()
+    s = ej.main(config(tmp_path, server, data, [run]))
+    assert len(server.judged) == n and set(server.judged.values()) == {1}  # each pair exactly once in total
+    assert s["checkpoints"][0]["win_rate"] == 3 / n
+    assert_no_secret(tmp_path, stdout.decode(), stderr.decode())
+
+
+# --------------------------------------------------------------------------------------------------
+# generation (tiny local model) + reward-model judge
+# --------------------------------------------------------------------------------------------------
+def _argmax_decode(model, tok, prompt, steps):
+    import torch
+
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids + out])).logits[0, -1]
+            nxt = int(logits.argmax())
+            if nxt == tok.eos_token_id:
+                break
+            out.append(nxt)
+    return tok.decode(out, skip_special_tokens=True).strip()
+
+
+def test_greedy_generation_is_deterministic_and_reward_model_judge(tmp_path, tiny_policy_dir, tiny_reward_dir,
+                                                                   monkeypatch):
+    from maxent_rlhf.models import load_policy, load_tokenizer
+
+    n = 4
+    data = make_dataset(tmp_path, n)
+    run = tmp_path / "tinyrun"
+    for s in (3, 1):
+        d = run / "checkpoints" / f"step_{s:08d}"
+        shutil.copytree(tiny_policy_dir, d)
+        (d / "trainer_state.json").write_text(json.dumps({"step": s}))
+    common = dict(dataset=str(data), n=0, judge="reward-model", reward_model=tiny_reward_dir, max_new_tokens=10,
+                  plot=False)
+    # a run directory (all checkpoints, by step), batch size 1 / one checkpoint directory, batch size 3
+    a = ej.main(ej.EvalConfig(output_dir=str(tmp_path / "a"), checkpoints=[str(run)], batch_size=1, **common))
+    b = ej.main(ej.EvalConfig(output_dir=str(tmp_path / "b"), checkpoints=[str(run / "checkpoints" / "step_00000001")],
+                              batch_size=3, **common))
+    gens = lambda d, label: [json.loads(l)["generation"] for l in open(tmp_path / d / "generations" / f"{label}.jsonl")]
+    assert [r["step"] for r in a["checkpoints"]] == [1, 3]
+    assert gens("a", "step_00000001") == gens("b", "step_00000001") == gens("a", "step_00000003")
+    # greedy: equals a step-by-step argmax decode without padding or KV cache
+    tok, model = load_tokenizer(tiny_policy_dir), load_policy(tiny_policy_dir).eval()
+    rows = [json.loads(l) for l in data.read_text().splitlines()]
+    assert gens("a", "step_00000001") == [_argmax_decode(model, tok, r["prompt"], 10) for r in rows]
+    recs = [json.loads(l) for l in open(tmp_path / "a" / "generations" / "step_00000001.jsonl")]
+    assert all(r["n_tokens"] <= 10 and r["reference_tokens"] == 3 for r in recs)
+    # reward-model judge: scores recorded, outcome = higher score
+    r = a["checkpoints"][0]
+    assert r["n"] == n and r["mean_policy_score"] is not None and a["judge"] == "reward-model"
+    assert r["win_rate"] == b["checkpoints"][0]["win_rate"]
+    # a rerun skips existing generations without loading any model
+    monkeypatch.setattr("maxent_rlhf.models.load_policy", lambda *a, **k: pytest.fail("model loaded again"))
+    again = ej.main(ej.EvalConfig(output_dir=str(tmp_path / "a"), checkpoints=[str(run)], **common))
+    assert again["checkpoints"][0]["win_rate"] == r["win_rate"]
