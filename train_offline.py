@@ -14,8 +14,9 @@ Data flow of one optimizer step: the global batch (a slice of a seeded per-epoch
 dataset) is split over processes, then into micro-batches. A micro-batch holds K responses per prompt
 (K = 2: chosen and rejected) concatenated along the batch axis, so all of them go through the model in
 ONE forward: prompts left-padded, responses right-padded, only response positions' logits computed.
-Per-example losses are averaged over the micro-batch; accelerate divides by the accumulation steps
-and DDP averages over processes, so the gradient is the global-batch mean. Metrics are summed over
+Per-example losses are averaged over the micro-batch and divided by the number of accumulation steps,
+and DDP averages over processes, so the gradient is the global-batch mean (`distributed.micro_step` syncs
+gradients on the last micro-batch only, and drives DeepSpeed's engine the same way). Metrics are summed over
 micro-batches and processes and divided by the global batch size.
 
 Outputs (run directory = output_dir): config.yaml, metrics.jsonl, checkpoints/step_XXXXXXXX (HF
@@ -34,9 +35,10 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import parse_flag_from_env
 from tqdm.auto import tqdm
 
-from maxent_rlhf import data, generation, models, objectives, runs
+from maxent_rlhf import data, distributed, generation, models, objectives, runs
 from maxent_rlhf.config import ConfigError, RunConfig, cfg, config_to_dict, derive_batch_sizes, parse_config
 
 LOSSES = ("sft", "reward", "dpo", "simpo", "ipo", "cpo", "orpo", "slic", "chipo", "simpo_pl")
@@ -303,15 +305,13 @@ def mixed_precision_for(c: OfflineConfig) -> str:
 
 def main(c: OfflineConfig) -> str:
     validate(c)
-    num_processes = PartialState().num_processes
+    # cpu= as Accelerator reads it: a bare PartialState() ignores ACCELERATE_USE_CPU, and several CPU
+    # processes would then each see num_processes 1 (configs/accelerate/cpu.yaml)
+    num_processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes
     per_process, grad_accum = derive_batch_sizes(c.global_batch_size, num_processes, c.micro_batch_size)
     trackers = runs.resolve_trackers(c.report_to)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=grad_accum,
-        mixed_precision=mixed_precision_for(c),
-        log_with=trackers or None,
-        project_dir=c.output_dir,
-    )
+    accelerator = Accelerator(mixed_precision=mixed_precision_for(c), log_with=trackers or None, project_dir=c.output_dir)
+    distributed.configure_deepspeed(accelerator, c.micro_batch_size, c.max_grad_norm)  # no-op without DeepSpeed
     run_dir = runs.RunDir(c.output_dir, accelerator)
     run_dir.save_config(c)
     resume_from = runs.resolve_resume(c.resume, c.output_dir)
@@ -359,12 +359,14 @@ def main(c: OfflineConfig) -> str:
         )
     ref_model, ref_train, ref_eval = None, None, None
     if c.loss in REFERENCE_LOSSES:
-        ref_model = models.load_policy(
-            c.ref_model_name_or_path or c.model_name_or_path,
-            models.resolve_dtype(c.mixed_precision, device),
-            c.trust_remote_code,
-            revision=None if c.ref_model_name_or_path else c.model_revision,
-        ).to(device).eval().requires_grad_(False)
+        with distributed.frozen_model_loading(accelerator):
+            ref_model = models.load_policy(
+                c.ref_model_name_or_path or c.model_name_or_path,
+                models.resolve_dtype(c.mixed_precision, device),
+                c.trust_remote_code,
+                revision=None if c.ref_model_name_or_path else c.model_revision,
+            )
+        ref_model = distributed.prepare_frozen_model(ref_model, accelerator)  # a replica, or ZeRO-3 engine
         if c.precompute_ref_logprobs:
             ref_train = precompute_ref_logprobs(c, ref_model, train_examples, pad_id, accelerator)
             if eval_examples is not None:
@@ -442,23 +444,22 @@ def main(c: OfflineConfig) -> str:
 
         sums: dict[str, torch.Tensor] = {}
         tokens = torch.zeros((), device=device)
-        grad_norm = torch.zeros((), device=device)
         for m in range(grad_accum):
             idx = local_idx[m * c.micro_batch_size : (m + 1) * c.micro_batch_size].tolist()
             batch = data.collate_responses([train_examples[i] for i in idx], pad_id).to(device)
             ref = ref_train[idx].to(device) if ref_train is not None else None
-            with accelerator.accumulate(model):
+            # DDP/FSDP: all-reduce gradients on the last micro-batch only; DeepSpeed: the engine steps there
+            with distributed.micro_step(accelerator, model, is_last=m == grad_accum - 1):
                 losses, stats = batch_loss(c, model, batch, ref, ref_model)
-                accelerator.backward(losses.mean())
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(
-                        model.parameters(), c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
-                    )
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(losses.mean() / grad_accum)
             for name, v in [("train/loss", losses.detach())] + list(stats.items()):
                 sums[name] = sums.get(name, 0.0) + v.float().sum()
             tokens += batch.attention_mask.sum()
+        grad_norm = accelerator.clip_grad_norm_(  # DeepSpeed clips inside its step and returns the norm
+            model.parameters(), c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
+        )
+        optimizer.step()  # a no-op under DeepSpeed (the engine stepped in the last backward)
+        optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
 
@@ -469,7 +470,7 @@ def main(c: OfflineConfig) -> str:
         metrics = {n: float(reduced[i]) / c.global_batch_size for i, n in enumerate(names)}
         runs.check_finite("train/loss", metrics["train/loss"], step, run_dir)
         metrics.update({
-            "train/grad_norm": float(grad_norm), "train/lr": lr, "train/epoch": step / steps_per_epoch,
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "train/lr": lr, "train/epoch": step / steps_per_epoch,
             "perf/tokens_per_s": float(reduced[-1]) / elapsed, "perf/samples_per_s": c.global_batch_size / elapsed,
         })
         if eval_examples is not None and c.eval_every > 0 and step % c.eval_every == 0 and step != total_steps:
