@@ -69,6 +69,7 @@ class EvalConfig(RunConfig):
     backoff_max: float = cfg(60.0, "longest back-off delay in seconds")
     parse_retries: int = cfg(2, "re-asks after an answer without `Preferred: A|B`; then the pair counts as invalid")
     logprobs: bool = cfg(False, "also read P(A), P(B) from the answer token's top logprobs: a soft win rate")
+    judge_kwargs: str = cfg("", "extra keyword arguments for the judge, as a JSON object (e.g. for a registered judge)")
     reward_model: Optional[str] = cfg(None, "reward model (hub id or dir) for --judge reward-model")
     judge_batch_size: int = cfg(16, "batch size of local judges (reward-model)")
     cache_path: Optional[str] = cfg(None, "judgment cache (JSONL); default <output_dir>/judgments.jsonl")
@@ -338,14 +339,27 @@ def plot_win_rates(rows: list[dict], path: Path, judge_desc: str, confidence_lev
     plt.close(fig)
 
 
-def _judge_kwargs(config: EvalConfig) -> dict:
+def _judge_kwargs(config: EvalConfig) -> tuple[dict, list[str]]:
+    """Options offered to every judge (each takes those it accepts) + the explicit --judge_kwargs keys."""
+    extra = {}
+    if config.judge_kwargs:
+        try:
+            extra = json.loads(config.judge_kwargs)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"judge_kwargs: not valid JSON ({e}): {config.judge_kwargs!r}") from None
+        if not isinstance(extra, dict):
+            raise ConfigError(f"judge_kwargs: expected a JSON object, got {config.judge_kwargs!r}")
+    return {**_common_judge_kwargs(config), **extra}, list(extra)
+
+
+def _common_judge_kwargs(config: EvalConfig) -> dict:
     return dict(
         judge_model=config.judge_model, base_url=config.base_url, concurrency=config.concurrency,
         request_timeout=config.request_timeout, max_retries=config.max_retries, backoff_base=config.backoff_base,
         backoff_max=config.backoff_max, parse_retries=config.parse_retries, logprobs=config.logprobs,
         reward_model=config.reward_model, tokenizer=config.tokenizer, judge_batch_size=config.judge_batch_size,
         max_prompt_length=config.max_prompt_length, mixed_precision=config.mixed_precision,
-        trust_remote_code=config.trust_remote_code, seed=config.seed,
+        trust_remote_code=config.trust_remote_code, seed=config.seed, dataset=config.dataset, split=config.split,
     )
 
 
@@ -364,6 +378,10 @@ def main(config: EvalConfig) -> dict:
     examples = load_examples(config)
     if not examples:
         raise ConfigError(f"{config.dataset} [{config.split}] has no examples")
+    # the judge is built first, so a missing key or model fails before any generation work
+    if state.is_main_process:
+        judge_kw, required = _judge_kwargs(config)
+        judge = get_judge(config.judge, required=required, **judge_kw)
     for target in targets:
         generate_missing(target, examples, config, state, out_dir)
     state.wait_for_everyone()
@@ -371,7 +389,6 @@ def main(config: EvalConfig) -> dict:
         return {}  # judging and statistics run on the main process only
 
     # ---- pairs, cache look-up, pre-flight --------------------------------------------------------
-    judge = get_judge(config.judge, **_judge_kwargs(config))
     cache = JudgmentCache(config.cache_path or out_dir / "judgments.jsonl") if judge.cacheable else None
     gens = {t.label: read_generations(out_dir / "generations" / f"{t.label}.jsonl", examples, config) for t in targets}
     plan = []  # (target, example, pol_first, key)

@@ -223,8 +223,9 @@ def available_judges() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_judge(name: str, **kw) -> Judge:
-    """Instantiate judge `name` with the keyword arguments its constructor accepts (others ignored)."""
+def get_judge(name: str, required: Sequence[str] = (), **kw) -> Judge:
+    """Instantiate judge `name` with the keyword arguments its constructor accepts (others ignored,
+    except those named in `required`: a judge that does not accept one of them is an error)."""
     if name not in _REGISTRY:
         import importlib
 
@@ -241,6 +242,11 @@ def get_judge(name: str, **kw) -> Judge:
     factory = _REGISTRY[name]
     params = inspect.signature(factory).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        refused = [k for k in required if k not in params]
+        if refused:
+            from .config import ConfigError
+
+            raise ConfigError(f"judge {name!r} accepts no option(s) {refused}; it accepts {sorted(params)}")
         kw = {k: v for k, v in kw.items() if k in params}
     return factory(**kw)
 
@@ -318,6 +324,11 @@ class OpenAIJudge(Judge):
         self.temperature = temperature
         self.reask_temperature = reask_temperature
         self.max_tokens = max_tokens
+        if not os.environ.get("OPENAI_API_KEY") and self.base_url is None:
+            raise JudgeError(
+                "the `openai` judge needs an API key: set the OPENAI_API_KEY environment variable "
+                "(or --base_url for a local OpenAI-compatible server)"
+            )
         self.requests_sent = 0  # HTTP requests attempted (retries included)
         self._sleep = asyncio.sleep  # tests replace it to record back-off delays
 
@@ -337,14 +348,7 @@ class OpenAIJudge(Judge):
             from openai import AsyncOpenAI
         except ImportError as e:  # pragma: no cover
             raise JudgeError("the `openai` judge needs the openai package: pip install openai") from e
-        key = os.environ.get("OPENAI_API_KEY")
-        if not key:
-            if self.base_url is None:
-                raise JudgeError(
-                    "the `openai` judge needs an API key: set the OPENAI_API_KEY environment variable "
-                    "(or --base_url for a local OpenAI-compatible server)"
-                )
-            key = "no-key"  # local servers (vLLM) accept any key
+        key = os.environ.get("OPENAI_API_KEY") or "no-key"  # local servers (vLLM) accept any key
         # our own retry loop (below) does the retries, so the client's is off
         return AsyncOpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=0)
 

@@ -77,6 +77,7 @@ class FakeJudgeServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out as separate writes
 
             def log_message(self, *args):  # quiet
                 pass
@@ -203,3 +204,18 @@ class FakeJudgeServer:
                 ]
             out.append(entry)
         return out
+
+
+if __name__ == "__main__":  # a standalone server process (benchmarks: no GIL shared with the client)
+    import argparse
+
+    ap = argparse.ArgumentParser(description="fake OpenAI-compatible judge server")
+    ap.add_argument("--latency", type=float, default=0.0)
+    ap.add_argument("--marker", default="good")
+    args = ap.parse_args()
+    srv = FakeJudgeServer(marker=args.marker, latency=args.latency).start()
+    print(srv.base_url, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        srv.stop()

@@ -148,6 +148,8 @@ def test_registry_and_kwarg_filtering():
             return judges.Verdict(self.answer)
 
     j = judges.get_judge("test-constant", answer="B", judge_model="ignored", concurrency=3)
+    with pytest.raises(ValueError, match="accepts no option.*'colour'"):
+        judges.get_judge("test-constant", required=["colour"], colour=1)
     got = []
     j.judge_many([Pair("1", "p", "p", "a", "b")], lambda i, v: got.append((i, v.preferred)))
     assert got == [(0, "B")] and j.name == "test-constant"
@@ -191,6 +193,35 @@ def test_backoff_honours_retry_after_and_retries_5xx_and_timeouts():
     assert 1.0 <= slept[1] <= 2.0 and 2.0 <= slept[2] <= 4.0 and 4.0 <= slept[3] <= 8.0
     assert len(slept) == 4 and j.requests_sent == 5
     assert s.statuses[429] == 1 and s.statuses[500] == 1 and s.statuses[503] == 1
+
+
+def test_missing_key_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    data = make_dataset(tmp_path, 2)
+    with pytest.raises(judges.JudgeError, match="OPENAI_API_KEY"):
+        ej.main(config(tmp_path, None, data, [tmp_path / "no-model-here"]))
+    assert not list((tmp_path / "out" / "generations").iterdir())
+
+
+def test_custom_judge_gets_judge_kwargs(tmp_path):
+    @judges.register_judge("test-longer")
+    class Longer(judges.Judge):
+        def __init__(self, prefer_longer=True, dataset=None):
+            self.prefer_longer, self.dataset = prefer_longer, dataset
+
+        def judge_pair(self, pair):
+            la, lb = len(pair.summary_a.split()), len(pair.summary_b.split())
+            return judges.Verdict("tie" if la == lb else "A" if (la > lb) == self.prefer_longer else "B")
+
+    n = 4
+    data = make_dataset(tmp_path, n)
+    run = fake_run(tmp_path, [1])
+    write_generations(tmp_path / "out", "step_00000001", data, {0: "a b c d e", 1: "a b c", 2: "a", 3: "a b c d"})
+    s = ej.main(config(tmp_path, None, data, [run], judge="test-longer", judge_kwargs='{"prefer_longer": false}'))
+    r = s["checkpoints"][0]  # references have 3 words: shorter wins 1, tie 1, longer loses 2
+    assert (r["wins"], r["ties"], r["losses"], r["win_rate"]) == (1, 1, 2, 1.5 / 4)
+    with pytest.raises(ValueError, match="accepts no option"):
+        ej.main(config(tmp_path, None, data, [run], judge="test-longer", judge_kwargs='{"colour": 1}'))
 
 
 def test_non_retryable_error_is_reported_not_retried():
