@@ -348,8 +348,8 @@ def main(c: OfflineConfig) -> str:
     else:
         model = models.load_policy(c.model_name_or_path, torch.float32, c.trust_remote_code, revision=c.model_revision)
     model.config.pad_token_id = pad_id
-    if c.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if c.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.config.use_cache = False
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and c.max_prompt_length + c.max_response_length > max_positions:

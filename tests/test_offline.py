@@ -92,7 +92,7 @@ def test_each_loss_runs_and_overfits_a_fixed_batch(loss, tmp_path, datasets, tin
     # 4 examples = one global batch: every step sees the same batch, so its loss must go down
     c = make_cfg(tmp_path, tiny_policy_dir, dataset, loss=loss, max_steps=5,
                  learning_rate=1e-3 if loss == "reward" else 3e-3,
-                 precompute_ref_logprobs=(loss == "ipo"))
+                 precompute_ref_logprobs=(loss == "ipo"), gradient_checkpointing=(loss in ("sft", "reward")))
     run = train_offline.main(c)
     metrics = [m for m in runs.read_metrics(run) if "train/loss" in m]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
@@ -245,9 +245,28 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, datasets, tiny_poli
     assert [m["train/lr"] for m in ma] == [m["train/lr"] for m in mb]
 
 
+def test_precomputed_reference_logprobs_match_the_live_reference(tmp_path, datasets, tiny_policy_dir, ref_policy_dir):
+    kw = dict(loss="dpo", max_steps=2, ref_model_name_or_path=ref_policy_dir)
+    live = train_offline.main(make_cfg(tmp_path / "live", tiny_policy_dir, datasets["pairs12"], **kw))
+    pre = train_offline.main(make_cfg(tmp_path / "pre", tiny_policy_dir, datasets["pairs12"], precompute_ref_logprobs=True, **kw))
+    for a, b in zip(runs.read_metrics(live), runs.read_metrics(pre)):
+        for k in ("train/loss", "ref/logratio", "rewards/margins"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+
+
 # --------------------------------------------------------------------------------------------------
 # data handling
 # --------------------------------------------------------------------------------------------------
+def test_message_lists_are_read_as_their_assistant_text(tiny_tokenizer):
+    import datasets as hfds
+
+    msgs = lambda text: [{"role": "user", "content": "TL;DR:"}, {"role": "assistant", "content": text}]
+    ds = hfds.Dataset.from_list([{"prompt": "TL;DR:", "chosen": msgs("the cat"), "rejected": msgs("a dog")}])
+    (ex,), _ = data.tokenize_offline_dataset(ds, tiny_tokenizer, "pairwise", 8, 8)
+    enc = lambda s: tiny_tokenizer(s, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    assert ex["responses"] == [enc("the cat"), enc("a dog")]
+
+
 def test_listwise_responses_follow_the_ranking(tiny_tokenizer):
     import datasets as hfds
 
