@@ -28,7 +28,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -294,15 +293,6 @@ def load_examples(c: OfflineConfig, dataset: str, split: str, limit: int, kind: 
     return examples, ds.column_names
 
 
-def mixed_precision_for(c: OfflineConfig) -> str:
-    if c.mixed_precision != "auto":
-        return c.mixed_precision
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by `accelerate launch`
-    if launcher:
-        return launcher
-    return "bf16" if torch.cuda.is_available() else "no"
-
-
 def main(c: OfflineConfig) -> str:
     validate(c)
     # cpu= as Accelerator reads it: a bare PartialState() ignores ACCELERATE_USE_CPU, and several CPU
@@ -310,7 +300,7 @@ def main(c: OfflineConfig) -> str:
     num_processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes
     per_process, grad_accum = derive_batch_sizes(c.global_batch_size, num_processes, c.micro_batch_size)
     trackers = runs.resolve_trackers(c.report_to)
-    accelerator = Accelerator(mixed_precision=mixed_precision_for(c), log_with=trackers or None, project_dir=c.output_dir)
+    accelerator = Accelerator(mixed_precision=runs.resolve_mixed_precision(c.mixed_precision), log_with=trackers or None, project_dir=c.output_dir)
     distributed.configure_deepspeed(accelerator, c.micro_batch_size, c.max_grad_norm)  # no-op without DeepSpeed
     run_dir = runs.RunDir(c.output_dir, accelerator)
     run_dir.save_config(c)

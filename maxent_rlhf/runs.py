@@ -405,7 +405,7 @@ def resolve_trackers(report_to: str) -> list:
 def resolve_mixed_precision(mixed_precision: str) -> str:
     """accelerate `mixed_precision` for RunConfig.mixed_precision: 'auto' takes what `accelerate launch`
     set (ACCELERATE_MIXED_PRECISION), else bf16 on a GPU and 'no' on CPU; other values pass through.
-    (Same rule as train_offline.mixed_precision_for; added here for train_rloo.py.)"""
+    Used by train_offline.py and train_rloo.py."""
     if mixed_precision != "auto":
         return mixed_precision
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
