@@ -248,3 +248,29 @@ def unwrap_for_generation(accelerator, model, gather: bool = True):
             yield unwrapped
         return
     yield unwrapped
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling streams that do not depend on the number of processes
+# --------------------------------------------------------------------------------------------------
+def sampling_seed(seed: int, iteration: int, first_row: int) -> int:
+    """Seed of the sampling stream for the chunk of an iteration's GLOBAL batch starting at `first_row`."""
+    return ((int(seed) * 1_000_003 + int(iteration)) * 1_000_003 + int(first_row)) % (2**63 - 1)
+
+
+@contextlib.contextmanager
+def sampling_rng(seed: int, iteration: int, first_row: int, device=None):
+    """Sample inside this context from a stream tied to (seed, iteration, position in the global batch),
+    then give the caller's RNG back untouched.
+
+    Without it every process starts from the same seed, so all processes draw the same random numbers
+    for their different prompts (correlated samples across GPUs), and a run's samples change with the
+    number of processes. With it, and chunks that start at the same global rows (a rollout chunk size
+    that divides the per-process batch), N processes sample exactly what one process samples, and the
+    processes' other random streams (shuffling) stay in step.
+    """
+    device = torch.device(device) if device is not None else None
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(sampling_seed(seed, iteration, first_row))
+        yield
