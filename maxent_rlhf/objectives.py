@@ -198,6 +198,8 @@ def token_entropy(
             z = z / temperature
         lse = torch.logsumexp(z, dim=-1)
         p = torch.softmax(z, dim=-1)
+        # masked (-inf) logits have p = 0 and contribute 0 (0 * log 0 = 0), not 0 * -inf = nan
+        z = torch.where(p > 0, z, torch.zeros_like(z))
         pieces.append(lse - (p * z).sum(-1))
     if not pieces:
         return logits.new_zeros(logits.shape[:-1], dtype=out_dtype)
