@@ -16,7 +16,9 @@ Gradient accumulation: the scripts divide each micro-batch loss by their accumul
 `accelerator.backward` per micro-batch inside `micro_step(...)`. Under DDP / FSDP that skips the
 gradient all-reduce on all but the last micro-batch; under DeepSpeed it tells the engine which backward
 ends the accumulation (the engine steps there and only there), and `configure_deepspeed` keeps
-DeepSpeed's own accumulation count at 1 so it does not divide the loss a second time. The optimizer
+DeepSpeed's own accumulation count at the Accelerator's (1 there) so it does not divide the loss a second
+time. A script that uses `accelerator.accumulate` instead (train_offline.py) needs only
+`configure_deepspeed`. The optimizer
 step the script calls afterwards is a no-op under DeepSpeed (accelerate's wrapper); clipping then uses
 DeepSpeed's `gradient_clipping`, which `configure_deepspeed` sets to the script's max_grad_norm.
 
@@ -91,18 +93,22 @@ def configure_deepspeed(accelerator, micro_batch_size: int, max_grad_norm: float
     """Fill DeepSpeed's batch fields from the experiment config; call before `accelerator.prepare`.
 
     - train_micro_batch_size_per_gpu = the script's micro-batch (accelerate needs it when no DataLoader
-      is prepared, as in train_rloo.py);
-    - gradient_accumulation_steps = 1 and train_batch_size = micro * processes: the scripts accumulate
-      themselves (see the module docstring and `micro_step`), so DeepSpeed must not scale the loss again;
+      is prepared, as in both scripts);
+    - gradient_accumulation_steps = the Accelerator's: > 1 when the script uses `accelerator.accumulate`
+      (train_offline.py; DeepSpeed then scales the loss and accelerate does not), 1 when the script
+      divides the loss itself and marks boundaries with `micro_step` (train_rloo.py), so DeepSpeed does
+      not scale it a second time; train_batch_size = micro x accumulation x processes;
     - gradient_clipping = max_grad_norm (DeepSpeed clips inside its step; 0 turns clipping off).
     No-op without DeepSpeed. A value set explicitly in the DeepSpeed config that disagrees is an error.
     """
     if not is_deepspeed(accelerator):
         return
     config = accelerator.state.deepspeed_plugin.deepspeed_config
+    accum = int(getattr(accelerator, "gradient_accumulation_steps", 1) or 1)
     _set_ds_value(config, "train_micro_batch_size_per_gpu", int(micro_batch_size), "the micro-batch size")
-    _set_ds_value(config, "gradient_accumulation_steps", 1, "the accumulation DeepSpeed must do (the script accumulates)")
-    _set_ds_value(config, "train_batch_size", int(micro_batch_size) * accelerator.num_processes, "micro-batch x processes")
+    _set_ds_value(config, "gradient_accumulation_steps", accum, "the Accelerator's gradient_accumulation_steps")
+    _set_ds_value(config, "train_batch_size", int(micro_batch_size) * accum * accelerator.num_processes,
+                  "micro-batch x accumulation x processes")
     _set_ds_value(config, "gradient_clipping", float(max_grad_norm) if max_grad_norm and max_grad_norm > 0 else 0.0, "max_grad_norm")
 
 

@@ -32,6 +32,7 @@ class FakeAccelerator:
     def __init__(self, dtype=DistributedType.NO, num_processes=1, ds_config=None, fsdp_version=None):
         self.distributed_type = dtype
         self.num_processes = num_processes
+        self.gradient_accumulation_steps = 1
         self.process_index = 0
         self.is_main_process = True
         self.device = torch.device("cpu")
@@ -154,6 +155,12 @@ def test_configure_deepspeed_fills_auto_fields_and_names_conflicts():
     distributed.configure_deepspeed(acc, micro_batch_size=2, max_grad_norm=1.0)
     assert cfg["train_micro_batch_size_per_gpu"] == 2 and cfg["gradient_accumulation_steps"] == 1
     assert cfg["train_batch_size"] == 8 and cfg["gradient_clipping"] == 1.0
+    # a script using accelerator.accumulate: DeepSpeed accumulates (and scales the loss) as many times
+    cfg3 = {"zero_optimization": {"stage": 3}}
+    acc3 = FakeAccelerator(DistributedType.DEEPSPEED, num_processes=2, ds_config=cfg3)
+    acc3.gradient_accumulation_steps = 3
+    distributed.configure_deepspeed(acc3, micro_batch_size=2, max_grad_norm=0.0)
+    assert (cfg3["gradient_accumulation_steps"], cfg3["train_batch_size"], cfg3["gradient_clipping"]) == (3, 12, 0.0)
     bad = {"gradient_clipping": 0.5}
     with pytest.raises(ValueError, match=r"`gradient_clipping` = 0.5, but max_grad_norm = 1.0"):
         distributed.configure_deepspeed(FakeAccelerator(DistributedType.DEEPSPEED, ds_config=bad), 2, 1.0)
