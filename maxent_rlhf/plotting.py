@@ -1,0 +1,266 @@
+"""Paper-style figures from run directories (toy-lab or real runs alike).
+
+A run directory is what train_rloo.py / train_offline.py write (config.yaml, metrics.jsonl,
+checkpoints/), optionally with evaluate_judge.py outputs below it (`eval_gold/summary.json`: win rate
+per checkpoint; `eval_proxy/summary.json`: reward-model score per checkpoint) or passed explicitly.
+
+    from maxent_rlhf import plotting
+    runs = [plotting.load_run(d) for d in dirs]
+    plotting.plot_reward_and_entropy(runs, "fig1.png", group_by="regularizer")
+    plotting.plot_kl(runs, "fig3.png"); plotting.plot_ref_logratio(dpo_run, "fig4.png")
+    plotting.plot_winrate_per_checkpoint(simpo_runs, "fig6.png", label_key="gamma", panel_key="learning_rate")
+
+Every function takes `Run`s, so a real run (GPU, gpt-4o-mini judge) plots the same way: point
+`gold_summary` at its evaluate_judge summary.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import yaml
+
+from .runs import read_metrics
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    metrics: list[dict]
+    gold: Optional[dict] = None  # evaluate_judge summary.json (judge of record: win rates)
+    proxy: Optional[dict] = None  # evaluate_judge summary.json with the reward-model judge
+    info: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        xs, ys = [], []
+        for m in self.metrics:
+            v = m.get(key)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                xs.append(int(m["step"]))
+                ys.append(float(v))
+        return xs, ys
+
+    def winrate_curve(self, include_baseline: bool = True) -> tuple[list[int], list[float]]:
+        """Gold win rate per checkpoint (step 0 = the SFT baseline when evaluated)."""
+        return _curve(self.gold, "win_rate", include_baseline)
+
+    def proxy_curve(self, include_baseline: bool = True) -> tuple[list[int], list[float]]:
+        """Mean reward-model score of the greedy summaries per checkpoint."""
+        return _curve(self.proxy, "mean_policy_score", include_baseline)
+
+    def final_winrate(self) -> Optional[float]:
+        xs, ys = self.winrate_curve(include_baseline=False)
+        return ys[-1] if ys else None
+
+
+def _curve(summary: Optional[dict], key: str, include_baseline: bool) -> tuple[list[int], list[float]]:
+    if not summary:
+        return [], []
+    pts = []
+    base = summary.get("baseline")
+    if include_baseline and base and base.get(key) is not None:
+        pts.append((0, float(base[key])))
+    for r in summary.get("checkpoints", []):
+        if r.get(key) is not None and r.get("step") is not None:
+            pts.append((int(r["step"]), float(r[key])))
+    pts.sort()
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def load_run(path: str | Path, gold_summary: Optional[str | Path] = None, proxy_summary: Optional[str | Path] = None) -> Run:
+    path = Path(path)
+    cfg_path = path / "config.yaml"
+    config = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+
+    def read(p):
+        p = Path(p) if p else None
+        return json.loads(p.read_text()) if p and p.exists() else None
+
+    info = read(path / "DONE.json") or {}
+    return Run(path, config or {}, read_metrics(path),
+               read(gold_summary or path / "eval_gold" / "summary.json"),
+               read(proxy_summary or path / "eval_proxy" / "summary.json"), info)
+
+
+def regularizer_of(run: Run) -> str:
+    """A readable regulariser label from a train_rloo config."""
+    c = run.config
+    reg = c.get("regularizer", "?")
+    if reg == "entropy":
+        coef = float(c.get("entropy_coef", 0.0))
+        if c.get("min_entropy") or coef < 0:
+            return "minimum entropy"
+        return "entropy, length-normalised" if c.get("length_normalize") else "entropy"
+    return {"kl": "KL", "none": "none"}.get(reg, reg)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mean_curve(curves: Sequence[tuple[list, list]]) -> tuple[list, list]:
+    """Mean over runs at the steps all of them logged."""
+    if not curves:
+        return [], []
+    common = set(curves[0][0])
+    for xs, _ in curves[1:]:
+        common &= set(xs)
+    steps = sorted(common)
+    out = []
+    for s in steps:
+        vals = [ys[xs.index(s)] for xs, ys in curves]
+        out.append(sum(vals) / len(vals))
+    return steps, out
+
+
+def _smooth(ys: list[float], k: int = 5) -> list[float]:
+    if k <= 1 or len(ys) < k:
+        return ys
+    out = []
+    for i in range(len(ys)):
+        w = ys[max(0, i - k + 1) : i + 1]
+        out.append(sum(w) / len(w))
+    return out
+
+
+def _groups(runs: Sequence[Run], key: Callable[[Run], str]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(key(r), []).append(r)
+    return groups
+
+
+def _winrate_label(name: str, runs: Sequence[Run]) -> str:
+    finals = [r.final_winrate() for r in runs if r.final_winrate() is not None]
+    if not finals:
+        return name
+    mean = sum(finals) / len(finals)
+    return f"{name} (win {mean:.0%}" + (f", n={len(finals)} seeds)" if len(finals) > 1 else ")")
+
+
+def plot_reward_and_entropy(runs: Sequence[Run], path: str | Path, title: str = "", smooth: int = 5,
+                            group: Callable[[Run], str] = regularizer_of) -> Path:
+    """Figures 1-2: RLHF reward (top) and entropy bonus (bottom) per iteration, one line per group
+    (mean over seeds), final gold win rate in the legend."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True)
+    for name, rs in sorted(_groups(runs, group).items()):
+        for ax, key in zip(axes, ("objective/rlhf_reward", "objective/entropy_bonus")):
+            xs, ys = _mean_curve([r.series(key) for r in rs])
+            if xs:
+                ax.plot(xs, _smooth(ys, smooth), label=_winrate_label(name, rs) if key.endswith("reward") else None)
+    axes[0].set_ylabel("RLHF reward")
+    axes[1].set_ylabel("entropy bonus")
+    axes[1].set_xlabel("iteration")
+    axes[0].legend(fontsize=7, title="final gold win rate", title_fontsize=7)
+    if title:
+        axes[0].set_title(title, fontsize=9)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_kl(runs: Sequence[Run], path: str | Path, title: str = "", smooth: int = 5,
+            group: Callable[[Run], str] = regularizer_of, log: bool = True) -> Path:
+    """Figure 3: KL(pi_t || pi_ref) (top) and KL(pi_t-1 || pi_t) between consecutive policies (bottom),
+    the non-negative k3 estimates, mean over seeds."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True)
+    for name, rs in sorted(_groups(runs, group).items()):
+        for ax, key in zip(axes, ("objective/kl_ref_k3", "objective/kl_prev_k3")):
+            curves = [r.series(key) for r in rs]
+            if not any(c[0] for c in curves):
+                curves = [r.series(key[:-3]) for r in rs]  # k1 when k3 was not logged
+            xs, ys = _mean_curve(curves)
+            if xs:
+                ax.plot(xs, _smooth(ys, smooth), label=_winrate_label(name, rs))
+    axes[0].set_ylabel("KL(pi_t || pi_ref)")
+    axes[1].set_ylabel("KL(pi_t-1 || pi_t)")
+    axes[1].set_xlabel("iteration")
+    if log:
+        for ax in axes:
+            ax.set_yscale("symlog", linthresh=1e-3)
+    axes[0].legend(fontsize=7)
+    if title:
+        axes[0].set_title(title, fontsize=9)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_ref_logratio(run: Run, path: str | Path, title: str = "DPO: batch mean of log pi_ref(y_w|x) - log pi_ref(y_l|x)") -> Path:
+    """Figure 4: the reference log-ratio (`ref/logratio` of train_offline.py) per step of DPO."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    xs, ys = run.series("ref/logratio")
+    ax.plot(xs, ys, lw=1, alpha=0.5, label="per batch")
+    ax.plot(xs, _smooth(ys, 10), lw=2, label="moving mean (10)")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("ref log-ratio")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_winrate_per_checkpoint(runs: Sequence[Run], path: str | Path, label: Callable[[Run], str],
+                                panel: Callable[[Run], str], title: str = "", proxy: bool = False) -> Path:
+    """Figure 6 (and the overoptimisation figure): gold win rate per checkpoint, one line per `label`,
+    one panel per `panel` (e.g. gamma x learning rate for SimPO); SFT baseline dashed. With proxy=True
+    the proxy reward of the same checkpoints is drawn on a second axis (dotted)."""
+    plt = _plt()
+    panels = _groups(runs, panel)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for ax, (pname, rs) in zip(axes[0], sorted(panels.items())):
+        ax2 = ax.twinx() if proxy else None
+        base = None
+        for i, (lname, group) in enumerate(sorted(_groups(rs, label).items())):
+            color = f"C{i}"
+            xs, ys = _mean_curve([r.winrate_curve(include_baseline=True) for r in group])
+            if xs:
+                ax.plot(xs, ys, marker="o", ms=3, color=color, label=lname)
+            b = group[0].gold.get("baseline") if group[0].gold else None
+            if b and b.get("win_rate") is not None:
+                base = b["win_rate"]
+            if ax2 is not None:
+                px, py = _mean_curve([r.proxy_curve(include_baseline=True) for r in group])
+                if px:
+                    ax2.plot(px, py, ls=":", color=color)
+        if base is not None:
+            ax.axhline(base, color="gray", ls="--", lw=1, label=f"SFT ({base:.0%})")
+        ax.set_title(f"{pname}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("gold win rate vs reference")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        if ax2 is not None:
+            ax2.set_ylabel("proxy reward (dotted)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,78 @@
+"""python -m maxent_rlhf.toylab {build,sweep,report,check}
+
+    build [NAME ...] [--cache-dir DIR]     build (or verify) artifacts; default: all of the profile
+    sweep [--out runs/toylab] [--seeds 1,2,3] [--lrs 2e-4,1e-3] [--regularizers kl,maxent,entropy,minent,none]
+          [--iterations N] [--no-offline]  run the sweep through the scripts, then write the report
+    report [--out runs/toylab] [--report-dir report]   figures + report.md from a sweep directory
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _floats(s):
+    return tuple(float(x) for x in s.split(",") if x)
+
+
+def _ints(s):
+    return tuple(int(x) for x in s.split(",") if x)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    p = argparse.ArgumentParser(prog="python -m maxent_rlhf.toylab", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build or verify artifacts")
+    b.add_argument("names", nargs="*", help="artifact names (NAME or PROFILE/NAME); default: all")
+    b.add_argument("--cache-dir", default=None)
+    s = sub.add_parser("sweep", help="run the regulariser x lr x seed sweep and the offline runs, then report")
+    s.add_argument("--out", default="runs/toylab")
+    s.add_argument("--report-dir", default="report")
+    s.add_argument("--seeds", type=_ints, default=None)
+    s.add_argument("--lrs", type=_floats, default=None)
+    s.add_argument("--regularizers", default=None)
+    s.add_argument("--iterations", type=int, default=None)
+    s.add_argument("--no-offline", action="store_true")
+    s.add_argument("--eval-n", type=int, default=None)
+    r = sub.add_parser("report", help="figures and report.md from a sweep directory")
+    r.add_argument("--out", default="runs/toylab")
+    r.add_argument("--report-dir", default="report")
+    a = p.parse_args(argv)
+
+    if a.cmd == "build":
+        from .build import ARTIFACTS, ensure_artifact
+
+        names = a.names or list(ARTIFACTS)
+        t0 = time.time()
+        for n in names:
+            print(ensure_artifact(n, a.cache_dir))
+        print(f"[toylab] {len(names)} artifact(s) ready in {time.time() - t0:.1f}s")
+        return 0
+    if a.cmd == "sweep":
+        from . import sweep as sw
+
+        kw = {}
+        if a.seeds:
+            kw["seeds"] = a.seeds
+        if a.lrs:
+            kw["lrs"] = a.lrs
+        if a.regularizers:
+            kw["regularizers"] = tuple(a.regularizers.split(","))
+        if a.eval_n:
+            kw["eval_n"] = a.eval_n
+        sw.sweep(a.out, iterations=a.iterations, offline=not a.no_offline, **kw)
+        a.cmd = "report"
+    if a.cmd == "report":
+        from .report import write_report
+
+        print(write_report(a.out, a.report_dir))
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""The toy lab's artifacts and how each is built (through the project's own scripts).
+
+    tokenizer  word-level HF tokenizer over the task vocabulary           (models.build_word_tokenizer)
+    sft_data   prompt/completion jsonl (train/validation/test): posts + reference summaries
+    prompts    prompt/completion jsonl (train: RL prompts, test: evaluation posts with references)
+    sft        tiny GPT-NeoX policy, SFT on sft_data                       (train_offline.main, loss sft)
+    pairs      prompt/chosen/rejected jsonl: two samples of the SFT policy per prompt, labelled by the
+               gold judge with Bradley-Terry noise (gold ties dropped)
+    reward     proxy reward model trained on `pairs`                      (train_offline.main, loss reward)
+
+`ensure_artifact("sft")` returns a local path, building the artifact and whatever it depends on first.
+A name may carry a profile, `PROFILE/NAME` (e.g. `toylab://test/sft`); otherwise the profile is
+$MAXENT_RLHF_TOYLAB_PROFILE or `default`. Each artifact's recipe hash covers its own recipe and its
+dependencies' hashes, so a change anywhere upstream rebuilds everything downstream.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from . import task
+from .cache import default_cache_dir, ensure_built
+
+ENV_PROFILE = "MAXENT_RLHF_TOYLAB_PROFILE"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_VERSION = 1  # bump when a builder's code changes what it produces
+
+MODEL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "max_position_embeddings": 128}
+
+PROFILES: dict[str, dict] = {
+    "default": {
+        "task": {"version": task.TASK_VERSION, "seed": 0, "p_short": 0.55, "p_detail": 0.15,
+                 "n_sft_train": 4000, "n_sft_validation": 200, "n_rl_train": 2000, "n_test": 200,
+                 "n_pair_prompts": 3000},
+        "model": MODEL,
+        "sft": {"max_steps": 800, "batch_size": 32, "lr": 3e-3, "seed": 0},
+        "pairs": {"temperature": 1.0, "bt_temperature": 0.5, "max_new_tokens": 16, "seed": 0,
+                  "validation_fraction": 0.1, "test_fraction": 0.1},
+        "reward": {"epochs": 3, "batch_size": 32, "lr": 1e-3, "seed": 0},
+    },
+    # seconds-long stages for the tests: the same code paths, tiny sizes
+    "test": {
+        "task": {"version": task.TASK_VERSION, "seed": 0, "p_short": 0.55, "p_detail": 0.15,
+                 "n_sft_train": 64, "n_sft_validation": 16, "n_rl_train": 32, "n_test": 16,
+                 "n_pair_prompts": 64},
+        "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "max_position_embeddings": 128},
+        "sft": {"max_steps": 4, "batch_size": 8, "lr": 3e-3, "seed": 0},
+        "pairs": {"temperature": 1.0, "bt_temperature": 0.5, "max_new_tokens": 8, "seed": 0,
+                  "validation_fraction": 0.2, "test_fraction": 0.2},
+        "reward": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "seed": 0},
+    },
+}
+
+DEPENDENCIES = {
+    "tokenizer": [],
+    "sft_data": [],
+    "prompts": [],
+    "sft": ["tokenizer", "sft_data"],
+    "pairs": ["sft", "prompts"],
+    "reward": ["sft", "pairs", "sft_data"],
+}
+RECIPE_KEYS = {  # which parts of the profile each artifact's recipe contains
+    "tokenizer": ["task"],
+    "sft_data": ["task"],
+    "prompts": ["task"],
+    "sft": ["task", "model", "sft"],
+    "pairs": ["task", "pairs"],
+    "reward": ["task", "reward"],
+}
+ARTIFACTS = tuple(DEPENDENCIES)
+
+
+def split_name(name: str) -> tuple[str, str]:
+    name = name.strip("/")
+    if "/" in name:
+        profile, art = name.split("/", 1)
+    else:
+        profile, art = os.environ.get(ENV_PROFILE, "default"), name
+    if art not in DEPENDENCIES:
+        raise ValueError(f"unknown toy-lab artifact {art!r}; known: {', '.join(ARTIFACTS)} (as toylab://NAME)")
+    if profile not in PROFILES:
+        raise ValueError(f"unknown toy-lab profile {profile!r}; known: {', '.join(PROFILES)}")
+    return profile, art
+
+
+def recipe_of(profile: str, art: str) -> dict:
+    prof = PROFILES[profile]
+    recipe = {"artifact": art, "build_version": BUILD_VERSION}
+    recipe.update({k: copy.deepcopy(prof[k]) for k in RECIPE_KEYS[art]})
+    recipe["depends"] = {d: recipe_hash(profile, d) for d in DEPENDENCIES[art]}
+    return recipe
+
+
+def recipe_hash(profile: str, art: str) -> str:
+    return task.stable_hash(recipe_of(profile, art))
+
+
+def ensure_artifact(name: str, cache_dir: Optional[str | Path] = None) -> Path:
+    """Local path of toy-lab artifact `name` (`NAME` or `PROFILE/NAME`), built on first use."""
+    profile, art = split_name(name)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    profile_dir = root / profile
+    deps = {d: ensure_artifact(f"{profile}/{d}", root) for d in DEPENDENCIES[art]}
+    recipe = recipe_of(profile, art)
+    builder = BUILDERS[art]
+    return ensure_built(
+        profile_dir, art, recipe, task.stable_hash(recipe), lambda out: builder(out, PROFILES[profile], deps)
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def write_jsonl(path: Path, rows) -> int:
+    n = 0
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+def load_script(name: str):
+    """Import a top-level script of the repository (train_offline.py, ...) as a module."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = REPO_ROOT / f"{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the toy lab runs the project's scripts from the repository root")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+CONFIG_CLASSES = {"train_offline": "OfflineConfig", "train_rloo": "RLOOConfig", "evaluate_judge": "EvalConfig"}
+
+
+def make_config(module, **values):
+    """The script's config dataclass from a dict (same checks as a YAML file)."""
+    from maxent_rlhf.config import config_from_dict
+
+    cls = getattr(module, CONFIG_CLASSES.get(module.__name__, "Config"))
+    return config_from_dict(cls, values, source=f"toylab ({module.__name__})")
+
+
+@contextlib.contextmanager
+def quiet_threads(n: int = 1):
+    """Tiny models on a shared CPU: one thread is several times faster than two under contention."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _posts(prof: dict, split: str) -> list[task.Post]:
+    t = prof["task"]
+    offsets = {"sft_train": 0, "sft_validation": 1, "rl_train": 2, "test": 3, "pair_prompts": 4}
+    n = t[f"n_{split}"]
+    return task.generate_posts(n, seed=t["seed"] * 1000 + offsets[split], p_short=t["p_short"], p_detail=t["p_detail"])
+
+
+def _row(p: task.Post) -> dict:
+    return {"id": p.id, "prompt": p.prompt, "completion": " " + p.reference, "facts": p.facts}
+
+
+# --------------------------------------------------------------------------------------------------
+# builders: build(out_dir, profile_dict, dependency_paths)
+# --------------------------------------------------------------------------------------------------
+def build_tokenizer(out: Path, prof: dict, deps: dict) -> None:
+    from maxent_rlhf.models import build_word_tokenizer
+
+    build_word_tokenizer(task.vocabulary(), save_dir=out)
+
+
+def build_sft_data(out: Path, prof: dict, deps: dict) -> None:
+    write_jsonl(out / "train.jsonl", map(_row, _posts(prof, "sft_train")))
+    write_jsonl(out / "validation.jsonl", map(_row, _posts(prof, "sft_validation")))
+    write_jsonl(out / "test.jsonl", map(_row, _posts(prof, "test")))
+
+
+def build_prompts(out: Path, prof: dict, deps: dict) -> None:
+    write_jsonl(out / "train.jsonl", map(_row, _posts(prof, "rl_train")))
+    write_jsonl(out / "validation.jsonl", map(_row, _posts(prof, "test")))
+    write_jsonl(out / "test.jsonl", map(_row, _posts(prof, "test")))
+
+
+# prompts are <= ~62 tokens and summaries <= ~16: both fit the tiny models' 128 positions
+OFFLINE_COMMON = dict(max_prompt_length=100, max_response_length=28, warmup_ratio=0.05, mixed_precision="no",
+                      log_every=10)
+
+
+def _run_offline(out: Path, values: dict) -> Path:
+    """train_offline.main in this process; the final checkpoint's HF files are copied to `out`."""
+    import shutil
+
+    from maxent_rlhf.runs import latest_checkpoint
+
+    train_offline = load_script("train_offline")
+    run_dir = out / "run"
+    values = dict(OFFLINE_COMMON, **values)
+    values.update(output_dir=str(run_dir), report_to="none")
+    with quiet_threads(1):
+        train_offline.main(make_config(train_offline, **values))
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise RuntimeError(f"train_offline wrote no checkpoint under {run_dir}")
+    for f in ckpt.iterdir():
+        if f.is_file() and not f.name.startswith(("trainer_state", "rng_state")):
+            shutil.copy2(f, out / f.name)
+    # keep the run's metrics (loss curve, eval accuracy) for the report; drop the checkpoints
+    keep = {"metrics.jsonl", "config.yaml"}
+    for f in list(run_dir.iterdir()):
+        if f.name not in keep:
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    return out
+
+
+def build_sft(out: Path, prof: dict, deps: dict) -> None:
+    from maxent_rlhf.models import build_tiny_policy, load_tokenizer
+
+    init = out / "init"
+    tok = load_tokenizer(str(deps["tokenizer"]))
+    build_tiny_policy(tok, seed=prof["sft"]["seed"], save_dir=init, **prof["model"])
+    s = prof["sft"]
+    _run_offline(
+        out,
+        dict(
+            loss="sft",
+            model_name_or_path=str(init),
+            dataset=str(deps["sft_data"]),
+            eval_split="validation",
+            max_steps=s["max_steps"],
+            global_batch_size=s["batch_size"],
+            micro_batch_size=s["batch_size"],
+            learning_rate=s["lr"],
+            seed=s["seed"],
+        ),
+    )
+    import shutil
+
+    shutil.rmtree(init)
+
+
+def build_pairs(out: Path, prof: dict, deps: dict) -> None:
+    import torch
+
+    from maxent_rlhf import generation
+    from maxent_rlhf.models import load_policy, load_tokenizer
+
+    p = prof["pairs"]
+    posts = _posts(prof, "pair_prompts")
+    tok = load_tokenizer(str(deps["sft"]))
+    model = load_policy(str(deps["sft"]))
+    model.eval()
+    torch.manual_seed(p["seed"])
+    with quiet_threads(1):
+        a = sample_summaries(model, tok, [x.prompt for x in posts], p["max_new_tokens"], p["temperature"])
+        b = sample_summaries(model, tok, [x.prompt for x in posts], p["max_new_tokens"], p["temperature"])
+    rng = random.Random(p["seed"])
+    rows, ties, flipped = [], 0, 0
+    for post, x, y in zip(posts, a, b):
+        gx, gy = task.gold_score(x, post.prompt, post.facts), task.gold_score(y, post.prompt, post.facts)
+        if abs(gx - gy) < 1e-9:
+            ties += 1
+            continue
+        x_wins = task.bt_label(gx, gy, rng, p["bt_temperature"])
+        flipped += int(x_wins != (gx > gy))
+        chosen, rejected = (x, y) if x_wins else (y, x)
+        rows.append({"id": post.id, "prompt": post.prompt, "chosen": " " + chosen, "rejected": " " + rejected,
+                     "gold_chosen": gx if x_wins else gy, "gold_rejected": gy if x_wins else gx})
+    n = len(rows)
+    n_test = int(round(n * p["test_fraction"]))
+    n_val = int(round(n * p["validation_fraction"]))
+    write_jsonl(out / "train.jsonl", rows[: n - n_val - n_test])
+    write_jsonl(out / "validation.jsonl", rows[n - n_val - n_test : n - n_test])
+    write_jsonl(out / "test.jsonl", rows[n - n_test :])
+    stats = {"pairs": n, "gold_ties_dropped": ties, "labels_against_gold": flipped,
+             "label_gold_agreement": 1 - flipped / max(n, 1)}
+    (out / "stats.json").write_text(json.dumps(stats, indent=1))
+    print(f"[toylab] pairs: {stats}", flush=True)
+
+
+def build_reward(out: Path, prof: dict, deps: dict) -> None:
+    r = prof["reward"]
+    n_train = len(read_jsonl(Path(deps["pairs"]) / "train.jsonl"))
+    steps = max(1, r["epochs"] * n_train // r["batch_size"])
+    _run_offline(
+        out,
+        dict(
+            loss="reward",
+            model_name_or_path=str(deps["sft"]),
+            dataset=str(deps["pairs"]),
+            eval_split="validation",
+            max_steps=steps,
+            global_batch_size=r["batch_size"],
+            micro_batch_size=r["batch_size"],
+            eval_batch_size=64,
+            reward_norm_dataset=str(deps["sft_data"]),  # the references average reward 0 (TL;DR recipe)
+            reward_norm_split="train",
+            reward_norm_samples=500,
+            learning_rate=r["lr"],
+            seed=r["seed"],
+        ),
+    )
+    acc = pair_accuracy(out, Path(deps["pairs"]) / "test.jsonl")
+    (out / "heldout_accuracy.json").write_text(json.dumps(acc, indent=1))
+    print(f"[toylab] reward model held-out accuracy: {acc}", flush=True)
+
+
+BUILDERS = {
+    "tokenizer": build_tokenizer,
+    "sft_data": build_sft_data,
+    "prompts": build_prompts,
+    "sft": build_sft,
+    "pairs": build_pairs,
+    "reward": build_reward,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling and scoring with the shared generation module (used by builders, sweep and tests)
+# --------------------------------------------------------------------------------------------------
+def sample_summaries(model, tok, prompts, max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
+                     batch_size: int = 256) -> list[str]:
+    import torch
+
+    from maxent_rlhf import generation
+
+    out: list[str] = []
+    with torch.no_grad():
+        for s in range(0, len(prompts), batch_size):
+            ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[s : s + batch_size]]
+            q, qm = generation.left_pad(ids, tok.pad_token_id)
+            r = generation.generate(model, q, qm, max_new_tokens, tok.eos_token_id, tok.pad_token_id,
+                                    temperature=temperature, do_sample=not greedy)
+            r, rm, _ = generation.truncate_after_eos(r, tok.eos_token_id, tok.pad_token_id)
+            for row, m in zip(r.tolist(), rm.tolist()):
+                toks = [t for t, keep in zip(row, m) if keep and t != tok.eos_token_id]
+                out.append(tok.decode(toks).strip())
+    return out
+
+
+def proxy_scores(reward_model, tok, prompts, summaries, batch_size: int = 256) -> list[float]:
+    """Proxy reward of prompt + " " + summary + EOS, read at the EOS (generation.reward_model_scores)."""
+    import torch
+
+    from maxent_rlhf import generation
+
+    out: list[float] = []
+    for s in range(0, len(prompts), batch_size):
+        rows = []
+        for p, y in zip(prompts[s : s + batch_size], summaries[s : s + batch_size]):
+            rows.append(tok(p, add_special_tokens=False)["input_ids"]
+                        + tok(" " + y, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+        length = max(map(len, rows))
+        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):  # right-padded: the score is read at the last real token
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        out += generation.reward_model_scores(reward_model, ids, mask).tolist()
+    return out
+
+
+def pair_accuracy(reward_dir: str | Path, pairs_file: str | Path) -> dict:
+    """Held-out accuracy of a reward model on gold-labelled pairs: against the (noisy) labels and
+    against the noiseless gold preference."""
+    from maxent_rlhf.models import load_reward_model, load_tokenizer
+
+    rows = read_jsonl(pairs_file)
+    tok = load_tokenizer(str(reward_dir), padding_side="right")
+    rm = load_reward_model(str(reward_dir))
+    rm.eval()
+    prompts = [r["prompt"] for r in rows]
+    with quiet_threads(1):
+        c = proxy_scores(rm, tok, prompts, [r["chosen"].strip() for r in rows])
+        j = proxy_scores(rm, tok, prompts, [r["rejected"].strip() for r in rows])
+    n = len(rows)
+    acc_labels = sum(a > b for a, b in zip(c, j)) / max(n, 1)
+    acc_gold = sum((a > b) == (r["gold_chosen"] > r["gold_rejected"]) for a, b, r in zip(c, j, rows)) / max(n, 1)
+    return {"n": n, "accuracy_vs_labels": acc_labels, "accuracy_vs_gold": acc_gold}

@@ -1,0 +1,177 @@
+"""The toy-lab sweep: every run through the project's scripts, in-process.
+
+    python -m maxent_rlhf.toylab sweep                   # full: 5 regularisers x 2 lrs x 3 seeds + offline
+    python -m maxent_rlhf.toylab sweep --seeds 1         # reduced
+    python -m maxent_rlhf.toylab report --out runs/toylab
+
+Online runs: train_rloo.main(cfg) from configs/toy/*.yaml-equivalent settings (REGULARIZERS x lrs x
+seeds). Offline runs: DPO (Figure 4's reference log-ratio) and SimPO for several gamma at two learning
+rates (Figure 6), with train_offline.main(cfg). Every checkpoint of every run (and the SFT baseline) is
+decoded greedily and judged by the gold judge, and scored by the proxy reward model, with
+evaluate_judge.main(cfg) (judges `toy-gold` and `reward-model`). A finished stage is skipped on rerun.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .build import load_script, make_config, quiet_threads
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOY_CONFIGS = REPO_ROOT / "configs" / "toy"
+
+# regulariser name -> train_rloo fields (coefficients chosen on the toy, see configs/toy/*.yaml)
+REGULARIZERS = {
+    "kl": {"regularizer": "kl", "kl_coef": 0.05},
+    "maxent": {"regularizer": "entropy", "length_normalize": True, "entropy_coef": 0.5},
+    "entropy": {"regularizer": "entropy", "length_normalize": False, "entropy_coef": 0.05},
+    "minent": {"regularizer": "entropy", "length_normalize": True, "entropy_coef": 0.5, "min_entropy": True},
+    "none": {"regularizer": "none"},
+}
+REGULARIZER_LABELS = {
+    "kl": "KL (beta 0.05)",
+    "maxent": "entropy, length-normalised (Eq. 7)",
+    "entropy": "entropy (Eq. 6)",
+    "minent": "minimum entropy",
+    "none": "no regulariser",
+}
+LEARNING_RATES = (2e-4, 1e-3)  # toy analogues of the paper's "reference-free" (1e-7) and "KL works" (1e-6) lrs
+SEEDS = (1, 2, 3)
+SIMPO_GAMMAS = (0.0, 0.5, 1.0, 2.0)
+SIMPO_LRS = (1e-4, 1e-3)
+EVAL_N = 200
+
+
+def base_rloo_values() -> dict:
+    """The shared settings of configs/toy/*.yaml (read from kl.yaml minus its regulariser)."""
+    values = yaml.safe_load((TOY_CONFIGS / "kl.yaml").read_text())
+    for k in ("regularizer", "kl_coef", "entropy_coef", "length_normalize", "min_entropy", "output_dir", "learning_rate"):
+        values.pop(k, None)
+    return values
+
+
+def lr_tag(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def run_rloo(out: Path, reg: str, lr: float, seed: int, iterations: Optional[int] = None, extra: Optional[dict] = None) -> Path:
+    train_rloo = load_script("train_rloo")
+    values = base_rloo_values()
+    values.update(REGULARIZERS[reg])
+    values.update(learning_rate=lr, seed=seed, output_dir=str(out))
+    if iterations:
+        values["num_iterations"] = iterations
+    values.update(extra or {})
+    if _done(out):
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.time()
+    with quiet_threads(1):
+        train_rloo.main(make_config(train_rloo, **values))
+    _mark_done(out, {"kind": "rloo", "regularizer": reg, "learning_rate": lr, "seed": seed, "seconds": time.time() - t0})
+    return out
+
+
+def run_offline(out: Path, loss: str, lr: float, seed: int = 1, extra: Optional[dict] = None) -> Path:
+    train_offline = load_script("train_offline")
+    from .build import OFFLINE_COMMON
+
+    values = dict(OFFLINE_COMMON)
+    values.update(
+        loss=loss, model_name_or_path="toylab://sft", dataset="toylab://pairs", eval_split="validation",
+        num_epochs=1.0, global_batch_size=32, micro_batch_size=32, eval_batch_size=64, learning_rate=lr,
+        seed=seed, save_every=10, log_every=1, report_to="none", output_dir=str(out),
+    )
+    values.update(extra or {})
+    if _done(out):
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.time()
+    with quiet_threads(1):
+        train_offline.main(make_config(train_offline, **values))
+    _mark_done(out, {"kind": loss, "learning_rate": lr, "seed": seed, "seconds": time.time() - t0, **(extra or {})})
+    return out
+
+
+def evaluate_run(run_dir: Path, n: int = EVAL_N, proxy: bool = True) -> dict:
+    """Gold win rate (toy-gold) and proxy reward (reward-model judge) of every checkpoint + the SFT baseline."""
+    evaluate_judge = load_script("evaluate_judge")
+    gold_dir, proxy_dir = run_dir / "eval_gold", run_dir / "eval_proxy"
+    common = dict(
+        checkpoints=[str(run_dir)], sft_model="toylab://sft", dataset="toylab://prompts", split="test", n=n,
+        max_new_tokens=16, max_prompt_length=100, batch_size=n, judge_batch_size=n, report_to="none",
+        mixed_precision="no", plot=True,
+    )
+    out = {}
+    with quiet_threads(1):
+        if not (gold_dir / "summary.json").exists():
+            evaluate_judge.main(make_config(evaluate_judge, output_dir=str(gold_dir), judge="toy-gold", **common))
+        out["gold"] = json.loads((gold_dir / "summary.json").read_text())
+        if proxy:
+            if not (proxy_dir / "summary.json").exists():
+                if (gold_dir / "generations").is_dir() and not (proxy_dir / "generations").exists():
+                    shutil.copytree(gold_dir / "generations", proxy_dir / "generations")  # same greedy decodes
+                evaluate_judge.main(make_config(evaluate_judge, output_dir=str(proxy_dir), judge="reward-model",
+                                                reward_model="toylab://reward", **common))
+            out["proxy"] = json.loads((proxy_dir / "summary.json").read_text())
+    return out
+
+
+def _done(out: Path) -> bool:
+    return (out / "DONE.json").exists()
+
+
+def _mark_done(out: Path, info: dict) -> None:
+    (out / "DONE.json").write_text(json.dumps(info, indent=1))
+
+
+def sweep(
+    out: str | Path = "runs/toylab",
+    regularizers=tuple(REGULARIZERS),
+    lrs=LEARNING_RATES,
+    seeds=SEEDS,
+    iterations: Optional[int] = None,
+    simpo_gammas=SIMPO_GAMMAS,
+    simpo_lrs=SIMPO_LRS,
+    offline: bool = True,
+    eval_n: int = EVAL_N,
+) -> Path:
+    from . import ensure_artifact
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    for name in ("reward", "prompts"):
+        ensure_artifact(name)
+    timings = {"build_s": time.time() - t0}
+    plan = [(reg, lr, seed) for seed in seeds for lr in lrs for reg in regularizers]
+    for i, (reg, lr, seed) in enumerate(plan):
+        run = out / "rloo" / f"{reg}_lr{lr_tag(lr)}_s{seed}"
+        t = time.time()
+        print(f"[toylab sweep] ({i + 1}/{len(plan)}) RLOO {reg} lr {lr:g} seed {seed} -> {run}", flush=True)
+        run_rloo(run, reg, lr, seed, iterations)
+        evaluate_run(run, eval_n)
+        print(f"[toylab sweep] done in {time.time() - t:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
+    timings["rloo_s"] = time.time() - t0 - timings["build_s"]
+    if offline:
+        t = time.time()
+        dpo = run_offline(out / "offline" / "dpo", "dpo", 1e-4, extra={"beta": 0.1})
+        evaluate_run(dpo, eval_n, proxy=False)
+        for lr in simpo_lrs:
+            for g in simpo_gammas:
+                run = run_offline(out / "offline" / f"simpo_lr{lr_tag(lr)}_g{g:g}", "simpo", lr,
+                                  extra={"beta": 2.0, "gamma": g})
+                evaluate_run(run, eval_n, proxy=False)
+        timings["offline_s"] = time.time() - t
+    timings["total_s"] = time.time() - t0
+    (out / "sweep.json").write_text(json.dumps({
+        "regularizers": list(regularizers), "lrs": list(lrs), "seeds": list(seeds), "iterations": iterations,
+        "simpo_gammas": list(simpo_gammas), "simpo_lrs": list(simpo_lrs), "eval_n": eval_n, "timings": timings,
+    }, indent=1))
+    print(f"[toylab sweep] finished in {timings['total_s']:.0f}s: {out}", flush=True)
+    return out

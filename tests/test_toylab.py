@@ -1,0 +1,272 @@
+"""Toy lab: gold judge known answers, deterministic data, the artifact cache, and a shortened pipeline
+through the project's scripts (profile `test`: seconds-long stages, cache under tmp_path)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from maxent_rlhf.toylab import build, cache, task
+
+REPO = Path(__file__).resolve().parents[1]
+
+POST = task.format_prompt(
+    "relationships",
+    "my girlfriend and my texts",
+    "so this is about my girlfriend . lately my girlfriend ignores my texts all the time . "
+    "my roommate is busy though . we bought the phone last week . honestly i feel angry . need advice .",
+)
+PERFECT = "my girlfriend ignores my texts and i feel angry"
+
+
+# --------------------------------------------------------------------------------------------------
+# the gold judge
+# --------------------------------------------------------------------------------------------------
+def test_extract_facts_from_prompt():
+    assert task.extract_facts(POST) == {"who": "girlfriend", "action": "ignores", "object": "texts", "feeling": "angry"}
+
+
+@pytest.mark.parametrize(
+    "summary, expected",
+    [
+        (PERFECT, 4.0),  # every fact, 9 tokens, nothing else
+        ("my girlfriend ignores my texts", 3.0),  # the feeling is missing
+        ("", 0.0),
+        ("my roommate ignores my texts and i feel angry", 3.0 - 0.5),  # wrong person: a distractor from the post
+        ("my girlfriend ignores my texts and i feel angry pizza", 4.0 - 1.0),  # hallucinated word
+        ("my girlfriend ignores my texts and i feel angry angry", 4.0 - 1.0),  # repetition
+        # 16 tokens: 4 over the budget of 12 -> -2; "phone" distractor -0.5; "girlfriend" repeated -1
+        ("my girlfriend ignores my texts and my phone and my girlfriend so i feel very angry", 4.0 - 2.0 - 0.5 - 1.0),
+    ],
+)
+def test_gold_score_known_answers(summary, expected):
+    assert task.gold_score(summary, POST) == pytest.approx(expected)
+
+
+def test_gold_breakdown_counts():
+    b = task.gold_breakdown("my girlfriend ignores my texts and my phone and my girlfriend so i feel very angry", POST)
+    assert (b.facts_hit, b.length, b.over_budget, b.repeats, b.distractor_words, b.hallucinated_words) == (4, 16, 4, 1, 1, 0)
+
+
+def test_gold_preference_and_judge_registration():
+    assert task.gold_preference(PERFECT, "my girlfriend ignores my texts", POST) == 1.0
+    assert task.gold_preference("my girlfriend ignores my texts", PERFECT, POST) == 0.0
+    assert task.gold_preference(PERFECT, "my girlfriend ignores my texts , i feel angry", POST) == 0.5  # equal scores
+
+    from maxent_rlhf.judges import Pair, get_judge, post_from_prompt
+
+    judge = get_judge("toy-gold", reward_model="ignored", seed=3)  # extra evaluate_judge options are dropped
+    pairs = [
+        Pair("a", POST, post_from_prompt(POST), PERFECT, "my girlfriend ignores my texts"),
+        Pair("b", POST, post_from_prompt(POST), "my roommate hates my phone", PERFECT),
+        Pair("c", POST, post_from_prompt(POST), PERFECT, PERFECT),
+        Pair("d", "not a toy post", "x", PERFECT, PERFECT),
+    ]
+    got = {}
+    judge.judge_many(pairs, lambda i, v: got.__setitem__(i, v))
+    assert [got[i].preferred for i in range(4)] == ["A", "B", "tie", "invalid"]
+    assert got[0].scores == (4.0, 3.0)
+
+
+def test_references_and_generated_posts_are_consistent():
+    posts = task.generate_posts(300, seed=5)
+    vocab = set(task.vocabulary())
+    kinds = {"short": 0, "detail": 0, "full": 0}
+    for p in posts:
+        assert task.extract_facts(p.prompt) == p.facts  # the judge recovers the facts from the prompt alone
+        assert set((p.prompt + " " + p.reference).split()) <= vocab
+        assert task.gold_score(task.key_summary(p.facts), p.prompt) == 4.0
+        s = task.gold_score(p.reference, p.prompt)
+        kinds["short" if s == 3.0 else "detail" if s == 3.5 else "full"] += 1
+        assert s in (3.0, 3.5, 4.0)
+    # the reference mix the win rates depend on: mostly short, some with a detail, the rest ideal
+    assert kinds["short"] > kinds["full"] > 0 and kinds["detail"] > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# deterministic data
+# --------------------------------------------------------------------------------------------------
+def test_generator_is_deterministic_per_seed():
+    a, b, c = task.generate_posts(50, 7), task.generate_posts(50, 7), task.generate_posts(50, 8)
+    assert [(p.prompt, p.reference) for p in a] == [(p.prompt, p.reference) for p in b]
+    assert [p.prompt for p in a] != [p.prompt for p in c]
+
+
+def test_data_artifacts_are_byte_identical_across_builds(tmp_path):
+    d1 = build.ensure_artifact("test/sft_data", tmp_path / "c1")
+    d2 = build.ensure_artifact("test/sft_data", tmp_path / "c2")
+    for name in ("train.jsonl", "validation.jsonl", "test.jsonl"):
+        assert (d1 / name).read_bytes() == (d2 / name).read_bytes()
+    rows = build.read_jsonl(d1 / "train.jsonl")
+    assert len(rows) == build.PROFILES["test"]["task"]["n_sft_train"]
+    assert rows[0]["prompt"].startswith("SUBREDDIT: r/") and rows[0]["prompt"].endswith("TL;DR:")
+
+
+# --------------------------------------------------------------------------------------------------
+# the cache
+# --------------------------------------------------------------------------------------------------
+def _built_at(path: Path) -> float:
+    return json.loads((path / cache.MANIFEST).read_text())["built_at"]
+
+
+def test_partial_and_corrupted_artifacts_are_rebuilt(tmp_path, capsys):
+    root = tmp_path / "cache"
+    tok = build.ensure_artifact("test/tokenizer", root)
+    first = _built_at(tok)
+    assert build.ensure_artifact("test/tokenizer", root) == tok and _built_at(tok) == first  # reused
+
+    # a build killed before its manifest: no manifest -> rebuilt, never used
+    (tok / cache.MANIFEST).unlink()
+    assert "no manifest" in cache.check_artifact(tok, build.recipe_hash("test", "tokenizer"))
+    build.ensure_artifact("test/tokenizer", root)
+    assert "no manifest" in capsys.readouterr().out and _built_at(tok) != first
+
+    # a file edited / truncated after the build -> checksum or size mismatch -> rebuilt
+    f = next(p for p in tok.iterdir() if p.name.endswith(".json") and p.name != cache.MANIFEST)
+    f.write_text(f.read_text()[:-5])
+    assert "size" in cache.check_artifact(tok, build.recipe_hash("test", "tokenizer"))
+    build.ensure_artifact("test/tokenizer", root)
+    assert cache.check_artifact(tok, build.recipe_hash("test", "tokenizer")) is None
+    same_size = bytearray(f.read_bytes())
+    same_size[10] = ord("#") if same_size[10] != ord("#") else ord("$")
+    f.write_bytes(bytes(same_size))
+    assert "checksum" in cache.check_artifact(tok, build.recipe_hash("test", "tokenizer"))
+
+
+def test_recipe_change_rebuilds_downstream(monkeypatch):
+    before = {a: build.recipe_hash("test", a) for a in build.ARTIFACTS}
+    monkeypatch.setitem(build.PROFILES["test"]["sft"], "max_steps", 5)
+    after = {a: build.recipe_hash("test", a) for a in build.ARTIFACTS}
+    changed = {a for a in build.ARTIFACTS if before[a] != after[a]}
+    assert changed == {"sft", "pairs", "reward"}
+
+
+def test_kill_during_build_is_detected_and_rebuilt(tmp_path):
+    """SIGKILL a process in the middle of a build: the half-written artifact is never used."""
+    root = tmp_path / "cache"
+    script = textwrap.dedent(f"""
+        import time
+        from maxent_rlhf.toylab import build
+        real = build.BUILDERS["prompts"]
+        def slow(out, prof, deps):
+            real(out, prof, deps)          # every file written ...
+            (out / "STARTED").write_text("x")
+            time.sleep(60)                 # ... but killed before the manifest
+        build.BUILDERS["prompts"] = slow
+        build.ensure_artifact("test/prompts", {str(root)!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    deadline = time.time() + 60
+    while not list((root / "test").glob(".build-prompts-*/STARTED")):
+        assert time.time() < deadline and proc.poll() is None, "the build never started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    art = root / "test" / "prompts"
+    assert cache.check_artifact(art, build.recipe_hash("test", "prompts")) is not None  # not usable
+    path = build.ensure_artifact("test/prompts", root)  # the dead process's lock is gone: rebuild
+    assert cache.check_artifact(path, build.recipe_hash("test", "prompts")) is None
+    assert not list((root / "test").glob(".build-prompts-*"))  # the killed build's leftovers are cleaned
+
+
+def test_concurrent_callers_build_once(tmp_path, monkeypatch):
+    calls = []
+    real = build.BUILDERS["sft_data"]
+
+    def slow(out, prof, deps):
+        calls.append(1)
+        time.sleep(0.5)
+        real(out, prof, deps)
+
+    monkeypatch.setitem(build.BUILDERS, "sft_data", slow)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(build.ensure_artifact("test/sft_data", tmp_path))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(results)) == 1
+
+
+def test_unknown_names_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown toy-lab artifact 'sfft'"):
+        build.split_name("sfft")
+    with pytest.raises(ValueError, match="unknown toy-lab profile"):
+        build.split_name("huge/sft")
+
+
+# --------------------------------------------------------------------------------------------------
+# the shortened pipeline through the scripts
+# --------------------------------------------------------------------------------------------------
+def test_short_pipeline_end_to_end_and_reuse(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MAXENT_RLHF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MAXENT_RLHF_TOYLAB_PROFILE", "test")
+    from maxent_rlhf.toylab import ensure_artifact, sweep
+
+    # SFT (train_offline loss sft) -> pairs from the SFT policy -> reward model (train_offline loss reward)
+    reward = ensure_artifact("toylab://reward".split("//")[1])
+    out = capsys.readouterr().out
+    for name in ("tokenizer", "sft_data", "sft", "pairs", "reward"):
+        assert f"building {name}" in out
+    pairs = build.read_jsonl(tmp_path / "cache" / "test" / "pairs" / "train.jsonl")
+    assert pairs and all(p["gold_chosen"] != p["gold_rejected"] for p in pairs)
+    from maxent_rlhf.models import load_reward_model
+
+    assert load_reward_model(str(reward)).config.num_labels == 1  # loadable as train_rloo loads it
+    acc = json.loads((reward / "heldout_accuracy.json").read_text())
+    assert 0.0 <= acc["accuracy_vs_labels"] <= 1.0
+
+    # RLOO (train_rloo.main) on toylab:// locations, then evaluate_judge.main with the gold judge and proxy
+    run = sweep.run_rloo(tmp_path / "run", "maxent", 1e-3, seed=1, iterations=2,
+                         extra={"batch_size": 16, "per_device_train_batch_size": 16, "local_rollout_forward_batch_size": 16,
+                                "save_every": 1, "response_length": 8})
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and "objective/entropy_bonus" in metrics[0]
+    res = sweep.evaluate_run(run, n=8)
+    assert [r["step"] for r in res["gold"]["checkpoints"]] == [1, 2]
+    assert res["gold"]["baseline"]["n"] == 8 and res["gold"]["judge"] == "toy-gold"
+    assert res["proxy"]["checkpoints"][0]["mean_policy_score"] is not None
+
+    # a second invocation reuses every cached artifact (no builder runs)
+    capsys.readouterr()
+    for art in build.ARTIFACTS:
+        monkeypatch.setitem(build.BUILDERS, art, lambda *a, **k: pytest.fail("rebuilt a cached artifact"))
+    assert ensure_artifact("reward") == reward
+    assert "building" not in capsys.readouterr().out
+
+    # the report module reads the run directories
+    from maxent_rlhf import plotting
+    from maxent_rlhf.toylab.report import analyse
+
+    s = analyse(plotting.load_run(run))
+    assert s["steps"] == [0, 1, 2] and s["sft"] is not None
+
+
+def test_plotting_reads_run_directories(tmp_path):
+    from maxent_rlhf import plotting
+
+    run = tmp_path / "kl_lr1e-3_s1"
+    (run / "eval_gold").mkdir(parents=True)
+    (run / "config.yaml").write_text("regularizer: kl\nlearning_rate: 0.001\n")
+    with open(run / "metrics.jsonl", "w") as f:
+        for s in range(1, 11):
+            f.write(json.dumps({"step": s, "objective/rlhf_reward": s / 10, "objective/entropy_bonus": 0.0,
+                                "objective/kl_ref_k3": s / 5, "objective/kl_prev_k3": 0.01, "ref/logratio": -0.1}) + "\n")
+    (run / "eval_gold" / "summary.json").write_text(json.dumps({
+        "baseline": {"win_rate": 0.3, "step": None},
+        "checkpoints": [{"step": 5, "win_rate": 0.5}, {"step": 10, "win_rate": 0.6}]}))
+    r = plotting.load_run(run)
+    assert r.winrate_curve() == ([0, 5, 10], [0.3, 0.5, 0.6]) and r.final_winrate() == 0.6
+    assert plotting.regularizer_of(r) == "KL"
+    for p in (plotting.plot_reward_and_entropy([r], tmp_path / "f1.png"), plotting.plot_kl([r], tmp_path / "f3.png"),
+              plotting.plot_ref_logratio(r, tmp_path / "f4.png"),
+              plotting.plot_winrate_per_checkpoint([r], tmp_path / "f6.png", label=lambda x: "a", panel=lambda x: "b")):
+        assert p.exists() and p.stat().st_size > 1000
