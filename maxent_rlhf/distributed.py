@@ -152,14 +152,25 @@ def frozen_offload_device() -> str:
 
 @contextlib.contextmanager
 def frozen_model_loading(accelerator):
-    """Load frozen models inside this context. Under ZeRO-3 with `zero3_init_flag` it turns
-    `deepspeed.zero.Init` off, so the model arrives whole on the CPU and `prepare_frozen_model` can put
-    its weights where MAXENT_FROZEN_OFFLOAD says (a model built under zero.Init stays sharded on the
-    GPUs, which is correct but not offloaded). Elsewhere: nothing."""
+    """Load frozen models inside this context.
+
+    ZeRO-3 with `zero3_init_flag`: turns `deepspeed.zero.Init` off, so the model arrives whole on the CPU
+    and `prepare_frozen_model` can put its weights where MAXENT_FROZEN_OFFLOAD says (a model built under
+    zero.Init stays sharded on the GPUs, which is correct but not offloaded).
+    FSDP with `fsdp_cpu_ram_efficient_loading: true`: transformers would load real weights on rank 0 only
+    and leave meta tensors elsewhere (accelerate broadcasts them for the PREPARED model only), so the
+    setting is switched off while a frozen replica loads. Elsewhere: nothing."""
     plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None) if is_deepspeed(accelerator) else None
     if plugin is not None and zero_stage(accelerator) == 3 and getattr(plugin, "zero3_init_flag", False):
         with plugin.zero3_init_context_manager(enable=False):
             yield
+    elif fsdp_version(accelerator) and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() in ("1", "true"):
+        previous = os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"]
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+        try:
+            yield
+        finally:
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = previous
     else:
         yield
 

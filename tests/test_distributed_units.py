@@ -251,3 +251,35 @@ def test_accelerate_configs_load_and_use_bf16_on_gpu():
     assert z3["zero_stage"] == 3 and z3["zero3_init_flag"] and z3["zero3_save_16bit_model"]
     fsdp = yaml.safe_load((ROOT / "configs/accelerate/fsdp2.yaml").read_text())["fsdp_config"]
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_transformer_layer_cls_to_wrap"] == "GPTNeoXLayer"
+
+
+def test_frozen_model_loading_switches_fsdp_rank0_only_loading_off(monkeypatch):
+    import os
+
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    with distributed.frozen_model_loading(FakeAccelerator(DistributedType.FSDP, fsdp_version=2)):
+        assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"  # real weights on every rank
+    assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
+
+
+@pytest.mark.parametrize("config", ["multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"])
+def test_slurm_launch_line_gives_torchrun_a_c10d_rendezvous(config):
+    """What scripts/slurm/train_multinode.sbatch hands `accelerate launch` on node 1 of 2 becomes
+    torchrun's nnodes / node_rank / rdzv_endpoint (parsed only: nothing is launched)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    sbatch = (ROOT / "scripts/slurm/train_multinode.sbatch").read_text()
+    for flag in ("--num_machines", "--machine_rank \"$SLURM_PROCID\"", "--main_process_ip", "--rdzv_backend c10d"):
+        assert flag in sbatch, flag
+    args = launch_command_parser().parse_args([
+        "--config_file", str(ROOT / f"configs/accelerate/{config}.yaml"), "--num_machines", "2", "--num_processes", "16",
+        "--machine_rank", "1", "--main_process_ip", "node-a", "--main_process_port", "29500", "--rdzv_backend", "c10d",
+        "train_rloo.py", "--config", "x.yaml",
+    ])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:  # several nodes: torchrun on each node, not DeepSpeed's pdsh runner over ssh
+        assert args.deepspeed_multinode_launcher == "standard"
+    prepare_multi_gpu_env(args)  # the env torchrun gets (DeepSpeed's "standard" launcher builds the same)
+    assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, "8")
+    assert (args.rdzv_backend, args.rdzv_endpoint) == ("c10d", "node-a:29500")
