@@ -44,9 +44,7 @@ Decisions (documented here once):
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
-import importlib.util
 import math
 import time
 from dataclasses import dataclass
@@ -55,7 +53,7 @@ from typing import Callable, Optional
 
 import torch
 
-from maxent_rlhf import generation, objectives
+from maxent_rlhf import distributed, generation, objectives
 from maxent_rlhf.config import ConfigError, RunConfig, cfg, derive_batch_sizes, parse_config
 from maxent_rlhf.data import DataError, load_any_dataset, require_columns
 from maxent_rlhf.models import load_policy, load_reward_model, load_tokenizer, resolve_dtype
@@ -64,7 +62,9 @@ from maxent_rlhf.runs import (
     check_finite,
     latest_checkpoint,
     load_checkpoint,
+    resolve_mixed_precision,
     resolve_resume,
+    resolve_trackers,
     save_checkpoint,
     seed_everything,
 )
@@ -117,7 +117,9 @@ class RLOOConfig(RunConfig):
     entropy_coef: float = cfg(0.0, "alpha of r - alpha * log pi(y|x); negative = minimum entropy")
     length_normalize: bool = cfg(False, "entropy term / |y| (Eq. 7, what the paper trains)")
     min_entropy: bool = cfg(False, "minimum-entropy variant: flips the sign of a positive entropy_coef")
-    kl_ref_every: int = cfg(1, "non-kl regularisers: compute objective/kl_ref every N iterations (0: never)")
+    kl_ref_every: int = cfg(
+        1, "non-kl regularisers: compute objective/kl_ref every N iterations (0: never); kl computes it every iteration"
+    )
     # logging / system
     sample_every: int = cfg(10, "write completions to samples.jsonl every N iterations (0: never)")
     num_samples: int = cfg(4, "completions written per sample_every")
@@ -169,7 +171,6 @@ def _validate(c: RLOOConfig) -> None:
         (c.kl_ref_every >= 0, f"`kl_ref_every` = {c.kl_ref_every} must be >= 0"),
         (not (c.min_entropy and c.regularizer != "entropy"), "`min_entropy: true` needs `regularizer: entropy`"),
         (not (c.min_entropy and c.entropy_coef < 0), "`min_entropy: true` with a negative `entropy_coef` would flip the sign twice; give a positive coefficient"),
-        (not (c.regularizer == "kl" and c.kl_ref_every != 1), "`kl_ref_every` only applies to non-kl regularisers (kl needs the reference every iteration)"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -294,19 +295,6 @@ def rloo_row_advantages(rewards: torch.Tensor, k: int, whiten: bool = False, acc
     return adv
 
 
-def _trackers(report_to: str):
-    if report_to == "none":
-        return None
-    if report_to == "auto":
-        return "tensorboard" if importlib.util.find_spec("tensorboard") else None
-    return report_to
-
-
-def _synced_gpus(accelerator) -> bool:
-    ds = getattr(accelerator.state, "deepspeed_plugin", None)
-    return bool(ds is not None and getattr(ds, "zero_stage", 0) == 3)
-
-
 def _chunks(n: int, size: int):
     for s in range(0, n, size):
         yield slice(s, min(s + size, n))
@@ -320,10 +308,10 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     from accelerate import Accelerator
 
     _validate(c)
-    trackers = _trackers(c.report_to)
+    trackers = resolve_trackers(c.report_to)
     accelerator = Accelerator(
-        mixed_precision=None if c.mixed_precision == "auto" else c.mixed_precision,
-        log_with=trackers,
+        mixed_precision=resolve_mixed_precision(c.mixed_precision),
+        log_with=trackers or None,
         project_dir=c.output_dir,
     )
     device = accelerator.device
@@ -348,13 +336,15 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     need_ref = c.regularizer == "kl" or c.kl_ref_every > 0
     ref_policy = None
     if need_ref:
-        ref_policy = load_policy(c.ref_model_name_or_path or c.model_name_or_path, dtype=frozen_dtype, trust_remote_code=c.trust_remote_code)
-        ref_policy.requires_grad_(False).eval().to(device)
+        with distributed.frozen_model_loading(accelerator):
+            ref_policy = load_policy(c.ref_model_name_or_path or c.model_name_or_path, dtype=frozen_dtype, trust_remote_code=c.trust_remote_code)
+        ref_policy = distributed.prepare_frozen_model(ref_policy, accelerator)  # ZeRO-3: own engine, CPU offload
     reward_model = reward_tok = None
     retokenize = False
     if reward_fn is None:
-        reward_model = load_reward_model(c.reward_model_name_or_path, dtype=frozen_dtype, trust_remote_code=c.trust_remote_code)
-        reward_model.requires_grad_(False).eval().to(device)
+        with distributed.frozen_model_loading(accelerator):
+            reward_model = load_reward_model(c.reward_model_name_or_path, dtype=frozen_dtype, trust_remote_code=c.trust_remote_code)
+        reward_model = distributed.prepare_frozen_model(reward_model, accelerator)
         reward_tok = load_tokenizer(c.reward_model_name_or_path, padding_side="left", trust_remote_code=c.trust_remote_code)
         retokenize = not same_vocabulary(tokenizer, reward_tok)
         if retokenize and accelerator.is_main_process:
@@ -366,6 +356,7 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, 1.0 - t / plan.num_iterations))
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
+    distributed.configure_deepspeed(accelerator, c.per_device_train_batch_size, c.max_grad_norm)  # no-op without DeepSpeed
     policy, optimizer = accelerator.prepare(policy, optimizer)
 
     # ---- data ----
@@ -386,13 +377,15 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         run_dir.truncate_logs_after(start, ("metrics.jsonl", "samples.jsonl"))
         if accelerator.is_main_process:
             print(f"[train_rloo] resumed from {ckpt} at iteration {start}")
+    else:  # a fresh start (or 'latest' with no checkpoint yet): drop log lines of an earlier attempt
+        run_dir.truncate_logs_after(0, ("metrics.jsonl", "samples.jsonl"))
 
     k, rank = c.rloo_k, accelerator.process_index
     fwd = c.local_rollout_forward_batch_size
     gather = accelerator.gather
     last_saved = start if ckpt is not None else -1
     for it in range(start + 1, plan.num_iterations + 1):
-        t_iter = time.perf_counter()
+        t_iter, cpu_iter = time.perf_counter(), time.process_time()
         metrics: dict = {}
         # prompts of this process: whole groups, each repeated k times (row p * k + j)
         idx = stream.next()[rank * plan.prompts_local : (rank + 1) * plan.prompts_local]
@@ -403,17 +396,21 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         query_mask = query_mask.repeat_interleave(k, 0).to(device)
         ctx = query_ids.shape[1]
         n = query_ids.shape[0]
-        unwrapped = accelerator.unwrap_model(policy)
 
         # 1. generate rloo_k completions per prompt (KV-cached sampling at the training temperature)
         t0 = time.perf_counter()
-        unwrapped.eval()
-        with accelerator.autocast():
-            raw = torch.cat([
-                generation.generate(unwrapped, query_ids[s], query_mask[s], c.response_length, eos_id, pad_id,
-                                    temperature=c.temperature, synced_gpus=_synced_gpus(accelerator))
-                for s in _chunks(n, fwd)
-            ])
+        policy.eval()
+        # each chunk samples from a stream tied to its first row in the GLOBAL batch (not to the process):
+        # with `local_rollout_forward_batch_size` dividing the per-process batch, N processes sample
+        # exactly what one process samples (distributed.sampling_rng)
+        row0 = rank * plan.rows_local
+        raw = []
+        with distributed.unwrap_for_generation(accelerator, policy) as gen_model, accelerator.autocast():
+            for s in _chunks(n, fwd):
+                with distributed.sampling_rng(c.seed, it, row0 + s.start, device):
+                    raw.append(generation.generate(gen_model, query_ids[s], query_mask[s], c.response_length, eos_id, pad_id,
+                                                   temperature=c.temperature, synced_gpus=distributed.needs_synced_gpus(accelerator)))
+        raw = torch.cat(raw)
         t_generate = time.perf_counter() - t0
 
         # 2. truncate after the first EOS (kept), pad the rest
@@ -445,11 +442,12 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         t_score = time.perf_counter() - t0
 
         # 4. log-probs of the sampled tokens under the policy (old) and the reference, from logits / T
+        #    (no-grad forwards go through the prepared model, so sharded engines gather their parameters)
         t0 = time.perf_counter()
         with torch.no_grad(), accelerator.autocast():
             old_lp, ent = [], []
             for s in _chunks(n, fwd):
-                lp, e = generation.response_logprobs(unwrapped, qr[s], qr_mask[s], ctx, c.temperature, return_entropy=True)
+                lp, e = generation.response_logprobs(policy, qr[s], qr_mask[s], ctx, c.temperature, return_entropy=True)
                 old_lp.append(lp.float())
                 ent.append(e.float())
             old_logprobs, token_entropy = torch.cat(old_lp), torch.cat(ent)
@@ -483,8 +481,8 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
                 for a in range(plan.grad_accum):
                     rows = mb[a * micro : (a + 1) * micro]
                     sync = a == plan.grad_accum - 1
-                    ctx_mgr = accelerator.no_sync(policy) if not sync else contextlib.nullcontext()
-                    with ctx_mgr, accelerator.autocast():
+                    # DDP/FSDP: all-reduce on the last micro-batch only; DeepSpeed: the engine steps there
+                    with distributed.micro_step(accelerator, policy, sync), accelerator.autocast():
                         new_lp = generation.response_logprobs(policy, qr[rows], qr_mask[rows], ctx, c.temperature).float()
                         out = objectives.ppo_clipped_policy_loss(
                             new_lp, old_logprobs[rows], advantages[rows], response_mask[rows], c.cliprange, level=c.loss_level
@@ -503,10 +501,10 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         t_update = time.perf_counter() - t0
         # KL between consecutive policies on this iteration's samples: old log-probs vs a post-update forward
         t0 = time.perf_counter()
-        unwrapped.eval()
+        policy.eval()
         with torch.no_grad(), accelerator.autocast():
             new_logprobs = torch.cat([
-                generation.response_logprobs(unwrapped, qr[s], qr_mask[s], ctx, c.temperature).float() for s in _chunks(n, fwd)
+                generation.response_logprobs(policy, qr[s], qr_mask[s], ctx, c.temperature).float() for s in _chunks(n, fwd)
             ])
         t_kl_prev = time.perf_counter() - t0
 
@@ -537,7 +535,8 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         if stats["grad_norm"]:
             metrics["train/grad_norm"] = gmean(torch.stack(stats["grad_norm"]).mean())
         metrics["train/lr"] = lr_used
-        metrics["val/advantage_std"] = gmean(advantages.std()) if advantages.numel() > 1 else 0.0
+        # std over the GLOBAL batch (a mean of per-process stds is not the global std)
+        metrics["val/advantage_std"] = float(gather(advantages.detach().float().reshape(-1)).std()) if c.batch_size > 1 else 0.0
         metrics["response/length"] = tokens_global / c.batch_size
         metrics["response/eos_fraction"] = gmean(contains_eos)
         metrics["data/truncated_prompts"] = truncated_prompts
@@ -550,6 +549,7 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         metrics["time/kl_prev"] = t_kl_prev
         t_total = time.perf_counter() - t_iter
         metrics["time/iteration"] = t_total
+        metrics["time/iteration_cpu"] = time.process_time() - cpu_iter  # CPU seconds of this process (all threads)
         metrics["perf/episodes_per_s"] = c.batch_size / t_total
         metrics["perf/tokens_per_s"] = tokens_global / t_total  # real (unpadded) response tokens
         if c.log_every > 0 and (it % c.log_every == 0 or it == plan.num_iterations):

@@ -117,7 +117,7 @@ def reward_runs(base, tiny_tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("reward_runs")
     fn = token_reward(tiny_tokenizer)
     common = dict(batch_size=16, rloo_k=4, num_mini_batches=1, per_device_train_batch_size=16, num_ppo_epochs=2,
-                  num_iterations=20, learning_rate=1e-2, lr_schedule="constant", missing_eos_penalty=0.0, sample_every=0)
+                  num_iterations=15, learning_rate=1e-2, lr_schedule="constant", missing_eos_penalty=0.0, sample_every=0)
     runs = {}
     for name, reg in (("none", dict(regularizer="none")), ("kl", dict(regularizer="kl", kl_coef=1.0))):
         c = replace(base, output_dir=str(out / name), **common, **reg)
@@ -201,3 +201,10 @@ def test_long_prompts_are_cut_from_the_left_and_counted(base, tmp_path):
     assert [r["data/truncated_prompts"] for r in read_metrics(run)] == [2, 4]  # every prompt once per iteration
     samples = [json.loads(l) for l in (run / "samples.jsonl").read_text().splitlines()]
     assert all(len(s["prompt"].split()) <= c.max_prompt_length and s["prompt"].endswith("TL;DR:") for s in samples)
+
+
+def test_fresh_start_in_a_used_directory_drops_the_old_log_lines(base, tmp_path):
+    c = replace(base, num_iterations=1, sample_every=0, output_dir=str(tmp_path / "again"))
+    train_rloo.main(c)
+    run = Path(train_rloo.main(c))  # no --resume: a new run, not an append to the old log
+    assert [r["step"] for r in read_metrics(run)] == [1]
