@@ -12,7 +12,7 @@ Cases (each in a fresh subprocess, so that peak memory is the case's own):
   logprobs/*-nograd                   the same, forward only (reference / precompute passes)
 
 Every step case runs `train_offline.main` itself (global batch 8 pairs, prompt 64 + response 32 tokens);
-the first step is a warm-up and is not counted. Peak memory: on GPU torch.cuda.max_memory_allocated
+the first step is a warm-up and is not counted; speeds are medians over the other steps. Peak memory: on GPU torch.cuda.max_memory_allocated
 over the measured region; on CPU the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs when the region starts) and its increase over the resident set at that point.
 Speed and memory figures belong in bench output and notes, never in tests.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,6 +141,7 @@ def run_step_case(spec: dict, steps: int, root: Path, cuda: bool) -> dict:
     def timed_batch_loss(*a, **k):
         if marks["calls"] == micro_per_step:  # first micro-batch of step 2: the measured region starts
             region.start()
+            marks["cpu0"] = time.process_time()
         marks["calls"] += 1
         return real_batch_loss(*a, **k)
 
@@ -168,6 +170,7 @@ def run_step_case(spec: dict, steps: int, root: Path, cuda: bool) -> dict:
     def check_and_stop(name, value, step, run_dir=None):  # called once per step, after the update
         real_check(name, value, step, run_dir)
         if step == steps:
+            marks["cpu_s"] = time.process_time() - marks["cpu0"]
             marks["mem"] = region.stop()  # before the final checkpoint is written
 
     runs.check_finite = check_and_stop
@@ -178,9 +181,14 @@ def run_step_case(spec: dict, steps: int, root: Path, cuda: bool) -> dict:
     params = models.count_parameters(models.load_policy(model_dir))
     return {
         "params": params,
-        "samples_per_s": sum(m["perf/samples_per_s"] for m in ms) / len(ms),
-        "tokens_per_s": sum(m["perf/tokens_per_s"] for m in ms) / len(ms),
+        "samples_per_s": statistics.median(m["perf/samples_per_s"] for m in ms),  # median: robust to a busy machine
+        "tokens_per_s": statistics.median(m["perf/tokens_per_s"] for m in ms),
         "measured_steps": len(ms),
+        # CPU seconds of this process over the measured steps: far less sensitive to other processes
+        # than wall time (with one torch thread it is the compute time itself)
+        "samples_per_cpu_s": len(ms) * c.global_batch_size / marks["cpu_s"],
+        "tokens_per_cpu_s": sum(m["perf/tokens_per_s"] * c.global_batch_size / m["perf/samples_per_s"] for m in ms)
+        / marks["cpu_s"],
         **timing,
         **mem,
     }
@@ -221,11 +229,12 @@ def run_logprobs_case(spec: dict, cuda: bool) -> dict:
 # --------------------------------------------------------------------------------------------------
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3, help="training steps per case (the first is a warm-up)")
+    ap.add_argument("--steps", type=int, default=6, help="training steps per case (the first is a warm-up; median of the rest)")
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--workdir", default=None, help="where models / data are built (default: a temp dir)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads in each case (0: torch's default)")
     ap.add_argument("--_case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -233,6 +242,8 @@ def main():
 
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     if args._case:  # child process: one case, result as the last line of stdout
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
         spec = CASES[args._case]
         root = Path(args.workdir)
         res = run_step_case(spec, args.steps, root, cuda) if spec["kind"] == "step" else run_logprobs_case(spec, cuda)
@@ -242,12 +253,15 @@ def main():
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_offline_"))
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    device_name = torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
-    print(f"device: {device_name}; torch {torch.__version__}; steps per case {args.steps} (first = warm-up)")
+    threads = args.threads or torch.get_num_threads()
+    device_name = torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores, torch threads {threads})"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"device: {device_name}; torch {torch.__version__}; steps per case {args.steps} (first = warm-up); "
+          f"load average {load:.1f} (a shared machine makes CPU timings noisy)")
     results = {}
     for name in [c for c in args.cases.split(",") if c]:
         cmd = [sys.executable, __file__, "--_case", name, "--steps", str(args.steps), "--workdir", str(workdir),
-               "--device", "cuda" if cuda else "cpu"]
+               "--device", "cuda" if cuda else "cpu", "--threads", str(args.threads)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -261,7 +275,8 @@ def main():
         if name.startswith("step/"):
             extra = f", precompute {res['precompute_s']:.2f} s once" if "precompute_s" in res else ""
             print(f"{name:26s} params {res['params'] / 1e6:6.2f}M  {res['samples_per_s']:8.2f} samples/s  "
-                  f"{res['tokens_per_s']:10.0f} tokens/s  peak {res['peak_mib']:8.1f} MiB "
+                  f"{res['tokens_per_s']:8.0f} tokens/s  ({res['samples_per_cpu_s']:.2f} samples, "
+                  f"{res['tokens_per_cpu_s']:.0f} tokens per CPU-s)  peak {res['peak_mib']:7.1f} MiB "
                   f"(+{res['increase_mib']:.1f} over {res['base_mib']:.1f} at step start, {res['memory']}){extra}")
         else:
             print(f"{name:26s} logits {res['logits_mib']:.0f} MiB  {'fwd+bwd' if 'nograd' not in name else 'fwd'} "
