@@ -88,7 +88,8 @@ def _launch(d, tiny_tokenizer):
     with open(pairs, "w") as f:
         for i in range(16):
             f.write(json.dumps({"prompt": f"SUBREDDIT: r/cats POST: {_sentence(rng, 3 + i % 3)} TL;DR:",
-                                "chosen": _sentence(rng, 2 + i % 3), "rejected": _sentence(rng, 4 + i % 2)}) + "\n")
+                                "chosen": _sentence(rng, 2 + i % 3), "rejected": _sentence(rng, 4 + i % 2),
+                                "completion": _sentence(rng, 3)}) + "\n")  # reference summaries (reward norm)
     with open(prompts, "w") as f:
         for i in range(16):
             f.write(json.dumps({"prompt": f"SUBREDDIT: r/cats POST: {_sentence(rng, 2 + i % 5)} TL;DR:"}) + "\n")
@@ -105,17 +106,26 @@ def _launch(d, tiny_tokenizer):
         sample_every=1, num_samples=8,
     )
 
+    # two more shapes for the 1-vs-2 comparison: a reward model with sharded evaluation and the
+    # reduced reference-mean normalisation, and the maxent regulariser with advantages whitened over
+    # the gathered global batch and kl_ref computed every other iteration
+    reward = dict(offline, loss="reward", learning_rate=1e-3, eval_split="train", max_eval_samples=10, eval_every=2,
+                  eval_batch_size=4, save_every=0)
+    maxent = dict(rloo, regularizer="entropy", entropy_coef=0.1, length_normalize=True, whiten_advantages=True,
+                  kl_ref_every=2, save_every=0, sample_every=0)
+
     def jobs(tag, resume):
         out = [
-            {"name": f"offline-{tag}", "script": "offline", "config": dict(offline, output_dir=str(d / f"offline-{tag}"))},
-            {"name": f"rloo-{tag}", "script": "rloo", "config": dict(rloo, output_dir=str(d / f"rloo-{tag}"))},
+            {"name": f"{name}-{tag}", "script": script, "config": dict(config, output_dir=str(d / f"{name}-{tag}"))}
+            for name, script, config in (("offline", "offline", offline), ("rloo", "rloo", rloo),
+                                         ("reward", "offline", reward), ("maxent", "rloo", maxent))
         ]
         if resume:  # a fresh run directory, continued from the uninterrupted run's step-2 checkpoint
             out += [
                 {"name": f"{j['script']}-{tag}-resumed", "script": j["script"],
                  "config": dict(j["config"], output_dir=j["config"]["output_dir"] + "-resumed",
                                 resume=j["config"]["output_dir"] + "/checkpoints/step_00000002")}
-                for j in list(out)
+                for j in out[:2]
             ]
         return out
 
@@ -168,11 +178,11 @@ def _max_weight_diff(wa, wb):
     return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
 
 
-@pytest.mark.parametrize("script", ["offline", "rloo"])
+@pytest.mark.parametrize("script", ["offline", "rloo", "reward", "maxent"])
 def test_two_processes_match_one_process(launched, script):
     one, two = launched / f"{script}-p1", launched / f"{script}-p2"
     m1, m2 = _metrics(one), _metrics(two)
-    assert [m["step"] for m in m2] == [1, 2, 3, 4]
+    assert sorted({m["step"] for m in m2}) == [1, 2, 3, 4]
     _assert_metrics_close(m2, m1)
     assert _max_weight_diff(_weights(one), _weights(two)) <= WEIGHT_ATOL
     # and the runs did train: the weights moved well beyond the tolerance
