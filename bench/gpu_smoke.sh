@@ -14,4 +14,8 @@ for arg in "$@"; do
         exec env CUDA_VISIBLE_DEVICES="" python bench/gpu_smoke.py "$@"
     fi
 done
+if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_smoke: no GPU visible; run 'bash bench/gpu_smoke.sh --tiny' for the CPU dry run" >&2
+    exit 2
+fi
 exec accelerate launch --config_file configs/accelerate/single_gpu.yaml bench/gpu_smoke.py "$@"
