@@ -12,15 +12,17 @@ so a script calls them unconditionally and stays one code path. Supported combin
                                                                                          synced_gpus
     FSDP version 1             refused for generation (`unwrap_for_generation` says so): use fsdp2.yaml
 
-Gradient accumulation: the scripts divide each micro-batch loss by their accumulation count and call
+Gradient accumulation: both scripts divide each micro-batch loss by their accumulation count and call
 `accelerator.backward` per micro-batch inside `micro_step(...)`. Under DDP / FSDP that skips the
 gradient all-reduce on all but the last micro-batch; under DeepSpeed it tells the engine which backward
 ends the accumulation (the engine steps there and only there), and `configure_deepspeed` keeps
-DeepSpeed's own accumulation count at the Accelerator's (1 there) so it does not divide the loss a second
-time. A script that uses `accelerator.accumulate` instead (train_offline.py) needs only
-`configure_deepspeed`. The optimizer
+DeepSpeed's own accumulation count at the Accelerator's (1 for these scripts) so it does not divide the
+loss a second time (a script using `accelerator.accumulate` would get its count instead). The optimizer
 step the script calls afterwards is a no-op under DeepSpeed (accelerate's wrapper); clipping then uses
 DeepSpeed's `gradient_clipping`, which `configure_deepspeed` sets to the script's max_grad_norm.
+
+Sampling: `sampling_rng` ties each rollout chunk's random stream to its rows of the global batch, so N
+processes sample what one process samples. Checkpoints under DeepSpeed / FSDP: see `runs.uses_engine_state`.
 
 Nothing here can run on this project's CPU test machine beyond the no-op paths; the DeepSpeed / FSDP
 branches are kept short and follow accelerate 1.x and DeepSpeed's documented APIs.
