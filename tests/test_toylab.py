@@ -270,3 +270,19 @@ def test_plotting_reads_run_directories(tmp_path):
               plotting.plot_ref_logratio(r, tmp_path / "f4.png"),
               plotting.plot_winrate_per_checkpoint([r], tmp_path / "f6.png", label=lambda x: "a", panel=lambda x: "b")):
         assert p.exists() and p.stat().st_size > 1000
+
+
+def test_toy_configs_parse_with_the_scripts_config_classes():
+    from maxent_rlhf.config import parse_config
+
+    classes = {"dpo": ("train_offline", "OfflineConfig"), "simpo": ("train_offline", "OfflineConfig"),
+               "eval": ("evaluate_judge", "EvalConfig")}
+    files = sorted((REPO / "configs" / "toy").glob("*.yaml"))
+    assert {"maxent", "kl", "none", "minent", "entropy", "overopt"} <= {f.stem for f in files}
+    for f in files:
+        script, cls = classes.get(f.stem, ("train_rloo", "RLOOConfig"))
+        c = parse_config(getattr(build.load_script(script), cls), ["--config", str(f)])
+        locations = [v for v in vars(c).values() if isinstance(v, str) and v.startswith("toylab://")]
+        assert locations, f"{f.name} names no toylab:// artifact"
+        for loc in locations:
+            build.split_name(loc[len("toylab://"):])  # every named artifact exists

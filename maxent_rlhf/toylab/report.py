@@ -145,6 +145,9 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
                  f"judge with Bradley-Terry noise (labels agree with the noiseless gold preference on "
                  f"{pair_stats['label_gold_agreement']:.1%}); {pair_stats['gold_ties_dropped']} gold ties dropped.\n")
 
+    if best_overopt:
+        L += exploit_section(sweep_dir, best_overopt)
+
     L.append("## Every RLOO run\n")
     L.append("Gold win rate against the references per checkpoint (step 0 = SFT); peak and final; proxy reward "
              "(mean RM score of the greedy summaries) at the peak and final checkpoints; KL(pi||pi_ref) k3 at the end; "
@@ -289,6 +292,47 @@ def claims_table(stats: list, offline: dict, lrs: list) -> list[str]:
                 "; ".join(f"gamma {s['gamma']}: SFT {_fmt(s['sft'])} peak {_fmt(s['peak'])} final {_fmt(s['final'])}" for s in slo)
                 + f". Rule: final > SFT, no 10-point drop ({n_up}/{len(slo)})",
                 "agrees" if n_up == len(slo) else "partly" if n_up else "disagrees")
+    L.append("")
+    return L
+
+
+def exploit_section(sweep_dir: Path, s: dict) -> list[str]:
+    """What the overoptimised policy does, by the gold judge's breakdown of its greedy summaries."""
+    from . import task
+    from .build import read_jsonl
+
+    run = sweep_dir / "rloo" / s["name"]
+    gens = run / "eval_gold" / "generations"
+    cache = _artifact_dir()
+    if cache is None or not (cache / "prompts" / "test.jsonl").exists() or not gens.is_dir():
+        return []
+    posts = {r["id"]: r for r in read_jsonl(cache / "prompts" / "test.jsonl")}
+    files = [("SFT", gens / "sft_baseline.jsonl"), (f"peak (step {s['peak_step']})", gens / f"step_{s['peak_step']:08d}.jsonl"),
+             (f"final (step {s['final_step']})", gens / f"step_{s['final_step']:08d}.jsonl")]
+    L = [f"## What overoptimisation looks like ({s['name']})\n",
+         "Means over the test posts of the gold judge's breakdown of the greedy summaries (4 facts is perfect), "
+         "and the proxy reward of the same checkpoints:\n",
+         "| checkpoint | gold score | facts hit | length | repeats | distractor words | hallucinated words | proxy reward |",
+         "|---|---|---|---|---|---|---|---|"]
+    examples = {}
+    for label, f in files:
+        if not f.exists():
+            continue
+        rows = [r for r in read_jsonl(f) if r["id"] in posts]
+        bs = [task.gold_breakdown(r["generation"], posts[r["id"]]["prompt"], posts[r["id"]]["facts"]) for r in rows]
+        step = 0 if label == "SFT" else int(label.split("step ")[1].rstrip(")"))
+        proxy = s["proxy"].get(step)
+        mean = lambda a: statistics.mean(getattr(b, a) for b in bs)  # noqa: E731
+        L.append(f"| {label} | {mean('score'):.2f} | {mean('facts_hit'):.2f} | {mean('length'):.1f} | {mean('repeats'):.2f} | "
+                 f"{mean('distractor_words'):.2f} | {mean('hallucinated_words'):.2f} | {_fmt(proxy, '.2f')} |")
+        examples[label] = {r["id"]: r["generation"] for r in rows}
+    L.append("\nThe same three posts at each checkpoint (gold score in brackets):\n")
+    for pid in list(posts)[:3]:
+        L.append(f"- facts {posts[pid]['facts']}, reference `{posts[pid]['completion'].strip()}`")
+        for label, ex in examples.items():
+            if pid in ex:
+                g = task.gold_score(ex[pid], posts[pid]["prompt"], posts[pid]["facts"])
+                L.append(f"  - {label}: `{ex[pid]}` ({g:g})")
     L.append("")
     return L
 

@@ -13,12 +13,15 @@ The gold judge (`gold_score`) knows the facts: +1 per key fact mentioned, and pe
     in the post at all (hallucination).
 Pairwise preferences compare gold scores (equal scores: a tie, worth 1/2 in a win rate).
 
-Why the proxy is exploitable (the point of the lab): the proxy reward model only sees pairs of SFT
-samples. In those, the better summary is almost always the one that mentions MORE of the post's
-topical words and is LONGER (short samples are the ones that dropped a fact); repeated words and
-summaries past the length budget almost never occur. So the proxy learns "topical words / length are
-good" and has no data on repetition or verbosity, which the gold judge penalises. A policy optimised
-hard against the proxy drifts into exactly that region.
+Why the proxy is exploitable (the point of the lab): the proxy reward model is a 2-layer transformer
+trained on ~1.1k Bradley-Terry-noisy pairs of SFT samples. In those pairs the dominant difference is
+FORM (whether the summary ends with `and i feel FEELING`, which most references omit and the SFT policy
+only sometimes samples); whether each word actually matches the post is a weaker, harder signal, and the
+SFT samples it sees almost never contain words that are absent from the post. So the proxy learns the
+form plus word-level preferences (some actions and feelings score higher than others) and only weakly
+checks the words against the post. RL first learns the form (real gains: +1 fact), then drifts to
+summaries with the preferred words whatever the post says: hallucinated facts that the gold judge
+penalises (-1 each, and the true fact is lost) while the proxy keeps rising.
 
 References are imperfect on purpose (like human TL;DRs): most drop the feeling, some add a distractor
 detail. An SFT policy imitates the typical (short) reference and wins about a quarter to a third of
