@@ -302,9 +302,20 @@ def main(c: OfflineConfig) -> str:
     trackers = runs.resolve_trackers(c.report_to)
     accelerator = Accelerator(mixed_precision=runs.resolve_mixed_precision(c.mixed_precision), log_with=trackers or None, project_dir=c.output_dir)
     distributed.configure_deepspeed(accelerator, c.micro_batch_size, c.max_grad_norm)  # no-op without DeepSpeed
+    if c.loss == "reward" and c.normalize_reward and (distributed.zero_stage(accelerator) == 3 or distributed.fsdp_version(accelerator)):
+        # the reward shift edits one bias of the HF model in place: under ZeRO-3 / FSDP that is a shard
+        raise ConfigError("`normalize_reward` is not supported under ZeRO-3 or FSDP (the shift would edit one "
+                          "shard); train reward models with DDP or deepspeed_zero2.yaml, or set normalize_reward: false")
     run_dir = runs.RunDir(c.output_dir, accelerator)
-    run_dir.save_config(c)
     resume_from = runs.resolve_resume(c.resume, c.output_dir)
+    if resume_from is None:  # a fresh run must not mix its metrics / checkpoints with an older run's
+        if not c.resume and (runs.list_checkpoints(run_dir.path) or (run_dir.path / "metrics.jsonl").exists()):
+            raise ConfigError(
+                f"output_dir {c.output_dir!r} already holds a run (metrics.jsonl or checkpoints): pass "
+                "--resume latest to continue it, or choose a new output_dir"
+            )
+        run_dir.truncate_logs_after(0)  # resume 'latest' before any checkpoint: start over
+    run_dir.save_config(c)
     runs.seed_everything(c.seed)
     device = accelerator.device
 
