@@ -366,6 +366,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, datasets,
     assert all(torch.isfinite(p).all() for p in models.load_policy(str(ckpt)).parameters())
 
 
+def test_fresh_run_refuses_an_output_dir_holding_another_run(tmp_path, datasets, tiny_policy_dir):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match="already holds a run .*--resume latest"):
+        train_offline.main(make_cfg(tmp_path, tiny_policy_dir, datasets["sft4"], loss="sft"))
+
+
 def test_unknown_loss_lists_the_valid_ones(capsys):
     with pytest.raises(SystemExit):
         parse_config(OfflineConfig, ["--loss", "dpoo"])
