@@ -365,9 +365,9 @@ def _common_judge_kwargs(config: EvalConfig) -> dict:
 
 def main(config: EvalConfig) -> dict:
     """Generate, judge and summarise. Returns the summary dict (an empty dict on non-main processes)."""
-    from accelerate import PartialState
+    from maxent_rlhf.distributed import process_state
 
-    state = PartialState()
+    state = process_state()
     out_dir = Path(config.output_dir)
     if state.is_main_process:
         (out_dir / "generations").mkdir(parents=True, exist_ok=True)

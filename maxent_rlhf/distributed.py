@@ -293,3 +293,15 @@ def sampling_rng(seed: int, iteration: int, first_row: int, device=None):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(sampling_seed(seed, iteration, first_row))
         yield
+
+
+def process_state():
+    """accelerate's PartialState, honouring ACCELERATE_USE_CPU like `Accelerator` does.
+
+    A bare `PartialState()` ignores that variable, so under `configs/accelerate/cpu.yaml` every CPU
+    process would think it runs alone (each generating and writing everything).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
