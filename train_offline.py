@@ -33,8 +33,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import parse_flag_from_env
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from maxent_rlhf import data, distributed, generation, models, objectives, runs
@@ -295,9 +294,7 @@ def load_examples(c: OfflineConfig, dataset: str, split: str, limit: int, kind: 
 
 def main(c: OfflineConfig) -> str:
     validate(c)
-    # cpu= as Accelerator reads it: a bare PartialState() ignores ACCELERATE_USE_CPU, and several CPU
-    # processes would then each see num_processes 1 (configs/accelerate/cpu.yaml)
-    num_processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).num_processes
+    num_processes = distributed.process_state().num_processes
     per_process, grad_accum = derive_batch_sizes(c.global_batch_size, num_processes, c.micro_batch_size)
     trackers = runs.resolve_trackers(c.report_to)
     accelerator = Accelerator(mixed_precision=runs.resolve_mixed_precision(c.mixed_precision), log_with=trackers or None, project_dir=c.output_dir)

@@ -117,12 +117,17 @@ def response_logits(model, query_responses: Tensor, attention_mask: Tensor, cont
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     )
+    total = query_responses.shape[1]
+    # Indices (not a count) so the LM head runs on exactly the response positions: slicing a larger
+    # logits tensor afterwards would cost a second logits-sized buffer in backward.
+    keep = torch.arange(context_length - 1, total - 1, device=query_responses.device)
     try:
-        out = model(**kwargs, logits_to_keep=resp_len + 1)
+        logits = model(**kwargs, logits_to_keep=keep).logits
     except TypeError:  # models without logits_to_keep
-        out = model(**kwargs)
-    logits = out.logits
-    return logits[:, -(resp_len + 1) : -1]
+        logits = model(**kwargs).logits
+    if logits.shape[1] != resp_len:  # the model ignored logits_to_keep
+        logits = logits[:, context_length - 1 : total - 1]
+    return logits
 
 
 def response_logprobs(

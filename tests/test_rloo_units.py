@@ -58,6 +58,8 @@ class FixedLogits(torch.nn.Module):
     def forward(self, input_ids, logits_to_keep=0, **kw):
         b, t = input_ids.shape
         logits = self.table[:t].expand(b, t, -1)
+        if isinstance(logits_to_keep, torch.Tensor):  # HF semantics: positions to keep
+            return SimpleNamespace(logits=logits[:, logits_to_keep])
         return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
 
 
