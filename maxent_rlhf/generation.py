@@ -158,9 +158,8 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
     return length - 1 - first_true_index(attention_mask.flip(-1).bool())
 
 
-@torch.no_grad()
-def reward_model_scores(reward_model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Scalar reward read at the last real token (the EOS) of prompt + response: [B].
+def reward_model_scores_with_grad(reward_model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Scalar reward read at the last real token (the EOS) of prompt + response: [B] (differentiable).
 
     Runs the backbone and applies the `score` head at that one position, instead of relying on HF's
     pooling, which finds the last non-pad token by pad id and breaks when pad == EOS (Pythia).
@@ -174,18 +173,10 @@ def reward_model_scores(reward_model, input_ids: Tensor, attention_mask: Tensor)
     ).last_hidden_state
     idx = last_token_index(attention_mask)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-    return reward_model.score(picked).squeeze(-1).float()
-
-
-def reward_model_scores_with_grad(reward_model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Same as `reward_model_scores`, differentiable (reward-model training)."""
-    backbone = getattr(reward_model, reward_model.base_model_prefix)
-    hidden = backbone(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
-    idx = last_token_index(attention_mask)
-    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
     return reward_model.score(picked).squeeze(-1)
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """`reward_model_scores_with_grad` without autograd, as float32 (scoring rollouts, judging)."""
+    return reward_model_scores_with_grad(reward_model, input_ids, attention_mask).float()
