@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     s.add_argument("--iterations", type=int, default=None)
     s.add_argument("--no-offline", action="store_true")
     s.add_argument("--eval-n", type=int, default=None)
+    s.add_argument("--extra", action="store_true",
+                   help="add runs (e.g. another --lrs) to an existing sweep directory without rewriting sweep.json")
     r = sub.add_parser("report", help="figures and report.md from a sweep directory")
     r.add_argument("--out", default="runs/toylab")
     r.add_argument("--report-dir", default="report")
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
             kw["regularizers"] = tuple(a.regularizers.split(","))
         if a.eval_n:
             kw["eval_n"] = a.eval_n
-        sw.sweep(a.out, iterations=a.iterations, offline=not a.no_offline, **kw)
+        sw.sweep(a.out, iterations=a.iterations, offline=not (a.no_offline or a.extra), write_meta=not a.extra, **kw)
         a.cmd = "report"
     if a.cmd == "report":
         from .report import write_report

@@ -43,7 +43,7 @@ REGULARIZER_LABELS = {
 LEARNING_RATES = (1e-4, 1e-3)  # toy analogues of the paper's low "reference-free" lr (1e-7) and the "KL works" lr (1e-6)
 SEEDS = (1, 2, 3)
 SIMPO_GAMMAS = (0.0, 0.5, 1.0, 2.0)
-SIMPO_LRS = (1e-4, 1e-3)
+SIMPO_LRS = (3e-4, 3e-3)  # a gradual and an aggressive lr (the paper's 2e-7 and 1e-6 roles)
 EVAL_N = 200
 
 
@@ -84,7 +84,7 @@ def run_offline(out: Path, loss: str, lr: float, seed: int = 1, extra: Optional[
     values = dict(OFFLINE_COMMON)
     values.update(
         loss=loss, model_name_or_path="toylab://sft", dataset="toylab://pairs", eval_split="validation",
-        num_epochs=1.0, global_batch_size=32, micro_batch_size=32, eval_batch_size=64, learning_rate=lr,
+        num_epochs=4.0, global_batch_size=32, micro_batch_size=32, eval_batch_size=64, learning_rate=lr,
         seed=seed, save_every=10, log_every=1, report_to="none", output_dir=str(out),
     )
     values.update(extra or {})
@@ -140,7 +140,10 @@ def sweep(
     simpo_lrs=SIMPO_LRS,
     offline: bool = True,
     eval_n: int = EVAL_N,
+    write_meta: bool = True,
 ) -> Path:
+    """Run (or complete: finished runs are skipped) the sweep into `out`. write_meta=False adds runs to
+    an existing sweep (e.g. an extra learning rate) without changing what sweep.json says the sweep is."""
     from . import ensure_artifact
 
     out = Path(out)
@@ -160,7 +163,7 @@ def sweep(
     timings["rloo_s"] = time.time() - t0 - timings["build_s"]
     if offline:
         t = time.time()
-        dpo = run_offline(out / "offline" / "dpo", "dpo", 1e-4, extra={"beta": 0.1})
+        dpo = run_offline(out / "offline" / "dpo", "dpo", 1e-3, extra={"beta": 0.1})
         evaluate_run(dpo, eval_n, proxy=False)
         for lr in simpo_lrs:
             for g in simpo_gammas:
@@ -169,6 +172,8 @@ def sweep(
                 evaluate_run(run, eval_n, proxy=False)
         timings["offline_s"] = time.time() - t
     timings["total_s"] = time.time() - t0
+    if not write_meta:
+        return out
     (out / "sweep.json").write_text(json.dumps({
         "regularizers": list(regularizers), "lrs": list(lrs), "seeds": list(seeds), "iterations": iterations,
         "simpo_gammas": list(simpo_gammas), "simpo_lrs": list(simpo_lrs), "eval_n": eval_n, "timings": timings,
