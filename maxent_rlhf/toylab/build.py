@@ -39,9 +39,9 @@ PROFILES: dict[str, dict] = {
     "default": {
         "task": {"version": task.TASK_VERSION, "seed": 0, "p_short": 0.55, "p_detail": 0.15,
                  "n_sft_train": 4000, "n_sft_validation": 200, "n_rl_train": 2000, "n_test": 200,
-                 "n_pair_prompts": 3000},
+                 "n_pair_prompts": 4000},
         "model": MODEL,
-        "sft": {"max_steps": 800, "batch_size": 32, "lr": 3e-3, "seed": 0},
+        "sft": {"max_steps": 1200, "batch_size": 32, "lr": 3e-3, "seed": 0},
         "pairs": {"temperature": 1.0, "bt_temperature": 0.5, "max_new_tokens": 16, "seed": 0,
                   "validation_fraction": 0.1, "test_fraction": 0.1},
         "reward": {"epochs": 3, "batch_size": 32, "lr": 1e-3, "seed": 0},
