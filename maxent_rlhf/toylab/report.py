@@ -325,9 +325,18 @@ def claims_table(stats: list, offline: dict, lrs: list, extra_lrs=()) -> list[st
             g0 = [s["final"] for s in slo if not s["gamma"]]
             gp = [s["final"] for s in slo if s["gamma"]]
             if g0 and gp:
-                row(12, "App. B: an appropriate margin gamma > 0 improves on gamma = 0 (low lr)",
+                row(12, f"App. B: an appropriate margin gamma > 0 improves on gamma = 0 (lowest lr, {slrs[0]:g})",
                     f"final win: gamma 0 {g0[0]:.1%}, best gamma > 0 {max(gp):.1%}. Rule: best gamma > 0 at least 2 points higher",
                     "agrees" if max(gp) - g0[0] >= 0.02 else "disagrees")
+        for lr in slrs:
+            sel = sorted((s for s in simpo if s["lr"] == lr and "final" in s), key=lambda s: s["gamma"] or 0)
+            if len(sel) >= 2 and any(s["drop"] >= DROP for s in sel):
+                finals = [s["final"] for s in sel]
+                worse = finals[-1] < finals[0] - 0.05
+                row(13, f"App. B: a larger margin makes SimPO's overoptimisation worse (lr {lr:g})",
+                    "final win by gamma: " + ", ".join(f"{s['gamma']}: {s['final']:.0%}" for s in sel)
+                    + ". Rule: largest gamma ends >= 5 points below gamma 0",
+                    "n/a (every gamma ends at ~0)" if max(finals) < 0.05 else "agrees" if worse else "disagrees")
     L.append("")
     return L
 
