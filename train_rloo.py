@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from maxent_rlhf import distributed, generation, objectives
 from maxent_rlhf.config import ConfigError, RunConfig, cfg, derive_batch_sizes, parse_config
@@ -384,7 +385,11 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     fwd = c.local_rollout_forward_batch_size
     gather = accelerator.gather
     last_saved = start if ckpt is not None else -1
-    for it in range(start + 1, plan.num_iterations + 1):
+    progress = tqdm(
+        range(start + 1, plan.num_iterations + 1), desc=f"train_rloo[{c.regularizer}]", initial=start,
+        total=plan.num_iterations, disable=not accelerator.is_main_process, dynamic_ncols=True,
+    )
+    for it in progress:
         t_iter, cpu_iter = time.perf_counter(), time.process_time()
         metrics: dict = {}
         # prompts of this process: whole groups, each repeated k times (row p * k + j)
@@ -554,6 +559,10 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         metrics["perf/tokens_per_s"] = tokens_global / t_total  # real (unpadded) response tokens
         if c.log_every > 0 and (it % c.log_every == 0 or it == plan.num_iterations):
             run_dir.log_metrics(metrics, it)
+        progress.set_postfix(
+            score=f"{metrics['objective/scores']:.3f}", rlhf=f"{metrics['objective/rlhf_reward']:.3f}",
+            kl_prev=f"{metrics['objective/kl_prev']:.2g}", eps_s=f"{metrics['perf/episodes_per_s']:.1f}", refresh=False,
+        )
         if c.sample_every > 0 and it % c.sample_every == 0 and c.num_samples > 0:
             rows = list(range(min(c.num_samples, n)))
             prompt_texts = tokenizer.batch_decode(query_ids[rows] * query_mask[rows] + pad_id * (1 - query_mask[rows]), skip_special_tokens=True)
