@@ -206,14 +206,16 @@ def test_unknown_names_are_clear_errors():
 # --------------------------------------------------------------------------------------------------
 # the shortened pipeline through the scripts
 # --------------------------------------------------------------------------------------------------
-def test_short_pipeline_end_to_end_and_reuse(tmp_path, monkeypatch, capsys):
+def test_short_pipeline_end_to_end_and_reuse(tmp_path, monkeypatch, capfd):
+    # capfd, not capsys: after another test set up accelerate in this process, artifacts are built in a
+    # subprocess (toylab._inside_running_script) whose output reaches the file descriptor only
     monkeypatch.setenv("MAXENT_RLHF_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MAXENT_RLHF_TOYLAB_PROFILE", "test")
     from maxent_rlhf.toylab import ensure_artifact, sweep
 
     # SFT (train_offline loss sft) -> pairs from the SFT policy -> reward model (train_offline loss reward)
     reward = ensure_artifact("toylab://reward".split("//")[1])
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     for name in ("tokenizer", "sft_data", "sft", "pairs", "reward"):
         assert f"building {name}" in out
     pairs = build.read_jsonl(tmp_path / "cache" / "test" / "pairs" / "train.jsonl")
@@ -236,11 +238,11 @@ def test_short_pipeline_end_to_end_and_reuse(tmp_path, monkeypatch, capsys):
     assert res["proxy"]["checkpoints"][0]["mean_policy_score"] is not None
 
     # a second invocation reuses every cached artifact (no builder runs)
-    capsys.readouterr()
+    capfd.readouterr()
     for art in build.ARTIFACTS:
         monkeypatch.setitem(build.BUILDERS, art, lambda *a, **k: pytest.fail("rebuilt a cached artifact"))
     assert ensure_artifact("reward") == reward
-    assert "building" not in capsys.readouterr().out
+    assert "building" not in capfd.readouterr().out
 
     # the report module reads the run directories
     from maxent_rlhf import plotting
