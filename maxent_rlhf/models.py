@@ -154,34 +154,30 @@ def tiny_gpt_neox_config(
     )
 
 
-def build_tiny_policy(tokenizer, seed: int = 0, save_dir: Optional[str | Path] = None, **config_kw):
-    """A randomly initialised GPT-NeoX causal LM (the Pythia architecture) sized by `config_kw`."""
-    from transformers import GPTNeoXForCausalLM
-
+def _build_tiny(model_cls, tokenizer, seed: int, save_dir, **config_kw):
     config = tiny_gpt_neox_config(
         len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config_kw
     )
     torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(config)
+    model = model_cls(config)
     if save_dir is not None:
         model.save_pretrained(str(save_dir))
         tokenizer.save_pretrained(str(save_dir))
     return model
+
+
+def build_tiny_policy(tokenizer, seed: int = 0, save_dir: Optional[str | Path] = None, **config_kw):
+    """A randomly initialised GPT-NeoX causal LM (the Pythia architecture) sized by `config_kw`."""
+    from transformers import GPTNeoXForCausalLM
+
+    return _build_tiny(GPTNeoXForCausalLM, tokenizer, seed, save_dir, **config_kw)
 
 
 def build_tiny_reward_model(tokenizer, seed: int = 0, save_dir: Optional[str | Path] = None, **config_kw):
     """A randomly initialised one-label GPT-NeoX sequence classifier."""
     from transformers import GPTNeoXForSequenceClassification
 
-    config = tiny_gpt_neox_config(
-        len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, num_labels=1, **config_kw
-    )
-    torch.manual_seed(seed)
-    model = GPTNeoXForSequenceClassification(config)
-    if save_dir is not None:
-        model.save_pretrained(str(save_dir))
-        tokenizer.save_pretrained(str(save_dir))
-    return model
+    return _build_tiny(GPTNeoXForSequenceClassification, tokenizer, seed, save_dir, num_labels=1, **config_kw)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -67,13 +67,18 @@ def run_rloo(out: Path, reg: str, lr: float, seed: int, iterations: Optional[int
     if iterations:
         values["num_iterations"] = iterations
     values.update(extra or {})
+    return _run_once(out, train_rloo, values, {"kind": "rloo", "regularizer": reg, "learning_rate": lr, "seed": seed})
+
+
+def _run_once(out: Path, script, values: dict, record: dict) -> Path:
+    """Run `script.main` into `out` unless a finished run is already there (a half run is started over)."""
     if _done(out):
         return out
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
     with quiet_threads(1):
-        train_rloo.main(make_config(train_rloo, **values))
-    _mark_done(out, {"kind": "rloo", "regularizer": reg, "learning_rate": lr, "seed": seed, "seconds": time.time() - t0})
+        script.main(make_config(script, **values))
+    _mark_done(out, {**record, "seconds": time.time() - t0})
     return out
 
 
@@ -88,14 +93,7 @@ def run_offline(out: Path, loss: str, lr: float, seed: int = 1, extra: Optional[
         seed=seed, save_every=10, log_every=1, report_to="none", output_dir=str(out),
     )
     values.update(extra or {})
-    if _done(out):
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.time()
-    with quiet_threads(1):
-        train_offline.main(make_config(train_offline, **values))
-    _mark_done(out, {"kind": loss, "learning_rate": lr, "seed": seed, "seconds": time.time() - t0, **(extra or {})})
-    return out
+    return _run_once(out, train_offline, values, {"kind": loss, "learning_rate": lr, "seed": seed, **(extra or {})})
 
 
 def evaluate_run(run_dir: Path, n: int = EVAL_N, proxy: bool = True) -> dict:
