@@ -494,16 +494,22 @@ class RewardModelJudge(Judge):
         return out
 
     def judge_many(self, pairs: Sequence[Pair], on_result: Callable[[int, Verdict], None]) -> None:
+        import torch
+
+        from .objectives import bradley_terry_probability
+
         step = self.batch_size
         for s in range(0, len(pairs), step):
             chunk = pairs[s : s + step]
             prompts = [p.prompt for p in chunk]
             sa = self.score_texts(prompts, [p.summary_a for p in chunk])
             sb = self.score_texts(prompts, [p.summary_b for p in chunk])
+            p_as = bradley_terry_probability(
+                torch.tensor(sa, dtype=torch.float64), torch.tensor(sb, dtype=torch.float64)
+            ).tolist()
             for j, (a, b) in enumerate(zip(sa, sb)):
                 pref = "A" if a > b else "B" if b > a else "tie"
-                p_a = 1.0 / (1.0 + math.exp(-(a - b))) if abs(a - b) < 700 else float(a > b)
-                on_result(s + j, Verdict(pref, p_a=p_a, scores=(a, b)))
+                on_result(s + j, Verdict(pref, p_a=p_as[j], scores=(a, b)))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import yaml
-
+from .config import load_yaml
 from .runs import read_metrics
 
 
@@ -78,7 +77,7 @@ def _curve(summary: Optional[dict], key: str, include_baseline: bool) -> tuple[l
 def load_run(path: str | Path, gold_summary: Optional[str | Path] = None, proxy_summary: Optional[str | Path] = None) -> Run:
     path = Path(path)
     cfg_path = path / "config.yaml"
-    config = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+    config = load_yaml(cfg_path) if cfg_path.exists() else {}
 
     def read(p):
         p = Path(p) if p else None

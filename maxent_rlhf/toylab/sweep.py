@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
+from ..config import load_yaml
 from .build import load_script, make_config, quiet_threads
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +48,7 @@ EVAL_N = 200
 
 def base_rloo_values() -> dict:
     """The shared settings of configs/toy/*.yaml (read from kl.yaml minus its regulariser)."""
-    values = yaml.safe_load((TOY_CONFIGS / "kl.yaml").read_text())
+    values = load_yaml(TOY_CONFIGS / "kl.yaml")
     for k in ("regularizer", "kl_coef", "entropy_coef", "length_normalize", "min_entropy", "output_dir", "learning_rate"):
         values.pop(k, None)
     return values

@@ -264,10 +264,12 @@ def gold_preference(summary_a: str, summary_b: str, prompt: str) -> float:
 
 def bt_label(score_a: float, score_b: float, rng: random.Random, temperature: float) -> bool:
     """Bradley-Terry-noisy label: True when A is preferred, with P = sigmoid((a - b) / temperature)."""
-    import math
+    import torch
 
-    p = 1.0 / (1.0 + math.exp(-(score_a - score_b) / temperature))
-    return rng.random() < p
+    from ..objectives import bradley_terry_probability
+
+    scaled = torch.tensor([score_a, score_b], dtype=torch.float64) / temperature
+    return rng.random() < float(bradley_terry_probability(scaled[0], scaled[1]))
 
 
 def stable_hash(obj) -> str:
