@@ -146,7 +146,7 @@ def test_batch_plan_per_process_sizes_and_errors():
         train_rloo._batch_plan(replace(c, rloo_k=3), 1)
     with pytest.raises(ConfigError, match="num_mini_batches"):
         train_rloo._batch_plan(replace(c, num_mini_batches=3), 1)
-    with pytest.raises(ConfigError, match="micro-batch size 5"):
+    with pytest.raises(ConfigError, match="`per_device_train_batch_size` = 5 does not divide"):
         train_rloo._batch_plan(replace(c, per_device_train_batch_size=5), 2)
     with pytest.raises(ConfigError, match="less than one batch"):
         train_rloo._batch_plan(replace(c, total_episodes=10), 1)
