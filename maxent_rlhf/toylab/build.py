@@ -313,7 +313,7 @@ def build_reward(out: Path, prof: dict, deps: dict) -> None:
             global_batch_size=r["batch_size"],
             per_device_train_batch_size=r["batch_size"],
             per_device_eval_batch_size=64,
-            reward_norm_dataset_name=str(deps["sft_data"]),  # the references average reward 0 (TL;DR recipe)
+            reward_norm_dataset=str(deps["sft_data"]),  # the references average reward 0 (TL;DR recipe)
             reward_norm_split="train",
             reward_norm_samples=500,
             learning_rate=r["lr"],
