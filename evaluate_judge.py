@@ -82,6 +82,24 @@ class EvalConfig(BaseConfig):
     confidence_level: float = cfg(0.95, "coverage of the Wilson score interval of the win rate")
     plot: bool = cfg(True, "write win_rate.png (win rate against training step)")
 
+    def range_checks(self) -> list:
+        return super().range_checks() + [
+            (self.n >= 0, f"`n` = {self.n} must be >= 0 (the first n examples of the split; 0: all)"),
+            (self.max_prompt_length >= 1, f"`max_prompt_length` = {self.max_prompt_length} must be >= 1"),
+            (self.max_new_tokens >= 1, f"`max_new_tokens` = {self.max_new_tokens} must be >= 1"),
+            (self.per_device_eval_batch_size >= 1,
+             f"`per_device_eval_batch_size` = {self.per_device_eval_batch_size} must be >= 1"),
+            (self.concurrency >= 1, f"`concurrency` = {self.concurrency} must be >= 1"),
+            (self.request_timeout > 0, f"`request_timeout` = {self.request_timeout} must be > 0 seconds"),
+            (self.max_retries >= 0, f"`max_retries` = {self.max_retries} must be >= 0"),
+            (0 <= self.backoff_base <= self.backoff_max,
+             f"`backoff_base` = {self.backoff_base} must be in [0, backoff_max = {self.backoff_max}]"),
+            (self.parse_retries >= 0, f"`parse_retries` = {self.parse_retries} must be >= 0"),
+            (self.judge_batch_size >= 1, f"`judge_batch_size` = {self.judge_batch_size} must be >= 1"),
+            (self.max_requests >= 0, f"`max_requests` = {self.max_requests} must be >= 0 (0: no cap)"),
+            (0 < self.confidence_level < 1, f"`confidence_level` = {self.confidence_level} must be in (0, 1), e.g. 0.95"),
+        ]
+
 
 @dataclass
 class Target:
@@ -512,7 +530,6 @@ def main(config: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_config(EvalConfig))
-    except (JudgeError, ConfigError) as err:
-        sys.exit(f"evaluate_judge.py: error: {err}")
+    from maxent_rlhf.cli import run_script
+
+    run_script(main, EvalConfig)

@@ -522,4 +522,6 @@ def normalize_reward_model(c: OfflineConfig, reward_model, tokenizer, train_colu
 
 
 if __name__ == "__main__":
-    main(parse_config(OfflineConfig))
+    from maxent_rlhf.cli import run_script
+
+    run_script(main, OfflineConfig)

@@ -587,4 +587,6 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(parse_config(RLOOConfig))
+    from maxent_rlhf.cli import run_script
+
+    run_script(main, RLOOConfig)
