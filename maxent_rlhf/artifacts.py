@@ -7,6 +7,8 @@ toy-lab artifacts anywhere a hub id is accepted.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 TOYLAB_SCHEME = "toylab://"
 
 
@@ -16,3 +18,14 @@ def resolve_path(name_or_path: str) -> str:
 
         return str(ensure_artifact(name_or_path[len(TOYLAB_SCHEME) :]))
     return name_or_path
+
+
+def is_local_path(location: str) -> bool:
+    """Whether `location` is meant as a local path rather than a hub id (`name` or `owner/name`): an
+    existing path, an absolute one, one starting with `.` or `~`, or one with more than one `/`. Loaders
+    use it to report a missing local directory as such, not as an invalid hub id."""
+    if not isinstance(location, str) or not location:
+        return False
+    if Path(location).expanduser().exists():
+        return True
+    return location.startswith(("/", ".", "~", "\\")) or location.count("/") >= 2 or "\\" in location
