@@ -387,12 +387,23 @@ def _common_judge_kwargs(config: EvalConfig) -> dict:
     )
 
 
+# settings that make the generations in an output_dir what they are; the judge, its model and template may
+# change between runs (judgments are keyed by them), these may not
+SAME_EVALUATION_KEYS = ("dataset_name", "dataset_test_split", "prompt_column", "reference_column", "id_column",
+                        "max_prompt_length", "max_new_tokens", "tokenizer_name_or_path")
+
+
 def main(config: EvalConfig) -> dict:
     """Generate, judge and summarise. Returns the summary dict (an empty dict on non-main processes)."""
     from maxent_rlhf.distributed import process_state
+    from maxent_rlhf.runs import check_same_evaluation
 
     state = process_state()
     out_dir = Path(config.output_dir)
+    # a rerun continues (generations and judgments are keyed); outputs made for other prompts or decoding
+    # settings would mix with this run's: refused (runs.check_same_evaluation)
+    check_same_evaluation(out_dir, config, SAME_EVALUATION_KEYS, "eval_config.yaml",
+                          holds=("generations", "judgments.jsonl", "summary.json"))
     if state.is_main_process:
         (out_dir / "generations").mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "eval_config.yaml")

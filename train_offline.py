@@ -305,15 +305,8 @@ def main(c: OfflineConfig) -> str:
         # the reward shift edits one bias of the HF model in place: under ZeRO-3 / FSDP that is a shard
         raise ConfigError("`normalize_reward` is not supported under ZeRO-3 or FSDP (the shift would edit one "
                           "shard); train reward models with DDP or deepspeed_zero2.yaml, or set normalize_reward: false")
-    run_dir = runs.RunDir(c.output_dir, accelerator)
-    resume_from = runs.resolve_resume(c.resume, c.output_dir)
-    if resume_from is None:  # a fresh run must not mix its metrics / checkpoints with an older run's
-        if not c.resume and (runs.list_checkpoints(run_dir.path) or (run_dir.path / "metrics.jsonl").exists()):
-            raise ConfigError(
-                f"output_dir {c.output_dir!r} already holds a run (metrics.jsonl or checkpoints): pass "
-                "--resume latest to continue it, or choose a new output_dir"
-            )
-        run_dir.truncate_logs_after(0)  # resume 'latest' before any checkpoint: start over
+    # refuses an output_dir holding another run unless --resume / --overwrite_output_dir (runs.open_run_dir)
+    run_dir, resume_from = runs.open_run_dir(c.output_dir, c.resume, c.overwrite_output_dir, accelerator)
     run_dir.save_config(c)
     runs.seed_everything(c.seed)
     device = accelerator.device
@@ -403,8 +396,7 @@ def main(c: OfflineConfig) -> str:
                 f"{state.get('global_batch_size')}; this run has {num_examples} and {c.global_batch_size}: the data "
                 "position would not match"
             )
-        start_step = state["step"]
-        run_dir.truncate_logs_after(start_step)
+        start_step = state["step"]  # open_run_dir dropped the log lines past it
         if accelerator.is_main_process:
             print(f"[train_offline] resumed from {resume_from} at step {start_step} (epoch {state['epoch']})")
     if trackers:

@@ -60,12 +60,11 @@ from maxent_rlhf.data import DataError, load_any_dataset, require_columns
 from maxent_rlhf.models import load_policy, load_reward_model, load_tokenizer, resolve_dtype
 from maxent_rlhf.schedules import build_lr_scheduler
 from maxent_rlhf.runs import (
-    RunDir,
     check_finite,
     latest_checkpoint,
     load_checkpoint,
+    open_run_dir,
     resolve_mixed_precision,
-    resolve_resume,
     resolve_trackers,
     save_checkpoint,
     seed_everything,
@@ -326,7 +325,8 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         raise ConfigError("set `reward_model_name_or_path` or `reward_fn`: there is nothing to score completions with")
     coef = _regularizer_coef(c)
 
-    run_dir = RunDir(c.output_dir, accelerator)
+    # refuses an output_dir holding another run unless --resume / --overwrite_output_dir (runs.open_run_dir)
+    run_dir, ckpt = open_run_dir(c.output_dir, c.resume, c.overwrite_output_dir, accelerator)
     run_dir.save_config(c)
     seed_everything(c.seed)
     if trackers:
@@ -371,17 +371,13 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
 
     # ---- resume ----
     start = 0
-    ckpt = resolve_resume(c.resume, c.output_dir)
     if ckpt is not None:
         state = load_checkpoint(ckpt, policy, optimizer, scheduler, accelerator)
         start = state["step"]
         stream.load(state["data"])
         truncated_prompts = int(state.get("truncated_prompts", 0))
-        run_dir.truncate_logs_after(start, ("metrics.jsonl", "samples.jsonl"))
         if accelerator.is_main_process:
             print(f"[train_rloo] resumed from {ckpt} at iteration {start}")
-    else:  # a fresh start (or 'latest' with no checkpoint yet): drop log lines of an earlier attempt
-        run_dir.truncate_logs_after(0, ("metrics.jsonl", "samples.jsonl"))
 
     k, rank = c.rloo_k, accelerator.process_index
     fwd = c.local_rollout_forward_batch_size
