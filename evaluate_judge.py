@@ -331,6 +331,15 @@ def print_table(rows: list[dict], confidence_level: float) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(l, widths)))
 
 
+def interval_error_bars(rows: list[dict]) -> list[list[float]]:
+    """matplotlib's `yerr` ([below], [above]) of each row's win rate and interval, clamped at 0: at a
+    0% or 100% win rate the Wilson bound lands a rounding error past the estimate, and a negative
+    length is an error in matplotlib ("'yerr' must not contain negative values")."""
+    below = [max(0.0, r["win_rate"] - r["ci_low"]) for r in rows]
+    above = [max(0.0, r["ci_high"] - r["win_rate"]) for r in rows]
+    return [below, above]
+
+
 def plot_win_rates(rows: list[dict], path: Path, judge_desc: str, confidence_level: float) -> None:
     import matplotlib
 
@@ -344,7 +353,7 @@ def plot_win_rates(rows: list[dict], path: Path, judge_desc: str, confidence_lev
     if curve:
         xs = [r["step"] if with_steps else i for i, r in enumerate(curve)]
         ys = [r["win_rate"] for r in curve]
-        err = [[y - r["ci_low"] for y, r in zip(ys, curve)], [r["ci_high"] - y for y, r in zip(ys, curve)]]
+        err = interval_error_bars(curve)
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label="policy")
         if not with_steps:
             ax.set_xticks(xs, [r["label"] for r in curve], rotation=30, ha="right")
@@ -535,8 +544,12 @@ def main(config: EvalConfig) -> dict:
     if summary["incomplete"]:
         print("[evaluate_judge] WARNING: some pairs are not judged yet (--max_requests); rerun to complete")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    if config.plot:
-        plot_win_rates(rows, out_dir / "win_rate.png", judge.describe(), config.confidence_level)
+    if config.plot:  # after the numbers are printed and saved: a figure that fails to draw costs a warning
+        try:
+            plot_win_rates(rows, out_dir / "win_rate.png", judge.describe(), config.confidence_level)
+        except Exception as e:  # noqa: BLE001 - matplotlib missing, no display backend, a bad value
+            print(f"[evaluate_judge] WARNING: {out_dir / 'win_rate.png'} was not drawn ({type(e).__name__}: "
+                  f"{' '.join(str(e).split())}); the numbers are in {out_dir / 'summary.json'}", file=sys.stderr)
     return summary
 
 

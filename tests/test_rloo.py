@@ -213,8 +213,16 @@ def test_long_prompts_are_cut_from_the_left_and_counted(base, tmp_path):
     assert all(len(s["prompt"].split()) <= c.max_prompt_length and s["prompt"].endswith("TL;DR:") for s in samples)
 
 
-def test_fresh_start_in_a_used_directory_drops_the_old_log_lines(base, tmp_path):
+def test_fresh_start_in_a_used_directory_is_refused_and_overwrite_moves_the_old_run(base, tmp_path):
+    from maxent_rlhf.config import ConfigError
+
     c = replace(base, num_iterations=1, sample_every=0, output_dir=str(tmp_path / "again"))
     train_rloo.main(c)
-    run = Path(train_rloo.main(c))  # no --resume: a new run, not an append to the old log
+    before = (tmp_path / "again" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run .*--resume latest.*--overwrite_output_dir"):
+        train_rloo.main(c)  # no --resume: a new run must not replace or append to the old one
+    assert (tmp_path / "again" / "metrics.jsonl").read_text() == before
+    run = Path(train_rloo.main(replace(c, overwrite_output_dir=True)))
     assert [r["step"] for r in read_metrics(run)] == [1]
+    (moved,) = tmp_path.glob("again.replaced-*")
+    assert (moved / "metrics.jsonl").read_text() == before and list_checkpoints(moved)
