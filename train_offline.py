@@ -345,12 +345,7 @@ def main(c: OfflineConfig) -> str:
     if c.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.config.use_cache = False
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions and c.max_prompt_length + c.max_completion_length > max_positions:
-        raise ConfigError(
-            f"max_prompt_length + max_completion_length = {c.max_prompt_length + c.max_completion_length} exceeds "
-            f"the model's max_position_embeddings = {max_positions}"
-        )
+    models.check_context_length(model, c.max_prompt_length, c.max_completion_length, "max_prompt_length", "max_completion_length")
     ref_model, ref_train, ref_eval = None, None, None
     if c.loss_type in REFERENCE_LOSSES:
         with distributed.frozen_model_loading(accelerator):

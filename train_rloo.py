@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 from maxent_rlhf import distributed, generation, objectives
 from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, TrainConfig, cfg, derive_batch_sizes, parse_config
 from maxent_rlhf.data import DataError, load_any_dataset, require_columns
-from maxent_rlhf.models import load_policy, load_reward_model, load_tokenizer, resolve_dtype
+from maxent_rlhf.models import check_context_length, load_policy, load_reward_model, load_tokenizer, resolve_dtype
 from maxent_rlhf.schedules import build_lr_scheduler
 from maxent_rlhf.runs import (
     check_finite,
@@ -373,6 +373,7 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     tokenizer = load_tokenizer(c.model_name_or_path, padding_side="left", trust_remote_code=c.trust_remote_code)
     policy = load_policy(c.model_name_or_path, trust_remote_code=c.trust_remote_code, gradient_checkpointing=c.gradient_checkpointing)
     _disable_dropout(policy)
+    check_context_length(policy, c.max_prompt_length, c.response_length, "max_prompt_length", "response_length")
     need_ref = c.regularizer == "kl" or c.kl_ref_every > 0
     ref_policy = None
     if need_ref:

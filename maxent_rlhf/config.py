@@ -372,6 +372,28 @@ def build_parser(cls: type, description: Optional[str] = None) -> argparse.Argum
     return parser
 
 
+def _join_negative_numbers(argv: Sequence[str]) -> list[str]:
+    """`--key -1e-6` -> `--key=-1e-6`: argparse takes a value such as -1e-6 or -.5e3 for an option
+    (its negative-number rule knows only -1 and -1.5), and would report a missing value instead of the
+    range error the value deserves."""
+    out: list[str] = []
+    for token in argv:
+        prev = out[-1] if out else ""
+        if token.startswith("-") and prev.startswith("--") and "=" not in prev and _is_number(token):
+            out[-1] = f"{prev}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_config(
     cls: Type[T], argv: Optional[Sequence[str]] = None, description: Optional[str] = None, exit_on_error: bool = True
 ) -> T:
@@ -380,7 +402,7 @@ def parse_config(
     A ConfigError exits with one line (argparse style, status 2), or is raised with
     `exit_on_error=False` (`cli.run_script` reports it, and shows its traceback under MAXENT_RLHF_DEBUG).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _join_negative_numbers(sys.argv[1:] if argv is None else argv)
     parser = build_parser(cls, description)
     args, unknown = parser.parse_known_args(argv)
     valid = list(_fields(cls))

@@ -59,6 +59,17 @@ def from_pretrained_or_error(load, name_or_path: str, what: str, *args, **kwargs
         raise ConfigError(f"{what} {name_or_path!r} cannot be loaded: {lines[0] if lines else type(e).__name__}") from e
 
 
+def check_context_length(model, prompt_length: int, response_length: int, prompt_field: str, response_field: str) -> None:
+    """ConfigError when a prompt of `prompt_length` plus a response of `response_length` tokens do not fit
+    the model's positions (`max_position_embeddings`): names both fields and the model's limit."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and prompt_length + response_length > limit:
+        raise ConfigError(
+            f"`{prompt_field}` + `{response_field}` = {prompt_length} + {response_length} = "
+            f"{prompt_length + response_length} exceeds the model's max_position_embeddings = {limit}; lower one of them"
+        )
+
+
 def resolve_dtype(mixed_precision: str, device: torch.device | str) -> torch.dtype:
     """Weights dtype for frozen models: bf16 on GPU when asked ('auto' or 'bf16'), float32 on CPU."""
     device = torch.device(device)
