@@ -101,10 +101,12 @@ class TrainConfig(BaseConfig):
     gradient_checkpointing: bool = cfg(False, "recompute activations in backward (less memory, ~30% slower)")
     # checkpoints and logging
     resume: Optional[str] = cfg(
-        None, "resume from 'latest' (the newest checkpoint in output_dir) or from a checkpoint directory"
+        None, "resume from 'latest' (the newest checkpoint in output_dir; none yet: says so and starts fresh) or "
+        "from a checkpoint directory"
     )
     overwrite_output_dir: bool = cfg(
-        False, "allow a new run to start in an output_dir that already holds a run (its logs and checkpoints are replaced)"
+        False, "start over in an output_dir that holds another run: the old run is moved (not deleted) to "
+        "<output_dir>.replaced-<UTC time>"
     )
     save_steps: int = cfg(0, "save a checkpoint every N steps/iterations (0: only at the end)")
     save_total_limit: int = cfg(0, "keep only the newest N checkpoints (0: keep all)")
