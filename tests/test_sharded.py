@@ -86,20 +86,20 @@ def _build_assets(d: Path) -> dict:
             f.write(json.dumps({"prompt": f"SUBREDDIT: r/cats POST: {sentence(2 + i % 5)} TL;DR:",
                                 "completion": sentence(3)}) + "\n")
     offline = dict(
-        model_name_or_path=str(d / "policy"), dataset=str(d / "pairs.jsonl"), report_to="none", mixed_precision="no",
-        global_batch_size=8, micro_batch_size=2, max_steps=4, save_every=2, learning_rate=3e-3,
-        lr_scheduler="constant", warmup_ratio=0.0, max_prompt_length=32, max_response_length=12,
+        model_name_or_path=str(d / "policy"), dataset_name=str(d / "pairs.jsonl"), report_to="none", mixed_precision="no",
+        global_batch_size=8, per_device_train_batch_size=2, max_steps=4, save_steps=2, learning_rate=3e-3,
+        lr_scheduler_type="constant", warmup_ratio=0.0, max_prompt_length=32, max_completion_length=12,
     )
     rloo = dict(
         model_name_or_path=str(d / "policy"), reward_model_name_or_path=str(d / "reward"),
-        dataset_name=str(d / "prompts.jsonl"), report_to="none", mixed_precision="no", batch_size=8, rloo_k=2,
+        dataset_name=str(d / "prompts.jsonl"), report_to="none", mixed_precision="no", global_batch_size=8, rloo_k=2,
         num_mini_batches=1, per_device_train_batch_size=2, local_rollout_forward_batch_size=4, num_ppo_epochs=2,
-        num_iterations=4, save_every=2, response_length=6, max_prompt_length=16, learning_rate=1e-3,
+        num_iterations=4, save_steps=2, response_length=6, max_prompt_length=16, learning_rate=1e-3,
         sample_every=1, num_samples=8,
     )
     return {
-        "dpo": ("offline", dict(offline, loss="dpo", beta=0.5)),
-        "simpo": ("offline", dict(offline, loss="simpo", beta=2.0, gamma=0.5)),
+        "dpo": ("offline", dict(offline, loss_type="dpo", beta=0.5)),
+        "simpo": ("offline", dict(offline, loss_type="simpo", beta=2.0, simpo_gamma=0.5)),
         "rloo_kl": ("rloo", dict(rloo, regularizer="kl", kl_coef=0.05)),
         "rloo_entropy": ("rloo", dict(rloo, regularizer="entropy", entropy_coef=0.1, length_normalize=True, kl_ref_every=2)),
     }
