@@ -94,6 +94,7 @@ def record_sharding(report: list) -> None:
             "fsdp_version": distributed.fsdp_version(self),
             "zero_stage": distributed.zero_stage(self),
             "num_processes": self.num_processes,
+            "mixed_precision": self.mixed_precision,
             "param_numel_local": sum(_local_numel(p) for p in params),
             "param_numel_full": sum(_full_numel(p) for p in params),
         }
