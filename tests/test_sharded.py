@@ -22,7 +22,7 @@ Asserted per backend:
 - the checkpoint is a full HF model: plain `from_pretrained` loads it with no missing / unexpected keys,
   full shapes, weights within WEIGHT_ATOL of the 1-process run's; engine_state/ holds one shard per process.
 
-Slow group (`pytest -m slow`): about 1-1.5 minutes per backend on 2 cores (measured; README "Scale out").
+Slow group (`pytest -m slow`): about 2.5 minutes for the three backends on 2 cores (README "Scale out").
 """
 import json
 import os
