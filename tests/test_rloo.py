@@ -15,7 +15,9 @@ from maxent_rlhf.runs import NonFiniteError, list_checkpoints, read_metrics
 
 EVERY_METRIC = [
     "objective/scores", "objective/rlhf_reward", "objective/non_score_reward", "objective/entropy_bonus",
-    "objective/kl_ref", "objective/kl_ref_k3", "objective/kl_prev", "objective/kl_prev_k3", "policy/entropy",
+    "objective/entropy", "objective/entropy_per_token", "objective/kl_ref", "objective/kl_ref_k3",
+    "objective/kl_prev", "objective/kl_prev_k3", "objective/kl_prev_reverse", "objective/kl_prev_reverse_k3",
+    "objective/kl_prev_ess", "policy/entropy",
     "policy/clipfrac", "policy/approxkl", "val/ratio", "response/length", "response/eos_fraction",
     "time/generate", "time/score", "time/update", "perf/episodes_per_s", "perf/tokens_per_s",
 ]
@@ -48,7 +50,7 @@ def prompts_file(tmp_path_factory):
 def base(tiny_policy_dir, tiny_reward_dir, prompts_file):
     return train_rloo.RLOOConfig(
         model_name_or_path=tiny_policy_dir, reward_model_name_or_path=tiny_reward_dir, dataset_name=prompts_file,
-        batch_size=8, rloo_k=2, num_mini_batches=2, per_device_train_batch_size=2, num_ppo_epochs=2,
+        global_batch_size=8, rloo_k=2, num_mini_batches=2, per_device_train_batch_size=2, num_ppo_epochs=2,
         num_iterations=2, response_length=6, max_prompt_length=16, report_to="none", sample_every=1, num_samples=2,
         learning_rate=1e-3,
     )
@@ -71,9 +73,10 @@ def token_reward(tokenizer, word="cat"):
         dict(regularizer="kl", kl_coef=0.05),
         dict(regularizer="entropy", entropy_coef=0.1, length_normalize=True, whiten_advantages=True),
         dict(regularizer="entropy", entropy_coef=0.1, min_entropy=True, loss_level="token", cliprange=1e-4),
+        dict(regularizer="entropy", entropy_coef=0.0),
         dict(regularizer="none", kl_ref_every=2),
     ],
-    ids=["kl", "maxent-eq7", "minent-token-clip1e-4", "none"],
+    ids=["kl", "maxent-eq7", "minent-token-clip1e-4", "entropy-coef0", "none"],
 )
 def test_each_regularizer_runs_two_iterations_and_logs_every_metric(base, tmp_path, overrides):
     c = replace(base, output_dir=str(tmp_path / "run"), **overrides)
@@ -88,7 +91,14 @@ def test_each_regularizer_runs_two_iterations_and_logs_every_metric(base, tmp_pa
         assert all(isinstance(r[m], float) and r[m] == r[m] for m in expected)
         assert r["objective/kl_ref_every"] == overrides.get("kl_ref_every", 1)
         assert r["objective/kl_ref_k3"] >= 0 if "objective/kl_ref_k3" in r else True
-        assert r["objective/kl_prev_k3"] >= 0 and r["policy/entropy"] > 0
+        assert r["objective/kl_prev_k3"] >= 0 and r["objective/kl_prev_reverse_k3"] >= 0 and r["policy/entropy"] > 0
+        assert 0 < r["objective/kl_prev_ess"] <= 1 + 1e-6
+        # the unweighted entropy is logged whatever the regulariser and coefficient (Fig. 1 includes alpha = 0)
+        assert r["objective/entropy"] > 0 and 0 < r["objective/entropy_per_token"] <= r["objective/entropy"]
+        if overrides["regularizer"] == "entropy":  # the bonus is the coefficient times it (Eq. 7: per token)
+            per = "objective/entropy_per_token" if overrides.get("length_normalize") else "objective/entropy"
+            coef = -abs(overrides["entropy_coef"]) if overrides.get("min_entropy") else overrides["entropy_coef"]
+            assert r["objective/entropy_bonus"] == pytest.approx(coef * r[per], rel=1e-4, abs=1e-7)
         assert 1 <= r["response/length"] <= c.response_length
         assert abs(r["objective/rlhf_reward"] - r["objective/scores"] - r["objective/non_score_reward"]) < 1e-5
     first = records[0]
@@ -116,8 +126,8 @@ def reward_runs(base, tiny_tokenizer, tmp_path_factory):
     """The same programmatic-reward problem without a regulariser and with a large KL coefficient."""
     out = tmp_path_factory.mktemp("reward_runs")
     fn = token_reward(tiny_tokenizer)
-    common = dict(batch_size=16, rloo_k=4, num_mini_batches=1, per_device_train_batch_size=16, num_ppo_epochs=2,
-                  num_iterations=15, learning_rate=1e-2, lr_schedule="constant", missing_eos_penalty=0.0, sample_every=0)
+    common = dict(global_batch_size=16, rloo_k=4, num_mini_batches=1, per_device_train_batch_size=16, num_ppo_epochs=2,
+                  num_iterations=15, learning_rate=1e-2, lr_scheduler_type="constant", missing_eos_penalty=0.0, sample_every=0)
     runs = {}
     for name, reg in (("none", dict(regularizer="none")), ("kl", dict(regularizer="kl", kl_coef=1.0))):
         c = replace(base, output_dir=str(out / name), **common, **reg)
@@ -142,7 +152,7 @@ def test_large_kl_coefficient_keeps_policy_near_reference(reward_runs):
 
 def test_resume_is_exact(base, tmp_path):
     """4 iterations straight == 2 iterations, 'kill', resume for the last 2: identical weights on CPU."""
-    c = replace(base, num_iterations=4, save_every=2, whiten_advantages=True, output_dir=str(tmp_path / "full"))
+    c = replace(base, num_iterations=4, save_steps=2, whiten_advantages=True, output_dir=str(tmp_path / "full"))
     full = Path(train_rloo.main(c))
     # the killed run: only what existed on disk after iteration 2 (its checkpoint, its log lines + junk past it)
     killed = tmp_path / "killed"
@@ -169,7 +179,7 @@ def test_non_finite_reward_stops_and_last_checkpoint_stays_usable(base, tmp_path
         calls.append(1)
         return torch.full((len(prompts),), float("nan") if len(calls) == 2 else 1.0)
 
-    c = replace(base, num_iterations=3, save_every=1, output_dir=str(tmp_path / "nan"))
+    c = replace(base, num_iterations=3, save_steps=1, output_dir=str(tmp_path / "nan"))
     with pytest.raises(NonFiniteError, match=r"reward-model score is nan at step 2.*step_00000001"):
         train_rloo.main(c, reward_fn=bad)
     assert [p.name for p in list_checkpoints(tmp_path / "nan")] == ["step_00000001"]
@@ -196,7 +206,7 @@ def test_long_prompts_are_cut_from_the_left_and_counted(base, tmp_path):
     data = tmp_path / "long.jsonl"
     rows = ["POST: cat TL;DR:", "POST: dog TL;DR:", "POST: " + "cat " * 30 + "TL;DR:", "POST: " + "dog " * 40 + "TL;DR:"]
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
-    c = replace(base, dataset_name=str(data), batch_size=8, rloo_k=2, num_iterations=2, output_dir=str(tmp_path / "r"))
+    c = replace(base, dataset_name=str(data), global_batch_size=8, rloo_k=2, num_iterations=2, output_dir=str(tmp_path / "r"))
     run = Path(train_rloo.main(c))
     assert [r["data/truncated_prompts"] for r in read_metrics(run)] == [2, 4]  # every prompt once per iteration
     samples = [json.loads(l) for l in (run / "samples.jsonl").read_text().splitlines()]

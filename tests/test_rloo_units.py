@@ -102,6 +102,45 @@ def test_step5_regularised_reward_known_answers(kw, expected_non_score):
     assert torch.allclose(reg.rewards, SCORES + torch.tensor(expected_non_score), atol=1e-6)
 
 
+# ------------------------------------------------------------------ metrics: KL between consecutive policies, entropy
+def test_kl_prev_metrics_are_the_objectives_estimators_in_both_directions_with_a_global_ess():
+    old, new = LOGP, REF  # samples from pi_old; log-probs before and after an update
+    m = train_rloo.kl_prev_metrics(old, new, MASK)
+    # by hand: log w = sum_t (new - old) over real tokens = [0.5, -0.5]
+    log_w = torch.tensor([0.5, -0.5], dtype=torch.float64)
+    w = log_w.exp()
+    assert m["objective/kl_prev"] == pytest.approx(float((w * log_w).mean()), rel=1e-6)  # KL(pi_t || pi_{t-1})
+    assert m["objective/kl_prev_k3"] == pytest.approx(float((w * log_w - w + 1).mean()), rel=1e-6)
+    assert m["objective/kl_prev_reverse"] == pytest.approx(0.0, abs=1e-7)  # mean of sum_t (old - new) = [-0.5, 0.5]
+    k3 = lambda d: d.exp() - 1 - d  # noqa: E731  (k3 of log(pi_new / pi_old) per token, sampled from pi_old)
+    assert m["objective/kl_prev_reverse_k3"] == pytest.approx(float(objectives.masked_sum(k3(new - old), MASK).mean()), rel=1e-6)
+    assert m["objective/kl_prev_ess"] == pytest.approx(float(w.sum() ** 2 / (2 * (w ** 2).sum())), rel=1e-6)
+    # on a random padded batch the metric step is exactly the objectives functions' batch mean
+    g = torch.Generator().manual_seed(0)
+    old = torch.log_softmax(torch.randn(6, 5, 7, generator=g), -1)[..., 0]
+    new = old + 0.3 * torch.randn(6, 5, generator=g)
+    mask = (torch.arange(5) < torch.tensor([5, 3, 1, 4, 2, 5])[:, None]).long()
+    m = train_rloo.kl_prev_metrics(old, new, mask)
+    for key, fn in (("objective/kl_prev", objectives.kl_new_old_from_old_samples),
+                    ("objective/kl_prev_reverse", objectives.kl_old_new_from_old_samples)):
+        for suffix, est in (("", "k1"), ("_k3", "k3")):
+            assert m[key + suffix] == float(fn(old, new, mask, est).mean())
+    assert m["objective/kl_prev"] != pytest.approx(m["objective/kl_prev_reverse"], rel=1e-3)  # the directions differ
+    # `gather` sees the per-sequence log weights: the ESS is of the global batch, not a mean over processes
+    seen = []
+    train_rloo.kl_prev_metrics(old, new, mask, gather=lambda x: seen.append(x) or x)
+    log_w = objectives.masked_sum(new.double() - old.double(), mask)
+    assert any(t.shape == log_w.shape and torch.equal(t, log_w) for t in seen)
+    assert m["objective/kl_prev_ess"] == pytest.approx(float(objectives.effective_sample_fraction(log_w)))
+
+
+def test_entropy_metrics_on_a_hand_built_padded_batch():
+    # -log pi(y|x) over real tokens: sequence 0 = 1 + 2 (its third token is padding), sequence 1 = 0.5 + 0.5 + 0
+    m = train_rloo.entropy_metrics(LOGP, MASK)
+    assert m["objective/entropy"] == pytest.approx((3.0 + 1.0) / 2)
+    assert m["objective/entropy_per_token"] == pytest.approx((3.0 / 2 + 1.0 / 3) / 2)
+
+
 # ------------------------------------------------------------------ step 6: advantages in the script's row layout
 def test_step6_leave_one_out_advantages_follow_the_row_layout():
     # 2 prompts x k = 3: rows 0-2 belong to prompt 0, rows 3-5 to prompt 1 (row p * k + j)
@@ -135,7 +174,7 @@ def test_prompt_stream_is_seeded_and_resumable():
 
 # ------------------------------------------------------------------ bad input
 def test_batch_plan_per_process_sizes_and_errors():
-    c = train_rloo.RLOOConfig(batch_size=64, rloo_k=4, num_mini_batches=2, per_device_train_batch_size=8)
+    c = train_rloo.RLOOConfig(global_batch_size=64, rloo_k=4, num_mini_batches=2, per_device_train_batch_size=8)
     p = train_rloo._batch_plan(c, num_processes=2)
     assert (p.prompts_global, p.prompts_local, p.rows_local, p.mini_local, p.grad_accum) == (16, 8, 32, 16, 2)
     with pytest.raises(ConfigError, match="rloo_k"):
@@ -146,7 +185,7 @@ def test_batch_plan_per_process_sizes_and_errors():
         train_rloo._batch_plan(replace(c, rloo_k=3), 1)
     with pytest.raises(ConfigError, match="num_mini_batches"):
         train_rloo._batch_plan(replace(c, num_mini_batches=3), 1)
-    with pytest.raises(ConfigError, match="micro-batch size 5"):
+    with pytest.raises(ConfigError, match="`per_device_train_batch_size` = 5 does not divide"):
         train_rloo._batch_plan(replace(c, per_device_train_batch_size=5), 2)
     with pytest.raises(ConfigError, match="less than one batch"):
         train_rloo._batch_plan(replace(c, total_episodes=10), 1)
@@ -157,7 +196,7 @@ def ok(tiny_policy_dir, tiny_reward_dir, tmp_path):
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"POST: {w} TL;DR:"}) + "\n" for w in ["cat", "dog", "mat", "home"]))
     return train_rloo.RLOOConfig(model_name_or_path=tiny_policy_dir, reward_model_name_or_path=tiny_reward_dir,
-                                 dataset_name=str(data), batch_size=4, rloo_k=2, per_device_train_batch_size=4,
+                                 dataset_name=str(data), global_batch_size=4, rloo_k=2, per_device_train_batch_size=4,
                                  num_iterations=1, response_length=4, report_to="none", output_dir=str(tmp_path / "run"))
 
 
@@ -165,7 +204,7 @@ def ok(tiny_policy_dir, tiny_reward_dir, tmp_path):
     "overrides, error, match",
     [
         (dict(rloo_k=1), ConfigError, "at least 2 completions"),
-        (dict(batch_size=6, rloo_k=4), ConfigError, "multiple of num_processes x rloo_k"),
+        (dict(global_batch_size=6, rloo_k=4), ConfigError, "multiple of num_processes x rloo_k"),
         (dict(min_entropy=True, regularizer="kl"), ConfigError, "min_entropy"),
         (dict(min_entropy=True, regularizer="entropy", entropy_coef=-0.1), ConfigError, "flip the sign twice"),
         (dict(regularizer="none", reward_model_name_or_path=None), ConfigError, "nothing to score"),
@@ -173,7 +212,7 @@ def ok(tiny_policy_dir, tiny_reward_dir, tmp_path):
         (dict(reward_fn="json"), ConfigError, "package.module:function"),
         (dict(temperature=0.0), ConfigError, "temperature"),
         (dict(response_length=0), ConfigError, "response_length"),
-        (dict(batch_size=16, rloo_k=2), DataError, "4 rows, fewer than the 8 prompts"),
+        (dict(global_batch_size=16, rloo_k=2), DataError, "4 rows, fewer than the 8 prompts"),
         (dict(prompt_column="query"), DataError, r"missing column\(s\) \['query'\]"),
     ],
 )

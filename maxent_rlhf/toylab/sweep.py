@@ -87,9 +87,9 @@ def run_offline(out: Path, loss: str, lr: float, seed: int = 1, extra: Optional[
 
     values = dict(OFFLINE_COMMON)
     values.update(
-        loss=loss, model_name_or_path="toylab://sft", dataset="toylab://pairs", eval_split="validation",
-        num_epochs=4.0, global_batch_size=32, micro_batch_size=32, eval_batch_size=64, learning_rate=lr,
-        seed=seed, save_every=10, log_every=1, report_to="none", output_dir=str(out),
+        loss_type=loss, model_name_or_path="toylab://sft", dataset_name="toylab://pairs", dataset_test_split="validation",
+        num_train_epochs=4.0, global_batch_size=32, per_device_train_batch_size=32, per_device_eval_batch_size=64,
+        learning_rate=lr, seed=seed, save_steps=10, logging_steps=1, report_to="none", output_dir=str(out),
     )
     values.update(extra or {})
     return _run_once(out, train_offline, values, {"kind": loss, "learning_rate": lr, "seed": seed, **(extra or {})})
@@ -100,9 +100,9 @@ def evaluate_run(run_dir: Path, n: int = EVAL_N, proxy: bool = True) -> dict:
     evaluate_judge = load_script("evaluate_judge")
     gold_dir, proxy_dir = run_dir / "eval_gold", run_dir / "eval_proxy"
     common = dict(
-        checkpoints=[str(run_dir)], sft_model="toylab://sft", dataset="toylab://prompts", split="test", n=n,
-        max_new_tokens=16, max_prompt_length=100, batch_size=n, judge_batch_size=n, report_to="none",
-        mixed_precision="no", plot=True,
+        checkpoints=[str(run_dir)], sft_model_name_or_path="toylab://sft", dataset_name="toylab://prompts",
+        dataset_test_split="test", n=n, max_new_tokens=16, max_prompt_length=100, per_device_eval_batch_size=n,
+        judge_batch_size=n, mixed_precision="no", plot=True,
     )
     out = {}
     with quiet_threads(1):
@@ -114,7 +114,7 @@ def evaluate_run(run_dir: Path, n: int = EVAL_N, proxy: bool = True) -> dict:
                 if (gold_dir / "generations").is_dir() and not (proxy_dir / "generations").exists():
                     shutil.copytree(gold_dir / "generations", proxy_dir / "generations")  # same greedy decodes
                 evaluate_judge.main(make_config(evaluate_judge, output_dir=str(proxy_dir), judge="reward-model",
-                                                reward_model="toylab://reward", **common))
+                                                reward_model_name_or_path="toylab://reward", **common))
             out["proxy"] = json.loads((proxy_dir / "summary.json").read_text())
     return out
 
@@ -165,7 +165,7 @@ def sweep(
         for lr in simpo_lrs:
             for g in simpo_gammas:
                 run = run_offline(out / "offline" / f"simpo_lr{lr_tag(lr)}_g{g:g}", "simpo", lr,
-                                  extra={"beta": 2.0, "gamma": g})
+                                  extra={"beta": 2.0, "simpo_gamma": g})
                 evaluate_run(run, eval_n, proxy=False)
         timings["offline_s"] = time.time() - t
     timings["total_s"] = time.time() - t0
