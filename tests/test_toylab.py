@@ -63,7 +63,9 @@ def test_gold_preference_and_judge_registration():
 
     from maxent_rlhf.judges import Pair, get_judge, post_from_prompt
 
-    judge = get_judge("toy-gold", reward_model="ignored", seed=3)  # extra evaluate_judge options are dropped
+    judge = get_judge("toy-gold", context={"seed": 3, "max_prompt_length": 100})  # shared settings it ignores
+    with pytest.raises(ValueError, match="judge 'toy-gold' takes no option judge_batch_size"):
+        get_judge("toy-gold", judge_batch_size=8)
     pairs = [
         Pair("a", POST, post_from_prompt(POST), PERFECT, "my girlfriend ignores my texts"),
         Pair("b", POST, post_from_prompt(POST), "my roommate hates my phone", PERFECT),

@@ -1,7 +1,10 @@
 """The toy lab: the paper's phenomena end to end on a laptop CPU in minutes.
 
-`ensure_artifact(NAME)` builds (on first use) and returns the local path of a toy-lab artifact; every
-loader of the package calls it for `toylab://NAME` locations (see `maxent_rlhf.artifacts`).
+`ensure_artifact(NAME)` builds (on first use) and returns the local path of a toy-lab artifact.
+Importing this package registers two plugins with the core modules, which never name the toy lab:
+the location scheme `toylab://NAME` (`artifacts.register_scheme`: every loader then accepts it where a
+hub id goes) and the judge `toy-gold` (`judges.register_judge`, in `judge.py`). The three scripts
+import it; so does any program of yours that reads `toylab://` locations.
 Artifacts: tokenizer, sft_data, prompts, sft, pairs, reward (`build.py`); the task and the gold judge
 are in `task.py`; `python -m maxent_rlhf.toylab {build,sweep,report}` is the command line.
 """
@@ -13,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..artifacts import register_scheme
 from .build import ARTIFACTS, PROFILES, ensure_artifact as _ensure_in_process, recipe_hash, split_name
 from .cache import check_artifact, default_cache_dir
 from .task import gold_breakdown, gold_preference, gold_score
@@ -59,4 +63,5 @@ def ensure_artifact(name: str, cache_dir: Optional[str | Path] = None) -> Path:
 
 __all__ = ["ensure_artifact", "ARTIFACTS", "PROFILES", "gold_score", "gold_preference", "gold_breakdown", "default_cache_dir"]
 
-from . import judge as _judge  # registers the `toy-gold` judge (judges.PLUGIN_MODULES imports this package)  # noqa: E402,F401
+register_scheme("toylab", ensure_artifact)
+from . import judge as _judge  # noqa: E402,F401  (registers the `toy-gold` judge)

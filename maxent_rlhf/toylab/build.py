@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..distributed import mix_seed
+from ..runs import read_jsonl
 from . import task
 from .cache import default_cache_dir, ensure_built
 
@@ -128,10 +130,6 @@ def write_jsonl(path: Path, rows) -> int:
     return n
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
-
-
 def load_script(name: str):
     """Import a top-level script of the repository (train_offline.py, ...) as a module."""
     if name in sys.modules:
@@ -174,7 +172,8 @@ def _posts(prof: dict, split: str) -> list[task.Post]:
     t = prof["task"]
     offsets = {"sft_train": 0, "sft_validation": 1, "rl_train": 2, "test": 3, "pair_prompts": 4}
     n = t[f"n_{split}"]
-    return task.generate_posts(n, seed=t["seed"] * 1000 + offsets[split], p_short=t["p_short"], p_detail=t["p_detail"])
+    seed = mix_seed(t["seed"], offsets[split])  # the profiles' task seed is 0: the seed is the split's offset
+    return task.generate_posts(n, seed=seed, p_short=t["p_short"], p_detail=t["p_detail"])
 
 
 def _row(p: task.Post) -> dict:
@@ -262,7 +261,7 @@ def build_sft(out: Path, prof: dict, deps: dict) -> None:
 def build_pairs(out: Path, prof: dict, deps: dict) -> None:
     import torch
 
-    from maxent_rlhf import generation
+    from maxent_rlhf.generation import complete_prompts
     from maxent_rlhf.models import load_policy, load_tokenizer
 
     p = prof["pairs"]
@@ -271,9 +270,15 @@ def build_pairs(out: Path, prof: dict, deps: dict) -> None:
     model = load_policy(str(deps["sft"]))
     model.eval()
     torch.manual_seed(p["seed"])
+    prompts = [x.prompt for x in posts]
+
+    def sample() -> list[str]:  # special tokens other than EOS stay in the text, where the gold judge sees them
+        return [c.text for batch in complete_prompts(model, tok, prompts, p["max_new_tokens"], 256, do_sample=True,
+                                                     temperature=p["temperature"], skip_special_tokens=False)
+                for c in batch]
+
     with quiet_threads(1):
-        a = sample_summaries(model, tok, [x.prompt for x in posts], p["max_new_tokens"], p["temperature"])
-        b = sample_summaries(model, tok, [x.prompt for x in posts], p["max_new_tokens"], p["temperature"])
+        a, b = sample(), sample()
     rng = random.Random(p["seed"])
     rows, ties, flipped = [], 0, 0
     for post, x, y in zip(posts, a, b):
@@ -336,63 +341,22 @@ BUILDERS = {
 
 
 # --------------------------------------------------------------------------------------------------
-# sampling and scoring with the shared generation module (used by builders, sweep and tests)
+# the reward model's held-out accuracy
 # --------------------------------------------------------------------------------------------------
-def sample_summaries(model, tok, prompts, max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
-                     batch_size: int = 256) -> list[str]:
-    import torch
-
-    from maxent_rlhf import generation
-
-    out: list[str] = []
-    with torch.no_grad():
-        for s in range(0, len(prompts), batch_size):
-            ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[s : s + batch_size]]
-            q, qm = generation.left_pad(ids, tok.pad_token_id)
-            r = generation.generate(model, q, qm, max_new_tokens, tok.eos_token_id, tok.pad_token_id,
-                                    temperature=temperature, do_sample=not greedy)
-            r, rm, _ = generation.truncate_after_eos(r, tok.eos_token_id, tok.pad_token_id)
-            for row, m in zip(r.tolist(), rm.tolist()):
-                toks = [t for t, keep in zip(row, m) if keep and t != tok.eos_token_id]
-                out.append(tok.decode(toks).strip())
-    return out
-
-
-def proxy_scores(reward_model, tok, prompts, summaries, batch_size: int = 256) -> list[float]:
-    """Proxy reward of prompt + " " + summary + EOS, read at the EOS (generation.reward_model_scores)."""
-    import torch
-
-    from maxent_rlhf import generation
-
-    out: list[float] = []
-    for s in range(0, len(prompts), batch_size):
-        rows = []
-        for p, y in zip(prompts[s : s + batch_size], summaries[s : s + batch_size]):
-            rows.append(tok(p, add_special_tokens=False)["input_ids"]
-                        + tok(" " + y, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-        length = max(map(len, rows))
-        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, r in enumerate(rows):  # right-padded: the score is read at the last real token
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        out += generation.reward_model_scores(reward_model, ids, mask).tolist()
-    return out
-
-
 def pair_accuracy(reward_dir: str | Path, pairs_file: str | Path) -> dict:
     """Held-out accuracy of a reward model on gold-labelled pairs: against the (noisy) labels and
     against the noiseless gold preference."""
+    from maxent_rlhf.generation import score_completions
     from maxent_rlhf.models import load_reward_model, load_tokenizer
 
     rows = read_jsonl(pairs_file)
-    tok = load_tokenizer(str(reward_dir), padding_side="right")
+    tok = load_tokenizer(str(reward_dir))
     rm = load_reward_model(str(reward_dir))
     rm.eval()
     prompts = [r["prompt"] for r in rows]
     with quiet_threads(1):
-        c = proxy_scores(rm, tok, prompts, [r["chosen"].strip() for r in rows])
-        j = proxy_scores(rm, tok, prompts, [r["rejected"].strip() for r in rows])
+        c = score_completions(rm, tok, prompts, [r["chosen"] for r in rows], 256)
+        j = score_completions(rm, tok, prompts, [r["rejected"] for r in rows], 256)
     n = len(rows)
     acc_labels = sum(a > b for a, b in zip(c, j)) / max(n, 1)
     acc_gold = sum((a > b) == (r["gold_chosen"] > r["gold_rejected"]) for a, b, r in zip(c, j, rows)) / max(n, 1)
