@@ -96,10 +96,11 @@ def configure_deepspeed(accelerator, micro_batch_size: int, max_grad_norm: float
 
     - train_micro_batch_size_per_gpu = the script's micro-batch (accelerate needs it when no DataLoader
       is prepared, as in both scripts);
-    - gradient_accumulation_steps = the Accelerator's: > 1 when the script uses `accelerator.accumulate`
-      (train_offline.py; DeepSpeed then scales the loss and accelerate does not), 1 when the script
-      divides the loss itself and marks boundaries with `micro_step` (train_rloo.py), so DeepSpeed does
-      not scale it a second time; train_batch_size = micro x accumulation x processes;
+    - gradient_accumulation_steps = the Accelerator's, which is 1 in both scripts: they divide the loss
+      by their own accumulation count and mark the last micro-batch with `micro_step`, so DeepSpeed must
+      not scale the loss a second time (a script using `accelerator.accumulate` would set the
+      Accelerator's count instead, and DeepSpeed would then do the scaling);
+      train_batch_size = micro x accumulation x processes;
     - gradient_clipping = max_grad_norm (DeepSpeed clips inside its step; 0 turns clipping off).
     No-op without DeepSpeed. A value set explicitly in the DeepSpeed config that disagrees is an error.
     """

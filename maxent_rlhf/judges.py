@@ -40,8 +40,8 @@ from typing import Any, Callable, Optional, Sequence
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
-# the prompt (reference.md section 5: the DPO paper's TL;DR judge prompt). Bump the version on any edit:
-# it is part of the cache key, so a changed prompt never reuses old judgments.
+# the prompt: the DPO paper's TL;DR judge prompt (Rafailov et al. 2023, App. C.2; docs/sources.md section 4).
+# Bump the version on any edit: it is part of the cache key, so a changed prompt never reuses old judgments.
 # --------------------------------------------------------------------------------------------------
 TEMPLATE_VERSION = "tldr-dpo-v1"
 PROMPT_TEMPLATE = """Which of the following summaries does a better job of summarizing the most \

@@ -4,7 +4,7 @@ No models, no I/O: the trainers (`train_rloo.py`, `train_offline.py`), the judge
 (`theory/`) import these and nothing else re-implements them. Equation numbers refer to
 "Failure Modes of Maximum Entropy RLHF" (main text Eqs. 1-7, appendix C Eqs. 8-12).
 
-Notation (as in `shared/reference.md`): S = summed response log-prob log pi(y|x), A = S / |y| (per-token
+Notation (as in docs/sources.md section 3): S = summed response log-prob log pi(y|x), A = S / |y| (per-token
 mean), rho = S - S_ref, h = rho_w - rho_l. All losses return *per-example* losses (the caller takes the
 mean) together with the implicit rewards a trainer logs.
 """
