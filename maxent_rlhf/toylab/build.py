@@ -1,12 +1,12 @@
-"""The toy lab's artifacts and how each is built (through the project's own scripts).
+"""The toy lab's artifacts and how each is built (the models through the project's own scripts).
 
     tokenizer  word-level HF tokenizer over the task vocabulary           (models.build_word_tokenizer)
     sft_data   prompt/completion jsonl (train/validation/test): posts + reference summaries
     prompts    prompt/completion jsonl (train: RL prompts, test: evaluation posts with references)
-    sft        tiny GPT-NeoX policy, SFT on sft_data                       (train_offline.main, loss sft)
+    sft        tiny GPT-NeoX policy, SFT on sft_data              (python train_offline.py --loss_type sft)
     pairs      prompt/chosen/rejected jsonl: two samples of the SFT policy per prompt, labelled by the
                gold judge with Bradley-Terry noise (gold ties dropped)
-    reward     proxy reward model trained on `pairs`                      (train_offline.main, loss reward)
+    reward     proxy reward model trained on `pairs`            (python train_offline.py --loss_type reward)
 
 `ensure_artifact("sft")` returns a local path, building the artifact and whatever it depends on first.
 A name may carry a profile, `PROFILE/NAME` (e.g. `toylab://test/sft`); otherwise the profile is
@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import json
 import os
 import random
-import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +29,6 @@ from . import task
 from .cache import default_cache_dir, ensure_built
 
 ENV_PROFILE = "MAXENT_RLHF_TOYLAB_PROFILE"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_VERSION = 1  # bump when a builder's code changes what it produces
 
 MODEL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "max_position_embeddings": 128}
@@ -106,16 +102,27 @@ def recipe_hash(profile: str, art: str) -> str:
 
 
 def ensure_artifact(name: str, cache_dir: Optional[str | Path] = None) -> Path:
-    """Local path of toy-lab artifact `name` (`NAME` or `PROFILE/NAME`), built on first use."""
+    """Local path of toy-lab artifact `name` (`NAME` or `PROFILE/NAME`), built on first use (and whatever
+    it depends on first), reused afterwards, rebuilt when its recipe changes or its files do not match
+    the manifest.
+
+    Safe inside a running script, also under `accelerate launch`: the models are trained by the scripts
+    in subprocesses of their own (`scripts.py`), the rest is built here without touching the caller's
+    random streams, and a file lock lets one process build while the others wait."""
     profile, art = split_name(name)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     profile_dir = root / profile
     deps = {d: ensure_artifact(f"{profile}/{d}", root) for d in DEPENDENCIES[art]}
     recipe = recipe_of(profile, art)
     builder = BUILDERS[art]
-    return ensure_built(
-        profile_dir, art, recipe, task.stable_hash(recipe), lambda out: builder(out, PROFILES[profile], deps)
-    )
+
+    def build(out: Path) -> None:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # a build inside a running program leaves its random streams alone
+            builder(out, PROFILES[profile], deps)
+
+    return ensure_built(profile_dir, art, recipe, task.stable_hash(recipe), build)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,31 +135,6 @@ def write_jsonl(path: Path, rows) -> int:
             f.write(json.dumps(r) + "\n")
             n += 1
     return n
-
-
-def load_script(name: str):
-    """Import a top-level script of the repository (train_offline.py, ...) as a module."""
-    if name in sys.modules:
-        return sys.modules[name]
-    path = REPO_ROOT / f"{name}.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the toy lab runs the project's scripts from the repository root")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-CONFIG_CLASSES = {"train_offline": "OfflineConfig", "train_rloo": "RLOOConfig", "evaluate_judge": "EvalConfig"}
-
-
-def make_config(module, **values):
-    """The script's config dataclass from a dict (same checks as a YAML file)."""
-    from maxent_rlhf.config import config_from_dict
-
-    cls = getattr(module, CONFIG_CLASSES.get(module.__name__, "Config"))
-    return config_from_dict(cls, values, source=f"toylab ({module.__name__})")
 
 
 @contextlib.contextmanager
@@ -202,22 +184,21 @@ def build_prompts(out: Path, prof: dict, deps: dict) -> None:
 
 
 # prompts are <= ~62 tokens and summaries <= ~16: both fit the tiny models' 128 positions
-OFFLINE_COMMON = dict(max_prompt_length=100, max_response_length=28, warmup_ratio=0.05, mixed_precision="no",
-                      log_every=10)
+OFFLINE_COMMON = dict(max_prompt_length=100, max_completion_length=28, warmup_ratio=0.05, mixed_precision="no",
+                      logging_steps=10)
 
 
 def _run_offline(out: Path, values: dict) -> Path:
-    """train_offline.main in this process; the final checkpoint's HF files are copied to `out`."""
+    """`python train_offline.py --key value ...` into out/run; the final checkpoint's HF files are copied to `out`."""
     import shutil
 
     from maxent_rlhf.runs import latest_checkpoint
 
-    train_offline = load_script("train_offline")
+    from .scripts import run_script
+
     run_dir = out / "run"
-    values = dict(OFFLINE_COMMON, **values)
-    values.update(output_dir=str(run_dir), report_to="none")
-    with quiet_threads(1):
-        train_offline.main(make_config(train_offline, **values))
+    common = {k: v for k, v in OFFLINE_COMMON.items() if k not in values}
+    run_script("train_offline", **values, **common, output_dir=str(run_dir), report_to="none")
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise RuntimeError(f"train_offline wrote no checkpoint under {run_dir}")
@@ -242,13 +223,13 @@ def build_sft(out: Path, prof: dict, deps: dict) -> None:
     _run_offline(
         out,
         dict(
-            loss="sft",
+            loss_type="sft",
             model_name_or_path=str(init),
-            dataset=str(deps["sft_data"]),
-            eval_split="validation",
+            dataset_name=str(deps["sft_data"]),
+            dataset_test_split="validation",
             max_steps=s["max_steps"],
             global_batch_size=s["batch_size"],
-            micro_batch_size=s["batch_size"],
+            per_device_train_batch_size=s["batch_size"],
             learning_rate=s["lr"],
             seed=s["seed"],
         ),
@@ -310,14 +291,14 @@ def build_reward(out: Path, prof: dict, deps: dict) -> None:
     _run_offline(
         out,
         dict(
-            loss="reward",
+            loss_type="reward",
             model_name_or_path=str(deps["sft"]),
-            dataset=str(deps["pairs"]),
-            eval_split="validation",
+            dataset_name=str(deps["pairs"]),
+            dataset_test_split="validation",
             max_steps=steps,
             global_batch_size=r["batch_size"],
-            micro_batch_size=r["batch_size"],
-            eval_batch_size=64,
+            per_device_train_batch_size=r["batch_size"],
+            per_device_eval_batch_size=64,
             reward_norm_dataset=str(deps["sft_data"]),  # the references average reward 0 (TL;DR recipe)
             reward_norm_split="train",
             reward_norm_samples=500,
