@@ -447,25 +447,25 @@ class RewardModelJudge(Judge):
 
     def __init__(
         self,
-        reward_model: Optional[str] = None,
-        tokenizer: Optional[str] = None,
+        reward_model_name_or_path: Optional[str] = None,
+        tokenizer_name_or_path: Optional[str] = None,
         judge_batch_size: int = 16,
         max_prompt_length: int = 512,
         mixed_precision: str = "auto",
         device: Optional[str] = None,
         trust_remote_code: bool = False,
     ):
-        if not reward_model:
-            raise JudgeError("the `reward-model` judge needs --reward_model (a hub id or a local directory)")
+        if not reward_model_name_or_path:
+            raise JudgeError("the `reward-model` judge needs --reward_model_name_or_path (a hub id or a local directory)")
         import torch
 
         from .models import load_reward_model, load_tokenizer, resolve_dtype
 
-        self.path = reward_model
+        self.path = reward_model_name_or_path
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = load_tokenizer(tokenizer or reward_model, padding_side="left", trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(tokenizer_name_or_path or reward_model_name_or_path, padding_side="left", trust_remote_code=trust_remote_code)
         self.model = load_reward_model(
-            reward_model, dtype=resolve_dtype(mixed_precision, self.device), trust_remote_code=trust_remote_code
+            reward_model_name_or_path, dtype=resolve_dtype(mixed_precision, self.device), trust_remote_code=trust_remote_code
         ).to(self.device).eval()
         self.batch_size = judge_batch_size
         self.max_prompt_length = max_prompt_length

@@ -98,7 +98,7 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
     simpo = [r for n, r in offline.items() if n.startswith("simpo")]
     if simpo:
         figs["fig6"] = plotting.plot_winrate_per_checkpoint(
-            simpo, report_dir / "fig6_simpo_winrate.png", label=lambda r: f"gamma {r.config.get('gamma')}",
+            simpo, report_dir / "fig6_simpo_winrate.png", label=lambda r: f"gamma {r.config.get('simpo_gamma')}",
             panel=lambda r: f"SimPO lr {_lr(r):g}", title="SimPO: gold win rate per checkpoint")
 
     # ---- headline numbers -------------------------------------------------------------------------
@@ -384,7 +384,7 @@ def exploit_section(sweep_dir: Path, s: dict) -> list[str]:
 
 def analyse_offline(run: plotting.Run) -> dict:
     xs, ys = run.winrate_curve(include_baseline=True)
-    out = {"name": run.name, "lr": _lr(run), "gamma": run.config.get("gamma")}
+    out = {"name": run.name, "lr": _lr(run), "gamma": run.config.get("simpo_gamma")}
     if ys:
         out.update(sft=ys[0], peak=max(ys), final=ys[-1], drop=max(ys) - ys[-1])
     return out
