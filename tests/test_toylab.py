@@ -332,7 +332,7 @@ def test_script_command_gives_the_script_exactly_these_options():
     options = dict(build.OFFLINE_COMMON, loss_type="dpo", model_name_or_path="toylab://sft", dataset_name="toylab://pairs",
                    learning_rate=3e-4, beta=0.1, seed=7, gradient_checkpointing=True, dataset_test_split=None,
                    output_dir="/tmp/x")
-    cmd = scripts.script_command("train_offline", scripts.toy_config("dpo"), **options)
+    cmd = scripts.script_command("train_offline.py", scripts.toy_config("dpo"), **options)
     assert cmd[1] == str(REPO / "train_offline.py") and cmd[2:4] == ["--config", str(REPO / "configs/toy/dpo.yaml")]
     parsed = parse_config(train_offline.OfflineConfig, cmd[2:])
     from maxent_rlhf.config import load_yaml

@@ -48,14 +48,14 @@ def run_rloo(out: Path, reg: str, lr: float, seed: int, iterations: Optional[int
     if iterations:
         options["num_iterations"] = iterations
     options.update(extra or {})
-    return _run_once(out, "train_rloo", toy_config(reg), options,
+    return _run_once(out, "train_rloo.py", toy_config(reg), options,
                      {"kind": "rloo", "regularizer": reg, "learning_rate": lr, "seed": seed})
 
 
 def run_offline(out: Path, config: str, lr: float, seed: int = 1, extra: Optional[dict] = None) -> Path:
     """configs/toy/CONFIG.yaml (dpo, simpo) at this learning rate and seed into `out`."""
     options = dict(learning_rate=lr, seed=seed, output_dir=str(out), **(extra or {}))
-    return _run_once(out, "train_offline", toy_config(config), options,
+    return _run_once(out, "train_offline.py", toy_config(config), options,
                      {"kind": config, "learning_rate": lr, "seed": seed, **(extra or {})})
 
 
@@ -76,13 +76,13 @@ def evaluate_run(run_dir: Path, n: int = EVAL_N, proxy: bool = True) -> dict:
     common = dict(checkpoints=[str(run_dir)], n=n, per_device_eval_batch_size=n, plot=True)
     out = {}
     if not (gold_dir / "summary.json").exists():
-        run_script("evaluate_judge", toy_config("eval"), output_dir=str(gold_dir), judge="toy-gold", **common)
+        run_script("evaluate_judge.py", toy_config("eval"), output_dir=str(gold_dir), judge="toy-gold", **common)
     out["gold"] = json.loads((gold_dir / "summary.json").read_text())
     if proxy:
         if not (proxy_dir / "summary.json").exists():
             if (gold_dir / "generations").is_dir() and not (proxy_dir / "generations").exists():
                 shutil.copytree(gold_dir / "generations", proxy_dir / "generations")  # same greedy decodes
-            run_script("evaluate_judge", toy_config("eval"), output_dir=str(proxy_dir), judge="reward-model",
+            run_script("evaluate_judge.py", toy_config("eval"), output_dir=str(proxy_dir), judge="reward-model",
                        reward_model_name_or_path="toylab://reward", judge_batch_size=n, **common)
         out["proxy"] = json.loads((proxy_dir / "summary.json").read_text())
     return out
