@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..distributed import mix_seed
-from ..runs import read_jsonl
+from ..runs import latest_checkpoint, read_jsonl
 from . import task
 from .cache import default_cache_dir, ensure_built
+from .scripts import run_script
 
 ENV_PROFILE = "MAXENT_RLHF_TOYLAB_PROFILE"
 BUILD_VERSION = 1  # bump when a builder's code changes what it produces
@@ -191,10 +192,6 @@ OFFLINE_COMMON = dict(max_prompt_length=100, max_completion_length=28, warmup_ra
 def _run_offline(out: Path, values: dict) -> Path:
     """`python train_offline.py --key value ...` into out/run; the final checkpoint's HF files are copied to `out`."""
     import shutil
-
-    from maxent_rlhf.runs import latest_checkpoint
-
-    from .scripts import run_script
 
     run_dir = out / "run"
     common = {k: v for k, v in OFFLINE_COMMON.items() if k not in values}
