@@ -65,6 +65,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+import maxent_rlhf.toylab  # noqa: F401  (registers the toylab:// locations and the toy-gold judge)
 from maxent_rlhf import distributed, generation, objectives
 from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, TrainConfig, cfg, derive_batch_sizes, parse_config
 from maxent_rlhf.data import DataError, load_any_dataset, require_columns
@@ -237,7 +238,7 @@ class PromptStream:
         self._perm = self._make_perm()
 
     def _make_perm(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(distributed.mix_seed(self.seed, self.epoch))
         return torch.randperm(self.n, generator=g)
 
     def next(self) -> list[int]:

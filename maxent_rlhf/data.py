@@ -1,7 +1,9 @@
-"""Dataset loading shared by the scripts: a hub id (`trl-lib/tldr`) or a local json/jsonl/parquet file.
+"""Dataset loading shared by the scripts: a hub id (`trl-lib/tldr`), a local json/jsonl/parquet/csv file,
+a directory of `<split>.jsonl` files, or a registered location such as `toylab://prompts`.
 
-Column checks name the missing column and the columns that were found. Script-specific tokenisation
-(SFT, pairwise, listwise, prompts for RLOO) lives next to it below, each in its own function.
+Column checks name the missing column and the columns that were found. Below: the tokenisation and
+padding of train_offline.py's SFT, pairwise and listwise examples (`tokenize_offline_dataset`,
+`collate_responses`). train_rloo.py tokenises its prompts itself, one batch per iteration.
 """
 from __future__ import annotations
 

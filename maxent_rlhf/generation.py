@@ -1,6 +1,7 @@
 """Batched generation, EOS truncation, response log-prob forwards and reward-model scoring.
 
-Conventions (used by train_rloo.py, evaluate_judge.py and the toy lab):
+Conventions (used by train_rloo.py, train_offline.py, evaluate_judge.py, the reward-model judge and the
+toy lab):
 - queries are LEFT-padded to a common length `context_length`; responses follow, RIGHT-padded;
 - the attention mask of query+response is built from lengths (query mask ++ response mask), never from
   `input_ids != pad_token_id`, because Pythia reuses EOS as pad and the EOS must stay visible;
@@ -8,7 +9,8 @@ Conventions (used by train_rloo.py, evaluate_judge.py and the toy lab):
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -227,3 +229,82 @@ def reward_model_scores_with_grad(reward_model, input_ids: Tensor, attention_mas
 def reward_model_scores(reward_model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """`reward_model_scores_with_grad` without autograd, as float32 (scoring rollouts, judging)."""
     return reward_model_scores_with_grad(reward_model, input_ids, attention_mask).float()
+
+
+# --------------------------------------------------------------------------------------------------
+# text in, text out (evaluation, the reward-model judge, the toy lab)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Completion:
+    text: str  # decoded completion, EOS removed, stripped
+    num_tokens: int  # its length in tokens (the EOS not counted)
+
+
+def complete_prompts(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    max_prompt_length: Optional[int] = None,
+    skip_special_tokens: bool = True,
+    device=None,
+) -> Iterator[list[Completion]]:
+    """Decode `prompts` (greedily by default, else sampled at `temperature`) `batch_size` at a time;
+    yields each batch's completions, in order, so a caller can save and report as it goes.
+
+    Each prompt is tokenised alone without special tokens and keeps its last `max_prompt_length` tokens
+    (when given, so "TL;DR:" stays next to the completion), left-padded; each completion is cut after its
+    first EOS (`truncate_after_eos`) and decoded without it (`skip_special_tokens=False` keeps any other
+    special token the model emitted in the text).
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for start in range(0, len(prompts), batch_size):
+        queries = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[start : start + batch_size]]
+        if max_prompt_length:
+            queries = [q[-max_prompt_length:] for q in queries]
+        ids, mask = left_pad(queries, pad)
+        if device is not None:
+            ids, mask = ids.to(device), mask.to(device)
+        responses = generate(model, ids, mask, max_new_tokens, eos, pad, temperature=temperature, do_sample=do_sample)
+        responses, response_mask, _ = truncate_after_eos(responses, eos, pad)
+        batch = []
+        for row, keep in zip(responses.cpu(), response_mask.cpu()):
+            tokens = row[keep.bool()].tolist()
+            if tokens and tokens[-1] == eos:
+                tokens = tokens[:-1]
+            batch.append(Completion(tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens).strip(), len(tokens)))
+        yield batch
+
+
+def score_completions(
+    reward_model,
+    tokenizer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    batch_size: int,
+    max_prompt_length: Optional[int] = None,
+    device=None,
+) -> list[float]:
+    """Reward of each prompt + " " + completion.strip() + EOS (the TL;DR format the reward models were
+    trained on), read at the EOS (`reward_model_scores`), `batch_size` sequences per forward.
+
+    The prompt keeps its last `max_prompt_length` tokens when given. Sequences are left-padded; with
+    position ids counted over real tokens a score does not depend on the padding (tests/test_generation.py
+    checks it against right padding).
+    """
+    seqs = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        q = tokenizer(prompt, add_special_tokens=False).input_ids
+        if max_prompt_length:
+            q = q[-max_prompt_length:]
+        seqs.append(q + tokenizer(" " + completion.strip(), add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+    out: list[float] = []
+    for start in range(0, len(seqs), batch_size):
+        ids, mask = left_pad(seqs[start : start + batch_size], tokenizer.pad_token_id)
+        if device is not None:
+            ids, mask = ids.to(device), mask.to(device)
+        out.extend(reward_model_scores(reward_model, ids, mask).tolist())
+    return out

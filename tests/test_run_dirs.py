@@ -17,7 +17,7 @@ for _p in (str(ROOT), str(ROOT / "tests")):
 
 import evaluate_judge as ej  # noqa: E402
 from fake_openai_server import FakeJudgeServer  # noqa: E402
-from maxent_rlhf import runs  # noqa: E402
+from maxent_rlhf import plotting, runs  # noqa: E402
 from maxent_rlhf.config import ConfigError  # noqa: E402
 
 KEY = "sk-test-run-dirs"
@@ -232,7 +232,7 @@ def wilson_row(label, step, wins, n):
 
 @pytest.mark.parametrize("wins", [0, 17, 40])
 def test_error_bars_are_never_negative_at_the_edges(wins):
-    (below,), (above,) = ej.interval_error_bars([wilson_row("c", 1, wins, 40)])
+    (below,), (above,) = plotting.interval_error_bars([wilson_row("c", 1, wins, 40)])
     assert below >= 0 and above >= 0
     assert (below == 0) == (wins == 0) and (above == 0) == (wins == 40)
 
@@ -240,7 +240,7 @@ def test_error_bars_are_never_negative_at_the_edges(wins):
 def test_figure_draws_0_of_n_and_n_of_n(tmp_path):
     rows = [wilson_row("a", 10, 0, 40), wilson_row("b", 20, 40, 40), wilson_row("c", 30, 23, 40)]
     rows.append({**wilson_row("sft", None, 40, 40), "baseline": True})
-    ej.plot_win_rates(rows, tmp_path / "win_rate.png", "test judge", 0.95)
+    plotting.plot_win_rates(rows, tmp_path / "win_rate.png", "test judge", 0.95)
     assert (tmp_path / "win_rate.png").stat().st_size > 1000
 
 
@@ -263,7 +263,7 @@ def test_a_figure_that_fails_keeps_the_numbers(judge_setup, monkeypatch, capsys)
     def broken(*a, **k):
         raise ValueError("'yerr' must not contain negative values")
 
-    monkeypatch.setattr(ej, "plot_win_rates", broken)
+    monkeypatch.setattr(plotting, "plot_win_rates", broken)
     with FakeJudgeServer(marker="reference", anti_marker="cat", api_key=KEY) as server:  # the policy never wins
         summary = ej.main(judge_config(data, ckpt, out, server, plot=True))
     captured = capsys.readouterr()
