@@ -469,7 +469,8 @@ def update(c: RLOOConfig, m: Models, plan: BatchPlan, ro: Rollout, optimizer, sc
                     stats[key].append(getattr(out, key).detach().float())
             if c.max_grad_norm > 0:
                 gn = acc.clip_grad_norm_(policy.parameters(), c.max_grad_norm)
-                stats["grad_norm"].append(torch.as_tensor(gn, device=device).float())
+                # float(): under FSDP2 the norm is a DTensor, which the metric gather cannot take
+                stats["grad_norm"].append(torch.tensor(float(gn), device=device))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     stats["lr"] = scheduler.get_last_lr()[0]

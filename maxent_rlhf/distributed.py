@@ -24,8 +24,9 @@ DeepSpeed's `gradient_clipping`, which `configure_deepspeed` sets to the script'
 Sampling: `sampling_rng` ties each rollout chunk's random stream to its rows of the global batch, so N
 processes sample what one process samples. Checkpoints under DeepSpeed / FSDP: see `runs.uses_engine_state`.
 
-Nothing here can run on this project's CPU test machine beyond the no-op paths; the DeepSpeed / FSDP
-branches are kept short and follow accelerate 1.x and DeepSpeed's documented APIs.
+The FSDP2 and ZeRO-2 / ZeRO-3 branches run on two CPU processes in tests/test_sharded.py (accelerate
+does not shard CPU processes by itself: tests/cpu_sharding.py says how the test gets it to); on GPUs
+they have yet to run (bench/gpu_smoke.sh is the acceptance run).
 """
 from __future__ import annotations
 

@@ -56,6 +56,20 @@ def check_launch(accelerator=None) -> None:
     """
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     seen = accelerator.num_processes if accelerator is not None else 1
+    # accelerate 1.x shards only on GPUs: on CPU processes an FSDP config silently becomes plain DDP and a
+    # DeepSpeed one processes that each think they run alone (tests/cpu_sharding.py has the details)
+    asked = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(flag, "false").lower() == "true"]
+    if accelerator is not None and asked:
+        from .distributed import distributed_type
+
+        got = distributed_type(accelerator)
+        if got not in asked or seen != world:
+            raise RuntimeError(
+                f"the accelerate config asks for {asked[0]} over {world} process(es), but accelerate set up {got} "
+                f"over {seen}: accelerate shards (FSDP, DeepSpeed) only on GPUs. On CPUs use "
+                "configs/accelerate/cpu.yaml; with GPUs, check that CUDA is visible to every process"
+            )
     if world > 1 and seen != world:
         raise RuntimeError(
             f"launched as {world} processes (WORLD_SIZE={world}) but accelerate sees {seen}: the processes "
