@@ -1,4 +1,5 @@
-"""Dataset loading shared by the scripts: a hub id (`trl-lib/tldr`) or a local json/jsonl/parquet file.
+"""Dataset loading shared by the scripts: a hub id (`trl-lib/tldr`), a local json/jsonl/parquet/csv file,
+a directory of `<split>.jsonl` files, or a registered location such as `toylab://prompts`.
 
 Column checks name the missing column and the columns that were found. Below: train_rloo.py's prompt
 stream and prompt tokenisation (`PromptStream`, `tokenize_prompts`), then the tokenisation and padding
@@ -85,7 +86,9 @@ class PromptStream:
     def _make_perm(self):
         import torch
 
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        from .distributed import mix_seed
+
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         return torch.randperm(self.n, generator=g)
 
     def next(self) -> list[int]:

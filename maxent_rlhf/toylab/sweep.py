@@ -1,14 +1,16 @@
-"""The toy-lab sweep: every run through the project's scripts, in-process.
+"""The toy-lab sweep: every run through the project's scripts, as a user runs them.
 
     python -m maxent_rlhf.toylab sweep                   # full: 5 regularisers x 2 lrs x 3 seeds + offline
     python -m maxent_rlhf.toylab sweep --seeds 1         # reduced
     python -m maxent_rlhf.toylab report --out runs/toylab
 
-Online runs: train_rloo.main(cfg) from configs/toy/*.yaml-equivalent settings (REGULARIZERS x lrs x
-seeds). Offline runs: DPO (Figure 4's reference log-ratio) and SimPO for several gamma at two learning
-rates (Figure 6), with train_offline.main(cfg). Every checkpoint of every run (and the SFT baseline) is
-decoded greedily and judged by the gold judge, and scored by the proxy reward model, with
-evaluate_judge.main(cfg) (judges `toy-gold` and `reward-model`). A finished stage is skipped on rerun.
+Online runs: `python train_rloo.py --config configs/toy/REG.yaml --learning_rate LR --seed S --output_dir ...`
+for REG in REGULARIZERS (the configs hold each regulariser's coefficient). Offline runs: DPO (Figure 4's
+reference log-ratio) and SimPO for several gamma at two learning rates (Figure 6), `python
+train_offline.py --config configs/toy/{dpo,simpo}.yaml ...`. Every checkpoint of every run (and the SFT
+baseline) is decoded greedily and judged by the gold judge, and scored by the proxy reward model,
+with `python evaluate_judge.py --config configs/toy/eval.yaml --judge {toy-gold,reward-model} ...`.
+Each command is printed before it runs (`scripts.py`); a finished stage is skipped on rerun.
 """
 from __future__ import annotations
 
@@ -18,20 +20,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..config import load_yaml
-from .build import load_script, make_config, quiet_threads
+from .scripts import run_script, toy_config
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TOY_CONFIGS = REPO_ROOT / "configs" / "toy"
-
-# regulariser name -> train_rloo fields (coefficients chosen on the toy, see configs/toy/*.yaml)
-REGULARIZERS = {
-    "kl": {"regularizer": "kl", "kl_coef": 0.05},
-    "maxent": {"regularizer": "entropy", "length_normalize": True, "entropy_coef": 0.5},
-    "entropy": {"regularizer": "entropy", "length_normalize": False, "entropy_coef": 0.05},
-    "minent": {"regularizer": "entropy", "length_normalize": True, "entropy_coef": 0.5, "min_entropy": True},
-    "none": {"regularizer": "none"},
-}
+# regulariser name = its config, configs/toy/NAME.yaml (coefficients chosen on the toy)
+REGULARIZERS = ("kl", "maxent", "entropy", "minent", "none")
 REGULARIZER_LABELS = {
     "kl": "KL (beta 0.05)",
     "maxent": "entropy, length-normalised (Eq. 7)",
@@ -46,76 +38,53 @@ SIMPO_LRS = (3e-4, 3e-3)  # a gradual and an aggressive lr (the paper's 2e-7 and
 EVAL_N = 200
 
 
-def base_rloo_values() -> dict:
-    """The shared settings of configs/toy/*.yaml (read from kl.yaml minus its regulariser)."""
-    values = load_yaml(TOY_CONFIGS / "kl.yaml")
-    for k in ("regularizer", "kl_coef", "entropy_coef", "length_normalize", "min_entropy", "output_dir", "learning_rate"):
-        values.pop(k, None)
-    return values
-
-
 def lr_tag(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
 def run_rloo(out: Path, reg: str, lr: float, seed: int, iterations: Optional[int] = None, extra: Optional[dict] = None) -> Path:
-    train_rloo = load_script("train_rloo")
-    values = base_rloo_values()
-    values.update(REGULARIZERS[reg])
-    values.update(learning_rate=lr, seed=seed, output_dir=str(out))
+    """configs/toy/REG.yaml at this learning rate and seed (`extra`: more options) into `out`."""
+    options = dict(learning_rate=lr, seed=seed, output_dir=str(out))
     if iterations:
-        values["num_iterations"] = iterations
-    values.update(extra or {})
-    return _run_once(out, train_rloo, values, {"kind": "rloo", "regularizer": reg, "learning_rate": lr, "seed": seed})
+        options["num_iterations"] = iterations
+    options.update(extra or {})
+    return _run_once(out, "train_rloo.py", toy_config(reg), options,
+                     {"kind": "rloo", "regularizer": reg, "learning_rate": lr, "seed": seed})
 
 
-def _run_once(out: Path, script, values: dict, record: dict) -> Path:
-    """Run `script.main` into `out` unless a finished run is already there (a half run is started over)."""
+def run_offline(out: Path, config: str, lr: float, seed: int = 1, extra: Optional[dict] = None) -> Path:
+    """configs/toy/CONFIG.yaml (dpo, simpo) at this learning rate and seed into `out`."""
+    options = dict(learning_rate=lr, seed=seed, output_dir=str(out), **(extra or {}))
+    return _run_once(out, "train_offline.py", toy_config(config), options,
+                     {"kind": config, "learning_rate": lr, "seed": seed, **(extra or {})})
+
+
+def _run_once(out: Path, script: str, config: Path, options: dict, record: dict) -> Path:
+    """Run `script` into `out` unless a finished run is already there (a half run is started over)."""
     if _done(out):
         return out
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
-    with quiet_threads(1):
-        script.main(make_config(script, **values))
+    run_script(script, config, **options)
     _mark_done(out, {**record, "seconds": time.time() - t0})
     return out
 
 
-def run_offline(out: Path, loss: str, lr: float, seed: int = 1, extra: Optional[dict] = None) -> Path:
-    train_offline = load_script("train_offline")
-    from .build import OFFLINE_COMMON
-
-    values = dict(OFFLINE_COMMON)
-    values.update(
-        loss_type=loss, model_name_or_path="toylab://sft", dataset_name="toylab://pairs", dataset_test_split="validation",
-        num_train_epochs=4.0, global_batch_size=32, per_device_train_batch_size=32, per_device_eval_batch_size=64,
-        learning_rate=lr, seed=seed, save_steps=10, logging_steps=1, report_to="none", output_dir=str(out),
-    )
-    values.update(extra or {})
-    return _run_once(out, train_offline, values, {"kind": loss, "learning_rate": lr, "seed": seed, **(extra or {})})
-
-
 def evaluate_run(run_dir: Path, n: int = EVAL_N, proxy: bool = True) -> dict:
     """Gold win rate (toy-gold) and proxy reward (reward-model judge) of every checkpoint + the SFT baseline."""
-    evaluate_judge = load_script("evaluate_judge")
     gold_dir, proxy_dir = run_dir / "eval_gold", run_dir / "eval_proxy"
-    common = dict(
-        checkpoints=[str(run_dir)], sft_model_name_or_path="toylab://sft", dataset_name="toylab://prompts",
-        dataset_test_split="test", n=n, max_new_tokens=16, max_prompt_length=100, per_device_eval_batch_size=n,
-        judge_batch_size=n, mixed_precision="no", plot=True,
-    )
+    common = dict(checkpoints=[str(run_dir)], n=n, per_device_eval_batch_size=n, plot=True)
     out = {}
-    with quiet_threads(1):
-        if not (gold_dir / "summary.json").exists():
-            evaluate_judge.main(make_config(evaluate_judge, output_dir=str(gold_dir), judge="toy-gold", **common))
-        out["gold"] = json.loads((gold_dir / "summary.json").read_text())
-        if proxy:
-            if not (proxy_dir / "summary.json").exists():
-                if (gold_dir / "generations").is_dir() and not (proxy_dir / "generations").exists():
-                    shutil.copytree(gold_dir / "generations", proxy_dir / "generations")  # same greedy decodes
-                evaluate_judge.main(make_config(evaluate_judge, output_dir=str(proxy_dir), judge="reward-model",
-                                                reward_model_name_or_path="toylab://reward", **common))
-            out["proxy"] = json.loads((proxy_dir / "summary.json").read_text())
+    if not (gold_dir / "summary.json").exists():
+        run_script("evaluate_judge.py", toy_config("eval"), output_dir=str(gold_dir), judge="toy-gold", **common)
+    out["gold"] = json.loads((gold_dir / "summary.json").read_text())
+    if proxy:
+        if not (proxy_dir / "summary.json").exists():
+            if (gold_dir / "generations").is_dir() and not (proxy_dir / "generations").exists():
+                shutil.copytree(gold_dir / "generations", proxy_dir / "generations")  # same greedy decodes
+            run_script("evaluate_judge.py", toy_config("eval"), output_dir=str(proxy_dir), judge="reward-model",
+                       reward_model_name_or_path="toylab://reward", judge_batch_size=n, **common)
+        out["proxy"] = json.loads((proxy_dir / "summary.json").read_text())
     return out
 
 
@@ -129,7 +98,7 @@ def _mark_done(out: Path, info: dict) -> None:
 
 def sweep(
     out: str | Path = "runs/toylab",
-    regularizers=tuple(REGULARIZERS),
+    regularizers=REGULARIZERS,
     lrs=LEARNING_RATES,
     seeds=SEEDS,
     iterations: Optional[int] = None,
@@ -141,7 +110,7 @@ def sweep(
 ) -> Path:
     """Run (or complete: finished runs are skipped) the sweep into `out`. write_meta=False adds runs to
     an existing sweep (e.g. an extra learning rate) without changing what sweep.json says the sweep is."""
-    from . import ensure_artifact
+    from .build import ensure_artifact
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
