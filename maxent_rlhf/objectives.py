@@ -531,6 +531,18 @@ class RegularizedReward:
     non_score_reward: Tensor  # the regulariser's contribution, per sequence
 
 
+def missing_eos_penalty(scores: Tensor, contains_eos: Tensor, penalty: float) -> Tensor:
+    """score - penalty for every completion that never emitted EOS. [B], [B] -> [B] (float).
+
+    A completion cut at `response_length` before its EOS is not a finished summary, so it is scored lower
+    and the policy learns to stop (the "EOS trick" of the TL;DR "N+ implementation details" recipe, in
+    the subtractive form of TRL's `missing_eos_penalty`); a penalty of 0 keeps the reward model's score.
+    """
+    if scores.shape != contains_eos.shape or scores.dim() != 1:
+        raise ValueError(f"`scores` {tuple(scores.shape)} and `contains_eos` {tuple(contains_eos.shape)} must be the same [B]")
+    return scores.float() - penalty * (~contains_eos.bool()).float()
+
+
 def regularized_reward(
     scores: Tensor,
     logprobs: Tensor,
