@@ -560,7 +560,6 @@ def load_models(c: RLOOConfig, accelerator, reward_fn: Optional[Callable]) -> Mo
     tokenizer = load_tokenizer(c.model_name_or_path, padding_side="left", trust_remote_code=c.trust_remote_code)
     policy = load_policy(c.model_name_or_path, trust_remote_code=c.trust_remote_code, gradient_checkpointing=c.gradient_checkpointing)
     _disable_dropout(policy)
-    check_context_length(policy, c.max_prompt_length, c.response_length, "max_prompt_length", "response_length")
     m = Models(accelerator, tokenizer, policy, reward_fn=reward_fn)
     if c.needs_ref():
         with distributed.frozen_model_loading(accelerator):
@@ -604,6 +603,7 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
 
     # ---- models, optimizer ----
     m = load_models(c, accelerator, reward_fn)
+    check_context_length(m.policy, c.max_prompt_length, c.response_length, "max_prompt_length", "response_length")
     optimizer = torch.optim.AdamW(m.policy.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
                                   eps=c.adam_epsilon, weight_decay=c.weight_decay)
     # one scheduler step per iteration: linear gives lr_t = lr * (1 - t / num_iterations) without warmup

@@ -51,10 +51,13 @@ def resolve_path(name_or_path: str) -> str:
 
 def is_local_path(location: str) -> bool:
     """Whether `location` is meant as a local path rather than a hub id (`name` or `owner/name`): an
-    existing path, an absolute one, one starting with `.` or `~`, or one with more than one `/`. Loaders
-    use it to report a missing local directory as such, not as an invalid hub id."""
+    existing path, an absolute one, one starting with `.` or `~`, one with more than one `/`, or
+    `folder/name` where `folder` is an existing local directory (`runs/x` next to a `runs/` folder).
+    Loaders use it to report a missing local directory as such, not as an invalid hub id."""
     if not isinstance(location, str) or not location:
         return False
     if Path(location).expanduser().exists():
         return True
-    return location.startswith(("/", ".", "~", "\\")) or location.count("/") >= 2 or "\\" in location
+    if location.startswith(("/", ".", "~", "\\")) or location.count("/") >= 2 or "\\" in location:
+        return True
+    return "/" in location and Path(location.split("/", 1)[0]).is_dir()

@@ -53,6 +53,9 @@ CASES = [
     # ---- models and run state --------------------------------------------------------------------------
     ("rloo_model_abs_path_missing", RLOO, "--model_name_or_path /nope/model", 2, ["'/nope/model'", "does not exist"]),
     ("offline_model_rel_path_missing", OFFLINE, "--model_name_or_path ./runs/x", 2, ["'./runs/x'", "does not exist"]),
+    ("offline_model_path_under_a_local_folder", OFFLINE, "--model_name_or_path runs/x", 2, ["'runs/x'", "does not exist"]),
+    ("rloo_hub_model_unreachable", RLOO, "--model_name_or_path nobody/no-such-model", 2,
+     ["'nobody/no-such-model' cannot be loaded"]),
     ("offline_model_is_a_run_dir", OFFLINE, "--model_name_or_path {d}/a_run", 2, ["a_run", "run directory", "step_00000002"]),
     ("rloo_context_too_long", RLOO, "--model_name_or_path {pol} --reward_model_name_or_path {rm} --max_prompt_length 60 "
      "--response_length 10 --dataset_name {d}/prompts.jsonl", 2,
@@ -171,6 +174,9 @@ LAUNCHER = r"""
 import json, os, runpy, signal, sys, traceback
 sys.path.insert(0, ROOT)
 import train_rloo, train_offline, evaluate_judge  # noqa: F401  (their imports, once)
+import datasets, openai, transformers  # noqa: F401  (and what they import lazily on the way to an error)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+import transformers.models.gpt_neox.modeling_gpt_neox  # noqa: F401
 cases = json.loads(sys.stdin.read())
 results, running, queue = {}, {}, list(cases)
 
@@ -227,6 +233,7 @@ def run_table(cases: list[tuple[str, str, list[str]]], cwd: Path, workers: int =
 def results(env, tmp_path_factory):
     """Every case of the table, run once; {case id: CompletedProcess}."""
     work = tmp_path_factory.mktemp("bad_inputs_cwd")
+    (work / "runs").mkdir()  # `runs/x` then means a local path
     table = []
     for name, script, args, _, _ in CASES:
         argv = args.format(**env).split()
