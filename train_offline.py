@@ -37,8 +37,10 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 import maxent_rlhf.toylab  # noqa: F401  (registers the toylab:// locations and the toy-gold judge)
-from maxent_rlhf import data, distributed, generation, models, objectives, runs
+from maxent_rlhf import data, distributed, generation, models, objectives, plotting, runs
 from maxent_rlhf.config import ConfigError, TrainConfig, cfg, config_to_dict, derive_batch_sizes, parse_config
+from maxent_rlhf.evaluation import EvalArgs, TrainingEvaluator
+from maxent_rlhf.story import run_story
 from maxent_rlhf.schedules import build_lr_scheduler
 
 LOSSES = ("sft", "reward", "dpo", "simpo", "ipo", "cpo", "orpo", "slic", "chipo", "simpo_pl")
@@ -47,7 +49,7 @@ DATA_KIND = {"sft": "sft", "simpo_pl": "listwise"}  # every other loss reads pai
 
 
 @dataclass
-class OfflineConfig(TrainConfig):
+class OfflineConfig(EvalArgs, TrainConfig):
     """Offline training: SFT, reward model, DPO / SimPO / IPO / CPO / ORPO / SLiC / chi-PO / SimPO-PL."""
 
     loss_type: str = cfg("dpo", "objective: " + ", ".join(LOSSES), choices=LOSSES)
@@ -70,8 +72,10 @@ class OfflineConfig(TrainConfig):
         "trl-lib/tldr-preference", "hub id, local .json/.jsonl/.parquet file or directory, or toylab://NAME"
     )
     prompt_column: str = cfg("prompt", "column holding the prompt text (the response columns keep their names)")
-    eval_dataset_name: Optional[str] = cfg(None, "dataset for evaluation (default: `dataset_name`)")
-    dataset_test_split: Optional[str] = cfg(None, "split to evaluate on (null: no evaluation)")
+    eval_dataset_name: Optional[str] = cfg(None, "dataset of the loss-based evaluation (default: `dataset_name`)")
+    dataset_test_split: Optional[str] = cfg(
+        None, "split of the loss-based evaluation (eval/loss, eval/accuracy; null: none); the win rate reads "
+        "judge_dataset_name / judge_dataset_test_split")
     max_train_samples: int = cfg(0, "use only the first N training rows (0: all)")
     max_eval_samples: int = cfg(1000, "evaluate on the first N rows of dataset_test_split (0: all)")
     max_prompt_length: int = cfg(512, "longest prompt in tokens; see prompt_overflow")
@@ -91,7 +95,9 @@ class OfflineConfig(TrainConfig):
     max_steps: int = cfg(0, "optimizer steps; > 0 overrides num_train_epochs")
     learning_rate: float = cfg(1e-6, "peak learning rate of AdamW")
     warmup_ratio: float = cfg(0.1, "fraction of the steps spent warming the learning rate up from 0")
-    eval_steps: int = cfg(0, "evaluate every N steps (0: only at the end); needs dataset_test_split")
+    eval_steps: int = cfg(
+        0, "evaluate every N steps: the loss-based eval on dataset_test_split (eval/loss, eval/accuracy; 0: only at the "
+        "end) and, when `judge` is set, the win rate on judge_dataset_name (also at step 0 and the end; 0: none)")
     # loss hyper-parameters
     beta: float = cfg(0.1, "inverse temperature of dpo/ipo/chipo/simpo/simpo_pl/cpo (SimPO: beta of beta*A)")
     simpo_gamma: float = cfg(0.5, "SimPO / SimPO-PL target margin, absolute (TRL's simpo_gamma, not the ratio gamma/beta)")
@@ -122,6 +128,9 @@ def validate(c: OfflineConfig) -> None:
             raise ConfigError(f"`{name}` must be >= 1, got {getattr(c, name)}")
     if c.max_steps <= 0 and c.num_train_epochs <= 0:
         raise ConfigError("set `max_steps` > 0 or `num_train_epochs` > 0")
+    if c.judge and c.eval_steps > 0 and c.loss_type == "reward":
+        raise ConfigError("`judge`: a win rate needs a policy that generates, and loss_type `reward` trains a reward "
+                          "model; set judge: null (the loss-based eval on dataset_test_split still runs)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,6 +404,8 @@ def main(c: OfflineConfig) -> str:
         start_step = state["step"]  # open_run_dir dropped the log lines past it
         if accelerator.is_main_process:
             print(f"[train_offline] resumed from {resume_from} at step {start_step} (epoch {state['epoch']})")
+    # the win rate (when `judge` is set): one evaluator for the run; it prints the judge's cost once, here
+    evaluator = TrainingEvaluator(c, accelerator, run_dir, total_steps, start_step, log_prefix="[train_offline]")
     if trackers:
         accelerator.init_trackers(
             c.tracker_project_name,
@@ -416,6 +427,8 @@ def main(c: OfflineConfig) -> str:
     if accelerator.is_main_process:
         print(f"[train_offline] loss {c.loss_type}: {num_examples} examples, {total_steps} steps of {c.global_batch_size} "
               f"= {num_processes} processes x {c.per_device_train_batch_size} micro-batch x {grad_accum} accumulation")
+    if start_step == 0 and evaluator.due(0):  # the initial policy: the "SFT" point of the closing summary
+        run_dir.log_metrics(evaluator.evaluate(model, tokenizer, 0), 0)
     progress = tqdm(total=total_steps, initial=start_step, desc=f"train_offline[{c.loss_type}]",
                     disable=not accelerator.is_main_process)
     order, order_epoch = None, -1
@@ -463,6 +476,8 @@ def main(c: OfflineConfig) -> str:
             metrics.update(evaluate(c, model, eval_examples, ref_eval, ref_model, pad_id, accelerator))
         if step % c.logging_steps == 0 or step == total_steps or "eval/loss" in metrics:
             run_dir.log_metrics(metrics, step)
+        if evaluator.due(step):  # win rate of the current weights (its own record; {"eval/missing": 1} on an outage)
+            run_dir.log_metrics(evaluator.evaluate(model, tokenizer, step), step)
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", samples_s=f"{metrics['perf/samples_per_s']:.1f}")
         if c.save_steps > 0 and step % c.save_steps == 0 and step != total_steps:
@@ -482,7 +497,20 @@ def main(c: OfflineConfig) -> str:
     if last_saved != total_steps or final:
         save(total_steps)
     accelerator.end_training()
+    if accelerator.is_main_process:
+        closing_summary(c, run_dir.path)
     return str(run_dir.path)
+
+
+def closing_summary(c: OfflineConfig, run_path) -> None:
+    """The run's story (maxent_rlhf.story; the proxy of an offline run is its implicit reward margin) and
+    its figure (Fig. 7 layout, <run>/curves.png)."""
+    records = runs.read_metrics(run_path)
+    proxy = "rewards/margins" if c.loss_type != "sft" else "logps/chosen_per_token"
+    print("[train_offline] summary\n" + run_story(records, run_path, proxy_key=proxy).text())
+    figure = plotting.plot_offline_run(run_path)
+    if figure is not None:
+        print(f"[train_offline] figure: {figure}")
 
 
 def normalize_reward_model(c: OfflineConfig, reward_model, tokenizer, train_columns, accelerator, run_dir) -> dict:

@@ -62,8 +62,11 @@ class BaseConfig:
         check_ranges(self)
 
     def range_checks(self) -> list:
-        """(ok, message) pairs of this config's value ranges; subclasses add theirs (see check_ranges)."""
-        return [(bool(str(self.output_dir).strip()), "`output_dir` must not be empty")]
+        """(ok, message) pairs of this config's value ranges; subclasses and mixed-in configs add theirs
+        (see check_ranges), each calling super()'s."""
+        return getattr(super(), "range_checks", list)() + [
+            (bool(str(self.output_dir).strip()), "`output_dir` must not be empty")
+        ]
 
 
 @dataclasses.dataclass
