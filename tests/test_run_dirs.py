@@ -199,7 +199,12 @@ def test_another_judge_model_or_template_never_reuses_judgments(judge_setup, mon
         assert a.requests == requests_a and again["cached"] == N
         assert again["checkpoints"][0]["win_rate"] == len(WINNERS) / N
         # same judge model name, new template: judged again (here by B's preferences), never read from A's
-        monkeypatch.setattr(ej, "TEMPLATE_VERSION", ej.TEMPLATE_VERSION + "-next")
+        from maxent_rlhf import evaluation, judges
+
+        new_version = judges.TEMPLATE_VERSION + "-next"
+        for module in (judges, evaluation, ej):  # every module holding the name (the key is built from it)
+            if hasattr(module, "TEMPLATE_VERSION"):
+                monkeypatch.setattr(module, "TEMPLATE_VERSION", new_version)
         requests_b = b.requests
         new_template = ej.main(judge_config(data, ckpt, out, b))
         assert new_template["judged_now"] == N and b.requests - requests_b == N
