@@ -19,9 +19,15 @@ and DDP averages over processes, so the gradient is the global-batch mean (`dist
 gradients on the last micro-batch only, and drives DeepSpeed's engine the same way). Metrics are summed over
 micro-batches and processes and divided by the global batch size.
 
+Evaluation: the loss-based one on `dataset_test_split` (eval/loss, eval/accuracy) and, when `judge` is
+set, the win rate of greedy generations against references (`maxent_rlhf.evaluation`, the machinery of
+evaluate_judge.py: eval/win_rate with its Wilson interval, n, invalid, lengths; at step 0, every
+`eval_steps` and at the end; a judge outage is logged as eval/missing and training goes on).
+
 Outputs (run directory = output_dir): config.yaml, metrics.jsonl, checkpoints/step_XXXXXXXX (HF
-safetensors weights + tokenizer + trainer state). `main(cfg)` returns the run directory; the final
-model is `runs.latest_checkpoint(run_dir)`.
+safetensors weights + tokenizer + trainer state), eval/ (judged generations per step, judgment cache),
+curves.png (the paper's Fig. 7 layout); at the end the run's story (maxent_rlhf.story) is printed.
+`main(cfg)` returns the run directory; the final model is `runs.latest_checkpoint(run_dir)`.
 """
 from __future__ import annotations
 

@@ -364,10 +364,10 @@ def plot_run_figure(run: Run, path: str | Path, panels, title: str) -> Path:
     for ax, panel in zip(axes, data):
         if "win_rate" in panel:
             xs, ys, lo, hi = panel["win_rate"]
-            ax.fill_between(xs, lo, hi, color="C1", alpha=0.2, lw=0, label="95% Wilson interval")
+            ax.fill_between(xs, lo, hi, color="C1", alpha=0.2, lw=0, label="Wilson interval")
             ax.plot(xs, ys, color="C1", marker="o", ms=3, label="win rate vs reference")
             if panel["missing"]:
-                ax.plot(panel["missing"], [0.0] * len(panel["missing"]), "x", color="gray", label="evaluation missing")
+                ax.plot(panel["missing"], [0.03] * len(panel["missing"]), "x", color="gray", label="evaluation missing")
             ax.set_ylim(0, 1)
             ax.legend(fontsize=7)
         else:
