@@ -278,6 +278,12 @@ def test_in_training_win_rate_equals_evaluate_judge_and_leaves_training_unchange
         assert m["eval/win_rate"] == row["win_rate"]
         assert (m["eval/win_rate_ci_low"], m["eval/win_rate_ci_high"]) == (row["ci_low"], row["ci_high"])
         assert m["eval/policy_score"] == pytest.approx(row["mean_policy_score"], abs=1e-6)
+    # a run killed after its iteration-2 checkpoint resumes: step 0 is not evaluated again, step 3 is, identically
+    killed = tmp_path / "killed"
+    shutil.copytree(run, killed)
+    shutil.rmtree(killed / "checkpoints" / "step_00000003")
+    train_rloo.main(replace(c, output_dir=str(killed), resume="latest"))
+    assert [r for r in read_metrics(killed) if "eval/win_rate" in r] == [r for r in records if "eval/win_rate" in r]
     # evaluating does not change training: the same run without a judge logs the same training numbers
     plain = Path(train_rloo.main(replace(c, judge=None, eval_steps=0, output_dir=str(tmp_path / "plain"))))
     assert without_eval(read_metrics(plain)) == without_eval(records)
