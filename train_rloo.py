@@ -5,7 +5,8 @@
 
 One iteration, numbered below exactly like this; each step is a function over the iteration's
 `Rollout` record (this process's rows), so `main` reads as the list and a step can be tested alone:
-  1. generate: `rloo_k` completions per prompt (KV-cached sampling at `temperature`, top_k 0 / top_p 1),
+  1. generate: `rloo_k` completions per prompt (KV-cached sampling at `temperature`, top_k 0 / top_p 1,
+     `generation.sample`: HF generate's tokens under the same RNG, without its per-token machinery),
      each truncated after its first EOS (EOS kept), the rest padded                      `generate`
   2. score: prompt + completion with the reward model at the last real token; missing-EOS penalty  `score`
   3. log-probs of the sampled tokens under the policy (old) and the reference, from logits / T   `rollout_logprobs`
@@ -386,9 +387,10 @@ def generate(c: RLOOConfig, m: Models, query_ids: torch.Tensor, query_mask: torc
     with distributed.unwrap_for_generation(acc, m.policy) as gen_model, acc.autocast():
         for s in _chunks(query_ids.shape[0], c.local_rollout_forward_batch_size):
             with distributed.sampling_rng(c.seed, iteration, first_row + s.start, acc.device):
-                raw.append(generation.generate(gen_model, query_ids[s], query_mask[s], c.response_length, tok.eos_token_id,
-                                               tok.pad_token_id, temperature=c.temperature,
-                                               synced_gpus=distributed.needs_synced_gpus(acc)))
+                # generation.sample: generate's tokens without its per-token overhead (sharded: generate itself)
+                raw.append(generation.sample(gen_model, query_ids[s], query_mask[s], c.response_length, tok.eos_token_id,
+                                             tok.pad_token_id, temperature=c.temperature,
+                                             synced_gpus=distributed.needs_synced_gpus(acc)))
     responses, response_mask, contains_eos = generation.truncate_after_eos(torch.cat(raw), tok.eos_token_id, tok.pad_token_id)
     responses, response_mask = cut_to_longest(responses, response_mask)
     return Rollout(query_ids, query_mask, responses, response_mask, contains_eos)
