@@ -96,7 +96,7 @@ def ours_config(mod, root: Path, iterations: int):
         dataset_name=str(root / "prompts.jsonl"), output_dir=tempfile.mkdtemp(dir=root, prefix="ours_"),
         global_batch_size=BATCH, rloo_k=K, response_length=NEW_TOKENS, temperature=TEMP, num_ppo_epochs=1,
         num_mini_batches=1, per_device_train_batch_size=MICRO, local_rollout_forward_batch_size=BATCH,
-        num_iterations=iterations, regularizer="kl", kl_coef=BETA, learning_rate=LR, max_prompt_length=512,
+        num_iterations=iterations, regularizer="kl", kl_coef=BETA, learning_rate=LR, max_prompt_length=PROMPT_TOKENS,
         report_to="none", sample_every=0, save_steps=0,
     )
 
