@@ -478,3 +478,18 @@ def test_only_the_judge_options_the_user_set_must_be_taken(tmp_path):
     # evaluate_judge's defaults alone (every option offered) are never an error
     options, context = ej.judge_arguments(parse_config(ej.EvalConfig, ["--judge", "toy-gold"]))
     assert options == {} and judges.get_judge("toy-gold", context=context, **options).cache_id.startswith("toy-gold")
+
+
+def test_openai_cache_identity_includes_the_server_but_no_credentials(monkeypatch):
+    """Two OpenAI-compatible servers may serve different models under one name: their judgments never mix."""
+    from maxent_rlhf.judges import OpenAIJudge
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-key")
+    default = OpenAIJudge(judge_model="gpt-4o-mini").cache_id
+    local = OpenAIJudge(judge_model="gpt-4o-mini", base_url="http://user:secret@127.0.0.1:8000/v1/").cache_id
+    other = OpenAIJudge(judge_model="gpt-4o-mini", base_url="http://127.0.0.1:8001/v1").cache_id
+    assert default == "openai/gpt-4o-mini"
+    assert local == "openai/gpt-4o-mini@127.0.0.1:8000/v1"
+    assert len({default, local, other}) == 3
+    assert "secret" not in local and "user" not in local
