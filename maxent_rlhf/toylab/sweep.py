@@ -1,14 +1,20 @@
 """The toy-lab sweep: every run through the project's scripts, in-process.
 
-    python -m maxent_rlhf.toylab sweep                   # full: 5 regularisers x 2 lrs x 3 seeds + offline
-    python -m maxent_rlhf.toylab sweep --seeds 1         # reduced
+    python -m maxent_rlhf.toylab sweep                   # the whole sweep, then report/report.md
+    python -m maxent_rlhf.toylab sweep --shard 0/2 & python -m maxent_rlhf.toylab sweep --shard 1/2; wait
+    python -m maxent_rlhf.toylab sweep                   # (after the shards) skips every finished run, reports
     python -m maxent_rlhf.toylab report --out runs/toylab
 
-Online runs: train_rloo.main(cfg) from configs/toy/*.yaml-equivalent settings (REGULARIZERS x lrs x
-seeds). Offline runs: DPO (Figure 4's reference log-ratio) and SimPO for several gamma at two learning
-rates (Figure 6), with train_offline.main(cfg). Every checkpoint of every run (and the SFT baseline) is
-decoded greedily and judged by the gold judge, and scored by the proxy reward model, with
-evaluate_judge.main(cfg) (judges `toy-gold` and `reward-model`). A finished stage is skipped on rerun.
+Online runs (train_rloo.main, configs/toy/*.yaml-equivalent settings):
+  1. the grid: REGULARIZERS x LEARNING_RATES x SEEDS;
+  2. a lower lr (LOW_LR) for the entropy runs and coefficient 0, where runs keep their gains (claims 2-3);
+  3. an entropy-coefficient sweep at the high lr (COEF_SWEEP, beside the default coefficient and the
+     no-regulariser runs as coefficient 0), so "regardless of the entropy coefficient" is tested (claim 1).
+Offline runs (train_offline.main): DPO (Figure 4's reference log-ratio) and SimPO for several gamma at
+several learning rates (Figure 6). Every checkpoint of every run (and the SFT baseline) is decoded
+greedily and judged by the gold judge, and scored by the proxy reward model, with evaluate_judge.main
+(judges `toy-gold` and `reward-model`). A finished stage is skipped on rerun; DONE.json records the
+training and evaluation seconds of each run, from which the report adds up the one-process cost.
 """
 from __future__ import annotations
 
@@ -41,8 +47,13 @@ REGULARIZER_LABELS = {
 }
 LEARNING_RATES = (1e-4, 1e-3)  # toy analogues of the paper's low "reference-free" lr (1e-7) and the "KL works" lr (1e-6)
 SEEDS = (1, 2, 3)
+LOW_LR = 2e-5  # where the entropy runs keep their gains for 80 iterations (claims 2-3 need such runs)
+LOW_LR_REGULARIZERS = ("maxent", "entropy", "none")
+# extra entropy coefficients at the high lr: with the default 0.5 and coefficient 0 ("none"), 0.1-1.0 spans 10x
+COEF_SWEEP = {"maxent": (0.1, 1.0)}
 SIMPO_GAMMAS = (0.0, 0.5, 1.0, 2.0)
-SIMPO_LRS = (3e-4, 3e-3)  # a gradual and an aggressive lr (the paper's 2e-7 and 1e-6 roles)
+SIMPO_LRS = (1e-4, 3e-4, 3e-3)  # gradual to aggressive (the paper's 2e-7 and 1e-6 roles)
+DPO = {"learning_rate": 1e-3, "beta": 0.1}
 EVAL_N = 200
 
 
@@ -58,6 +69,12 @@ def lr_tag(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
+def rloo_run_name(reg: str, lr: float, seed: int, entropy_coef: Optional[float] = None) -> str:
+    """kl_lr1e-3_s1; a non-default entropy coefficient adds _c<coef>: maxent_c0.1_lr1e-3_s1."""
+    coef = f"_c{entropy_coef:g}" if entropy_coef is not None and entropy_coef != REGULARIZERS[reg].get("entropy_coef") else ""
+    return f"{reg}{coef}_lr{lr_tag(lr)}_s{seed}"
+
+
 def run_rloo(out: Path, reg: str, lr: float, seed: int, iterations: Optional[int] = None, extra: Optional[dict] = None) -> Path:
     train_rloo = load_script("train_rloo")
     values = base_rloo_values()
@@ -66,7 +83,10 @@ def run_rloo(out: Path, reg: str, lr: float, seed: int, iterations: Optional[int
     if iterations:
         values["num_iterations"] = iterations
     values.update(extra or {})
-    return _run_once(out, train_rloo, values, {"kind": "rloo", "regularizer": reg, "learning_rate": lr, "seed": seed})
+    record = {"kind": "rloo", "regularizer": reg, "learning_rate": lr, "seed": seed}
+    if "entropy_coef" in values:
+        record["entropy_coef"] = values["entropy_coef"]
+    return _run_once(out, train_rloo, values, record)
 
 
 def _run_once(out: Path, script, values: dict, record: dict) -> Path:
@@ -104,7 +124,8 @@ def evaluate_run(run_dir: Path, n: int = EVAL_N, proxy: bool = True) -> dict:
         max_new_tokens=16, max_prompt_length=100, batch_size=n, judge_batch_size=n, report_to="none",
         mixed_precision="no", plot=True,
     )
-    out = {}
+    out, t0 = {}, time.time()
+    ran = not (gold_dir / "summary.json").exists() or (proxy and not (proxy_dir / "summary.json").exists())
     with quiet_threads(1):
         if not (gold_dir / "summary.json").exists():
             evaluate_judge.main(make_config(evaluate_judge, output_dir=str(gold_dir), judge="toy-gold", **common))
@@ -116,6 +137,10 @@ def evaluate_run(run_dir: Path, n: int = EVAL_N, proxy: bool = True) -> dict:
                 evaluate_judge.main(make_config(evaluate_judge, output_dir=str(proxy_dir), judge="reward-model",
                                                 reward_model="toylab://reward", **common))
             out["proxy"] = json.loads((proxy_dir / "summary.json").read_text())
+    if ran and _done(run_dir):  # the report adds these up into the sweep's one-process cost
+        info = json.loads((run_dir / "DONE.json").read_text())
+        info["eval_seconds"] = info.get("eval_seconds", 0.0) + time.time() - t0
+        _mark_done(run_dir, info)
     return out
 
 
@@ -127,6 +152,28 @@ def _mark_done(out: Path, info: dict) -> None:
     (out / "DONE.json").write_text(json.dumps(info, indent=1))
 
 
+def rloo_plan(regularizers=tuple(REGULARIZERS), lrs=LEARNING_RATES, seeds=SEEDS, low_lr: Optional[float] = LOW_LR,
+              coef_sweep: Optional[dict] = None) -> list[tuple[str, float, int, Optional[float]]]:
+    """(regulariser, lr, seed, entropy coefficient or None for the default) of every online run, seed by
+    seed (a sweep cut short has every configuration at the first seeds rather than some at all seeds)."""
+    coef_sweep = COEF_SWEEP if coef_sweep is None else coef_sweep
+    plan = []
+    for seed in seeds:
+        plan += [(reg, lr, seed, None) for lr in lrs for reg in regularizers]
+        if low_lr:
+            plan += [(reg, low_lr, seed, None) for reg in LOW_LR_REGULARIZERS if reg in regularizers]
+        if lrs:
+            plan += [(reg, max(lrs), seed, c) for reg, cs in coef_sweep.items() if reg in regularizers for c in cs]
+    return plan
+
+
+def offline_plan(simpo_gammas=SIMPO_GAMMAS, simpo_lrs=SIMPO_LRS) -> list[tuple[str, str, float, dict]]:
+    """(run name, loss, lr, extra settings) of every offline run."""
+    plan = [("dpo", "dpo", DPO["learning_rate"], {"beta": DPO["beta"]})]
+    plan += [(f"simpo_lr{lr_tag(lr)}_g{g:g}", "simpo", lr, {"beta": 2.0, "gamma": g}) for lr in simpo_lrs for g in simpo_gammas]
+    return plan
+
+
 def sweep(
     out: str | Path = "runs/toylab",
     regularizers=tuple(REGULARIZERS),
@@ -136,44 +183,55 @@ def sweep(
     simpo_gammas=SIMPO_GAMMAS,
     simpo_lrs=SIMPO_LRS,
     offline: bool = True,
+    online: bool = True,
     eval_n: int = EVAL_N,
     write_meta: bool = True,
+    low_lr: Optional[float] = LOW_LR,
+    coef_sweep: Optional[dict] = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> Path:
-    """Run (or complete: finished runs are skipped) the sweep into `out`. write_meta=False adds runs to
-    an existing sweep (e.g. an extra learning rate) without changing what sweep.json says the sweep is."""
+    """Run (or complete: finished runs are skipped) the sweep into `out`. shard=(i, n) runs every n-th
+    run starting at i (online and offline lists alike), so n processes split one sweep; write_meta=False
+    adds runs to an existing sweep without changing what sweep.json says the sweep is (a shard never
+    writes it: the plain call that completes the sweep does)."""
     from . import ensure_artifact
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    i_shard, n_shards = shard
+    mine = lambda items: [x for k, x in enumerate(items) if k % n_shards == i_shard]  # noqa: E731
     t0 = time.time()
     for name in ("reward", "prompts"):
         ensure_artifact(name)
     timings = {"build_s": time.time() - t0}
-    plan = [(reg, lr, seed) for seed in seeds for lr in lrs for reg in regularizers]
-    for i, (reg, lr, seed) in enumerate(plan):
-        run = out / "rloo" / f"{reg}_lr{lr_tag(lr)}_s{seed}"
-        t = time.time()
-        print(f"[toylab sweep] ({i + 1}/{len(plan)}) RLOO {reg} lr {lr:g} seed {seed} -> {run}", flush=True)
-        run_rloo(run, reg, lr, seed, iterations)
-        evaluate_run(run, eval_n)
-        print(f"[toylab sweep] done in {time.time() - t:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
+    plan = rloo_plan(regularizers, lrs, seeds, low_lr, coef_sweep)
+    if online:
+        todo = mine(plan)
+        for i, (reg, lr, seed, coef) in enumerate(todo):
+            run = out / "rloo" / rloo_run_name(reg, lr, seed, coef)
+            t = time.time()
+            print(f"[toylab sweep] ({i + 1}/{len(todo)}) RLOO {run.name} -> {run}", flush=True)
+            run_rloo(run, reg, lr, seed, iterations, extra=None if coef is None else {"entropy_coef": coef})
+            evaluate_run(run, eval_n)
+            print(f"[toylab sweep] done in {time.time() - t:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
     timings["rloo_s"] = time.time() - t0 - timings["build_s"]
+    off = offline_plan(simpo_gammas, simpo_lrs)
     if offline:
         t = time.time()
-        dpo = run_offline(out / "offline" / "dpo", "dpo", 1e-3, extra={"beta": 0.1})
-        evaluate_run(dpo, eval_n, proxy=False)
-        for lr in simpo_lrs:
-            for g in simpo_gammas:
-                run = run_offline(out / "offline" / f"simpo_lr{lr_tag(lr)}_g{g:g}", "simpo", lr,
-                                  extra={"beta": 2.0, "gamma": g})
-                evaluate_run(run, eval_n, proxy=False)
+        for name, loss, lr, extra in mine(off):
+            print(f"[toylab sweep] offline {name}", flush=True)
+            evaluate_run(run_offline(out / "offline" / name, loss, lr, extra=extra), eval_n, proxy=False)
         timings["offline_s"] = time.time() - t
     timings["total_s"] = time.time() - t0
-    if not write_meta:
+    print(f"[toylab sweep] finished in {timings['total_s']:.0f}s: {out}", flush=True)
+    if not write_meta or n_shards > 1:
         return out
     (out / "sweep.json").write_text(json.dumps({
         "regularizers": list(regularizers), "lrs": list(lrs), "seeds": list(seeds), "iterations": iterations,
-        "simpo_gammas": list(simpo_gammas), "simpo_lrs": list(simpo_lrs), "eval_n": eval_n, "timings": timings,
+        "low_lr": low_lr, "low_lr_regularizers": [r for r in LOW_LR_REGULARIZERS if r in regularizers] if low_lr else [],
+        "coef_sweep": {k: list(v) for k, v in (COEF_SWEEP if coef_sweep is None else coef_sweep).items()},
+        "rloo_runs": [rloo_run_name(*p) for p in plan], "offline_runs": [p[0] for p in off] if offline else [],
+        "simpo_gammas": list(simpo_gammas), "simpo_lrs": list(simpo_lrs), "eval_n": eval_n,
+        "timings_last_invocation": timings,
     }, indent=1))
-    print(f"[toylab sweep] finished in {timings['total_s']:.0f}s: {out}", flush=True)
     return out
