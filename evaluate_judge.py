@@ -9,12 +9,16 @@
    only what is missing.
 2. Judging: each (policy, reference) pair goes to a judge from `maxent_rlhf.judges` (openai,
    reward-model, or a registered one such as the toy lab's toy-gold). A/B order comes from a hash of
-   (seed, example id). Judgments are appended and flushed to a JSONL cache as they complete, keyed by
+   (seed, example id); with --both_orders every pair is judged in both orders, each counting half a
+   judgment, and the position statistics of the judge are reported. Judgments are appended and flushed to a JSONL cache as they complete, keyed by
    (judge, template version, post, both summaries, order): a rerun sends no request for a judged pair.
    Before sending anything the number of requests and an estimate of tokens are printed; --max_requests
    caps them and --dry_run stops there.
 3. Output: per checkpoint the win rate, its 95% Wilson score interval, n, invalid answers and the mean
-   token lengths of policy and reference summaries: a table, <out>/summary.json and <out>/win_rate.png.
+   token lengths of policy and reference summaries (with --both_orders also the position-consistency
+   rate and the first-position preference rate, with intervals): a table, <out>/summary.json (with
+   everything needed to reproduce the number: judge, template version, orders, seed, data, decoding)
+   and <out>/win_rate.png.
 """
 from __future__ import annotations
 
@@ -73,6 +77,10 @@ class EvalConfig(RunConfig):
     reward_model: Optional[str] = cfg(None, "reward model (hub id or dir) for --judge reward-model")
     judge_batch_size: int = cfg(16, "batch size of local judges (reward-model)")
     cache_path: Optional[str] = cfg(None, "judgment cache (JSONL); default <output_dir>/judgments.jsonl")
+    both_orders: bool = cfg(
+        False, "judge every pair twice, policy shown as A and as B; each order counts half a judgment (debiases the "
+        "judge's position preference) and the table adds position consistency and first-position preference; "
+        "twice the requests")
     max_requests: int = cfg(0, "send at most this many judge requests (pairs) in this run (0: no cap)")
     dry_run: bool = cfg(False, "generate, then print the number of judge requests and the token estimate, and stop")
     confidence_level: float = cfg(0.95, "coverage of the Wilson score interval of the win rate")
@@ -282,6 +290,21 @@ def _outcome(verdict: Verdict, pol_first: bool) -> tuple[str, Optional[float]]:
     return ("policy" if policy_won else "reference"), p_pol
 
 
+def examples_hash(examples: list[Example]) -> str:
+    """sha256 of the evaluated examples (ids, prompts, references): the data behind the number, whatever its source."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.id, e.prompt, e.reference], ensure_ascii=False).encode("utf-8"))
+    return h.hexdigest()
+
+
+def judge_decoding(judge) -> Optional[dict]:
+    """The judge's own sampling settings (LLM judges), for summary.json."""
+    names = ("temperature", "reask_temperature", "max_tokens", "parse_retries", "logprobs")
+    found = {n: getattr(judge, n) for n in names if hasattr(judge, n)}
+    return found or None
+
+
 def _fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
@@ -291,7 +314,9 @@ def print_table(rows: list[dict], confidence_level: float) -> None:
     soft = any(r.get("soft_win_rate") is not None for r in rows)
     scored = any(r.get("mean_policy_score") is not None for r in rows)
     head = ["checkpoint", "step", "win rate", f"{pct}% CI (Wilson)", "n", "invalid", "len policy", "len ref"]
+    both = any(r.get("position_consistency") is not None for r in rows)
     head += ["soft win"] * soft + ["score pol/ref"] * scored
+    head += [f"consistent ({pct}% CI)", f"first pos ({pct}% CI)"] * both
     lines = []
     for r in rows:
         ci = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
@@ -301,6 +326,11 @@ def print_table(rows: list[dict], confidence_level: float) -> None:
             line.append(_fmt(r.get("soft_win_rate")))
         if scored:
             line.append(f"{_fmt(r.get('mean_policy_score'))}/{_fmt(r.get('mean_reference_score'))}")
+        if both:
+            line.append(f"{_fmt(r.get('position_consistency'))} [{_fmt(r.get('position_consistency_ci_low'))}, "
+                        f"{_fmt(r.get('position_consistency_ci_high'))}]")
+            line.append(f"{_fmt(r.get('first_position_rate'))} [{_fmt(r.get('first_position_ci_low'))}, "
+                        f"{_fmt(r.get('first_position_ci_high'))}]")
         lines.append(line)
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
@@ -396,18 +426,18 @@ def main(config: EvalConfig) -> dict:
     todo_meta: dict[str, dict] = {}
     for ex in examples:  # example-major: a --max_requests cap leaves every checkpoint the same examples
         post = post_from_prompt(ex.prompt)
-        first = policy_first(config.seed, ex.id)
-        order = "policy_A" if first else "policy_B"
-        for t in targets:
-            g = gens[t.label].get(ex.id)
-            if g is None:
-                raise RuntimeError(f"generation of example {ex.id!r} missing for {t.label} after generation")
-            a, b = (g["generation"], ex.reference) if first else (ex.reference, g["generation"])
-            key = cache_key(judge.cache_id, TEMPLATE_VERSION, post, a, b, order)
-            plan.append((t, ex, first, key))
-            if (cache is None or key not in cache) and key not in todo:
-                todo[key] = Pair(ex.id, ex.prompt, post, a, b)
-                todo_meta[key] = {"example_id": ex.id, "order": order, "summary_a": a, "summary_b": b}
+        for first in (True, False) if config.both_orders else (policy_first(config.seed, ex.id),):
+            order = "policy_A" if first else "policy_B"
+            for t in targets:
+                g = gens[t.label].get(ex.id)
+                if g is None:
+                    raise RuntimeError(f"generation of example {ex.id!r} missing for {t.label} after generation")
+                a, b = (g["generation"], ex.reference) if first else (ex.reference, g["generation"])
+                key = cache_key(judge.cache_id, TEMPLATE_VERSION, post, a, b, order)
+                plan.append((t, ex, first, key))
+                if (cache is None or key not in cache) and key not in todo:
+                    todo[key] = Pair(ex.id, ex.prompt, post, a, b)
+                    todo_meta[key] = {"example_id": ex.id, "order": order, "summary_a": a, "summary_b": b}
     n_pairs = len(plan)
     n_cached = sum(1 for _, _, _, k in plan if cache is not None and k in cache)
     keys = list(todo)
@@ -416,7 +446,7 @@ def main(config: EvalConfig) -> dict:
     tokens = judge.estimate_tokens([todo[k] for k in send])
     print(
         f"[evaluate_judge] judge {judge.describe()}: {n_pairs} pairs ({len(targets)} models x {len(examples)} "
-        f"examples), {n_cached} cached, {len(keys)} to judge"
+        f"examples" + (" x 2 orders" if config.both_orders else "") + f"), {n_cached} cached, {len(keys)} to judge"
         + (f", capped at --max_requests {config.max_requests}" if capped else "")
         + f": {len(send)} requests" + (f", ~{tokens:,} tokens (estimate; retries extra)" if tokens else "")
     )
@@ -452,7 +482,7 @@ def main(config: EvalConfig) -> dict:
     metric = evaluate.load(str(METRIC_PATH))
     rows = []
     for t in targets:
-        preds, probs, scores_p, scores_r, unjudged = [], [], [], [], 0
+        preds, probs, scores_p, scores_r, unjudged, ids, shown_first = [], [], [], [], 0, [], []
         for tt, ex, first, key in plan:
             if tt is not t:
                 continue
@@ -463,12 +493,15 @@ def main(config: EvalConfig) -> dict:
             outcome, p_pol = _outcome(v, first)
             preds.append(outcome)
             probs.append(p_pol)
+            ids.append(ex.id)
+            shown_first.append("policy" if first else "reference")
             if v.scores is not None:
                 scores_p.append(v.scores[0] if first else v.scores[1])
                 scores_r.append(v.scores[1] if first else v.scores[0])
         stats = metric.compute(
             predictions=preds, confidence_level=config.confidence_level,
             probabilities=probs if any(p is not None for p in probs) else None,
+            **(dict(example_ids=ids, shown_first=shown_first) if config.both_orders else {}),
         )
         g = gens[t.label]
         rows.append({
@@ -482,13 +515,20 @@ def main(config: EvalConfig) -> dict:
     summary = {
         "judge": config.judge,
         "judge_id": judge.cache_id,
+        "judge_model": config.judge_model if judge.remote else None,
         "template_version": TEMPLATE_VERSION,
+        "both_orders": config.both_orders,
+        "order": "both (each counts half)" if config.both_orders else "one per example, from a hash of (seed, example id)",
         "ci_method": "wilson",
         "confidence_level": config.confidence_level,
         "dataset": config.dataset,
         "split": config.split,
         "n_examples": len(examples),
+        "examples_sha256": examples_hash(examples),
         "seed": config.seed,
+        "decoding": {"policy": "greedy", "max_new_tokens": config.max_new_tokens,
+                     "max_prompt_length": config.max_prompt_length},
+        "judge_decoding": judge_decoding(judge),
         "requests_sent": getattr(judge, "requests_sent", len(send)),
         "judged_now": len(fresh),
         "cached": n_cached,

@@ -184,6 +184,7 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
                  f"judge with Bradley-Terry noise (labels agree with the noiseless gold preference on "
                  f"{pair_stats['label_gold_agreement']:.1%}); {pair_stats['gold_ties_dropped']} gold ties dropped.\n")
 
+    L += position_lines(list(rloo) + list(offline.values()))
     if best_overopt:
         L += exploit_section(sweep_dir, best_overopt)
 
@@ -246,6 +247,25 @@ def cost_lines(rloo, offline: dict, build_s, meta: dict) -> list[str]:
            + (f". Runs in the directory outside the sweep, also in the tables: {', '.join(outside)}" if outside else "")
            + ".\n"]
     return out
+
+
+def position_lines(runs) -> list[str]:
+    """toy-gold's position statistics over every checkpoint judged in both orders (evaluate_judge --both_orders)."""
+    rows = [r for run in runs if run.gold and run.gold.get("both_orders")
+            for r in run.gold.get("checkpoints", []) + [run.gold.get("baseline") or {}] if r.get("n_both_orders")]
+    if not rows:
+        return ["Judge position check: no checkpoint was judged in both orders (`evaluate_judge.py --both_orders`).\n"]
+    cons = [r["position_consistency"] for r in rows]
+    first = [r["first_position_rate"] for r in rows]
+    n = sum(r["n_both_orders"] for r in rows)
+    return [f"Judge position check: every checkpoint was judged by toy-gold in both orders (`--both_orders`, each order "
+            f"half a judgment): {len(rows)} checkpoints, {n} examples judged validly in both orders; position consistency "
+            f"{min(cons):.1%} (lowest checkpoint) to {max(cons):.1%}, first-position preference {min(first):.1%} to "
+            f"{max(first):.1%}. toy-gold scores each summary on its own and prefers the higher score, so swapping A and "
+            "B swaps the scores; only its tie rule (|score A - score B| < 1e-9 is a tie) could depend on the order, and "
+            "it is symmetric. So it is consistent by construction and every example contributes exactly one first-position "
+            "and one second-position preference (a tie: half each): 100% and 50% are what an order-free judge must show, "
+            "and what an LLM judge is measured against with the same flag.\n"]
 
 
 def main_job_lines(rloo) -> list[str]:

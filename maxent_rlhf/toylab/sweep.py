@@ -116,7 +116,8 @@ def run_offline(out: Path, loss: str, lr: float, seed: int = 1, extra: Optional[
 
 
 def evaluate_run(run_dir: Path, n: int = EVAL_N, proxy: bool = True) -> dict:
-    """Gold win rate (toy-gold) and proxy reward (reward-model judge) of every checkpoint + the SFT baseline."""
+    """Gold win rate (toy-gold, both orders) and proxy reward (reward-model judge) of every checkpoint + the
+    SFT baseline."""
     evaluate_judge = load_script("evaluate_judge")
     gold_dir, proxy_dir = run_dir / "eval_gold", run_dir / "eval_proxy"
     common = dict(
@@ -128,7 +129,10 @@ def evaluate_run(run_dir: Path, n: int = EVAL_N, proxy: bool = True) -> dict:
     ran = not (gold_dir / "summary.json").exists() or (proxy and not (proxy_dir / "summary.json").exists())
     with quiet_threads(1):
         if not (gold_dir / "summary.json").exists():
-            evaluate_judge.main(make_config(evaluate_judge, output_dir=str(gold_dir), judge="toy-gold", **common))
+            # both orders: toy-gold scores each summary alone, so its verdicts should not depend on the order
+            # (the report checks: position consistency and first-position preference per checkpoint)
+            evaluate_judge.main(make_config(evaluate_judge, output_dir=str(gold_dir), judge="toy-gold",
+                                            both_orders=True, **common))
         out["gold"] = json.loads((gold_dir / "summary.json").read_text())
         if proxy:
             if not (proxy_dir / "summary.json").exists():
