@@ -563,13 +563,13 @@ def regularized_reward(
         _check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
         non_score = -coef * masked_sum(kl_estimate(logprobs, ref_logprobs, "k1"), response_mask)
     elif regularizer == "entropy":
-        seq_logp = masked_sum(logprobs, response_mask)
+        entropy = sampled_entropy(logprobs, response_mask)  # -log pi(y|x) and -log pi(y|x) / |y|
         if length_normalize:
-            lengths = response_mask.to(seq_logp.dtype).sum(-1)
-            if bool((lengths <= 0).any()):
+            if bool((response_mask.sum(-1) <= 0).any()):
                 raise ValueError("`response_mask` has an empty response; |y| must be >= 1 to normalise")
-            seq_logp = seq_logp / lengths
-        non_score = -coef * seq_logp
+            non_score = coef * entropy.per_token
+        else:
+            non_score = coef * entropy.sequence
     elif regularizer == "none":
         non_score = torch.zeros_like(scores)
     else:
@@ -649,3 +649,111 @@ def ppo_clipped_policy_loss(
         approxkl = 0.5 * masked_mean(log_ratio.pow(2), mask)
         return PolicyLossOutput(loss, clipfrac.detach(), approxkl.detach(), masked_mean(ratio, mask).detach())
     raise ValueError(f"`level` must be 'sequence' or 'token', got {level!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# curves of Figures 1-3 and 10-12: KL between consecutive policies (both directions), sampled entropy
+# --------------------------------------------------------------------------------------------------
+KL_ESTIMATORS = ("k1", "k3")
+
+
+def _check_kl_estimator(estimator: str) -> None:
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"`estimator` must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def kl_old_new_from_old_samples(
+    old_logprobs: Tensor, new_logprobs: Tensor, response_mask: Tensor, estimator: str = "k1"
+) -> Tensor:
+    """KL(pi_old || pi_new) per sequence, from responses sampled from pi_old. [B, T] -> [B].
+
+    The REVERSE of the paper's consecutive-policy curve (Figs. 3, 10-12 plot KL(pi_t || pi_{t-1}), see
+    `kl_new_old_from_old_samples`). Here the samples come from the first argument of the KL, so no
+    importance weight is needed: the per-token `kl_estimate` (k1 or k3) of log pi_new against log pi_old,
+    summed over the real response tokens, is unbiased for the sequence-level KL by the chain rule.
+    old_logprobs, new_logprobs: log pi(y_t | x, y_<t) of the sampled tokens before and after the update.
+    """
+    _check_same_shape(old_logprobs=old_logprobs, new_logprobs=new_logprobs, response_mask=response_mask)
+    _check_kl_estimator(estimator)
+    return masked_sum(kl_estimate(old_logprobs, new_logprobs, estimator), response_mask)
+
+
+def kl_new_old_from_old_samples(
+    old_logprobs: Tensor, new_logprobs: Tensor, response_mask: Tensor, estimator: str = "k1"
+) -> Tensor:
+    """KL(pi_new || pi_old) per sequence, from responses sampled from pi_old: the paper's direction
+    KL(pi_t || pi_{t-1}) of Figs. 3 (bottom) and 10-12. [B, T] -> [B].
+
+    Derivation. Let w(y) = pi_new(y|x) / pi_old(y|x) = exp(sum_t [new_t - old_t]) over the real tokens of
+    y (the sequence importance weight; the prompt's factors cancel). For any g,
+    E_old[w g] = sum_y pi_old(y) (pi_new(y) / pi_old(y)) g(y) = E_new[g]. With g = log w:
+        KL(pi_new || pi_old) = E_new[log w] = E_old[w log w]                 ("k1": w log w)
+    and since E_old[w] = 1, subtracting the zero-mean control variate w - 1 keeps it unbiased:
+        KL(pi_new || pi_old) = E_old[w log w - w + 1]                        ("k3")
+    whose every term is >= 0 (f(w) = w log w - w + 1 is convex with f(1) = f'(1) = 0). This is Schulman's
+    k1 / k3 of the sampled pi_old / pi_new ratio, importance-weighted by w.
+
+    Unbiased for each sequence as long as pi_new puts no mass where pi_old has none (true for softmax
+    policies with finite logits), since the identity E_old[w g] = E_new[g] is exact, not asymptotic.
+
+    Variance: the second moment is E_old[w^2 log^2 w] = E_new[w log^2 w], governed by the chi-square /
+    Renyi-2 divergence of pi_new from pi_old. w is a product over the response tokens, so log w is a
+    sum of T per-token terms and w is roughly log-normal: its variance grows like exp(Var log w). While
+    the policies stay close (small updates) w ~ 1 and this estimate agrees with the reverse one to
+    second order; when they drift apart -- exactly the regime of Sec. 4's unstable runs -- w is
+    heavy-tailed, a few sequences carry the batch mean and batch estimates spread widely (and are
+    usually too low: the rare large-w sequences that hold the mass are often not in the batch).
+    `effective_sample_fraction(log w)` over the batch tells when that happens.
+    The self-normalised alternative sum_i w_i log w_i / sum_i w_i is not offered: it has lower variance
+    but is biased (a ratio estimator, O(1/n)) and needs the whole global batch, not per-sequence values.
+
+    Numerics: computed in float64 (w up to e^709) and returned in the input dtype, so a float32 caller
+    sees inf once sum_t (new - old) > ~88, i.e. when the two policies are wildly different anyway.
+    """
+    _check_same_shape(old_logprobs=old_logprobs, new_logprobs=new_logprobs, response_mask=response_mask)
+    _check_kl_estimator(estimator)
+    log_w = masked_sum(new_logprobs.double() - old_logprobs.double(), response_mask)
+    w = log_w.exp()
+    kl = w * log_w
+    if estimator == "k3":
+        kl = kl - torch.expm1(log_w)
+    return kl.to(old_logprobs.dtype)
+
+
+def effective_sample_fraction(log_weights: Tensor) -> Tensor:
+    """Kish's effective sample size of importance weights as a fraction of n: (sum w)^2 / (n sum w^2).
+
+    log_weights: [n] (e.g. sum_t (new - old) per sequence over the GLOBAL batch). 1 when every weight is
+    equal, 1/n when one sequence carries all the weight; a small value warns that the importance-weighted
+    KL(pi_new || pi_old) of this batch rests on a few sequences. Computed from log weights (no overflow).
+    """
+    if log_weights.dim() != 1 or log_weights.numel() == 0:
+        raise ValueError(f"`log_weights` must be a non-empty 1-D tensor, got shape {tuple(log_weights.shape)}")
+    log_w = log_weights.double()
+    n = log_w.numel()
+    value = (2.0 * torch.logsumexp(log_w, 0) - torch.logsumexp(2.0 * log_w, 0) - math.log(n)).exp()
+    return value.to(log_weights.dtype)
+
+
+@dataclass
+class SampledEntropy:
+    """One-sample estimates of the sequence entropy, per response (Fig. 1-2's entropy curve, unweighted)."""
+
+    sequence: Tensor  # [B] -log pi(y|x) = sum_t -log pi(y_t | x, y_<t) over real tokens; E_pi[.] = H(pi(.|x))
+    per_token: Tensor  # [B] the same divided by |y| (0 for an empty response)
+
+
+def sampled_entropy(logprobs: Tensor, response_mask: Tensor) -> SampledEntropy:
+    """-log pi(y|x) of each sampled response, and its per-token mean. [B, T] -> [B], [B].
+
+    logprobs: log pi(y_t | x, y_<t) of the sampled tokens at the training temperature (logits / T, as the
+    rollout computes them); response_mask: 1 on real response tokens. The sum is an unbiased one-sample
+    estimate of the sequence entropy H(pi(.|x)) for y ~ pi. It does not depend on the regulariser or its
+    coefficient: the entropy regulariser's reward term is coef times it (Eq. 6), or coef times the
+    per-token mean with length normalisation (Eq. 7), see `regularized_reward`. The batch mean of
+    `per_token` is a mean over sequences of per-sequence means (each response counts once).
+    """
+    _check_same_shape(logprobs=logprobs, response_mask=response_mask)
+    neg_logp = -masked_sum(logprobs, response_mask)
+    lengths = response_mask.to(neg_logp.dtype).sum(-1)
+    return SampledEntropy(sequence=neg_logp, per_token=neg_logp / lengths.clamp_min(1.0))
