@@ -1,6 +1,6 @@
 """Win rates of checkpoints against the dataset's reference summaries, judged pairwise.
 
-    python evaluate_judge.py --checkpoints runs/maxent_1b --dataset trl-lib/tldr --split test --n 500
+    python evaluate_judge.py --checkpoints runs/maxent_1b --dataset_name trl-lib/tldr --dataset_test_split test --n 500
     accelerate launch evaluate_judge.py --config eval.yaml          # generation split over GPUs
 
 1. Generation: every checkpoint (a checkpoint directory, a run directory = all its checkpoints by step,
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from maxent_rlhf.config import ConfigError, RunConfig, cfg, parse_config, save_config
+from maxent_rlhf.config import BaseConfig, ConfigError, cfg, parse_config, save_config
 from maxent_rlhf.judges import (
     TEMPLATE_VERSION,
     JudgeError,
@@ -45,24 +45,28 @@ METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "win_rate"
 
 
 @dataclass
-class EvalConfig(RunConfig):
+class EvalConfig(BaseConfig):
     """Win rates of checkpoints against reference summaries, judged by an LLM or a reward model."""
 
     output_dir: str = cfg("eval/default", "output directory: generations/, judgments.jsonl, summary.json, win_rate.png")
     checkpoints: list[str] = cfg(
         [], "checkpoints to evaluate (comma-separated): checkpoint dirs, model dirs / hub ids, or run dirs (all their checkpoints, by step)"
     )
-    sft_model: Optional[str] = cfg(None, "SFT baseline model (hub id or dir): evaluated too and drawn as a horizontal line")
-    tokenizer: Optional[str] = cfg(None, "tokenizer (hub id or dir); default: each model's own")
-    dataset: str = cfg("trl-lib/tldr", "dataset: hub id, local json/jsonl/parquet file, or a directory with <split>.jsonl")
-    split: str = cfg("test", "dataset split")
+    sft_model_name_or_path: Optional[str] = cfg(
+        None, "SFT baseline model (hub id or dir): evaluated too and drawn as a horizontal line"
+    )
+    tokenizer_name_or_path: Optional[str] = cfg(None, "tokenizer (hub id or dir); default: each model's own")
+    dataset_name: str = cfg(
+        "trl-lib/tldr", "dataset: hub id, local json/jsonl/parquet file, or a directory with <split>.jsonl"
+    )
+    dataset_test_split: str = cfg("test", "split of dataset_name to evaluate on")
     n: int = cfg(500, "number of examples (the first n of the split; 0: all)")
     prompt_column: str = cfg("prompt", "column with the policy prompt (`SUBREDDIT: ... TL;DR:`)")
     reference_column: str = cfg("completion", "column with the reference summary the policy is compared with")
     id_column: str = cfg("id", "column with a stable example id (falls back to the row index when absent)")
     max_prompt_length: int = cfg(512, "prompts longer than this many tokens keep their last tokens")
     max_new_tokens: int = cfg(53, "greedy decoding length limit (the TL;DR recipe's 53)")
-    batch_size: int = cfg(16, "generation batch size per process")
+    per_device_eval_batch_size: int = cfg(16, "prompts per generation batch on one process")
     judge: str = cfg("openai", "judge: 'openai', 'reward-model', or a registered one (e.g. 'toy-gold')")
     judge_model: str = cfg("gpt-4o-mini", "model name sent to the OpenAI-compatible server")
     base_url: Optional[str] = cfg(None, "OpenAI-compatible server URL (e.g. http://localhost:8000/v1 for vLLM); key only from OPENAI_API_KEY")
@@ -74,7 +78,7 @@ class EvalConfig(RunConfig):
     parse_retries: int = cfg(2, "re-asks after an answer without `Preferred: A|B`; then the pair counts as invalid")
     logprobs: bool = cfg(False, "also read P(A), P(B) from the answer token's top logprobs: a soft win rate")
     judge_kwargs: str = cfg("", "extra keyword arguments for the judge, as a JSON object (e.g. for a registered judge)")
-    reward_model: Optional[str] = cfg(None, "reward model (hub id or dir) for --judge reward-model")
+    reward_model_name_or_path: Optional[str] = cfg(None, "reward model (hub id or dir) for --judge reward-model")
     judge_batch_size: int = cfg(16, "batch size of local judges (reward-model)")
     cache_path: Optional[str] = cfg(None, "judgment cache (JSONL); default <output_dir>/judgments.jsonl")
     both_orders: bool = cfg(
@@ -135,10 +139,10 @@ def resolve_targets(config: EvalConfig) -> list[Target]:
             label, k = f"{base}_{k}", k + 1
         used.add(label)
         targets.append(Target(label, path, step))
-    if config.sft_model:
-        targets.append(Target("sft_baseline", config.sft_model, None, baseline=True))
+    if config.sft_model_name_or_path:
+        targets.append(Target("sft_baseline", config.sft_model_name_or_path, None, baseline=True))
     if not targets:
-        raise ConfigError("nothing to evaluate: give --checkpoints (and/or --sft_model)")
+        raise ConfigError("nothing to evaluate: give --checkpoints (and/or --sft_model_name_or_path)")
     return targets
 
 
@@ -149,8 +153,8 @@ def _safe(name: str) -> str:
 def load_examples(config: EvalConfig) -> list[Example]:
     from maxent_rlhf.data import as_text, load_any_dataset, require_columns
 
-    source = f"{config.dataset} [{config.split}]"
-    ds = load_any_dataset(config.dataset, config.split)
+    source = f"{config.dataset_name} [{config.dataset_test_split}]"
+    ds = load_any_dataset(config.dataset_name, config.dataset_test_split)
     require_columns(ds, [config.prompt_column, config.reference_column], source)
     if config.n and config.n < len(ds):
         ds = ds.select(range(config.n))
@@ -220,7 +224,7 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
         return
     mine = missing[state.process_index :: state.num_processes]
     device = state.device
-    tok = load_tokenizer(config.tokenizer or target.path, padding_side="left", trust_remote_code=config.trust_remote_code)
+    tok = load_tokenizer(config.tokenizer_name_or_path or target.path, padding_side="left", trust_remote_code=config.trust_remote_code)
     model = load_policy(
         target.path, dtype=resolve_dtype(config.mixed_precision, device), trust_remote_code=config.trust_remote_code
     ).to(device).eval()
@@ -228,8 +232,8 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
     sink = open(path, "a", encoding="utf-8") if state.num_processes == 1 else None
     bar = tqdm(total=len(missing), desc=f"generate {target.label}", disable=not state.is_main_process)
     try:
-        for s in range(0, len(mine), config.batch_size):
-            batch = mine[s : s + config.batch_size]
+        for s in range(0, len(mine), config.per_device_eval_batch_size):
+            batch = mine[s : s + config.per_device_eval_batch_size]
             queries = [tok(e.prompt, add_special_tokens=False).input_ids[-config.max_prompt_length :] for e in batch]
             ids, mask = left_pad(queries, tok.pad_token_id)
             resp = generate(
@@ -387,9 +391,11 @@ def _common_judge_kwargs(config: EvalConfig) -> dict:
         judge_model=config.judge_model, base_url=config.base_url, concurrency=config.concurrency,
         request_timeout=config.request_timeout, max_retries=config.max_retries, backoff_base=config.backoff_base,
         backoff_max=config.backoff_max, parse_retries=config.parse_retries, logprobs=config.logprobs,
-        reward_model=config.reward_model, tokenizer=config.tokenizer, judge_batch_size=config.judge_batch_size,
+        reward_model=config.reward_model_name_or_path, tokenizer=config.tokenizer_name_or_path,
+        judge_batch_size=config.judge_batch_size,
         max_prompt_length=config.max_prompt_length, mixed_precision=config.mixed_precision,
-        trust_remote_code=config.trust_remote_code, seed=config.seed, dataset=config.dataset, split=config.split,
+        trust_remote_code=config.trust_remote_code, seed=config.seed,
+        dataset=config.dataset_name, split=config.dataset_test_split,
     )
 
 
@@ -407,7 +413,7 @@ def main(config: EvalConfig) -> dict:
     targets = resolve_targets(config)
     examples = load_examples(config)
     if not examples:
-        raise ConfigError(f"{config.dataset} [{config.split}] has no examples")
+        raise ConfigError(f"{config.dataset_name} [{config.dataset_test_split}] has no examples")
     # the judge is built first, so a missing key or model fails before any generation work
     if state.is_main_process:
         judge_kw, required = _judge_kwargs(config)
@@ -521,8 +527,8 @@ def main(config: EvalConfig) -> dict:
         "order": "both (each counts half)" if config.both_orders else "one per example, from a hash of (seed, example id)",
         "ci_method": "wilson",
         "confidence_level": config.confidence_level,
-        "dataset": config.dataset,
-        "split": config.split,
+        "dataset": config.dataset_name,
+        "split": config.dataset_test_split,
         "n_examples": len(examples),
         "examples_sha256": examples_hash(examples),
         "seed": config.seed,

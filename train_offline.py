@@ -3,7 +3,7 @@
     accelerate launch train_offline.py --config configs/simpo_1b.yaml [--key value ...]
     python train_offline.py --config configs/dpo_1b.yaml --learning_rate 1e-6
 
-Losses (`--loss`), every formula from `maxent_rlhf.objectives`:
+Losses (`--loss_type`), every formula from `maxent_rlhf.objectives`:
     sft       NLL of the completion (per token, mean over examples)           data: prompt, completion
     reward    Bradley-Terry reward model, read at the last real token (EOS)    data: prompt, chosen, rejected
     dpo ipo chipo                    (need a reference model)                  data: prompt, chosen, rejected
@@ -37,7 +37,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from maxent_rlhf import data, distributed, generation, models, objectives, runs
-from maxent_rlhf.config import ConfigError, RunConfig, cfg, config_to_dict, derive_batch_sizes, parse_config
+from maxent_rlhf.config import ConfigError, TrainConfig, cfg, config_to_dict, derive_batch_sizes, parse_config
+from maxent_rlhf.schedules import build_lr_scheduler
 
 LOSSES = ("sft", "reward", "dpo", "simpo", "ipo", "cpo", "orpo", "slic", "chipo", "simpo_pl")
 REFERENCE_LOSSES = ("dpo", "ipo", "chipo")  # need log pi_ref
@@ -45,14 +46,14 @@ DATA_KIND = {"sft": "sft", "simpo_pl": "listwise"}  # every other loss reads pai
 
 
 @dataclass
-class OfflineConfig(RunConfig):
+class OfflineConfig(TrainConfig):
     """Offline training: SFT, reward model, DPO / SimPO / IPO / CPO / ORPO / SLiC / chi-PO / SimPO-PL."""
 
-    loss: str = cfg("dpo", "objective: " + ", ".join(LOSSES), choices=LOSSES)
-    # models
+    loss_type: str = cfg("dpo", "objective: " + ", ".join(LOSSES), choices=LOSSES)
+    # models (the shared fields are in TrainConfig; here the ones offline training adds or reads differently)
     model_name_or_path: str = cfg(
         "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr",
-        "policy to train (causal LM), or for loss `reward` the model to start from: an SFT policy (gets a "
+        "policy to train (causal LM), or for loss_type `reward` the model to start from: an SFT policy (gets a "
         "new one-label score head) or an existing one-label reward model; hub id, local path or toylab://NAME",
     )
     model_revision: Optional[str] = cfg(None, "hub revision (branch, tag or commit) of model_name_or_path")
@@ -63,66 +64,63 @@ class OfflineConfig(RunConfig):
     precompute_ref_logprobs: bool = cfg(
         False, "compute reference log-probs once over the dataset before training and free the reference model"
     )
-    gradient_checkpointing: bool = cfg(False, "recompute activations in backward (less memory, ~30% slower)")
     # data
-    dataset: str = cfg("trl-lib/tldr-preference", "hub id, local .json/.jsonl/.parquet file or directory, or toylab://NAME")
-    train_split: str = cfg("train", "split to train on")
-    eval_dataset: Optional[str] = cfg(None, "dataset for evaluation (default: `dataset`)")
-    eval_split: Optional[str] = cfg(None, "split to evaluate on (null: no evaluation)")
+    dataset_name: str = cfg(
+        "trl-lib/tldr-preference", "hub id, local .json/.jsonl/.parquet file or directory, or toylab://NAME"
+    )
+    prompt_column: str = cfg("prompt", "column holding the prompt text (the response columns keep their names)")
+    eval_dataset_name: Optional[str] = cfg(None, "dataset for evaluation (default: `dataset_name`)")
+    dataset_test_split: Optional[str] = cfg(None, "split to evaluate on (null: no evaluation)")
     max_train_samples: int = cfg(0, "use only the first N training rows (0: all)")
-    max_eval_samples: int = cfg(1000, "evaluate on the first N rows of eval_split (0: all)")
+    max_eval_samples: int = cfg(1000, "evaluate on the first N rows of dataset_test_split (0: all)")
     max_prompt_length: int = cfg(512, "longest prompt in tokens; see prompt_overflow")
-    max_response_length: int = cfg(128, "longest response in tokens, EOS included; longer ones keep their first tokens")
+    max_completion_length: int = cfg(
+        128, "longest response in tokens, EOS included; longer ones keep their first tokens"
+    )
     prompt_overflow: str = cfg(
         "error", "prompt longer than max_prompt_length: 'error', 'drop' the row, or 'truncate_left' (keep the end)",
         choices=data.PROMPT_OVERFLOW,
     )
     # optimisation
     global_batch_size: int = cfg(64, "examples (prompts) per optimizer step over all processes")
-    micro_batch_size: int = cfg(8, "examples per forward on one process; accumulation = global / (processes * micro)")
-    eval_batch_size: int = cfg(16, "examples per forward in evaluation, reward normalisation and precomputation")
-    num_epochs: float = cfg(1.0, "passes over the training data (fractional allowed)")
-    max_steps: int = cfg(0, "optimizer steps; > 0 overrides num_epochs")
+    per_device_eval_batch_size: int = cfg(
+        16, "examples per forward in evaluation, reward normalisation and precomputation, on one process"
+    )
+    num_train_epochs: float = cfg(1.0, "passes over the training data (fractional allowed)")
+    max_steps: int = cfg(0, "optimizer steps; > 0 overrides num_train_epochs")
     learning_rate: float = cfg(1e-6, "peak learning rate of AdamW")
-    lr_scheduler: str = cfg("linear", "decay after warmup", choices=("linear", "cosine", "constant"))
     warmup_ratio: float = cfg(0.1, "fraction of the steps spent warming the learning rate up from 0")
-    weight_decay: float = cfg(0.0, "AdamW weight decay")
-    adam_beta1: float = cfg(0.9, "AdamW beta1")
-    adam_beta2: float = cfg(0.999, "AdamW beta2")
-    adam_epsilon: float = cfg(1e-8, "AdamW epsilon")
-    max_grad_norm: float = cfg(1.0, "gradient clipping threshold (0: no clipping; the norm is still logged)")
-    eval_every: int = cfg(0, "evaluate every N steps (0: only at the end); needs eval_split")
+    eval_steps: int = cfg(0, "evaluate every N steps (0: only at the end); needs dataset_test_split")
     # loss hyper-parameters
     beta: float = cfg(0.1, "inverse temperature of dpo/ipo/chipo/simpo/simpo_pl/cpo (SimPO: beta of beta*A)")
-    gamma: float = cfg(0.5, "SimPO / SimPO-PL target margin, absolute (TRL's simpo_gamma, not the ratio gamma/beta)")
+    simpo_gamma: float = cfg(0.5, "SimPO / SimPO-PL target margin, absolute (TRL's simpo_gamma, not the ratio gamma/beta)")
     length_normalize: bool = cfg(True, "SimPO / SimPO-PL: average log-probs over response tokens (A = S/|y|)")
-    cpo_nll_coef: float = cfg(1.0, "CPO: weight of the chosen NLL term")
+    cpo_alpha: float = cfg(1.0, "CPO: weight of the chosen NLL term (TRL's cpo_alpha)")
     orpo_lambda: float = cfg(0.1, "ORPO: weight lambda of the odds-ratio term")
     slic_delta: float = cfg(1.0, "SLiC-HF: hinge margin delta on S_w - S_l")
     slic_nll_coef: float = cfg(0.1, "SLiC-HF: weight of the chosen NLL term")
     chipo_reward_clip: float = cfg(1.0, "chi-PO: R_max; the reward difference is clipped to +-2 R_max")
     # reward model normalisation
-    normalize_reward: bool = cfg(True, "loss `reward`: after training, shift the output so reference completions average 0")
+    normalize_reward: bool = cfg(True, "loss_type `reward`: after training, shift the output so reference completions average 0")
     reward_norm_dataset: Optional[str] = cfg(
         None, "prompt/completion data whose completions are the references (e.g. trl-lib/tldr); "
         "null: the training data's `completion` column if it has one, else no normalisation",
     )
     reward_norm_split: str = cfg("train", "split of reward_norm_dataset")
     reward_norm_samples: int = cfg(0, "use the first N reference rows (0: all)")
-    wandb_project: str = cfg("maxent-rlhf", "project name for wandb / tensorboard")
 
 
 def validate(c: OfflineConfig) -> None:
     """Checks a config built in-process (parse_config has already checked choices and types)."""
-    if c.loss not in LOSSES:
-        raise ConfigError(f"unknown loss {c.loss!r}; valid losses: {', '.join(LOSSES)}")
+    if c.loss_type not in LOSSES:
+        raise ConfigError(f"unknown loss_type {c.loss_type!r}; valid losses: {', '.join(LOSSES)}")
     if c.prompt_overflow not in data.PROMPT_OVERFLOW:
         raise ConfigError(f"`prompt_overflow` must be one of {list(data.PROMPT_OVERFLOW)}, got {c.prompt_overflow!r}")
-    for name in ("max_prompt_length", "max_response_length", "eval_batch_size"):
+    for name in ("max_prompt_length", "max_completion_length", "per_device_eval_batch_size"):
         if getattr(c, name) < 1:
             raise ConfigError(f"`{name}` must be >= 1, got {getattr(c, name)}")
-    if c.max_steps <= 0 and c.num_epochs <= 0:
-        raise ConfigError("set `max_steps` > 0 or `num_epochs` > 0")
+    if c.max_steps <= 0 and c.num_train_epochs <= 0:
+        raise ConfigError("set `max_steps` > 0 or `num_train_epochs` > 0")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,44 +159,44 @@ def response_logps(model, batch: data.ResponseBatch) -> tuple[torch.Tensor, torc
 def batch_loss(c: OfflineConfig, model, batch: data.ResponseBatch, ref_logps: Optional[torch.Tensor], ref_model=None):
     """Per-example losses [B] and per-example metric values {name: [B]} for one micro-batch."""
     stats: dict[str, torch.Tensor] = {}
-    if c.loss == "reward":
+    if c.loss_type == "reward":
         scores = model(batch.input_ids, batch.attention_mask).float().view(batch.num_responses, -1).T
         out = objectives.bradley_terry_loss(scores[:, 0], scores[:, 1])
         losses = out.losses
     else:
         logps, lengths = response_logps(model, batch)
-        if c.loss in REFERENCE_LOSSES and ref_logps is None:
+        if c.loss_type in REFERENCE_LOSSES and ref_logps is None:
             with torch.no_grad():
                 ref_logps, _ = response_logps(ref_model, batch)
         if ref_logps is not None:
             ref_logps = ref_logps.to(logps.dtype)
             stats["ref/logratio"] = (ref_logps[:, 0] - ref_logps[:, 1]).detach()
-        if c.loss == "sft":
+        if c.loss_type == "sft":
             losses = objectives.sft_loss(logps[:, 0], lengths[:, 0])
             stats["logps/chosen"] = logps[:, 0].detach()
             stats["logps/chosen_per_token"] = (logps[:, 0] / lengths[:, 0]).detach()
             return losses, stats
         s_w, s_l, n_w, n_l = logps[:, 0], logps[:, -1], lengths[:, 0], lengths[:, -1]
-        if c.loss == "dpo":
+        if c.loss_type == "dpo":
             out = objectives.dpo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], c.beta)
-        elif c.loss == "ipo":
+        elif c.loss_type == "ipo":
             out = objectives.ipo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], n_w, n_l, c.beta)
-        elif c.loss == "chipo":
+        elif c.loss_type == "chipo":
             out = objectives.chipo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], c.beta, c.chipo_reward_clip)
-        elif c.loss == "simpo":
-            out = objectives.simpo_loss(s_w, s_l, n_w, n_l, c.beta, c.gamma, c.length_normalize)
-        elif c.loss == "cpo":
-            out = objectives.cpo_loss(s_w, s_l, n_w, c.beta, c.cpo_nll_coef)
-        elif c.loss == "orpo":
+        elif c.loss_type == "simpo":
+            out = objectives.simpo_loss(s_w, s_l, n_w, n_l, c.beta, c.simpo_gamma, c.length_normalize)
+        elif c.loss_type == "cpo":
+            out = objectives.cpo_loss(s_w, s_l, n_w, c.beta, c.cpo_alpha)
+        elif c.loss_type == "orpo":
             out = objectives.orpo_loss(s_w, s_l, n_w, n_l, c.orpo_lambda)
-        elif c.loss == "slic":
+        elif c.loss_type == "slic":
             out = objectives.slic_loss(s_w, s_l, n_w, c.slic_delta, c.slic_nll_coef)
-        elif c.loss == "simpo_pl":
-            losses = objectives.simpo_plackett_luce_loss(logps, lengths, c.beta, c.gamma, c.length_normalize)
+        elif c.loss_type == "simpo_pl":
+            losses = objectives.simpo_plackett_luce_loss(logps, lengths, c.beta, c.simpo_gamma, c.length_normalize)
             rewards = objectives.simpo_rewards(logps, lengths, c.beta, c.length_normalize).detach()
             out = objectives.PairwiseLossOutput(losses, rewards[:, 0], rewards[:, -1])  # best vs worst
         else:  # validate() makes this unreachable
-            raise ConfigError(f"unknown loss {c.loss!r}; valid losses: {', '.join(LOSSES)}")
+            raise ConfigError(f"unknown loss_type {c.loss_type!r}; valid losses: {', '.join(LOSSES)}")
         losses = out.losses
         stats["logps/chosen"] = s_w.detach()
         stats["logps/rejected"] = s_l.detach()
@@ -231,7 +229,7 @@ def precompute_ref_logprobs(c: OfflineConfig, ref_model, examples: list, pad_id:
     summed across processes: every entry is written by exactly one process)."""
     k = len(examples[0]["responses"])
     table = torch.zeros(len(examples), k, device=accelerator.device, dtype=torch.float32)
-    for idx, valid in tqdm(list(sharded_batches(len(examples), c.eval_batch_size, accelerator)),
+    for idx, valid in tqdm(list(sharded_batches(len(examples), c.per_device_eval_batch_size, accelerator)),
                            desc="reference log-probs", disable=not accelerator.is_main_process):
         batch = data.collate_responses([examples[i] for i in idx], pad_id).to(accelerator.device)
         logps, _ = response_logps(ref_model, batch)
@@ -245,7 +243,7 @@ def evaluate(c: OfflineConfig, model, examples: list, ref_table, ref_model, pad_
     """eval/loss and eval/accuracy (pairwise accuracy of the reward model, or implicit-reward accuracy)."""
     model.eval()
     totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
-    for idx, valid in sharded_batches(len(examples), c.eval_batch_size, accelerator):
+    for idx, valid in sharded_batches(len(examples), c.per_device_eval_batch_size, accelerator):
         batch = data.collate_responses([examples[i] for i in idx], pad_id).to(accelerator.device)
         ref = ref_table[idx].to(accelerator.device) if ref_table is not None else None
         losses, stats = batch_loss(c, model, batch, ref, ref_model)
@@ -257,7 +255,7 @@ def evaluate(c: OfflineConfig, model, examples: list, ref_table, ref_model, pad_
     model.train()
     totals = accelerator.reduce(totals, reduction="sum")
     out = {"eval/loss": float(totals[0] / totals[2])}
-    if c.loss != "sft":
+    if c.loss_type != "sft":
         out["eval/accuracy"] = float(totals[1] / totals[2])
     return out
 
@@ -266,7 +264,7 @@ def evaluate(c: OfflineConfig, model, examples: list, ref_table, ref_model, pad_
 def reference_reward_mean(c: OfflineConfig, reward_model, examples: list, pad_id: int, accelerator) -> float:
     """Mean reward of the reference completions (prompt/completion examples)."""
     totals = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    for idx, valid in sharded_batches(len(examples), c.eval_batch_size, accelerator):
+    for idx, valid in sharded_batches(len(examples), c.per_device_eval_batch_size, accelerator):
         batch = data.collate_responses([examples[i] for i in idx], pad_id).to(accelerator.device)
         scores = generation.reward_model_scores(reward_model, batch.input_ids, batch.attention_mask).double()
         v = valid.to(accelerator.device, torch.float64)
@@ -278,14 +276,18 @@ def reference_reward_mean(c: OfflineConfig, reward_model, examples: list, pad_id
 # --------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------
-def load_examples(c: OfflineConfig, dataset: str, split: str, limit: int, kind: str, tokenizer, accelerator):
+def load_examples(c: OfflineConfig, dataset: str, split: str, limit: int, kind: str, tokenizer, accelerator,
+                  prompt_column: str = "prompt"):
     ds = data.load_any_dataset(dataset, split)
     source = f"{dataset} [{split}]"
+    if prompt_column != "prompt":  # the tokeniser reads `prompt`: the configured column takes that name
+        data.require_columns(ds, [prompt_column], source)
+        ds = ds.remove_columns([n for n in ("prompt",) if n in ds.column_names]).rename_column(prompt_column, "prompt")
     data.require_columns(ds, data.OFFLINE_KINDS[kind], source)
     if limit and limit < len(ds):
         ds = ds.select(range(limit))
     examples, report = data.tokenize_offline_dataset(
-        ds, tokenizer, kind, c.max_prompt_length, c.max_response_length, c.prompt_overflow, source
+        ds, tokenizer, kind, c.max_prompt_length, c.max_completion_length, c.prompt_overflow, source
     )
     if accelerator.is_main_process:
         print(f"[train_offline] {report.summary()}")
@@ -295,11 +297,11 @@ def load_examples(c: OfflineConfig, dataset: str, split: str, limit: int, kind: 
 def main(c: OfflineConfig) -> str:
     validate(c)
     num_processes = distributed.process_state().num_processes
-    per_process, grad_accum = derive_batch_sizes(c.global_batch_size, num_processes, c.micro_batch_size)
+    per_process, grad_accum = derive_batch_sizes(c.global_batch_size, num_processes, c.per_device_train_batch_size)
     trackers = runs.resolve_trackers(c.report_to)
     accelerator = Accelerator(mixed_precision=runs.resolve_mixed_precision(c.mixed_precision), log_with=trackers or None, project_dir=c.output_dir)
-    distributed.configure_deepspeed(accelerator, c.micro_batch_size, c.max_grad_norm)  # no-op without DeepSpeed
-    if c.loss == "reward" and c.normalize_reward and (distributed.zero_stage(accelerator) == 3 or distributed.fsdp_version(accelerator)):
+    distributed.configure_deepspeed(accelerator, c.per_device_train_batch_size, c.max_grad_norm)  # no-op without DeepSpeed
+    if c.loss_type == "reward" and c.normalize_reward and (distributed.zero_stage(accelerator) == 3 or distributed.fsdp_version(accelerator)):
         # the reward shift edits one bias of the HF model in place: under ZeRO-3 / FSDP that is a shard
         raise ConfigError("`normalize_reward` is not supported under ZeRO-3 or FSDP (the shift would edit one "
                           "shard); train reward models with DDP or deepspeed_zero2.yaml, or set normalize_reward: false")
@@ -321,14 +323,15 @@ def main(c: OfflineConfig) -> str:
         c.tokenizer_name_or_path or c.model_name_or_path, padding_side="left", trust_remote_code=c.trust_remote_code
     )
     pad_id = tokenizer.pad_token_id
-    kind = DATA_KIND.get(c.loss, "pairwise")
+    kind = DATA_KIND.get(c.loss_type, "pairwise")
     train_examples, train_columns = load_examples(
-        c, c.dataset, c.train_split, c.max_train_samples, kind, tokenizer, accelerator
+        c, c.dataset_name, c.dataset_train_split, c.max_train_samples, kind, tokenizer, accelerator, c.prompt_column
     )
     eval_examples = None
-    if c.eval_split:
+    if c.dataset_test_split:
         eval_examples, _ = load_examples(
-            c, c.eval_dataset or c.dataset, c.eval_split, c.max_eval_samples, kind, tokenizer, accelerator
+            c, c.eval_dataset_name or c.dataset_name, c.dataset_test_split, c.max_eval_samples, kind, tokenizer,
+            accelerator, c.prompt_column,
         )
     num_examples = len(train_examples)
     if num_examples < c.global_batch_size:
@@ -336,10 +339,10 @@ def main(c: OfflineConfig) -> str:
             f"the training data has {num_examples} usable examples, fewer than global_batch_size = {c.global_batch_size}"
         )
     steps_per_epoch = num_examples // c.global_batch_size  # the last incomplete global batch is dropped
-    total_steps = c.max_steps if c.max_steps > 0 else max(1, int(c.num_epochs * steps_per_epoch))
+    total_steps = c.max_steps if c.max_steps > 0 else max(1, int(c.num_train_epochs * steps_per_epoch))
 
     # ---- models ----
-    if c.loss == "reward":
+    if c.loss_type == "reward":
         model = models.load_reward_model_for_training(
             c.model_name_or_path, torch.float32, c.trust_remote_code, c.model_revision
         )
@@ -350,13 +353,13 @@ def main(c: OfflineConfig) -> str:
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.config.use_cache = False
     max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions and c.max_prompt_length + c.max_response_length > max_positions:
+    if max_positions and c.max_prompt_length + c.max_completion_length > max_positions:
         raise ConfigError(
-            f"max_prompt_length + max_response_length = {c.max_prompt_length + c.max_response_length} exceeds "
+            f"max_prompt_length + max_completion_length = {c.max_prompt_length + c.max_completion_length} exceeds "
             f"the model's max_position_embeddings = {max_positions}"
         )
     ref_model, ref_train, ref_eval = None, None, None
-    if c.loss in REFERENCE_LOSSES:
+    if c.loss_type in REFERENCE_LOSSES:
         with distributed.frozen_model_loading(accelerator):
             ref_model = models.load_policy(
                 c.ref_model_name_or_path or c.model_name_or_path,
@@ -382,14 +385,10 @@ def main(c: OfflineConfig) -> str:
         eps=c.adam_epsilon,
         weight_decay=c.weight_decay,
     )
-    from transformers import get_scheduler
-
     # not passed to accelerator.prepare: the schedule counts optimizer steps of the GLOBAL batch
-    scheduler = get_scheduler(
-        c.lr_scheduler, optimizer, num_warmup_steps=int(c.warmup_ratio * total_steps), num_training_steps=total_steps
-    )
+    scheduler = build_lr_scheduler(optimizer, c.lr_scheduler_type, total_steps, c.warmup_ratio)
     hf_model = model
-    if c.loss == "reward":
+    if c.loss_type == "reward":
         model = RewardScorer(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -410,7 +409,7 @@ def main(c: OfflineConfig) -> str:
             print(f"[train_offline] resumed from {resume_from} at step {start_step} (epoch {state['epoch']})")
     if trackers:
         accelerator.init_trackers(
-            c.wandb_project,
+            c.tracker_project_name,
             config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(c).items()},
         )
 
@@ -418,17 +417,17 @@ def main(c: OfflineConfig) -> str:
         runs.save_checkpoint(
             run_dir, step, model, tokenizer, optimizer, scheduler,
             state={"epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
-                   "num_examples": num_examples, "global_batch_size": c.global_batch_size, "loss": c.loss},
-            keep_last=c.keep_last,
+                   "num_examples": num_examples, "global_batch_size": c.global_batch_size, "loss_type": c.loss_type},
+            keep_last=c.save_total_limit,
         )
 
     def epoch_order(epoch: int) -> torch.Tensor:
         return torch.randperm(num_examples, generator=torch.Generator().manual_seed(c.seed * 100_003 + epoch))
 
     if accelerator.is_main_process:
-        print(f"[train_offline] loss {c.loss}: {num_examples} examples, {total_steps} steps of {c.global_batch_size} "
-              f"= {num_processes} processes x {c.micro_batch_size} micro-batch x {grad_accum} accumulation")
-    progress = tqdm(total=total_steps, initial=start_step, desc=f"train_offline[{c.loss}]",
+        print(f"[train_offline] loss {c.loss_type}: {num_examples} examples, {total_steps} steps of {c.global_batch_size} "
+              f"= {num_processes} processes x {c.per_device_train_batch_size} micro-batch x {grad_accum} accumulation")
+    progress = tqdm(total=total_steps, initial=start_step, desc=f"train_offline[{c.loss_type}]",
                     disable=not accelerator.is_main_process)
     order, order_epoch = None, -1
     last_saved = start_step if resume_from is not None else -1
@@ -443,7 +442,7 @@ def main(c: OfflineConfig) -> str:
         sums: dict[str, torch.Tensor] = {}
         tokens = torch.zeros((), device=device)
         for m in range(grad_accum):
-            idx = local_idx[m * c.micro_batch_size : (m + 1) * c.micro_batch_size].tolist()
+            idx = local_idx[m * c.per_device_train_batch_size : (m + 1) * c.per_device_train_batch_size].tolist()
             batch = data.collate_responses([train_examples[i] for i in idx], pad_id).to(device)
             ref = ref_train[idx].to(device) if ref_train is not None else None
             # DDP/FSDP: all-reduce gradients on the last micro-batch only; DeepSpeed: the engine steps there
@@ -471,13 +470,13 @@ def main(c: OfflineConfig) -> str:
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "train/lr": lr, "train/epoch": step / steps_per_epoch,
             "perf/tokens_per_s": float(reduced[-1]) / elapsed, "perf/samples_per_s": c.global_batch_size / elapsed,
         })
-        if eval_examples is not None and c.eval_every > 0 and step % c.eval_every == 0 and step != total_steps:
+        if eval_examples is not None and c.eval_steps > 0 and step % c.eval_steps == 0 and step != total_steps:
             metrics.update(evaluate(c, model, eval_examples, ref_eval, ref_model, pad_id, accelerator))
-        if step % c.log_every == 0 or step == total_steps or "eval/loss" in metrics:
+        if step % c.logging_steps == 0 or step == total_steps or "eval/loss" in metrics:
             run_dir.log_metrics(metrics, step)
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", samples_s=f"{metrics['perf/samples_per_s']:.1f}")
-        if c.save_every > 0 and step % c.save_every == 0 and step != total_steps:
+        if c.save_steps > 0 and step % c.save_steps == 0 and step != total_steps:
             save(step)
             last_saved = step
     progress.close()
@@ -485,7 +484,7 @@ def main(c: OfflineConfig) -> str:
     final = {}
     if eval_examples is not None:
         final.update(evaluate(c, model, eval_examples, ref_eval, ref_model, pad_id, accelerator))
-    if c.loss == "reward" and c.normalize_reward:
+    if c.loss_type == "reward" and c.normalize_reward:
         final.update(normalize_reward_model(c, hf_model, tokenizer, train_columns, accelerator, run_dir))
     if final:
         run_dir.log_metrics(final, total_steps)
@@ -503,7 +502,7 @@ def normalize_reward_model(c: OfflineConfig, reward_model, tokenizer, train_colu
     GPT-NeoX's score head has no bias: `models.shift_reward_output` moves the final layer norm's bias
     along w / ||w||^2, which adds exactly `delta` to every score (see its docstring).
     """
-    source = c.reward_norm_dataset or (c.dataset if "completion" in train_columns else None)
+    source = c.reward_norm_dataset or (c.dataset_name if "completion" in train_columns else None)
     if source is None:
         if accelerator.is_main_process:
             print("[train_offline] no reference completions (set reward_norm_dataset): reward not normalised")

@@ -55,9 +55,10 @@ import torch
 from tqdm.auto import tqdm
 
 from maxent_rlhf import distributed, generation, objectives
-from maxent_rlhf.config import ConfigError, RunConfig, cfg, derive_batch_sizes, parse_config
+from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, TrainConfig, cfg, derive_batch_sizes, parse_config
 from maxent_rlhf.data import DataError, load_any_dataset, require_columns
 from maxent_rlhf.models import load_policy, load_reward_model, load_tokenizer, resolve_dtype
+from maxent_rlhf.schedules import build_lr_scheduler
 from maxent_rlhf.runs import (
     RunDir,
     check_finite,
@@ -72,10 +73,10 @@ from maxent_rlhf.runs import (
 
 
 @dataclass
-class RLOOConfig(RunConfig):
+class RLOOConfig(TrainConfig):
     """Online RLOO (PPO-style clipped update, no value head) with a KL / entropy / no regulariser."""
 
-    # models and data
+    # models and data (the shared fields are in TrainConfig; here the ones RLOO adds or reads differently)
     model_name_or_path: str = cfg(
         "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr", "policy to train (hub id, local path or toylab://NAME)"
     )
@@ -88,8 +89,6 @@ class RLOOConfig(RunConfig):
         None, "programmatic reward 'package.module:function' replacing the reward model (see module docstring)"
     )
     dataset_name: str = cfg("trl-lib/tldr", "prompt dataset: hub id, local json/jsonl/parquet, or toylab://NAME")
-    dataset_split: str = cfg("train", "split of dataset_name")
-    prompt_column: str = cfg("prompt", "column holding the prompt text")
     max_prompt_length: int = cfg(512, "prompts longer than this many tokens are cut from the left (counted)")
     # sampling
     response_length: int = cfg(53, "new tokens sampled per completion")
@@ -97,17 +96,21 @@ class RLOOConfig(RunConfig):
     missing_eos_penalty: float = cfg(1.0, "subtracted from the score of completions that never emit EOS")
     # RLOO / PPO
     rloo_k: int = cfg(2, "completions per prompt (>= 2 for the leave-one-out baseline)")
-    batch_size: int = cfg(64, "GLOBAL completions per iteration (prompts x rloo_k), over all processes")
+    global_batch_size: int = cfg(64, "GLOBAL completions per iteration (prompts x rloo_k), over all processes")
     num_mini_batches: int = cfg(1, "optimizer steps per PPO epoch (the batch is split into this many mini-batches)")
-    per_device_train_batch_size: int = cfg(8, "micro-batch per process for the update; accumulation is derived")
+    per_device_train_batch_size: int = cfg(
+        8, "micro-batch per process for the update; accumulation = global / num_mini_batches / (processes x this)"
+    )
     local_rollout_forward_batch_size: int = cfg(64, "rows per generation / no-grad forward chunk on each process")
     num_ppo_epochs: int = cfg(4, "passes over each iteration's batch")
-    total_episodes: int = cfg(1_000_000, "total completions to train on; iterations = total_episodes // batch_size")
+    total_episodes: int = cfg(1_000_000, "total completions to train on; iterations = total_episodes // global_batch_size")
     num_iterations: Optional[int] = cfg(None, "if set, overrides total_episodes: number of iterations to run")
     learning_rate: float = cfg(3e-6, "peak AdamW learning rate")
-    lr_schedule: str = cfg("linear", "'linear' decay to 0 over the run, or 'constant'", choices=("linear", "constant"))
-    weight_decay: float = cfg(0.0, "AdamW weight decay")
-    adam_epsilon: float = cfg(1e-8, "AdamW epsilon")
+    lr_scheduler_type: str = cfg(
+        "linear", "decay after warmup, one scheduler step per iteration: 'linear' to 0 over the run, 'cosine', "
+        "or 'constant'", choices=LR_SCHEDULER_TYPES,
+    )
+    warmup_ratio: float = cfg(0.0, "fraction of the iterations spent warming the learning rate up from 0")
     max_grad_norm: float = cfg(1.0, "gradient clipping norm (<= 0 disables)")
     cliprange: float = cfg(0.2, "PPO clip range epsilon (values down to 1e-4 are supported)")
     loss_level: str = cfg("sequence", "importance ratio per 'sequence' (paper) or per 'token'", choices=("sequence", "token"))
@@ -121,10 +124,9 @@ class RLOOConfig(RunConfig):
     kl_ref_every: int = cfg(
         1, "non-kl regularisers: compute objective/kl_ref every N iterations (0: never); kl computes it every iteration"
     )
-    # logging / system
+    # logging
     sample_every: int = cfg(10, "write completions to samples.jsonl every N iterations (0: never)")
     num_samples: int = cfg(4, "completions written per sample_every")
-    gradient_checkpointing: bool = cfg(False, "trade compute for memory in the policy's training forward")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,21 +145,22 @@ class BatchPlan:
 def _batch_plan(c: RLOOConfig, num_processes: int) -> BatchPlan:
     if c.rloo_k < 2:
         raise ConfigError(f"`rloo_k` = {c.rloo_k}: RLOO needs at least 2 completions per prompt")
-    if c.batch_size % (num_processes * c.rloo_k):
+    gbs = c.global_batch_size
+    if gbs % (num_processes * c.rloo_k):
         raise ConfigError(
-            f"`batch_size` = {c.batch_size} completions must be a multiple of num_processes x rloo_k = "
+            f"`global_batch_size` = {gbs} completions must be a multiple of num_processes x rloo_k = "
             f"{num_processes} x {c.rloo_k} = {num_processes * c.rloo_k}, so every process holds whole prompt groups"
         )
-    if c.num_mini_batches < 1 or c.batch_size % c.num_mini_batches:
-        raise ConfigError(f"`num_mini_batches` = {c.num_mini_batches} must be >= 1 and divide `batch_size` = {c.batch_size}")
+    if c.num_mini_batches < 1 or gbs % c.num_mini_batches:
+        raise ConfigError(f"`num_mini_batches` = {c.num_mini_batches} must be >= 1 and divide `global_batch_size` = {gbs}")
     mini_local, accum = derive_batch_sizes(
-        c.batch_size // c.num_mini_batches, num_processes, c.per_device_train_batch_size, name="batch_size / num_mini_batches"
+        gbs // c.num_mini_batches, num_processes, c.per_device_train_batch_size, name="global_batch_size / num_mini_batches"
     )
-    n_iter = c.num_iterations if c.num_iterations is not None else c.total_episodes // c.batch_size
+    n_iter = c.num_iterations if c.num_iterations is not None else c.total_episodes // gbs
     if n_iter < 1:
-        raise ConfigError(f"`total_episodes` = {c.total_episodes} is less than one batch of {c.batch_size}; nothing to train")
-    rows_local = c.batch_size // num_processes
-    return BatchPlan(c.batch_size // c.rloo_k, rows_local // c.rloo_k, rows_local, mini_local, accum, n_iter)
+        raise ConfigError(f"`total_episodes` = {c.total_episodes} is less than one batch of {gbs}; nothing to train")
+    rows_local = gbs // num_processes
+    return BatchPlan(gbs // c.rloo_k, rows_local // c.rloo_k, rows_local, mini_local, accum, n_iter)
 
 
 def _validate(c: RLOOConfig) -> None:
@@ -327,7 +330,7 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     run_dir.save_config(c)
     seed_everything(c.seed)
     if trackers:
-        accelerator.init_trackers("rloo", config={k: v for k, v in vars(c).items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(c.tracker_project_name, config={k: v for k, v in vars(c).items() if isinstance(v, (int, float, str, bool))})
 
     # ---- models ----
     frozen_dtype = resolve_dtype(c.mixed_precision, device)
@@ -352,17 +355,16 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
             print("[train_rloo] policy and reward model tokenizers differ: re-tokenising text for the reward model")
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=c.learning_rate, eps=c.adam_epsilon, weight_decay=c.weight_decay)
-    if c.lr_schedule == "linear":  # one scheduler step per iteration: lr_t = lr * (1 - t / num_iterations)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, 1.0 - t / plan.num_iterations))
-    else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
+                                  eps=c.adam_epsilon, weight_decay=c.weight_decay)
+    # one scheduler step per iteration: linear gives lr_t = lr * (1 - t / num_iterations) without warmup
+    scheduler = build_lr_scheduler(optimizer, c.lr_scheduler_type, plan.num_iterations, c.warmup_ratio)
     distributed.configure_deepspeed(accelerator, c.per_device_train_batch_size, c.max_grad_norm)  # no-op without DeepSpeed
     policy, optimizer = accelerator.prepare(policy, optimizer)
 
     # ---- data ----
-    dataset = load_any_dataset(c.dataset_name, c.dataset_split)
-    require_columns(dataset, [c.prompt_column], f"{c.dataset_name} ({c.dataset_split})")
+    dataset = load_any_dataset(c.dataset_name, c.dataset_train_split)
+    require_columns(dataset, [c.prompt_column], f"{c.dataset_name} ({c.dataset_train_split})")
     prompts_all = dataset[c.prompt_column]
     stream = PromptStream(len(prompts_all), plan.prompts_global, c.seed)
     truncated_prompts = 0
@@ -541,12 +543,12 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
             metrics["train/grad_norm"] = gmean(torch.stack(stats["grad_norm"]).mean())
         metrics["train/lr"] = lr_used
         # std over the GLOBAL batch (a mean of per-process stds is not the global std)
-        metrics["val/advantage_std"] = float(gather(advantages.detach().float().reshape(-1)).std()) if c.batch_size > 1 else 0.0
-        metrics["response/length"] = tokens_global / c.batch_size
+        metrics["val/advantage_std"] = float(gather(advantages.detach().float().reshape(-1)).std()) if c.global_batch_size > 1 else 0.0
+        metrics["response/length"] = tokens_global / c.global_batch_size
         metrics["response/eos_fraction"] = gmean(contains_eos)
         metrics["data/truncated_prompts"] = truncated_prompts
         metrics["data/epoch"] = stream.epoch
-        metrics["episodes"] = it * c.batch_size
+        metrics["episodes"] = it * c.global_batch_size
         metrics["time/generate"] = t_generate
         metrics["time/score"] = t_score
         metrics["time/logprobs"] = t_logprobs
@@ -555,9 +557,9 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         t_total = time.perf_counter() - t_iter
         metrics["time/iteration"] = t_total
         metrics["time/iteration_cpu"] = time.process_time() - cpu_iter  # CPU seconds of this process (all threads)
-        metrics["perf/episodes_per_s"] = c.batch_size / t_total
+        metrics["perf/episodes_per_s"] = c.global_batch_size / t_total
         metrics["perf/tokens_per_s"] = tokens_global / t_total  # real (unpadded) response tokens
-        if c.log_every > 0 and (it % c.log_every == 0 or it == plan.num_iterations):
+        if c.logging_steps > 0 and (it % c.logging_steps == 0 or it == plan.num_iterations):
             run_dir.log_metrics(metrics, it)
         progress.set_postfix(
             score=f"{metrics['objective/scores']:.3f}", rlhf=f"{metrics['objective/rlhf_reward']:.3f}",
@@ -571,9 +573,9 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
                  "rlhf_reward": float(reg.rewards[r]), "contains_eos": bool(contains_eos[r]), "temperature": c.temperature}
                 for j, r in enumerate(rows)
             ])
-        if (c.save_every > 0 and it % c.save_every == 0) or it == plan.num_iterations:
+        if (c.save_steps > 0 and it % c.save_steps == 0) or it == plan.num_iterations:
             save_checkpoint(run_dir, it, policy, tokenizer, optimizer, scheduler,
-                            state={"data": stream.state(), "truncated_prompts": truncated_prompts}, keep_last=c.keep_last)
+                            state={"data": stream.state(), "truncated_prompts": truncated_prompts}, keep_last=c.save_total_limit)
             last_saved = it
     if last_saved < 0 and latest_checkpoint(run_dir.path) is None:  # nothing ran (resumed at the end)
         save_checkpoint(run_dir, start, policy, tokenizer, optimizer, scheduler,

@@ -158,10 +158,10 @@ def run_step_case(spec: dict, steps: int, root: Path, cuda: bool) -> dict:
     train_offline.precompute_ref_logprobs = timed_pre
     out_dir = root / f"run_{os.getpid()}"
     c = train_offline.OfflineConfig(
-        loss="dpo", model_name_or_path=model_dir, dataset=data_path, output_dir=str(out_dir), report_to="none",
-        global_batch_size=8, micro_batch_size=4, max_steps=steps, learning_rate=1e-5, warmup_ratio=0.0,
-        max_prompt_length=64, max_response_length=32, eval_batch_size=8,
-        precompute_ref_logprobs=spec["precompute"], save_every=10**9,
+        loss_type="dpo", model_name_or_path=model_dir, dataset_name=data_path, output_dir=str(out_dir), report_to="none",
+        global_batch_size=8, per_device_train_batch_size=4, max_steps=steps, learning_rate=1e-5, warmup_ratio=0.0,
+        max_prompt_length=64, max_completion_length=32, per_device_eval_batch_size=8,
+        precompute_ref_logprobs=spec["precompute"], save_steps=10**9,
     )
     from maxent_rlhf import runs
 

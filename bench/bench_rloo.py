@@ -113,11 +113,11 @@ def run_ours(root: Path, iterations: int) -> dict:
 
     c = train_rloo.RLOOConfig(
         model_name_or_path=str(root / "policy"), reward_model_name_or_path=str(root / "reward"),
-        dataset_name=str(root / "prompts.jsonl"), output_dir=str(root / "run_ours"), batch_size=BATCH, rloo_k=K,
+        dataset_name=str(root / "prompts.jsonl"), output_dir=str(root / "run_ours"), global_batch_size=BATCH, rloo_k=K,
         response_length=NEW_TOKENS, temperature=TEMP, num_ppo_epochs=EPOCHS, num_mini_batches=1,
         per_device_train_batch_size=MICRO, local_rollout_forward_batch_size=BATCH, num_iterations=iterations,
         regularizer="kl", kl_coef=0.05, learning_rate=3e-6, max_prompt_length=4096, report_to="none", sample_every=0,
-        save_every=0,
+        save_steps=0,
     )
     rec = read_metrics(train_rloo.main(c))[-1]
     return {

@@ -103,10 +103,10 @@ def main() -> None:
         model_name_or_path=str(out / "policy"), reward_model_name_or_path=str(out / "reward"),
         dataset_name=str(out / "prompts.jsonl"), output_dir=str(out / "rloo"), report_to="none",
         max_prompt_length=512, response_length=53, temperature=0.7, rloo_k=2,
-        batch_size=8 if args.tiny else 64, per_device_train_batch_size=4 if args.tiny else 16,
+        global_batch_size=8 if args.tiny else 64, per_device_train_batch_size=4 if args.tiny else 16,
         local_rollout_forward_batch_size=8 if args.tiny else 64, num_ppo_epochs=4, num_mini_batches=1,
         num_iterations=iterations, learning_rate=1e-6, regularizer="entropy", entropy_coef=0.05,
-        length_normalize=True, kl_ref_every=1, gradient_checkpointing=True, sample_every=0, save_every=0,
+        length_normalize=True, kl_ref_every=1, gradient_checkpointing=True, sample_every=0, save_steps=0,
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -116,7 +116,7 @@ def main() -> None:
     rloo_peak = _peak_gib()
     rows = [m for m in read_metrics(out / "rloo") if "perf/tokens_per_s" in m]
     steady = rows[1:] or rows
-    print(f"[gpu_smoke] train_rloo: {len(rows)} iterations x {rloo.batch_size} completions x {rloo.response_length} "
+    print(f"[gpu_smoke] train_rloo: {len(rows)} iterations x {rloo.global_batch_size} completions x {rloo.response_length} "
           f"new tokens in {rloo_s:.1f}s (with model loading)", flush=True)
     print(f"[gpu_smoke]   episodes/s {_median(steady, 'perf/episodes_per_s'):.2f}   response tokens/s "
           f"{_median(steady, 'perf/tokens_per_s'):.0f}   peak GPU memory {rloo_peak:.2f} GiB", flush=True)
@@ -125,10 +125,10 @@ def main() -> None:
         f"{p.split('/')[1]} {_median(steady, p):.2f}" for p in phases if any(p in r for r in steady)), flush=True)
 
     offline = train_offline.OfflineConfig(
-        loss="dpo", beta=0.05, model_name_or_path=str(out / "policy"), dataset=str(out / "pairs.jsonl"),
-        output_dir=str(out / "dpo"), report_to="none", max_prompt_length=512, max_response_length=64,
-        global_batch_size=8 if args.tiny else 32, micro_batch_size=4 if args.tiny else 8, max_steps=steps,
-        learning_rate=1e-6, lr_scheduler="constant", warmup_ratio=0.0, gradient_checkpointing=True, save_every=0,
+        loss_type="dpo", beta=0.05, model_name_or_path=str(out / "policy"), dataset_name=str(out / "pairs.jsonl"),
+        output_dir=str(out / "dpo"), report_to="none", max_prompt_length=512, max_completion_length=64,
+        global_batch_size=8 if args.tiny else 32, per_device_train_batch_size=4 if args.tiny else 8, max_steps=steps,
+        learning_rate=1e-6, lr_scheduler_type="constant", warmup_ratio=0.0, gradient_checkpointing=True, save_steps=0,
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

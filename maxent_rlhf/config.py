@@ -5,8 +5,8 @@ Unknown keys are errors that suggest the closest valid key; wrong types name the
 that was expected. The resolved config is written to the run directory by the scripts (`save_config`).
 
     @dataclass
-    class MyConfig(RunConfig):
-        lr: float = cfg(1e-6, "peak learning rate of AdamW")
+    class MyConfig(TrainConfig):          # BaseConfig for a script that does not train
+        beta: float = cfg(0.1, "inverse temperature")
 
     cfg = parse_config(MyConfig)          # reads sys.argv
 """
@@ -41,27 +41,101 @@ def cfg(default: Any = dataclasses.MISSING, help: str = "", choices: Optional[Se
     return dataclasses.field(default=default, metadata=metadata, **kw)
 
 
+LR_SCHEDULER_TYPES = ("linear", "cosine", "constant")
+
+
 @dataclasses.dataclass
-class RunConfig:
-    """Fields every script shares: where the run goes, seeding, logging and checkpointing."""
+class BaseConfig:
+    """Fields every script shares (the judge included): where the output goes, seeding, precision."""
 
     output_dir: str = cfg("runs/default", "run directory: resolved config, metrics.jsonl, checkpoints/")
     seed: int = cfg(1, "random seed (torch, numpy, python); each process adds nothing: streams are identical per config")
+    mixed_precision: str = cfg(
+        "auto", "'auto' (bf16 on GPU, float32 on CPU), 'no', 'bf16' or 'fp16' (accelerate's name)",
+        choices=("auto", "no", "bf16", "fp16"),
+    )
+    trust_remote_code: bool = cfg(False, "allow custom model code from the hub (off unless you trust the repo)")
+
+
+@dataclasses.dataclass
+class TrainConfig(BaseConfig):
+    """Fields every training script shares, under transformers' TrainingArguments / TRL names where they
+    have one: model and data, batch sizes, the optimizer and its schedule, checkpointing and logging.
+    Scripts override a default (or a help text) where their behaviour needs another one."""
+
+    # model and data
+    model_name_or_path: str = cfg(
+        "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr", "model to train: hub id, local path or toylab://NAME"
+    )
+    dataset_name: str = cfg(
+        "trl-lib/tldr", "training data: hub id, local .json/.jsonl/.parquet file or directory, or toylab://NAME"
+    )
+    dataset_train_split: str = cfg("train", "split of dataset_name to train on")
+    prompt_column: str = cfg("prompt", "column holding the prompt text")
+    max_prompt_length: int = cfg(512, "longest prompt in tokens")
+    # batch sizes: the GLOBAL batch is fixed, so results do not depend on the number of GPUs
+    global_batch_size: int = cfg(64, "examples per optimizer step over all processes (fixed: accumulation is derived)")
+    per_device_train_batch_size: int = cfg(
+        8, "examples per forward/backward on one process; accumulation = global / (processes x this)"
+    )
+    # optimizer (AdamW) and learning-rate schedule
+    learning_rate: float = cfg(1e-6, "peak AdamW learning rate")
+    lr_scheduler_type: str = cfg(
+        "linear", "learning-rate decay after warmup: 'linear' to 0, 'cosine' to 0, or 'constant'", choices=LR_SCHEDULER_TYPES
+    )
+    warmup_ratio: float = cfg(0.0, "fraction of the optimizer steps spent warming the learning rate up from 0")
+    weight_decay: float = cfg(0.0, "AdamW weight decay")
+    adam_beta1: float = cfg(0.9, "AdamW beta1")
+    adam_beta2: float = cfg(0.999, "AdamW beta2")
+    adam_epsilon: float = cfg(1e-8, "AdamW epsilon")
+    max_grad_norm: float = cfg(1.0, "gradient clipping norm (<= 0: no clipping; the norm is still logged)")
+    gradient_checkpointing: bool = cfg(False, "recompute activations in backward (less memory, ~30% slower)")
+    # checkpoints and logging
     resume: Optional[str] = cfg(
         None, "resume from 'latest' (the newest checkpoint in output_dir) or from a checkpoint directory"
     )
-    save_every: int = cfg(0, "save a checkpoint every N steps/iterations (0: only at the end)")
-    keep_last: int = cfg(0, "keep only the newest K checkpoints (0: keep all)")
-    log_every: int = cfg(1, "log metrics every N steps/iterations")
+    overwrite_output_dir: bool = cfg(
+        False, "allow a new run to start in an output_dir that already holds a run (its logs and checkpoints are replaced)"
+    )
+    save_steps: int = cfg(0, "save a checkpoint every N steps/iterations (0: only at the end)")
+    save_total_limit: int = cfg(0, "keep only the newest N checkpoints (0: keep all)")
+    logging_steps: int = cfg(1, "log metrics every N steps/iterations")
     report_to: str = cfg(
         "auto",
         "extra trackers: 'auto' (tensorboard when installed), 'tensorboard', 'wandb', 'none'; metrics.jsonl is always written",
         choices=("auto", "tensorboard", "wandb", "none"),
     )
-    mixed_precision: str = cfg(
-        "auto", "'auto' (bf16 on GPU, float32 on CPU), 'no', 'bf16' or 'fp16'", choices=("auto", "no", "bf16", "fp16")
-    )
-    trust_remote_code: bool = cfg(False, "allow custom model code from the hub (off unless you trust the repo)")
+    tracker_project_name: str = cfg("maxent-rlhf", "project name for wandb / tensorboard")
+
+
+# Keys renamed to the transformers / TRL vocabulary (old key -> new candidates, first valid one wins): an
+# old key in a config or on the command line is an error whose "did you mean" names the new key.
+RENAMED_KEYS: dict[str, tuple[str, ...]] = {
+    "save_every": ("save_steps",),
+    "keep_last": ("save_total_limit",),
+    "log_every": ("logging_steps",),
+    "wandb_project": ("tracker_project_name",),
+    "dataset": ("dataset_name",),
+    "dataset_split": ("dataset_train_split",),
+    "train_split": ("dataset_train_split",),
+    "eval_split": ("dataset_test_split",),
+    "split": ("dataset_test_split", "dataset_train_split"),
+    "eval_dataset": ("eval_dataset_name",),
+    "batch_size": ("global_batch_size", "per_device_eval_batch_size"),
+    "micro_batch_size": ("per_device_train_batch_size",),
+    "eval_batch_size": ("per_device_eval_batch_size",),
+    "lr_schedule": ("lr_scheduler_type",),
+    "lr_scheduler": ("lr_scheduler_type",),
+    "num_epochs": ("num_train_epochs",),
+    "eval_every": ("eval_steps",),
+    "loss": ("loss_type",),
+    "gamma": ("simpo_gamma",),
+    "cpo_nll_coef": ("cpo_alpha",),
+    "max_response_length": ("max_completion_length",),
+    "sft_model": ("sft_model_name_or_path",),
+    "tokenizer": ("tokenizer_name_or_path",),
+    "reward_model": ("reward_model_name_or_path",),
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,6 +229,9 @@ def _fields(cls: type) -> dict:
 
 
 def _unknown_key(key: str, valid: Sequence[str], source: str) -> ConfigError:
+    renamed = [new for new in RENAMED_KEYS.get(key, ()) if new in valid]
+    if renamed:
+        return ConfigError(f"{source}: unknown key `{key}`; did you mean `{renamed[0]}`? (`{key}` was renamed)")
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(sorted(valid))}"
     return ConfigError(f"{source}: unknown key `{key}`{hint}")
@@ -263,26 +340,29 @@ def save_config(config: Any, path: str | Path) -> None:
 
 
 def derive_batch_sizes(
-    global_batch_size: int, num_processes: int, micro_batch_size: int, name: str = "global_batch_size"
+    global_batch_size: int, num_processes: int, per_device_batch_size: int, name: str = "global_batch_size",
+    per_device_name: str = "per_device_train_batch_size",
 ) -> tuple[int, int]:
     """Split a global batch into per-process micro-batches and gradient-accumulation steps.
 
     Returns (per_process_batch, gradient_accumulation_steps) so that
-    global = num_processes * micro_batch_size * gradient_accumulation_steps: the optimisation does not
-    change with the number of GPUs.
+    global = num_processes * per_device_batch_size * gradient_accumulation_steps: the optimisation does
+    not change with the number of GPUs.
     """
-    if global_batch_size <= 0 or micro_batch_size <= 0:
-        raise ConfigError(f"`{name}` ({global_batch_size}) and the micro-batch size ({micro_batch_size}) must be >= 1")
+    if global_batch_size <= 0 or per_device_batch_size <= 0:
+        raise ConfigError(
+            f"`{name}` ({global_batch_size}) and `{per_device_name}` ({per_device_batch_size}) must be >= 1"
+        )
     if global_batch_size % num_processes:
         raise ConfigError(
             f"`{name}` = {global_batch_size} does not divide over {num_processes} processes; "
             f"use a multiple of {num_processes}"
         )
     per_process = global_batch_size // num_processes
-    if per_process % micro_batch_size:
+    if per_process % per_device_batch_size:
         raise ConfigError(
             f"`{name}` = {global_batch_size} over {num_processes} processes gives {per_process} per process, "
-            f"which the micro-batch size {micro_batch_size} does not divide; pick a micro-batch size that "
-            f"divides {per_process}"
+            f"which `{per_device_name}` = {per_device_batch_size} does not divide; pick a "
+            f"`{per_device_name}` that divides {per_process}"
         )
-    return per_process, per_process // micro_batch_size
+    return per_process, per_process // per_device_batch_size

@@ -70,7 +70,7 @@ def as_text(value, source: str, row: int, column: str) -> str:
 # chosen, rejected), K >= 2 (listwise: the responses in ranked order, best first).
 #
 # Policy (the Pythia TL;DR recipe): prompt and response are tokenised separately with no special
-# tokens; the EOS token is appended to every response. A response longer than `max_response_length`
+# tokens; the EOS token is appended to every response. A response longer than `max_completion_length`
 # (EOS included) keeps its first tokens (and loses its EOS); a prompt longer than `max_prompt_length`
 # is an error, dropped, or keeps its LAST tokens (`prompt_overflow`), so "TL;DR:" stays next to the
 # response. Counts of truncated / dropped examples are returned in a `TokenizeReport`.
@@ -90,7 +90,7 @@ class TokenizeReport:
     dropped_bad: int = 0  # empty or identical responses
     dropped_long_prompts: int = 0
     truncated_prompts: int = 0
-    truncated_responses: int = 0  # examples with at least one response cut at max_response_length
+    truncated_responses: int = 0  # examples with at least one response cut at max_completion_length
 
     def summary(self) -> str:
         parts = [f"{self.source}: kept {self.kept} of {self.rows} examples"]
@@ -100,7 +100,7 @@ class TokenizeReport:
             parts.append(f"dropped {self.dropped_long_prompts} whose prompt exceeds max_prompt_length")
         if self.truncated_prompts:
             parts.append(f"cut {self.truncated_prompts} prompts to their last max_prompt_length tokens")
-        parts.append(f"truncated {self.truncated_responses} examples' responses at max_response_length")
+        parts.append(f"truncated {self.truncated_responses} examples' responses at max_completion_length")
         return "; ".join(parts)
 
 
@@ -116,7 +116,7 @@ def tokenize_offline_dataset(
     tokenizer,
     kind: str,
     max_prompt_length: int,
-    max_response_length: int,
+    max_completion_length: int,
     prompt_overflow: str = "error",
     source: str = "dataset",
 ) -> tuple[list, TokenizeReport]:
@@ -187,8 +187,8 @@ def tokenize_offline_dataset(
         truncated = False
         for j, text in enumerate(texts):
             ids = flat[i * num_k + j] + [eos]
-            if len(ids) > max_response_length:
-                ids = ids[:max_response_length]
+            if len(ids) > max_completion_length:
+                ids = ids[:max_completion_length]
                 truncated = True
             resp_ids.append(ids)
         empty = any(not t.strip() for t in texts)

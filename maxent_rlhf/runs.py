@@ -387,7 +387,7 @@ def load_checkpoint(
 
 
 def resolve_trackers(report_to: str) -> list:
-    """accelerate `log_with` names for RunConfig.report_to: 'auto' means tensorboard when installed."""
+    """accelerate `log_with` names for TrainConfig.report_to: 'auto' means tensorboard when installed."""
     if report_to in ("none", "", None):
         return []
     if report_to == "auto":
@@ -403,7 +403,7 @@ def resolve_trackers(report_to: str) -> list:
 
 
 def resolve_mixed_precision(mixed_precision: str) -> str:
-    """accelerate `mixed_precision` for RunConfig.mixed_precision: 'auto' takes what `accelerate launch`
+    """accelerate `mixed_precision` for BaseConfig.mixed_precision: 'auto' takes what `accelerate launch`
     set (ACCELERATE_MIXED_PRECISION), else bf16 on a GPU and 'no' on CPU; other values pass through.
     Used by train_offline.py and train_rloo.py."""
     if mixed_precision != "auto":

@@ -1,5 +1,10 @@
-"""The shared config system: precedence, types, unknown keys, help, batch-size derivation."""
+"""The shared config system: precedence, types, unknown keys, help, batch-size derivation, and one
+vocabulary across the three scripts (their --help outputs, renamed keys)."""
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional
 
 import pytest
@@ -7,7 +12,7 @@ import yaml
 
 from maxent_rlhf.config import (
     ConfigError,
-    RunConfig,
+    TrainConfig,
     build_parser,
     cfg,
     config_from_dict,
@@ -18,7 +23,7 @@ from maxent_rlhf.config import (
 
 
 @dataclass
-class DemoConfig(RunConfig):
+class DemoConfig(TrainConfig):
     learning_rate: float = cfg(1e-6, "peak learning rate")
     loss: str = cfg("dpo", "which loss", choices=("dpo", "simpo"))
     gammas: List[float] = cfg([0.0, 0.5], "margins to sweep")
@@ -108,5 +113,115 @@ def test_derive_batch_sizes(global_bs, procs, micro, expected):
 def test_batch_sizes_that_do_not_divide_name_the_numbers():
     with pytest.raises(ConfigError, match=r"`global_batch_size` = 10 does not divide over 4 processes"):
         derive_batch_sizes(10, 4, 1)
-    with pytest.raises(ConfigError, match=r"gives 8 per process, which the micro-batch size 3 does not divide"):
+    with pytest.raises(ConfigError, match=r"gives 8 per process, which `per_device_train_batch_size` = 3 does not divide"):
         derive_batch_sizes(16, 2, 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# one vocabulary in all three scripts (transformers / TRL names where they have one)
+# --------------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ("train_rloo.py", "train_offline.py", "evaluate_judge.py")
+
+
+def _run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def help_texts():
+    """`--help` of each script, as a user runs it (a subprocess)."""
+    out = {}
+    for script in SCRIPTS:
+        proc = _run_script(script, "--help")
+        assert proc.returncode == 0, proc.stderr
+        out[script] = set(tok for tok in proc.stdout.split() if tok.startswith("--"))
+    return out
+
+TRAINING_ONLY = ("--model_name_or_path", "--dataset_train_split", "--prompt_column", "--max_prompt_length",
+                 "--global_batch_size", "--per_device_train_batch_size", "--learning_rate", "--lr_scheduler_type",
+                 "--warmup_ratio", "--weight_decay", "--adam_beta1", "--adam_beta2", "--adam_epsilon",
+                 "--max_grad_norm", "--gradient_checkpointing", "--resume", "--overwrite_output_dir", "--save_steps",
+                 "--save_total_limit", "--logging_steps", "--report_to", "--tracker_project_name")
+OLD_NAMES = ("--save_every", "--keep_last", "--log_every", "--wandb_project", "--dataset", "--dataset_split",
+             "--train_split", "--eval_split", "--split", "--eval_dataset", "--batch_size", "--micro_batch_size",
+             "--eval_batch_size", "--lr_schedule", "--lr_scheduler", "--num_epochs", "--eval_every", "--loss",
+             "--gamma", "--cpo_nll_coef", "--max_response_length", "--sft_model", "--tokenizer", "--reward_model")
+
+
+def test_the_three_scripts_share_names_for_shared_concepts(help_texts):
+    rloo, offline, judge = (help_texts[s] for s in SCRIPTS)
+    for flag in ("--output_dir", "--seed", "--mixed_precision", "--trust_remote_code", "--dataset_name",
+                 "--prompt_column", "--max_prompt_length"):
+        assert flag in rloo and flag in offline and flag in judge, flag
+    for flag in TRAINING_ONLY:
+        assert flag in rloo and flag in offline, flag
+    # evaluation data and batch: offline and judge say it the same way
+    for flag in ("--dataset_test_split", "--per_device_eval_batch_size", "--tokenizer_name_or_path"):
+        assert flag in offline and flag in judge, flag
+    assert "--reward_model_name_or_path" in rloo and "--reward_model_name_or_path" in judge
+    assert {"--loss_type", "--simpo_gamma", "--cpo_alpha", "--max_completion_length", "--num_train_epochs",
+            "--eval_steps", "--eval_dataset_name"} <= offline
+    assert "--sft_model_name_or_path" in judge
+    for script, flags in help_texts.items():
+        assert not flags & set(OLD_NAMES), (script, sorted(flags & set(OLD_NAMES)))
+
+
+def test_judge_help_lists_no_training_options(help_texts):
+    judge = help_texts["evaluate_judge.py"]
+    for flag in ("--save_steps", "--save_total_limit", "--resume", "--report_to", "--logging_steps",
+                 "--tracker_project_name", "--overwrite_output_dir", "--learning_rate", "--lr_scheduler_type",
+                 "--per_device_train_batch_size", "--dataset_train_split"):
+        assert flag not in judge, flag
+
+
+@pytest.mark.parametrize("script,old,new", [
+    ("train_rloo.py", "batch_size", "global_batch_size"),
+    ("train_rloo.py", "lr_schedule", "lr_scheduler_type"),
+    ("train_rloo.py", "dataset_split", "dataset_train_split"),
+    ("train_rloo.py", "save_every", "save_steps"),
+    ("train_offline.py", "lr_scheduler", "lr_scheduler_type"),
+    ("train_offline.py", "micro_batch_size", "per_device_train_batch_size"),
+    ("train_offline.py", "wandb_project", "tracker_project_name"),
+    ("train_offline.py", "gamma", "simpo_gamma"),
+    ("train_offline.py", "loss", "loss_type"),
+    ("evaluate_judge.py", "split", "dataset_test_split"),
+    ("evaluate_judge.py", "batch_size", "per_device_eval_batch_size"),
+    ("evaluate_judge.py", "dataset", "dataset_name"),
+])
+def test_an_old_key_on_the_command_line_names_the_new_one(script, old, new):
+    proc = _run_script(script, f"--{old}", "1")
+    assert proc.returncode == 2
+    assert f"command line: unknown key `{old}`; did you mean `{new}`?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_old_key_in_a_yaml_file_names_the_new_one(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("learning_rate: 1.0e-6\nkeep_last: 3\n")
+    proc = _run_script("train_offline.py", "--config", str(path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{path}: unknown key `keep_last`; did you mean `save_total_limit`?" in proc.stderr
+
+
+def test_renamed_keys_suggest_a_key_the_class_has():
+    """Every old key suggests, for each config class, a field that class really has (difflib alone
+    would suggest e.g. `max_prompt_length` for `max_response_length`)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        import evaluate_judge, train_offline, train_rloo
+    finally:
+        sys.path.remove(str(ROOT))
+    from maxent_rlhf.config import RENAMED_KEYS, _fields
+
+    for cls in (train_rloo.RLOOConfig, train_offline.OfflineConfig, evaluate_judge.EvalConfig):
+        valid = set(_fields(cls))
+        assert not valid & set(RENAMED_KEYS), (cls.__name__, valid & set(RENAMED_KEYS))
+        for old in RENAMED_KEYS:
+            with pytest.raises(ConfigError, match=r"unknown key `%s`" % old) as e:
+                config_from_dict(cls, {old: 1})
+            candidates = [new for new in RENAMED_KEYS[old] if new in valid]
+            if candidates:  # the class has the concept under its new name: the message names it
+                assert f"did you mean `{candidates[0]}`? (`{old}` was renamed)" in str(e.value), (cls.__name__, old)

@@ -94,25 +94,25 @@ def _launch(d, tiny_tokenizer):
         for i in range(16):
             f.write(json.dumps({"prompt": f"SUBREDDIT: r/cats POST: {_sentence(rng, 2 + i % 5)} TL;DR:"}) + "\n")
     offline = dict(
-        model_name_or_path=tiny_policy_dir, dataset=str(pairs), loss="dpo", report_to="none", mixed_precision="no",
-        global_batch_size=8, micro_batch_size=2, max_steps=4, save_every=2, learning_rate=3e-3,
-        lr_scheduler="constant", warmup_ratio=0.0, max_prompt_length=32, max_response_length=12, beta=0.5,
+        model_name_or_path=tiny_policy_dir, dataset_name=str(pairs), loss_type="dpo", report_to="none", mixed_precision="no",
+        global_batch_size=8, per_device_train_batch_size=2, max_steps=4, save_steps=2, learning_rate=3e-3,
+        lr_scheduler_type="constant", warmup_ratio=0.0, max_prompt_length=32, max_completion_length=12, beta=0.5,
     )
     rloo = dict(
         model_name_or_path=tiny_policy_dir, reward_model_name_or_path=tiny_reward_dir, dataset_name=str(prompts),
-        report_to="none", mixed_precision="no", batch_size=8, rloo_k=2, num_mini_batches=1,
+        report_to="none", mixed_precision="no", global_batch_size=8, rloo_k=2, num_mini_batches=1,
         per_device_train_batch_size=2, local_rollout_forward_batch_size=4, num_ppo_epochs=2, num_iterations=4,
-        save_every=2, response_length=6, max_prompt_length=16, learning_rate=1e-3, regularizer="kl", kl_coef=0.05,
+        save_steps=2, response_length=6, max_prompt_length=16, learning_rate=1e-3, regularizer="kl", kl_coef=0.05,
         sample_every=1, num_samples=8,
     )
 
     # two more shapes for the 1-vs-2 comparison: a reward model with sharded evaluation and the
     # reduced reference-mean normalisation, and the maxent regulariser with advantages whitened over
     # the gathered global batch and kl_ref computed every other iteration
-    reward = dict(offline, loss="reward", learning_rate=1e-3, eval_split="train", max_eval_samples=10, eval_every=2,
-                  eval_batch_size=4, save_every=0)
+    reward = dict(offline, loss_type="reward", learning_rate=1e-3, dataset_test_split="train", max_eval_samples=10, eval_steps=2,
+                  per_device_eval_batch_size=4, save_steps=0)
     maxent = dict(rloo, regularizer="entropy", entropy_coef=0.1, length_normalize=True, whiten_advantages=True,
-                  kl_ref_every=2, save_every=0, sample_every=0)
+                  kl_ref_every=2, save_steps=0, sample_every=0)
 
     def jobs(tag, resume):
         out = [
@@ -235,13 +235,13 @@ def test_batch_size_errors_name_the_numbers():
     assert derive_batch_sizes(8, 2, 2) == (4, 2)
     with pytest.raises(ConfigError, match=r"`global_batch_size` = 6 does not divide over 4 processes; use a multiple of 4"):
         derive_batch_sizes(6, 4, 1)
-    with pytest.raises(ConfigError, match=r"= 8 over 2 processes gives 4 per process, which the micro-batch size 3 does not divide"):
+    with pytest.raises(ConfigError, match=r"= 8 over 2 processes gives 4 per process, which `per_device_train_batch_size` = 3 does not divide"):
         derive_batch_sizes(8, 2, 3)
     c = train_rloo.RLOOConfig(model_name_or_path="unused", reward_model_name_or_path="unused",
-                              batch_size=8, rloo_k=2, num_mini_batches=1, per_device_train_batch_size=2, num_iterations=1)
+                              global_batch_size=8, rloo_k=2, num_mini_batches=1, per_device_train_batch_size=2, num_iterations=1)
     plan = train_rloo._batch_plan(c, 2)
     assert (plan.rows_local, plan.prompts_local, plan.mini_local, plan.grad_accum) == (4, 2, 4, 2)
-    with pytest.raises(ConfigError, match=r"`batch_size` = 6 completions must be a multiple of num_processes x rloo_k = 2 x 2 = 4"):
-        train_rloo._batch_plan(replace(c, batch_size=6), 2)
-    with pytest.raises(ConfigError, match=r"8 over 2 processes gives 4 per process, which the micro-batch size 3 does not divide"):
+    with pytest.raises(ConfigError, match=r"`global_batch_size` = 6 completions must be a multiple of num_processes x rloo_k = 2 x 2 = 4"):
+        train_rloo._batch_plan(replace(c, global_batch_size=6), 2)
+    with pytest.raises(ConfigError, match=r"8 over 2 processes gives 4 per process, which `per_device_train_batch_size` = 3 does not divide"):
         train_rloo._batch_plan(replace(c, per_device_train_batch_size=3), 2)

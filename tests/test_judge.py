@@ -80,8 +80,8 @@ def with_marker(n, winners, tag="", neutral=False):
 
 
 def config(tmp_path, server, data, checkpoints, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), checkpoints=[str(c) for c in checkpoints], dataset=str(data),
-                split="test", n=0, judge="openai", judge_model="fake-judge", base_url=server.base_url if server else None,
+    base = dict(output_dir=str(tmp_path / "out"), checkpoints=[str(c) for c in checkpoints], dataset_name=str(data),
+                dataset_test_split="test", n=0, judge="openai", judge_model="fake-judge", base_url=server.base_url if server else None,
                 concurrency=4, request_timeout=2.0, max_retries=3, backoff_base=0.01, backoff_max=0.05,
                 plot=False)
     base.update(kw)
@@ -247,7 +247,7 @@ def test_exact_win_rates_with_faults_then_rerun_sends_nothing(tmp_path, server, 
     write_generations(out, "sft_baseline", data, with_marker(n, {7}, "sft"))
     server.faults = ["429", "500", "slow", "garbled", None, "503"]
     server.slow_seconds = 1.5
-    cfg = config(tmp_path, server, data, [run], sft_model="not-loaded", request_timeout=0.5, plot=True)
+    cfg = config(tmp_path, server, data, [run], sft_model_name_or_path="not-loaded", request_timeout=0.5, plot=True)
     summary = ej.main(cfg)
 
     rows = summary["checkpoints"]
@@ -421,7 +421,7 @@ def test_killed_midway_then_restarted_judges_each_pair_once(tmp_path, server):
     out = tmp_path / "out"
     write_generations(out, "step_00000001", data, with_marker(n, {0, 3, 5}))
     server.hold_after = 4  # the 5th request hangs: the process is killed with it in flight
-    args = ["--output_dir", str(out), "--checkpoints", str(run), "--dataset", str(data), "--n", "0",
+    args = ["--output_dir", str(out), "--checkpoints", str(run), "--dataset_name", str(data), "--n", "0",
             "--judge_model", "fake-judge", "--base-url", server.base_url, "--concurrency", "1", "--plot", "false"]
     code = "import sys, evaluate_judge as ej; ej.main(ej.parse_config(ej.EvalConfig, sys.argv[1:]))"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_API_KEY": SECRET}
@@ -476,12 +476,12 @@ def test_greedy_generation_is_deterministic_and_reward_model_judge(tmp_path, tin
         d = run / "checkpoints" / f"step_{s:08d}"
         shutil.copytree(tiny_policy_dir, d)
         (d / "trainer_state.json").write_text(json.dumps({"step": s}))
-    common = dict(dataset=str(data), n=0, judge="reward-model", reward_model=tiny_reward_dir, max_new_tokens=10,
+    common = dict(dataset_name=str(data), n=0, judge="reward-model", reward_model_name_or_path=tiny_reward_dir, max_new_tokens=10,
                   plot=False)
     # a run directory (all checkpoints, by step), batch size 1 / one checkpoint directory, batch size 3
-    a = ej.main(ej.EvalConfig(output_dir=str(tmp_path / "a"), checkpoints=[str(run)], batch_size=1, **common))
+    a = ej.main(ej.EvalConfig(output_dir=str(tmp_path / "a"), checkpoints=[str(run)], per_device_eval_batch_size=1, **common))
     b = ej.main(ej.EvalConfig(output_dir=str(tmp_path / "b"), checkpoints=[str(run / "checkpoints" / "step_00000001")],
-                              batch_size=3, **common))
+                              per_device_eval_batch_size=3, **common))
     gens = lambda d, label: [json.loads(l)["generation"] for l in open(tmp_path / d / "generations" / f"{label}.jsonl")]
     assert [r["step"] for r in a["checkpoints"]] == [1, 3]
     assert gens("a", "step_00000001") == gens("b", "step_00000001") == gens("a", "step_00000003")

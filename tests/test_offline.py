@@ -69,9 +69,9 @@ def ref_policy_dir(tmp_path_factory, tiny_tokenizer):
 
 def make_cfg(tmp_path, model, dataset, **kw):
     base = dict(
-        output_dir=str(tmp_path / "run"), model_name_or_path=model, dataset=dataset, report_to="none",
-        global_batch_size=4, micro_batch_size=2, max_steps=3, learning_rate=3e-3, lr_scheduler="constant",
-        warmup_ratio=0.0, max_prompt_length=32, max_response_length=12, eval_batch_size=4, beta=0.5, gamma=0.2,
+        output_dir=str(tmp_path / "run"), model_name_or_path=model, dataset_name=dataset, report_to="none",
+        global_batch_size=4, per_device_train_batch_size=2, max_steps=3, learning_rate=3e-3, lr_scheduler_type="constant",
+        warmup_ratio=0.0, max_prompt_length=32, max_completion_length=12, per_device_eval_batch_size=4, beta=0.5, simpo_gamma=0.2,
     )
     base.update(kw)
     return OfflineConfig(**base)
@@ -90,7 +90,7 @@ def final_checkpoint(run):
 def test_each_loss_runs_and_overfits_a_fixed_batch(loss, tmp_path, datasets, tiny_policy_dir):
     dataset = {"sft": datasets["sft4"], "simpo_pl": datasets["list4"]}.get(loss, datasets["pairs4"])
     # 4 examples = one global batch: every step sees the same batch, so its loss must go down
-    c = make_cfg(tmp_path, tiny_policy_dir, dataset, loss=loss, max_steps=5,
+    c = make_cfg(tmp_path, tiny_policy_dir, dataset, loss_type=loss, max_steps=5,
                  learning_rate=1e-3 if loss == "reward" else 3e-3,
                  precompute_ref_logprobs=(loss == "ipo"), gradient_checkpointing=(loss in ("sft", "reward")))
     run = train_offline.main(c)
@@ -140,7 +140,7 @@ def direct_inputs(tokenizer, path):
 def test_metrics_equal_objectives_on_hand_built_batch(loss, tmp_path, datasets, tiny_tokenizer, tiny_policy_dir,
                                                      ref_policy_dir, tiny_reward_dir):
     model_dir = tiny_reward_dir if loss == "reward" else tiny_policy_dir
-    c = make_cfg(tmp_path, model_dir, datasets["pairs4"], loss=loss, max_steps=1, normalize_reward=False,
+    c = make_cfg(tmp_path, model_dir, datasets["pairs4"], loss_type=loss, max_steps=1, normalize_reward=False,
                  ref_model_name_or_path=ref_policy_dir)
     (m,) = [m for m in runs.read_metrics(train_offline.main(c)) if "train/loss" in m]
     triples = direct_inputs(tiny_tokenizer, datasets["pairs4"])
@@ -161,7 +161,7 @@ def test_metrics_equal_objectives_on_hand_built_batch(loss, tmp_path, datasets, 
             out = objectives.dpo_loss(sw, sl, rw, rl, c.beta)
             assert m["ref/logratio"] == pytest.approx(float((rw - rl).mean()), rel=1e-4, abs=1e-4)
         else:
-            out = objectives.simpo_loss(sw, sl, nw, nl, c.beta, c.gamma)
+            out = objectives.simpo_loss(sw, sl, nw, nl, c.beta, c.simpo_gamma)
         assert m["logps/chosen"] == pytest.approx(float(sw.mean()), rel=1e-4)
         assert m["logps/rejected"] == pytest.approx(float(sl.mean()), rel=1e-4)
         assert m["logps/chosen_per_token"] == pytest.approx(float((sw / nw).mean()), rel=1e-4)
@@ -188,7 +188,7 @@ def test_shift_reward_output_adds_exactly_delta(tiny_tokenizer):
 
 def test_reward_model_reference_mean_is_zero_after_save_and_load(tmp_path, datasets, tiny_tokenizer, tiny_policy_dir):
     # the reward model starts from the SFT policy (new one-label head) and is normalised on sft4's completions
-    c = make_cfg(tmp_path, tiny_policy_dir, datasets["pairs4"], loss="reward", max_steps=2, learning_rate=1e-3,
+    c = make_cfg(tmp_path, tiny_policy_dir, datasets["pairs4"], loss_type="reward", max_steps=2, learning_rate=1e-3,
                  reward_norm_dataset=datasets["sft4"])
     run = train_offline.main(c)
     final = [m for m in runs.read_metrics(run) if "reward/shift" in m][0]
@@ -212,7 +212,7 @@ def test_reward_model_reference_mean_is_zero_after_save_and_load(tmp_path, datas
 def test_resume_after_kill_gives_identical_weights(tmp_path, datasets, tiny_policy_dir, monkeypatch):
     # 12 examples / global batch 4 = 3 steps per epoch; 6 steps cross an epoch; checkpoints at 2 and 4
     # (both mid-epoch); the second run is killed inside step 5 and resumed from step 4.
-    kw = dict(loss="dpo", max_steps=6, save_every=2, lr_scheduler="cosine", warmup_ratio=0.34, learning_rate=2e-3)
+    kw = dict(loss_type="dpo", max_steps=6, save_steps=2, lr_scheduler_type="cosine", warmup_ratio=0.34, learning_rate=2e-3)
     full = train_offline.main(make_cfg(tmp_path / "a", tiny_policy_dir, datasets["pairs12"], **kw))
 
     calls = {"n": 0}
@@ -246,7 +246,7 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, datasets, tiny_poli
 
 
 def test_precomputed_reference_logprobs_match_the_live_reference(tmp_path, datasets, tiny_policy_dir, ref_policy_dir):
-    kw = dict(loss="dpo", max_steps=2, ref_model_name_or_path=ref_policy_dir)
+    kw = dict(loss_type="dpo", max_steps=2, ref_model_name_or_path=ref_policy_dir)
     live = train_offline.main(make_cfg(tmp_path / "live", tiny_policy_dir, datasets["pairs12"], **kw))
     pre = train_offline.main(make_cfg(tmp_path / "pre", tiny_policy_dir, datasets["pairs12"], precompute_ref_logprobs=True, **kw))
     for a, b in zip(runs.read_metrics(live), runs.read_metrics(pre)):
@@ -306,23 +306,23 @@ def test_collate_puts_chosen_and_rejected_in_one_batch(tiny_tokenizer):
 def test_missing_column_names_it_and_the_columns_found(tmp_path, tiny_policy_dir):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "TL;DR:", "chosen": "cat", "answer": "dog"}] * 4)
     with pytest.raises(data.DataError, match=r"missing column\(s\) \['rejected'\]; found columns \['prompt', 'chosen', 'answer'\]"):
-        train_offline.main(make_cfg(tmp_path, tiny_policy_dir, path, loss="dpo"))
+        train_offline.main(make_cfg(tmp_path, tiny_policy_dir, path, loss_type="dpo"))
 
 
 def test_empty_or_identical_pairs_are_dropped_with_a_count(tmp_path, tiny_policy_dir, capsys):
     rows = pair_rows(4) + [{"prompt": "TL;DR:", "chosen": "cat", "rejected": "cat"},
                            {"prompt": "TL;DR:", "chosen": "  ", "rejected": "dog"}]
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
-    train_offline.main(make_cfg(tmp_path, tiny_policy_dir, path, loss="simpo", max_steps=1))
+    train_offline.main(make_cfg(tmp_path, tiny_policy_dir, path, loss_type="simpo", max_steps=1))
     assert "kept 4 of 6 examples; dropped 2 with an empty or identical chosen/rejected response" in capsys.readouterr().out
     all_bad = write_jsonl(tmp_path / "allbad.jsonl", rows[4:])
     with pytest.raises(data.DataError, match="no usable example left"):
-        train_offline.main(make_cfg(tmp_path / "x", tiny_policy_dir, all_bad, loss="simpo", max_steps=1))
+        train_offline.main(make_cfg(tmp_path / "x", tiny_policy_dir, all_bad, loss_type="simpo", max_steps=1))
 
 
 def test_prompt_longer_than_limit_is_an_error_naming_the_row(tmp_path, datasets, tiny_policy_dir):
     with pytest.raises(data.DataError, match=r"row 0 has a prompt of \d+ tokens, longer than max_prompt_length = 5"):
-        train_offline.main(make_cfg(tmp_path, tiny_policy_dir, datasets["pairs4"], loss="dpo", max_prompt_length=5))
+        train_offline.main(make_cfg(tmp_path, tiny_policy_dir, datasets["pairs4"], loss_type="dpo", max_prompt_length=5))
 
 
 def test_reward_model_with_two_labels_is_refused(tmp_path, datasets, tiny_tokenizer):
@@ -332,7 +332,7 @@ def test_reward_model_with_two_labels_is_refused(tmp_path, datasets, tiny_tokeni
     GPTNeoXForSequenceClassification(models.tiny_gpt_neox_config(len(tiny_tokenizer), num_labels=2)).save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     with pytest.raises(ValueError, match="num_labels = 2; a reward model must be a sequence classifier with exactly one label"):
-        train_offline.main(make_cfg(tmp_path, str(d), datasets["pairs4"], loss="reward"))
+        train_offline.main(make_cfg(tmp_path, str(d), datasets["pairs4"], loss_type="reward"))
 
 
 def test_tokenizer_without_pad_token_gets_one_and_says_so(tmp_path, datasets, tiny_tokenizer, tiny_policy_dir, capsys):
@@ -342,7 +342,7 @@ def test_tokenizer_without_pad_token_gets_one_and_says_so(tmp_path, datasets, ti
     tok = build_word_tokenizer(TINY_WORDS)
     tok.pad_token = None
     tok.save_pretrained(tmp_path / "nopad")
-    run = train_offline.main(make_cfg(tmp_path, tiny_policy_dir, datasets["sft4"], loss="sft", max_steps=1,
+    run = train_offline.main(make_cfg(tmp_path, tiny_policy_dir, datasets["sft4"], loss_type="sft", max_steps=1,
                                       tokenizer_name_or_path=str(tmp_path / "nopad")))
     assert "has no pad token: using EOS '<|endoftext|>' as pad" in capsys.readouterr().out
     assert runs.read_metrics(run)[0]["step"] == 1
@@ -358,7 +358,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, datasets,
         return out * float("nan") if calls["n"] > 2 * 2 else out
 
     monkeypatch.setattr(train_offline.objectives, "sft_loss", nan_at_step_3)
-    c = make_cfg(tmp_path, tiny_policy_dir, datasets["sft4"], loss="sft", max_steps=5, save_every=2)
+    c = make_cfg(tmp_path, tiny_policy_dir, datasets["sft4"], loss_type="sft", max_steps=5, save_steps=2)
     with pytest.raises(runs.NonFiniteError, match=r"train/loss is nan at step 3: stopping.*step_00000002\) is intact"):
         train_offline.main(c)
     ckpt = runs.resolve_resume("latest", c.output_dir)
@@ -370,20 +370,20 @@ def test_fresh_run_refuses_an_output_dir_holding_another_run(tmp_path, datasets,
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(ConfigError, match="already holds a run .*--resume latest"):
-        train_offline.main(make_cfg(tmp_path, tiny_policy_dir, datasets["sft4"], loss="sft"))
+        train_offline.main(make_cfg(tmp_path, tiny_policy_dir, datasets["sft4"], loss_type="sft"))
 
 
 def test_unknown_loss_lists_the_valid_ones(capsys):
     with pytest.raises(SystemExit):
-        parse_config(OfflineConfig, ["--loss", "dpoo"])
-    assert "field `loss` must be one of ['sft', 'reward', 'dpo'" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="unknown loss 'dpoo'; valid losses: sft, reward, dpo, simpo, ipo, cpo, orpo, slic, chipo, simpo_pl"):
-        train_offline.main(OfflineConfig(loss="dpoo"))
+        parse_config(OfflineConfig, ["--loss_type", "dpoo"])
+    assert "field `loss_type` must be one of ['sft', 'reward', 'dpo'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown loss_type 'dpoo'; valid losses: sft, reward, dpo, simpo, ipo, cpo, orpo, slic, chipo, simpo_pl"):
+        train_offline.main(OfflineConfig(loss_type="dpoo"))
 
 
 def test_global_batch_that_does_not_divide_names_the_numbers(tmp_path, datasets, tiny_policy_dir):
-    with pytest.raises(ConfigError, match="`global_batch_size` = 6 over 1 processes gives 6 per process, which the micro-batch size 4 does not divide"):
-        train_offline.main(make_cfg(tmp_path, tiny_policy_dir, datasets["pairs4"], global_batch_size=6, micro_batch_size=4))
+    with pytest.raises(ConfigError, match="`global_batch_size` = 6 over 1 processes gives 6 per process, which `per_device_train_batch_size` = 4 does not divide"):
+        train_offline.main(make_cfg(tmp_path, tiny_policy_dir, datasets["pairs4"], global_batch_size=6, per_device_train_batch_size=4))
 
 
 def test_help_lists_every_field_with_default(capsys):
@@ -398,9 +398,9 @@ def test_help_lists_every_field_with_default(capsys):
 @pytest.mark.parametrize("name", ["sft", "rm", "dpo", "simpo"])
 def test_shipped_1b_configs_parse(name):
     c = parse_config(OfflineConfig, ["--config", str(REPO / "configs" / f"{name}_1b.yaml")])
-    assert c.loss == {"rm": "reward"}.get(name, name)
+    assert c.loss_type == {"rm": "reward"}.get(name, name)
     assert "cleanrl/EleutherAI_pythia-1b-deduped" in c.model_name_or_path or c.model_name_or_path == "EleutherAI/pythia-1b-deduped"
     if name == "simpo":
-        assert (c.learning_rate, c.beta, c.gamma) == (2e-7, 2.0, 1.0)
+        assert (c.learning_rate, c.beta, c.simpo_gamma) == (2e-7, 2.0, 1.0)
     if name == "dpo":
         assert (c.learning_rate, c.beta) == (1e-6, 0.05)

@@ -233,7 +233,7 @@ def test_report_from_run_directories_adds_up_the_cost_and_matches_the_toy_config
     _fake_run(sw / "rloo", "kl_lr9e-3_s1", {"regularizer": "kl", "learning_rate": 9e-3, "seed": 1}, [0.3, 0.3, 0.3],
               None, {"regularizer": "kl", "seconds": 999.0})  # outside sweep.json's runs: not in the cost
     dpo = [{"step": s, "ref/logratio": -0.1 - 0.01 * (s % 3)} for s in range(1, 21)]
-    _fake_run(sw / "offline", "dpo", {"loss": "dpo", "learning_rate": 1e-3, "beta": 0.1, "global_batch_size": 32},
+    _fake_run(sw / "offline", "dpo", {"loss_type": "dpo", "learning_rate": 1e-3, "beta": 0.1, "global_batch_size": 32},
               [0.3, 0.85, 0.3], dpo, {"seconds": 30.0, "eval_seconds": 10.0})
     (sw / "sweep.json").write_text(json.dumps({"lrs": [1e-4, 1e-3], "rloo_runs": ["maxent_lr1e-3_s1", "maxent_lr1e-4_s1", "kl_lr1e-3_s1"],
                                                "offline_runs": ["dpo"]}))

@@ -48,7 +48,7 @@ def prompts_file(tmp_path_factory):
 def base(tiny_policy_dir, tiny_reward_dir, prompts_file):
     return train_rloo.RLOOConfig(
         model_name_or_path=tiny_policy_dir, reward_model_name_or_path=tiny_reward_dir, dataset_name=prompts_file,
-        batch_size=8, rloo_k=2, num_mini_batches=2, per_device_train_batch_size=2, num_ppo_epochs=2,
+        global_batch_size=8, rloo_k=2, num_mini_batches=2, per_device_train_batch_size=2, num_ppo_epochs=2,
         num_iterations=2, response_length=6, max_prompt_length=16, report_to="none", sample_every=1, num_samples=2,
         learning_rate=1e-3,
     )
@@ -116,8 +116,8 @@ def reward_runs(base, tiny_tokenizer, tmp_path_factory):
     """The same programmatic-reward problem without a regulariser and with a large KL coefficient."""
     out = tmp_path_factory.mktemp("reward_runs")
     fn = token_reward(tiny_tokenizer)
-    common = dict(batch_size=16, rloo_k=4, num_mini_batches=1, per_device_train_batch_size=16, num_ppo_epochs=2,
-                  num_iterations=15, learning_rate=1e-2, lr_schedule="constant", missing_eos_penalty=0.0, sample_every=0)
+    common = dict(global_batch_size=16, rloo_k=4, num_mini_batches=1, per_device_train_batch_size=16, num_ppo_epochs=2,
+                  num_iterations=15, learning_rate=1e-2, lr_scheduler_type="constant", missing_eos_penalty=0.0, sample_every=0)
     runs = {}
     for name, reg in (("none", dict(regularizer="none")), ("kl", dict(regularizer="kl", kl_coef=1.0))):
         c = replace(base, output_dir=str(out / name), **common, **reg)
@@ -142,7 +142,7 @@ def test_large_kl_coefficient_keeps_policy_near_reference(reward_runs):
 
 def test_resume_is_exact(base, tmp_path):
     """4 iterations straight == 2 iterations, 'kill', resume for the last 2: identical weights on CPU."""
-    c = replace(base, num_iterations=4, save_every=2, whiten_advantages=True, output_dir=str(tmp_path / "full"))
+    c = replace(base, num_iterations=4, save_steps=2, whiten_advantages=True, output_dir=str(tmp_path / "full"))
     full = Path(train_rloo.main(c))
     # the killed run: only what existed on disk after iteration 2 (its checkpoint, its log lines + junk past it)
     killed = tmp_path / "killed"
@@ -169,7 +169,7 @@ def test_non_finite_reward_stops_and_last_checkpoint_stays_usable(base, tmp_path
         calls.append(1)
         return torch.full((len(prompts),), float("nan") if len(calls) == 2 else 1.0)
 
-    c = replace(base, num_iterations=3, save_every=1, output_dir=str(tmp_path / "nan"))
+    c = replace(base, num_iterations=3, save_steps=1, output_dir=str(tmp_path / "nan"))
     with pytest.raises(NonFiniteError, match=r"reward-model score is nan at step 2.*step_00000001"):
         train_rloo.main(c, reward_fn=bad)
     assert [p.name for p in list_checkpoints(tmp_path / "nan")] == ["step_00000001"]
@@ -196,7 +196,7 @@ def test_long_prompts_are_cut_from_the_left_and_counted(base, tmp_path):
     data = tmp_path / "long.jsonl"
     rows = ["POST: cat TL;DR:", "POST: dog TL;DR:", "POST: " + "cat " * 30 + "TL;DR:", "POST: " + "dog " * 40 + "TL;DR:"]
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
-    c = replace(base, dataset_name=str(data), batch_size=8, rloo_k=2, num_iterations=2, output_dir=str(tmp_path / "r"))
+    c = replace(base, dataset_name=str(data), global_batch_size=8, rloo_k=2, num_iterations=2, output_dir=str(tmp_path / "r"))
     run = Path(train_rloo.main(c))
     assert [r["data/truncated_prompts"] for r in read_metrics(run)] == [2, 4]  # every prompt once per iteration
     samples = [json.loads(l) for l in (run / "samples.jsonl").read_text().splitlines()]

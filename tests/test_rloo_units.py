@@ -135,7 +135,7 @@ def test_prompt_stream_is_seeded_and_resumable():
 
 # ------------------------------------------------------------------ bad input
 def test_batch_plan_per_process_sizes_and_errors():
-    c = train_rloo.RLOOConfig(batch_size=64, rloo_k=4, num_mini_batches=2, per_device_train_batch_size=8)
+    c = train_rloo.RLOOConfig(global_batch_size=64, rloo_k=4, num_mini_batches=2, per_device_train_batch_size=8)
     p = train_rloo._batch_plan(c, num_processes=2)
     assert (p.prompts_global, p.prompts_local, p.rows_local, p.mini_local, p.grad_accum) == (16, 8, 32, 16, 2)
     with pytest.raises(ConfigError, match="rloo_k"):
@@ -146,7 +146,7 @@ def test_batch_plan_per_process_sizes_and_errors():
         train_rloo._batch_plan(replace(c, rloo_k=3), 1)
     with pytest.raises(ConfigError, match="num_mini_batches"):
         train_rloo._batch_plan(replace(c, num_mini_batches=3), 1)
-    with pytest.raises(ConfigError, match="micro-batch size 5"):
+    with pytest.raises(ConfigError, match="`per_device_train_batch_size` = 5 does not divide"):
         train_rloo._batch_plan(replace(c, per_device_train_batch_size=5), 2)
     with pytest.raises(ConfigError, match="less than one batch"):
         train_rloo._batch_plan(replace(c, total_episodes=10), 1)
@@ -157,7 +157,7 @@ def ok(tiny_policy_dir, tiny_reward_dir, tmp_path):
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"POST: {w} TL;DR:"}) + "\n" for w in ["cat", "dog", "mat", "home"]))
     return train_rloo.RLOOConfig(model_name_or_path=tiny_policy_dir, reward_model_name_or_path=tiny_reward_dir,
-                                 dataset_name=str(data), batch_size=4, rloo_k=2, per_device_train_batch_size=4,
+                                 dataset_name=str(data), global_batch_size=4, rloo_k=2, per_device_train_batch_size=4,
                                  num_iterations=1, response_length=4, report_to="none", output_dir=str(tmp_path / "run"))
 
 
@@ -165,7 +165,7 @@ def ok(tiny_policy_dir, tiny_reward_dir, tmp_path):
     "overrides, error, match",
     [
         (dict(rloo_k=1), ConfigError, "at least 2 completions"),
-        (dict(batch_size=6, rloo_k=4), ConfigError, "multiple of num_processes x rloo_k"),
+        (dict(global_batch_size=6, rloo_k=4), ConfigError, "multiple of num_processes x rloo_k"),
         (dict(min_entropy=True, regularizer="kl"), ConfigError, "min_entropy"),
         (dict(min_entropy=True, regularizer="entropy", entropy_coef=-0.1), ConfigError, "flip the sign twice"),
         (dict(regularizer="none", reward_model_name_or_path=None), ConfigError, "nothing to score"),
@@ -173,7 +173,7 @@ def ok(tiny_policy_dir, tiny_reward_dir, tmp_path):
         (dict(reward_fn="json"), ConfigError, "package.module:function"),
         (dict(temperature=0.0), ConfigError, "temperature"),
         (dict(response_length=0), ConfigError, "response_length"),
-        (dict(batch_size=16, rloo_k=2), DataError, "4 rows, fewer than the 8 prompts"),
+        (dict(global_batch_size=16, rloo_k=2), DataError, "4 rows, fewer than the 8 prompts"),
         (dict(prompt_column="query"), DataError, r"missing column\(s\) \['query'\]"),
     ],
 )

@@ -228,8 +228,8 @@ def test_short_pipeline_end_to_end_and_reuse(tmp_path, monkeypatch, capfd):
 
     # RLOO (train_rloo.main) on toylab:// locations, then evaluate_judge.main with the gold judge and proxy
     run = sweep.run_rloo(tmp_path / "run", "maxent", 1e-3, seed=1, iterations=2,
-                         extra={"batch_size": 16, "per_device_train_batch_size": 16, "local_rollout_forward_batch_size": 16,
-                                "save_every": 1, "response_length": 8})
+                         extra={"global_batch_size": 16, "per_device_train_batch_size": 16, "local_rollout_forward_batch_size": 16,
+                                "save_steps": 1, "response_length": 8})
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and "objective/entropy_bonus" in metrics[0]
     res = sweep.evaluate_run(run, n=8)

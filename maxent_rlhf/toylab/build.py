@@ -203,8 +203,8 @@ def build_prompts(out: Path, prof: dict, deps: dict) -> None:
 
 
 # prompts are <= ~62 tokens and summaries <= ~16: both fit the tiny models' 128 positions
-OFFLINE_COMMON = dict(max_prompt_length=100, max_response_length=28, warmup_ratio=0.05, mixed_precision="no",
-                      log_every=10)
+OFFLINE_COMMON = dict(max_prompt_length=100, max_completion_length=28, warmup_ratio=0.05, mixed_precision="no",
+                      logging_steps=10)
 
 
 def _run_offline(out: Path, values: dict) -> Path:
@@ -243,13 +243,13 @@ def build_sft(out: Path, prof: dict, deps: dict) -> None:
     _run_offline(
         out,
         dict(
-            loss="sft",
+            loss_type="sft",
             model_name_or_path=str(init),
-            dataset=str(deps["sft_data"]),
-            eval_split="validation",
+            dataset_name=str(deps["sft_data"]),
+            dataset_test_split="validation",
             max_steps=s["max_steps"],
             global_batch_size=s["batch_size"],
-            micro_batch_size=s["batch_size"],
+            per_device_train_batch_size=s["batch_size"],
             learning_rate=s["lr"],
             seed=s["seed"],
         ),
@@ -305,14 +305,14 @@ def build_reward(out: Path, prof: dict, deps: dict) -> None:
     _run_offline(
         out,
         dict(
-            loss="reward",
+            loss_type="reward",
             model_name_or_path=str(deps["sft"]),
-            dataset=str(deps["pairs"]),
-            eval_split="validation",
+            dataset_name=str(deps["pairs"]),
+            dataset_test_split="validation",
             max_steps=steps,
             global_batch_size=r["batch_size"],
-            micro_batch_size=r["batch_size"],
-            eval_batch_size=64,
+            per_device_train_batch_size=r["batch_size"],
+            per_device_eval_batch_size=64,
             reward_norm_dataset=str(deps["sft_data"]),  # the references average reward 0 (TL;DR recipe)
             reward_norm_split="train",
             reward_norm_samples=500,

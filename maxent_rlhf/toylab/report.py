@@ -120,7 +120,7 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
     simpo = [r for n, r in offline.items() if n.startswith("simpo")]
     if simpo:
         figs["fig6"] = plotting.plot_winrate_per_checkpoint(
-            simpo, report_dir / "fig6_simpo_winrate.png", label=lambda r: f"gamma {r.config.get('gamma')}",
+            simpo, report_dir / "fig6_simpo_winrate.png", label=lambda r: f"gamma {r.config.get('simpo_gamma')}",
             panel=lambda r: f"SimPO lr {_lr(r):g}", title="SimPO: gold win rate per checkpoint")
 
     # ---- headline numbers -------------------------------------------------------------------------
@@ -463,8 +463,8 @@ def exploit_section(sweep_dir: Path, s: dict) -> list[str]:
 
 def analyse_offline(run: plotting.Run) -> dict:
     xs, ys = run.winrate_curve(include_baseline=True)
-    loss = run.config.get("loss")
-    out = {"name": run.name, "lr": _lr(run), "loss": loss, "gamma": run.config.get("gamma") if loss == "simpo" else None}
+    loss = run.config.get("loss_type")
+    out = {"name": run.name, "lr": _lr(run), "loss": loss, "gamma": run.config.get("simpo_gamma") if loss == "simpo" else None}
     if ys:
         i = max(range(len(ys)), key=lambda k: ys[k])
         out.update(sft=ys[0] if xs[0] == 0 else None, peak=ys[i], peak_step=xs[i], final=ys[-1], drop=ys[i] - ys[-1])

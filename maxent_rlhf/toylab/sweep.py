@@ -107,9 +107,9 @@ def run_offline(out: Path, loss: str, lr: float, seed: int = 1, extra: Optional[
 
     values = dict(OFFLINE_COMMON)
     values.update(
-        loss=loss, model_name_or_path="toylab://sft", dataset="toylab://pairs", eval_split="validation",
-        num_epochs=4.0, global_batch_size=32, micro_batch_size=32, eval_batch_size=64, learning_rate=lr,
-        seed=seed, save_every=10, log_every=1, report_to="none", output_dir=str(out),
+        loss_type=loss, model_name_or_path="toylab://sft", dataset_name="toylab://pairs", dataset_test_split="validation",
+        num_train_epochs=4.0, global_batch_size=32, per_device_train_batch_size=32, per_device_eval_batch_size=64,
+        learning_rate=lr, seed=seed, save_steps=10, logging_steps=1, report_to="none", output_dir=str(out),
     )
     values.update(extra or {})
     return _run_once(out, train_offline, values, {"kind": loss, "learning_rate": lr, "seed": seed, **(extra or {})})
@@ -121,9 +121,9 @@ def evaluate_run(run_dir: Path, n: int = EVAL_N, proxy: bool = True) -> dict:
     evaluate_judge = load_script("evaluate_judge")
     gold_dir, proxy_dir = run_dir / "eval_gold", run_dir / "eval_proxy"
     common = dict(
-        checkpoints=[str(run_dir)], sft_model="toylab://sft", dataset="toylab://prompts", split="test", n=n,
-        max_new_tokens=16, max_prompt_length=100, batch_size=n, judge_batch_size=n, report_to="none",
-        mixed_precision="no", plot=True,
+        checkpoints=[str(run_dir)], sft_model_name_or_path="toylab://sft", dataset_name="toylab://prompts",
+        dataset_test_split="test", n=n, max_new_tokens=16, max_prompt_length=100, per_device_eval_batch_size=n,
+        judge_batch_size=n, mixed_precision="no", plot=True,
     )
     out, t0 = {}, time.time()
     ran = not (gold_dir / "summary.json").exists() or (proxy and not (proxy_dir / "summary.json").exists())
@@ -139,7 +139,7 @@ def evaluate_run(run_dir: Path, n: int = EVAL_N, proxy: bool = True) -> dict:
                 if (gold_dir / "generations").is_dir() and not (proxy_dir / "generations").exists():
                     shutil.copytree(gold_dir / "generations", proxy_dir / "generations")  # same greedy decodes
                 evaluate_judge.main(make_config(evaluate_judge, output_dir=str(proxy_dir), judge="reward-model",
-                                                reward_model="toylab://reward", **common))
+                                                reward_model_name_or_path="toylab://reward", **common))
             out["proxy"] = json.loads((proxy_dir / "summary.json").read_text())
     if ran and _done(run_dir):  # the report adds these up into the sweep's one-process cost
         info = json.loads((run_dir / "DONE.json").read_text())
@@ -174,7 +174,7 @@ def rloo_plan(regularizers=tuple(REGULARIZERS), lrs=LEARNING_RATES, seeds=SEEDS,
 def offline_plan(simpo_gammas=SIMPO_GAMMAS, simpo_lrs=SIMPO_LRS) -> list[tuple[str, str, float, dict]]:
     """(run name, loss, lr, extra settings) of every offline run."""
     plan = [("dpo", "dpo", DPO["learning_rate"], {"beta": DPO["beta"]})]
-    plan += [(f"simpo_lr{lr_tag(lr)}_g{g:g}", "simpo", lr, {"beta": 2.0, "gamma": g}) for lr in simpo_lrs for g in simpo_gammas]
+    plan += [(f"simpo_lr{lr_tag(lr)}_g{g:g}", "simpo", lr, {"beta": 2.0, "simpo_gamma": g}) for lr in simpo_lrs for g in simpo_gammas]
     return plan
 
 
