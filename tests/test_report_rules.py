@@ -246,3 +246,28 @@ def test_report_from_run_directories_adds_up_the_cost_and_matches_the_toy_config
     assert "| dpo | dpo | 0.001 | 0.1 | - | 30% | 85% (10) | 30% | 55 | collapses |" in text
     rows = dict(_verdicts(text.split("## Claims")[1].splitlines()))
     assert rows["1"].startswith("n/a") and rows["9"] == "agrees" and rows["5"] == "agrees"
+
+
+def test_the_sweep_plans_the_data_the_rules_need_and_shards_split_it():
+    from maxent_rlhf.toylab import sweep
+
+    plan = sweep.rloo_plan()
+    names = [sweep.rloo_run_name(*p) for p in plan]
+    assert len(set(names)) == len(names)
+    hi = max(sweep.LEARNING_RATES)
+    coefs = {c if c is not None else sweep.REGULARIZERS["maxent"]["entropy_coef"]
+             for reg, lr, _, c in plan if reg == "maxent" and lr == hi}
+    assert len(coefs) >= 3 and max(coefs) >= 10 * min(coefs)  # claim 1's rule, plus coefficient 0:
+    assert any(reg == "none" and lr == hi for reg, lr, _, _ in plan)
+    assert {reg for reg, lr, _, _ in plan if lr == sweep.LOW_LR} >= {"maxent", "none"}  # claim 3's lr
+    # seed-major: every configuration at seed 1 comes before any run at seed 2
+    seeds = [seed for _, _, seed, _ in plan]
+    assert seeds == sorted(seeds)
+    # shards partition the plan
+    shards = [sweep.shard_items(plan, (i, 2)) for i in range(2)]
+    assert sorted(shards[0] + shards[1], key=plan.index) == plan and not set(shards[0]) & set(shards[1])
+    assert abs(len(shards[0]) - len(shards[1])) <= 1
+    with pytest.raises(ValueError):
+        sweep.shard_items(plan, (2, 2))
+    assert sweep.rloo_run_name("maxent", 1e-3, 2, 0.1) == "maxent_c0.1_lr1e-3_s2"
+    assert sweep.rloo_run_name("maxent", 1e-3, 2, 0.5) == "maxent_lr1e-3_s2"  # the default coefficient

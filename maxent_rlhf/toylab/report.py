@@ -239,6 +239,7 @@ def cost_lines(rloo, offline: dict, build_s, meta: dict) -> list[str]:
     ev = sum(r.info.get("eval_seconds", 0.0) for r in runs)
     no_eval = sum(1 for r in runs if "eval_seconds" not in r.info)
     total = (build_s or 0.0) + train + ev
+    missing = sorted(names - {r.name for r in list(rloo) + list(offline.values())})
     out = [f"Cost of the sweep in one process on this machine, added up from the runs' `DONE.json` and the artifacts' "
            f"build records: artifacts {(build_s or 0) / 60:.1f} min + training {train / 60:.1f} min + evaluation "
            f"{ev / 60:.1f} min = **{total / 60:.0f} min** for {len(runs)} runs ({sum(r in rloo for r in runs)} RLOO, "
@@ -246,6 +247,8 @@ def cost_lines(rloo, offline: dict, build_s, meta: dict) -> list[str]:
            + (f"; {no_eval} run(s) have no evaluation time recorded" if no_eval else "")
            + (f". Runs in the directory outside the sweep, also in the tables: {', '.join(outside)}" if outside else "")
            + ".\n"]
+    if missing:
+        out.append(f"**Not finished** ({len(missing)} planned runs, absent from every table): {', '.join(missing)}.\n")
     return out
 
 

@@ -178,6 +178,14 @@ def offline_plan(simpo_gammas=SIMPO_GAMMAS, simpo_lrs=SIMPO_LRS) -> list[tuple[s
     return plan
 
 
+def shard_items(items: list, shard: tuple[int, int]) -> list:
+    """Shard (i, n) of a plan: every n-th item starting at i (runs of all kinds spread over the shards)."""
+    i, n = shard
+    if not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: expected 0 <= i < n")
+    return [x for k, x in enumerate(items) if k % n == i]
+
+
 def sweep(
     out: str | Path = "runs/toylab",
     regularizers=tuple(REGULARIZERS),
@@ -195,20 +203,30 @@ def sweep(
     shard: tuple[int, int] = (0, 1),
 ) -> Path:
     """Run (or complete: finished runs are skipped) the sweep into `out`. shard=(i, n) runs every n-th
-    run starting at i (online and offline lists alike), so n processes split one sweep; write_meta=False
-    adds runs to an existing sweep without changing what sweep.json says the sweep is (a shard never
-    writes it: the plain call that completes the sweep does)."""
+    run starting at i (online and offline lists alike), so n processes split one sweep. sweep.json (the
+    plan) is written first; write_meta=False adds runs to an existing sweep without changing it."""
     from . import ensure_artifact
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     i_shard, n_shards = shard
-    mine = lambda items: [x for k, x in enumerate(items) if k % n_shards == i_shard]  # noqa: E731
+    mine = lambda items: shard_items(items, shard)  # noqa: E731
     t0 = time.time()
     for name in ("reward", "prompts"):
         ensure_artifact(name)
-    timings = {"build_s": time.time() - t0}
     plan = rloo_plan(regularizers, lrs, seeds, low_lr, coef_sweep)
+    off = offline_plan(simpo_gammas, simpo_lrs)
+    if write_meta:  # the plan, written first: a report made before the sweep ends lists what is missing
+        meta = {
+            "regularizers": list(regularizers), "lrs": list(lrs), "seeds": list(seeds), "iterations": iterations,
+            "low_lr": low_lr, "low_lr_regularizers": [r for r in LOW_LR_REGULARIZERS if r in regularizers] if low_lr else [],
+            "coef_sweep": {k: list(v) for k, v in (COEF_SWEEP if coef_sweep is None else coef_sweep).items()},
+            "rloo_runs": [rloo_run_name(*p) for p in plan], "offline_runs": [p[0] for p in off],
+            "simpo_gammas": list(simpo_gammas), "simpo_lrs": list(simpo_lrs), "eval_n": eval_n,
+        }
+        tmp = out / f".sweep.json.{i_shard}"
+        tmp.write_text(json.dumps(meta, indent=1))
+        tmp.replace(out / "sweep.json")  # atomic: shards writing the same plan at once leave one whole file
     if online:
         todo = mine(plan)
         for i, (reg, lr, seed, coef) in enumerate(todo):
@@ -218,24 +236,9 @@ def sweep(
             run_rloo(run, reg, lr, seed, iterations, extra=None if coef is None else {"entropy_coef": coef})
             evaluate_run(run, eval_n)
             print(f"[toylab sweep] done in {time.time() - t:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
-    timings["rloo_s"] = time.time() - t0 - timings["build_s"]
-    off = offline_plan(simpo_gammas, simpo_lrs)
     if offline:
-        t = time.time()
         for name, loss, lr, extra in mine(off):
             print(f"[toylab sweep] offline {name}", flush=True)
             evaluate_run(run_offline(out / "offline" / name, loss, lr, extra=extra), eval_n, proxy=False)
-        timings["offline_s"] = time.time() - t
-    timings["total_s"] = time.time() - t0
-    print(f"[toylab sweep] finished in {timings['total_s']:.0f}s: {out}", flush=True)
-    if not write_meta or n_shards > 1:
-        return out
-    (out / "sweep.json").write_text(json.dumps({
-        "regularizers": list(regularizers), "lrs": list(lrs), "seeds": list(seeds), "iterations": iterations,
-        "low_lr": low_lr, "low_lr_regularizers": [r for r in LOW_LR_REGULARIZERS if r in regularizers] if low_lr else [],
-        "coef_sweep": {k: list(v) for k, v in (COEF_SWEEP if coef_sweep is None else coef_sweep).items()},
-        "rloo_runs": [rloo_run_name(*p) for p in plan], "offline_runs": [p[0] for p in off] if offline else [],
-        "simpo_gammas": list(simpo_gammas), "simpo_lrs": list(simpo_lrs), "eval_n": eval_n,
-        "timings_last_invocation": timings,
-    }, indent=1))
+    print(f"[toylab sweep] finished in {time.time() - t0:.0f}s: {out}", flush=True)
     return out
