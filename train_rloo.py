@@ -25,15 +25,26 @@ Decisions (documented here once):
   Identical vocabularies pass the token ids through unchanged (no decode/encode round trip).
 - Prompts longer than `max_prompt_length` tokens are cut from the LEFT (the end, "TL;DR:", is kept);
   the cumulative count is logged as `data/truncated_prompts`.
-- `objective/kl_ref` and `objective/kl_prev` are sums over the real response tokens of a sequence,
-  averaged over the global batch; the plain key is the k1 estimate, `_k3` the non-negative k3 one.
-  kl_prev estimates KL(pi_old || pi_new) on this iteration's samples (drawn from pi_old): old log-probs
-  vs a forward pass after the update. With a regulariser other than `kl` the reference model is only
-  used for kl_ref, every `kl_ref_every` iterations (each record carries `objective/kl_ref_every`; the
-  kl_ref keys are absent on the other iterations; 0 = never, and the reference is not even loaded).
-- `objective/entropy_bonus` is the entropy term's mean contribution to the reward (-alpha log pi(y|x),
-  / |y| with length_normalize); it is 0 for the kl and none regularisers. `policy/entropy` is the true
-  token entropy of softmax(logits / T), averaged over real response tokens.
+- `objective/kl_ref` and the `objective/kl_prev*` keys are sums over the real response tokens of a
+  sequence, averaged over the global batch; the plain key is the k1 estimate, `_k3` the non-negative k3
+  one. With a regulariser other than `kl` the reference model is only used for kl_ref, every
+  `kl_ref_every` iterations (each record carries `objective/kl_ref_every`; the kl_ref keys are absent on
+  the other iterations; 0 = never, and the reference is not even loaded).
+- KL between consecutive policies, from this iteration's samples (drawn from pi_old = pi_{t-1}) and their
+  log-probs before (old) and after the update (a post-update forward, pi_new = pi_t):
+  `objective/kl_prev` (+ `_k3`) is the paper's direction KL(pi_t || pi_{t-1}) (Fig. 3 bottom, Figs. 10-12),
+  importance-weighted by w = pi_new(y) / pi_old(y) (`objectives.kl_new_old_from_old_samples`);
+  `objective/kl_prev_reverse` (+ `_k3`) is KL(pi_{t-1} || pi_t), which needs no weight. They agree to second
+  order while the update is small and part when the policy drifts. `objective/kl_prev_ess` is the effective
+  sample fraction of the weights over the global batch (1: reliable; near 1/batch: kl_prev rests on a few
+  sequences).
+- `objective/entropy` is the batch mean of the unweighted sequence quantity -log pi(y|x) = sum_t -log
+  pi(y_t | x, y_<t) over real response tokens at the training temperature (a one-sample estimate of the
+  sequence entropy, Fig. 1), logged for every regulariser and coefficient; `objective/entropy_per_token`
+  is the mean over sequences of the same divided by |y|. `objective/entropy_bonus` is the entropy term's
+  weighted contribution to the reward (-alpha log pi(y|x), / |y| with length_normalize); it is 0 for the kl
+  and none regularisers. `policy/entropy` is the true token entropy of softmax(logits / T), averaged over
+  real response tokens.
 - Minimum entropy: a negative `entropy_coef`, or `min_entropy: true`, which flips the sign of a
   positive `entropy_coef` (same thing, clearer in a config).
 - Dropout is switched off in the policy (old and new log-probs must come from the same function).
@@ -299,6 +310,31 @@ def rloo_row_advantages(rewards: torch.Tensor, k: int, whiten: bool = False, acc
     return adv
 
 
+def kl_prev_metrics(old_logprobs: torch.Tensor, new_logprobs: torch.Tensor, response_mask: torch.Tensor,
+                    gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> dict[str, float]:
+    """KL between consecutive policies on this iteration's samples (drawn from pi_old), both directions.
+
+    Per-sequence values from `objectives`, averaged over the global batch (`gather` concatenates every
+    process's rows); the effective sample fraction of the importance weights is over the global batch too.
+    """
+    out = {}
+    for key, fn in (("objective/kl_prev", objectives.kl_new_old_from_old_samples),  # paper: KL(pi_t || pi_{t-1})
+                    ("objective/kl_prev_reverse", objectives.kl_old_new_from_old_samples)):
+        for suffix, estimator in (("", "k1"), ("_k3", "k3")):
+            out[key + suffix] = float(gather(fn(old_logprobs, new_logprobs, response_mask, estimator).float()).mean())
+    log_w = objectives.masked_sum(new_logprobs.double() - old_logprobs.double(), response_mask)
+    out["objective/kl_prev_ess"] = float(objectives.effective_sample_fraction(gather(log_w)))
+    return out
+
+
+def entropy_metrics(old_logprobs: torch.Tensor, response_mask: torch.Tensor,
+                    gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> dict[str, float]:
+    """Unweighted sampled entropy -log pi(y|x) (and per token), batch means over the global batch (Fig. 1)."""
+    ent = objectives.sampled_entropy(old_logprobs, response_mask)
+    return {"objective/entropy": float(gather(ent.sequence.float()).mean()),
+            "objective/entropy_per_token": float(gather(ent.per_token.float()).mean())}
+
+
 def _chunks(n: int, size: int):
     for s in range(0, n, size):
         yield slice(s, min(s + size, n))
@@ -506,7 +542,8 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         lr_used = scheduler.get_last_lr()[0]
         scheduler.step()
         t_update = time.perf_counter() - t0
-        # KL between consecutive policies on this iteration's samples: old log-probs vs a post-update forward
+        # KL between consecutive policies on this iteration's samples (both directions, see kl_prev_metrics):
+        # old log-probs vs a post-update forward
         t0 = time.perf_counter()
         policy.eval()
         with torch.no_grad(), accelerator.autocast():
@@ -529,13 +566,12 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         metrics["objective/rlhf_reward"] = gmean(reg.rewards)
         metrics["objective/non_score_reward"] = gmean(reg.non_score_reward)
         metrics["objective/entropy_bonus"] = gmean(reg.non_score_reward) if c.regularizer == "entropy" else 0.0
-        metrics["objective/neg_logprob_per_token"] = gmean(-seq_sum(old_logprobs) / lengths)
+        metrics.update(entropy_metrics(old_logprobs, response_mask, gather))
         if ref_logprobs is not None:
             metrics["objective/kl_ref"] = gmean(seq_sum(objectives.kl_estimate(old_logprobs, ref_logprobs, "k1")))
             metrics["objective/kl_ref_k3"] = gmean(seq_sum(objectives.kl_estimate(old_logprobs, ref_logprobs, "k3")))
         metrics["objective/kl_ref_every"] = 1 if c.regularizer == "kl" else c.kl_ref_every
-        metrics["objective/kl_prev"] = gmean(seq_sum(objectives.kl_estimate(old_logprobs, new_logprobs, "k1")))
-        metrics["objective/kl_prev_k3"] = gmean(seq_sum(objectives.kl_estimate(old_logprobs, new_logprobs, "k3")))
+        metrics.update(kl_prev_metrics(old_logprobs, new_logprobs, response_mask, gather))
         metrics["policy/entropy"] = float(gather(seq_sum(token_entropy)).sum()) / max(tokens_global, 1.0)
         for key, name in (("clipfrac", "policy/clipfrac"), ("approxkl", "policy/approxkl"), ("ratio", "val/ratio"), ("loss", "loss/policy")):
             metrics[name] = gmean(torch.stack(stats[key]).mean())

@@ -15,7 +15,9 @@ from maxent_rlhf.runs import NonFiniteError, list_checkpoints, read_metrics
 
 EVERY_METRIC = [
     "objective/scores", "objective/rlhf_reward", "objective/non_score_reward", "objective/entropy_bonus",
-    "objective/kl_ref", "objective/kl_ref_k3", "objective/kl_prev", "objective/kl_prev_k3", "policy/entropy",
+    "objective/entropy", "objective/entropy_per_token", "objective/kl_ref", "objective/kl_ref_k3",
+    "objective/kl_prev", "objective/kl_prev_k3", "objective/kl_prev_reverse", "objective/kl_prev_reverse_k3",
+    "objective/kl_prev_ess", "policy/entropy",
     "policy/clipfrac", "policy/approxkl", "val/ratio", "response/length", "response/eos_fraction",
     "time/generate", "time/score", "time/update", "perf/episodes_per_s", "perf/tokens_per_s",
 ]
@@ -71,9 +73,10 @@ def token_reward(tokenizer, word="cat"):
         dict(regularizer="kl", kl_coef=0.05),
         dict(regularizer="entropy", entropy_coef=0.1, length_normalize=True, whiten_advantages=True),
         dict(regularizer="entropy", entropy_coef=0.1, min_entropy=True, loss_level="token", cliprange=1e-4),
+        dict(regularizer="entropy", entropy_coef=0.0),
         dict(regularizer="none", kl_ref_every=2),
     ],
-    ids=["kl", "maxent-eq7", "minent-token-clip1e-4", "none"],
+    ids=["kl", "maxent-eq7", "minent-token-clip1e-4", "entropy-coef0", "none"],
 )
 def test_each_regularizer_runs_two_iterations_and_logs_every_metric(base, tmp_path, overrides):
     c = replace(base, output_dir=str(tmp_path / "run"), **overrides)
@@ -88,7 +91,14 @@ def test_each_regularizer_runs_two_iterations_and_logs_every_metric(base, tmp_pa
         assert all(isinstance(r[m], float) and r[m] == r[m] for m in expected)
         assert r["objective/kl_ref_every"] == overrides.get("kl_ref_every", 1)
         assert r["objective/kl_ref_k3"] >= 0 if "objective/kl_ref_k3" in r else True
-        assert r["objective/kl_prev_k3"] >= 0 and r["policy/entropy"] > 0
+        assert r["objective/kl_prev_k3"] >= 0 and r["objective/kl_prev_reverse_k3"] >= 0 and r["policy/entropy"] > 0
+        assert 0 < r["objective/kl_prev_ess"] <= 1 + 1e-6
+        # the unweighted entropy is logged whatever the regulariser and coefficient (Fig. 1 includes alpha = 0)
+        assert r["objective/entropy"] > 0 and 0 < r["objective/entropy_per_token"] <= r["objective/entropy"]
+        if overrides["regularizer"] == "entropy":  # the bonus is the coefficient times it (Eq. 7: per token)
+            per = "objective/entropy_per_token" if overrides.get("length_normalize") else "objective/entropy"
+            coef = -abs(overrides["entropy_coef"]) if overrides.get("min_entropy") else overrides["entropy_coef"]
+            assert r["objective/entropy_bonus"] == pytest.approx(coef * r[per], rel=1e-4, abs=1e-7)
         assert 1 <= r["response/length"] <= c.response_length
         assert abs(r["objective/rlhf_reward"] - r["objective/scores"] - r["objective/non_score_reward"]) < 1e-5
     first = records[0]

@@ -102,6 +102,45 @@ def test_step5_regularised_reward_known_answers(kw, expected_non_score):
     assert torch.allclose(reg.rewards, SCORES + torch.tensor(expected_non_score), atol=1e-6)
 
 
+# ------------------------------------------------------------------ metrics: KL between consecutive policies, entropy
+def test_kl_prev_metrics_are_the_objectives_estimators_in_both_directions_with_a_global_ess():
+    old, new = LOGP, REF  # samples from pi_old; log-probs before and after an update
+    m = train_rloo.kl_prev_metrics(old, new, MASK)
+    # by hand: log w = sum_t (new - old) over real tokens = [0.5, -0.5]
+    log_w = torch.tensor([0.5, -0.5], dtype=torch.float64)
+    w = log_w.exp()
+    assert m["objective/kl_prev"] == pytest.approx(float((w * log_w).mean()), rel=1e-6)  # KL(pi_t || pi_{t-1})
+    assert m["objective/kl_prev_k3"] == pytest.approx(float((w * log_w - w + 1).mean()), rel=1e-6)
+    assert m["objective/kl_prev_reverse"] == pytest.approx(0.0, abs=1e-7)  # mean of sum_t (old - new) = [-0.5, 0.5]
+    k3 = lambda d: d.exp() - 1 - d  # noqa: E731  (k3 of log(pi_new / pi_old) per token, sampled from pi_old)
+    assert m["objective/kl_prev_reverse_k3"] == pytest.approx(float(objectives.masked_sum(k3(new - old), MASK).mean()), rel=1e-6)
+    assert m["objective/kl_prev_ess"] == pytest.approx(float(w.sum() ** 2 / (2 * (w ** 2).sum())), rel=1e-6)
+    # on a random padded batch the metric step is exactly the objectives functions' batch mean
+    g = torch.Generator().manual_seed(0)
+    old = torch.log_softmax(torch.randn(6, 5, 7, generator=g), -1)[..., 0]
+    new = old + 0.3 * torch.randn(6, 5, generator=g)
+    mask = (torch.arange(5) < torch.tensor([5, 3, 1, 4, 2, 5])[:, None]).long()
+    m = train_rloo.kl_prev_metrics(old, new, mask)
+    for key, fn in (("objective/kl_prev", objectives.kl_new_old_from_old_samples),
+                    ("objective/kl_prev_reverse", objectives.kl_old_new_from_old_samples)):
+        for suffix, est in (("", "k1"), ("_k3", "k3")):
+            assert m[key + suffix] == float(fn(old, new, mask, est).mean())
+    assert m["objective/kl_prev"] != pytest.approx(m["objective/kl_prev_reverse"], rel=1e-3)  # the directions differ
+    # `gather` sees the per-sequence log weights: the ESS is of the global batch, not a mean over processes
+    seen = []
+    train_rloo.kl_prev_metrics(old, new, mask, gather=lambda x: seen.append(x) or x)
+    log_w = objectives.masked_sum(new.double() - old.double(), mask)
+    assert any(t.shape == log_w.shape and torch.equal(t, log_w) for t in seen)
+    assert m["objective/kl_prev_ess"] == pytest.approx(float(objectives.effective_sample_fraction(log_w)))
+
+
+def test_entropy_metrics_on_a_hand_built_padded_batch():
+    # -log pi(y|x) over real tokens: sequence 0 = 1 + 2 (its third token is padding), sequence 1 = 0.5 + 0.5 + 0
+    m = train_rloo.entropy_metrics(LOGP, MASK)
+    assert m["objective/entropy"] == pytest.approx((3.0 + 1.0) / 2)
+    assert m["objective/entropy_per_token"] == pytest.approx((3.0 / 2 + 1.0 / 3) / 2)
+
+
 # ------------------------------------------------------------------ step 6: advantages in the script's row layout
 def test_step6_leave_one_out_advantages_follow_the_row_layout():
     # 2 prompts x k = 3: rows 0-2 belong to prompt 0, rows 3-5 to prompt 1 (row p * k + j)
