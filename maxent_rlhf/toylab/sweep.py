@@ -227,18 +227,25 @@ def sweep(
         tmp = out / f".sweep.json.{i_shard}"
         tmp.write_text(json.dumps(meta, indent=1))
         tmp.replace(out / "sweep.json")  # atomic: shards writing the same plan at once leave one whole file
-    if online:
-        todo = mine(plan)
-        for i, (reg, lr, seed, coef) in enumerate(todo):
+    # order: every online configuration at the first seed, then the offline runs, then the other seeds (a sweep
+    # cut short still tests every claim, at fewer seeds); shards take every n-th job of that one list
+    first = [("rloo", p) for p in plan if p[2] == plan[0][2]] if plan else []
+    jobs = ([j for j in first if online] + [("offline", o) for o in off if offline]
+            + [("rloo", p) for p in plan if online and ("rloo", p) not in first])
+    todo = mine(jobs)
+    for i, (kind, job) in enumerate(todo):
+        t = time.time()
+        if kind == "rloo":
+            reg, lr, seed, coef = job
             run = out / "rloo" / rloo_run_name(reg, lr, seed, coef)
-            t = time.time()
             print(f"[toylab sweep] ({i + 1}/{len(todo)}) RLOO {run.name} -> {run}", flush=True)
             run_rloo(run, reg, lr, seed, iterations, extra=None if coef is None else {"entropy_coef": coef})
             evaluate_run(run, eval_n)
-            print(f"[toylab sweep] done in {time.time() - t:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
-    if offline:
-        for name, loss, lr, extra in mine(off):
-            print(f"[toylab sweep] offline {name}", flush=True)
-            evaluate_run(run_offline(out / "offline" / name, loss, lr, extra=extra), eval_n, proxy=False)
+        else:
+            name, loss, lr, extra = job
+            run = out / "offline" / name
+            print(f"[toylab sweep] ({i + 1}/{len(todo)}) offline {name} -> {run}", flush=True)
+            evaluate_run(run_offline(run, loss, lr, extra=extra), eval_n, proxy=False)
+        print(f"[toylab sweep] done in {time.time() - t:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
     print(f"[toylab sweep] finished in {time.time() - t0:.0f}s: {out}", flush=True)
     return out
