@@ -22,6 +22,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import maxent_rlhf.toylab  # noqa: F401  (registers the toylab:// locations and the toy-gold judge)
 from maxent_rlhf.config import BaseConfig, ConfigError, cfg, parse_config, save_config
 from maxent_rlhf.judges import (
     TEMPLATE_VERSION,
@@ -185,15 +187,11 @@ def _prompt_hash(prompt: str) -> str:
 
 def read_generations(path: Path, examples: list[Example], config: EvalConfig) -> dict[str, dict]:
     """Existing generations by example id; a line torn by a kill is dropped (regenerated)."""
-    if not path.exists():
-        return {}
+    from maxent_rlhf.runs import read_jsonl
+
     by_id = {e.id: e for e in examples}
     out = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for lineno, rec in read_jsonl(path, numbered=True):
         ex = by_id.get(rec.get("id"))
         if ex is None:
             continue  # from a larger --n: harmless
@@ -212,8 +210,9 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
     import torch
     from tqdm.auto import tqdm
 
-    from maxent_rlhf.generation import generate, left_pad, truncate_after_eos
+    from maxent_rlhf.generation import complete_prompts
     from maxent_rlhf.models import load_policy, load_tokenizer, resolve_dtype
+    from maxent_rlhf.runs import open_jsonl_for_append
 
     path = out_dir / "generations" / f"{target.label}.jsonl"
     existing = read_generations(path, examples, config)
@@ -229,27 +228,18 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
         target.path, dtype=resolve_dtype(config.mixed_precision, device), trust_remote_code=config.trust_remote_code
     ).to(device).eval()
     records = []
-    sink = open(path, "a", encoding="utf-8") if state.num_processes == 1 else None
+    sink = open_jsonl_for_append(path) if state.num_processes == 1 else None
     bar = tqdm(total=len(missing), desc=f"generate {target.label}", disable=not state.is_main_process)
+    batches = complete_prompts(model, tok, [e.prompt for e in mine], config.max_new_tokens,
+                               config.per_device_eval_batch_size, max_prompt_length=config.max_prompt_length, device=device)
     try:
-        for s in range(0, len(mine), config.per_device_eval_batch_size):
+        for s, completions in zip(range(0, len(mine), config.per_device_eval_batch_size), batches):
             batch = mine[s : s + config.per_device_eval_batch_size]
-            queries = [tok(e.prompt, add_special_tokens=False).input_ids[-config.max_prompt_length :] for e in batch]
-            ids, mask = left_pad(queries, tok.pad_token_id)
-            resp = generate(
-                model, ids.to(device), mask.to(device), config.max_new_tokens,
-                tok.eos_token_id, tok.pad_token_id, do_sample=False,
-            )
-            resp, rmask, _ = truncate_after_eos(resp, tok.eos_token_id, tok.pad_token_id)
-            resp, rmask = resp.cpu(), rmask.cpu()
-            for e, row, m in zip(batch, resp, rmask):
-                tokens = row[m.bool()].tolist()
-                if tokens and tokens[-1] == tok.eos_token_id:
-                    tokens = tokens[:-1]
+            for e, completion in zip(batch, completions):
                 rec = {
                     "id": e.id,
-                    "generation": tok.decode(tokens, skip_special_tokens=True).strip(),
-                    "n_tokens": len(tokens),
+                    "generation": completion.text,
+                    "n_tokens": completion.num_tokens,
                     "reference_tokens": len(tok(" " + e.reference, add_special_tokens=False).input_ids),
                     "prompt_sha": _prompt_hash(e.prompt),
                     "max_new_tokens": config.max_new_tokens,
@@ -271,7 +261,7 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
 
         gathered = gather_object(records)
         if state.is_main_process:
-            with open(path, "a", encoding="utf-8") as f:
+            with open_jsonl_for_append(path) as f:
                 for rec in gathered:
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         state.wait_for_everyone()
@@ -343,39 +333,22 @@ def print_table(rows: list[dict], confidence_level: float) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(l, widths)))
 
 
-def plot_win_rates(rows: list[dict], path: Path, judge_desc: str, confidence_level: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curve = [r for r in rows if not r["baseline"] and r["win_rate"] is not None]
-    base = [r for r in rows if r["baseline"] and r["win_rate"] is not None]
-    with_steps = all(r["step"] is not None for r in curve)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if curve:
-        xs = [r["step"] if with_steps else i for i, r in enumerate(curve)]
-        ys = [r["win_rate"] for r in curve]
-        err = [[y - r["ci_low"] for y, r in zip(ys, curve)], [r["ci_high"] - y for y, r in zip(ys, curve)]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label="policy")
-        if not with_steps:
-            ax.set_xticks(xs, [r["label"] for r in curve], rotation=30, ha="right")
-    for r in base:
-        ax.axhline(r["win_rate"], color="gray", linestyle="--", label=f"SFT baseline ({r['win_rate']:.2f})")
-        ax.axhspan(r["ci_low"], r["ci_high"], color="gray", alpha=0.15)
-    ax.set_xlabel("training step" if with_steps else "checkpoint")
-    ax.set_ylabel("win rate vs reference")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"win rate ({judge_desc}); bars: {int(round(confidence_level * 100))}% Wilson CI", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+# Options of the judges: one set (away from its default, on the command line or in the YAML file) goes to
+# the judge, which must take it (an error names the option and the judge otherwise); unset ones are
+# offered with their defaults, like the settings the judge shares with generation.
+# The names are the judges' constructor parameters too (`judges.RewardModelJudge(reward_model_name_or_path=...)`).
+JUDGE_OPTIONS = ("judge_model", "base_url", "concurrency", "request_timeout", "max_retries", "backoff_base",
+                 "backoff_max", "parse_retries", "logprobs", "reward_model_name_or_path", "judge_batch_size")
+SHARED_SETTINGS = ("tokenizer_name_or_path", "max_prompt_length", "mixed_precision", "trust_remote_code", "seed",
+                   "dataset_name", "dataset_test_split")
 
 
-def _judge_kwargs(config: EvalConfig) -> tuple[dict, list[str]]:
-    """Options offered to every judge (each takes those it accepts) + the explicit --judge_kwargs keys."""
-    extra = {}
+def judge_arguments(config: EvalConfig) -> tuple[dict, dict]:
+    """(options, context) for `judges.get_judge`: the judge options the user set plus the --judge_kwargs
+    object (the judge must take every one), and everything else it may take."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    options = {k: getattr(config, k) for k in JUDGE_OPTIONS if getattr(config, k) != defaults[k]}
+    context = {k: getattr(config, k) for k in SHARED_SETTINGS + JUDGE_OPTIONS if k not in options}
     if config.judge_kwargs:
         try:
             extra = json.loads(config.judge_kwargs)
@@ -383,20 +356,8 @@ def _judge_kwargs(config: EvalConfig) -> tuple[dict, list[str]]:
             raise ConfigError(f"judge_kwargs: not valid JSON ({e}): {config.judge_kwargs!r}") from None
         if not isinstance(extra, dict):
             raise ConfigError(f"judge_kwargs: expected a JSON object, got {config.judge_kwargs!r}")
-    return {**_common_judge_kwargs(config), **extra}, list(extra)
-
-
-def _common_judge_kwargs(config: EvalConfig) -> dict:
-    return dict(
-        judge_model=config.judge_model, base_url=config.base_url, concurrency=config.concurrency,
-        request_timeout=config.request_timeout, max_retries=config.max_retries, backoff_base=config.backoff_base,
-        backoff_max=config.backoff_max, parse_retries=config.parse_retries, logprobs=config.logprobs,
-        reward_model=config.reward_model_name_or_path, tokenizer=config.tokenizer_name_or_path,
-        judge_batch_size=config.judge_batch_size,
-        max_prompt_length=config.max_prompt_length, mixed_precision=config.mixed_precision,
-        trust_remote_code=config.trust_remote_code, seed=config.seed,
-        dataset=config.dataset_name, split=config.dataset_test_split,
-    )
+        options.update(extra)
+    return options, context
 
 
 def main(config: EvalConfig) -> dict:
@@ -416,8 +377,8 @@ def main(config: EvalConfig) -> dict:
         raise ConfigError(f"{config.dataset_name} [{config.dataset_test_split}] has no examples")
     # the judge is built first, so a missing key or model fails before any generation work
     if state.is_main_process:
-        judge_kw, required = _judge_kwargs(config)
-        judge = get_judge(config.judge, required=required, **judge_kw)
+        options, context = judge_arguments(config)
+        judge = get_judge(config.judge, context=context, **options)
     for target in targets:
         generate_missing(target, examples, config, state, out_dir)
     state.wait_for_everyone()
@@ -547,6 +508,8 @@ def main(config: EvalConfig) -> dict:
         print("[evaluate_judge] WARNING: some pairs are not judged yet (--max_requests); rerun to complete")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if config.plot:
+        from maxent_rlhf.plotting import plot_win_rates
+
         plot_win_rates(rows, out_dir / "win_rate.png", judge.describe(), config.confidence_level)
     return summary
 

@@ -36,6 +36,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+import maxent_rlhf.toylab  # noqa: F401  (registers the toylab:// locations and the toy-gold judge)
 from maxent_rlhf import data, distributed, generation, models, objectives, runs
 from maxent_rlhf.config import ConfigError, TrainConfig, cfg, config_to_dict, derive_batch_sizes, parse_config
 from maxent_rlhf.schedules import build_lr_scheduler
@@ -422,7 +423,8 @@ def main(c: OfflineConfig) -> str:
         )
 
     def epoch_order(epoch: int) -> torch.Tensor:
-        return torch.randperm(num_examples, generator=torch.Generator().manual_seed(c.seed * 100_003 + epoch))
+        g = torch.Generator().manual_seed(distributed.mix_seed(c.seed, epoch, multiplier=100_003))
+        return torch.randperm(num_examples, generator=g)
 
     if accelerator.is_main_process:
         print(f"[train_offline] loss {c.loss_type}: {num_examples} examples, {total_steps} steps of {c.global_batch_size} "

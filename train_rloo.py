@@ -3,15 +3,19 @@
     accelerate launch train_rloo.py --config configs/maxent_1b.yaml [--key value ...]
     python train_rloo.py --config configs/kl_1b.yaml --output_dir runs/kl_1b --resume latest
 
-One iteration (numbered below exactly like this):
-  1. generate `rloo_k` completions per prompt (KV-cached sampling at `temperature`, top_k 0 / top_p 1)
-  2. truncate each completion after its first EOS (EOS kept), pad the rest
-  3. score prompt + completion with the reward model at the last real token; EOS penalty
-  4. log-probs of the sampled tokens under the policy (old) and the reference, from logits / T
-  5. regularised sequence reward: kl (beta), entropy (alpha, Eq. 6; Eq. 7 with length_normalize), none
-  6. RLOO leave-one-out advantages over the k samples of each prompt (optional whitening)
-  7. num_ppo_epochs x num_mini_batches clipped policy-gradient updates (grad accumulation, clipping, lr decay)
-  8. log, sample, checkpoint
+One iteration, numbered below exactly like this; each step is a function over the iteration's
+`Rollout` record (this process's rows), so `main` reads as the list and a step can be tested alone:
+  1. generate: `rloo_k` completions per prompt (KV-cached sampling at `temperature`, top_k 0 / top_p 1),
+     each truncated after its first EOS (EOS kept), the rest padded                      `generate`
+  2. score: prompt + completion with the reward model at the last real token; missing-EOS penalty  `score`
+  3. log-probs of the sampled tokens under the policy (old) and the reference, from logits / T   `rollout_logprobs`
+  4. regularised sequence reward: kl (beta), entropy (alpha, Eq. 6; Eq. 7 with length_normalize), none
+                                                                                          `regularised_reward`
+  5. RLOO leave-one-out advantages over the k samples of each prompt (optional whitening) `rloo_row_advantages`
+  6. update: num_ppo_epochs x num_mini_batches clipped policy-gradient steps (grad accumulation,
+     clipping, lr decay)                                                                   `update`
+  7. kl_prev: log-probs of the same samples after the update (KL between consecutive policies) `policy_logprobs`
+  8. log, sample, checkpoint                                                              `iteration_metrics`
 
 Every formula comes from `maxent_rlhf.objectives`; generation / scoring from `maxent_rlhf.generation`.
 
@@ -47,6 +51,8 @@ Decisions (documented here once):
   real response tokens.
 - Minimum entropy: a negative `entropy_coef`, or `min_entropy: true`, which flips the sign of a
   positive `entropy_coef` (same thing, clearer in a config).
+- The reference model is needed for the kl regulariser's reward every iteration, otherwise only for
+  kl_ref every `kl_ref_every` iterations: `RLOOConfig.needs_ref(iteration)` decides it, in one place.
 - Dropout is switched off in the policy (old and new log-probs must come from the same function).
 - Programmatic reward hook: `reward_fn: "package.module:function"` in the config, or
   `main(cfg, reward_fn=callable)`, replaces the reward model. It is called as
@@ -56,18 +62,19 @@ Decisions (documented here once):
 from __future__ import annotations
 
 import importlib
-import math
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
+import maxent_rlhf.toylab  # noqa: F401  (registers the toylab:// locations and the toy-gold judge)
 from maxent_rlhf import distributed, generation, objectives
 from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, TrainConfig, cfg, derive_batch_sizes, parse_config
-from maxent_rlhf.data import DataError, load_any_dataset, require_columns
+from maxent_rlhf.data import PromptStream, load_any_dataset, require_columns, tokenize_prompts
 from maxent_rlhf.models import load_policy, load_reward_model, load_tokenizer, resolve_dtype
 from maxent_rlhf.schedules import build_lr_scheduler
 from maxent_rlhf.runs import (
@@ -138,6 +145,15 @@ class RLOOConfig(TrainConfig):
     # logging
     sample_every: int = cfg(10, "write completions to samples.jsonl every N iterations (0: never)")
     num_samples: int = cfg(4, "completions written per sample_every")
+
+    def kl_ref_interval(self) -> int:
+        """Iterations between reference forwards: 1 for `kl` (its reward needs pi_ref), else `kl_ref_every`."""
+        return 1 if self.regularizer == "kl" else self.kl_ref_every
+
+    def needs_ref(self, iteration: Optional[int] = None) -> bool:
+        """Is the reference model used at `iteration` (None: at all in this run, i.e. must it be loaded)?"""
+        every = self.kl_ref_interval()
+        return every > 0 and (iteration is None or iteration % every == 0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,48 +243,6 @@ def same_vocabulary(tok_a, tok_b) -> bool:
     return tok_a.get_vocab() == tok_b.get_vocab() and tok_a.eos_token_id == tok_b.eos_token_id
 
 
-class PromptStream:
-    """Seeded epoch-wise shuffling of prompt indices; the position is part of the checkpoint state."""
-
-    def __init__(self, n: int, per_iteration: int, seed: int):
-        if n < per_iteration:
-            raise DataError(f"the prompt dataset has {n} rows, fewer than the {per_iteration} prompts one iteration needs")
-        self.n, self.per_iteration, self.seed = n, per_iteration, seed
-        self.epoch, self.pos = 0, 0
-        self._perm = self._make_perm()
-
-    def _make_perm(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.n, generator=g)
-
-    def next(self) -> list[int]:
-        if self.pos + self.per_iteration > self.n:  # drop the remainder, start a new epoch
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._perm = self._make_perm()
-        out = self._perm[self.pos : self.pos + self.per_iteration].tolist()
-        self.pos += self.per_iteration
-        return out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load(self, state: dict) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._perm = self._make_perm()
-
-
-def tokenize_prompts(tokenizer, texts: list[str], max_len: int) -> tuple[list[list[int]], int]:
-    """Token ids of each prompt (no special tokens added), cut from the left to max_len; returns the count cut."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    cut = 0
-    for i, t in enumerate(ids):
-        if not t:
-            raise DataError(f"prompt {texts[i]!r} tokenises to nothing; remove empty prompts")
-        if len(t) > max_len:
-            ids[i], cut = t[-max_len:], cut + 1
-    return ids, cut
-
-
 def retokenize_for_reward(policy_tok, reward_tok, query_ids, query_mask, responses, response_mask, contains_eos):
     """Decode prompt + response with the policy tokenizer and encode it with the reward tokenizer.
 
@@ -289,13 +263,8 @@ def retokenize_for_reward(policy_tok, reward_tok, query_ids, query_mask, respons
     return generation.left_pad(seqs, reward_tok.pad_token_id)
 
 
-def apply_eos_penalty(scores: torch.Tensor, contains_eos: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Step 3: score - penalty for every completion that never emitted EOS."""
-    return scores.float() - penalty * (~contains_eos.bool()).float()
-
-
 def rloo_row_advantages(rewards: torch.Tensor, k: int, whiten: bool = False, accelerator=None) -> torch.Tensor:
-    """Step 6 in this script's row layout (completion j of prompt p at row p * k + j).
+    """Step 5 in this script's row layout (completion j of prompt p at row p * k + j).
 
     `objectives.rloo_advantages` wants [num_prompts, k]: that is `rewards.view(-1, k)` here. Whitening
     (optional) runs over the global batch (gathered from every process), then returns this process's rows.
@@ -308,6 +277,206 @@ def rloo_row_advantages(rewards: torch.Tensor, k: int, whiten: bool = False, acc
             return objectives.whiten(adv)
         return objectives.whiten(accelerator.gather(adv)).view(accelerator.num_processes, -1)[accelerator.process_index]
     return adv
+
+
+def _chunks(n: int, size: int):
+    for s in range(0, n, size):
+        yield slice(s, min(s + size, n))
+
+
+@contextmanager
+def _timed(timings: dict, key: str):
+    t0 = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the iteration's record and its steps
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Models:
+    """What the steps run on: the accelerator, the (prepared) policy, the frozen models, the tokenizers."""
+
+    accelerator: object
+    tokenizer: object  # the policy's, left padding
+    policy: torch.nn.Module
+    ref_policy: Optional[torch.nn.Module] = None  # loaded only when RLOOConfig.needs_ref()
+    reward_model: Optional[torch.nn.Module] = None  # None when a programmatic reward_fn scores
+    reward_tokenizer: object = None
+    retokenize: bool = False  # the reward model reads its own tokens (other vocabulary)
+    reward_fn: Optional[Callable] = None
+
+
+@dataclass
+class Rollout:
+    """One iteration's batch on this process: completion j of local prompt p sits at row p * k + j.
+
+    Steps 1-2 fill the sample, steps 3-7 the fields below it; every tensor has n = prompts x rloo_k rows.
+    """
+
+    query_ids: torch.Tensor  # [n, ctx] left-padded prompt tokens, each prompt repeated rloo_k times
+    query_mask: torch.Tensor  # [n, ctx]
+    responses: torch.Tensor  # [n, T] sampled tokens, truncated after the first EOS (kept), pad after
+    response_mask: torch.Tensor  # [n, T] 1 on real response tokens
+    contains_eos: torch.Tensor  # [n] bool
+    completions: list = field(default_factory=list)  # decoded responses (step 2)
+    scores: Optional[torch.Tensor] = None  # [n] step 2: reward-model score minus the missing-EOS penalty
+    old_logprobs: Optional[torch.Tensor] = None  # [n, T] step 3: log pi_old(y_t | x, y_<t) at temperature T
+    token_entropy: Optional[torch.Tensor] = None  # [n, T] step 3: entropy of softmax(logits / T)
+    ref_logprobs: Optional[torch.Tensor] = None  # [n, T] step 3, None when the reference is not used
+    rewards: Optional[torch.Tensor] = None  # [n] step 4: the RLHF reward r + non_score_reward
+    non_score_reward: Optional[torch.Tensor] = None  # [n] step 4: the regulariser's term
+    advantages: Optional[torch.Tensor] = None  # [n] step 5
+    new_logprobs: Optional[torch.Tensor] = None  # [n, T] step 7: the same tokens after the update
+
+    def __post_init__(self):
+        self.query_responses = torch.cat([self.query_ids, self.responses], 1)
+        self.attention_mask = torch.cat([self.query_mask, self.response_mask], 1)
+
+    @property
+    def context_length(self) -> int:
+        return self.query_ids.shape[1]
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+
+def prompt_texts(tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor) -> list[str]:
+    """The prompts as text (left padding dropped)."""
+    pad_id = tokenizer.pad_token_id
+    return tokenizer.batch_decode(query_ids * query_mask + pad_id * (1 - query_mask), skip_special_tokens=True)
+
+
+def prompt_batch(c: RLOOConfig, tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """This process's prompts, cut from the left to max_prompt_length, left-padded, each repeated rloo_k
+    times (row p * k + j); returns query ids, mask and the number of prompts cut."""
+    prompt_ids, cut = tokenize_prompts(tokenizer, texts, c.max_prompt_length)
+    query_ids, query_mask = generation.left_pad(prompt_ids, tokenizer.pad_token_id)
+    return query_ids.repeat_interleave(c.rloo_k, 0).to(device), query_mask.repeat_interleave(c.rloo_k, 0).to(device), cut
+
+
+def generate(c: RLOOConfig, m: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, iteration: int,
+             first_row: int) -> Rollout:
+    """Step 1: sample one completion per row at the training temperature, truncate after the first EOS.
+
+    Each chunk samples from a stream tied to its first row in the GLOBAL batch (`first_row` = this
+    process's offset), not to the process: with `local_rollout_forward_batch_size` dividing the
+    per-process batch, N processes sample exactly what one process samples (distributed.sampling_rng).
+    """
+    acc, tok = m.accelerator, m.tokenizer
+    m.policy.eval()
+    raw = []
+    with distributed.unwrap_for_generation(acc, m.policy) as gen_model, acc.autocast():
+        for s in _chunks(query_ids.shape[0], c.local_rollout_forward_batch_size):
+            with distributed.sampling_rng(c.seed, iteration, first_row + s.start, acc.device):
+                raw.append(generation.generate(gen_model, query_ids[s], query_mask[s], c.response_length, tok.eos_token_id,
+                                               tok.pad_token_id, temperature=c.temperature,
+                                               synced_gpus=distributed.needs_synced_gpus(acc)))
+    responses, response_mask, contains_eos = generation.truncate_after_eos(torch.cat(raw), tok.eos_token_id, tok.pad_token_id)
+    return Rollout(query_ids, query_mask, responses, response_mask, contains_eos)
+
+
+def score(c: RLOOConfig, m: Models, ro: Rollout) -> torch.Tensor:
+    """Step 2: one score per completion (reward model at the last real token, or `reward_fn`), minus the
+    missing-EOS penalty. Also fills `ro.completions` (the decoded responses)."""
+    n, device = len(ro), m.accelerator.device
+    ro.completions = m.tokenizer.batch_decode(ro.responses, skip_special_tokens=True)  # padded after EOS already
+    if m.reward_fn is not None:
+        scores = torch.as_tensor(
+            m.reward_fn(prompts=prompt_texts(m.tokenizer, ro.query_ids, ro.query_mask), completions=ro.completions,
+                        response_ids=ro.responses, response_mask=ro.response_mask),
+            dtype=torch.float32, device=device,
+        ).reshape(-1)
+        if scores.shape[0] != n:
+            raise ValueError(f"reward_fn returned {scores.shape[0]} scores for {n} completions")
+    else:
+        if m.retokenize:
+            rm_ids, rm_mask = retokenize_for_reward(m.tokenizer, m.reward_tokenizer, ro.query_ids, ro.query_mask,
+                                                    ro.responses, ro.response_mask, ro.contains_eos)
+            rm_ids, rm_mask = rm_ids.to(device), rm_mask.to(device)
+        else:
+            rm_ids, rm_mask = ro.query_responses, ro.attention_mask
+        with m.accelerator.autocast():
+            scores = torch.cat([generation.reward_model_scores(m.reward_model, rm_ids[s], rm_mask[s])
+                                for s in _chunks(n, c.local_rollout_forward_batch_size)])
+    return objectives.missing_eos_penalty(scores, ro.contains_eos, c.missing_eos_penalty)
+
+
+def policy_logprobs(c: RLOOConfig, m: Models, ro: Rollout, model=None, return_entropy: bool = False):
+    """No-grad log-probs of the sampled tokens from logits / T, in chunks (the policy unless `model`).
+
+    The forwards go through the prepared model, so sharded engines gather their parameters. Step 7 calls
+    it after the update (new log-probs of the same samples: the KL between consecutive policies).
+    """
+    model = m.policy if model is None else model
+    model.eval()
+    lps, ents = [], []
+    with torch.no_grad(), m.accelerator.autocast():
+        for s in _chunks(len(ro), c.local_rollout_forward_batch_size):
+            out = generation.response_logprobs(model, ro.query_responses[s], ro.attention_mask[s], ro.context_length,
+                                               c.temperature, return_entropy=return_entropy)
+            if return_entropy:
+                lps.append(out[0].float())
+                ents.append(out[1].float())
+            else:
+                lps.append(out.float())
+    return (torch.cat(lps), torch.cat(ents)) if return_entropy else torch.cat(lps)
+
+
+def rollout_logprobs(c: RLOOConfig, m: Models, ro: Rollout, needs_ref: bool):
+    """Step 3: old log-probs and token entropies under the policy, and reference log-probs when needed.
+
+    (With num_ppo_epochs = num_mini_batches = 1 the update's first forward sees the same weights, so a
+    later speed pass can take the old log-probs from it instead of this extra forward.)
+    """
+    old_logprobs, token_entropy = policy_logprobs(c, m, ro, return_entropy=True)
+    ref_logprobs = policy_logprobs(c, m, ro, model=m.ref_policy) if needs_ref else None
+    return old_logprobs, token_entropy, ref_logprobs
+
+
+def regularised_reward(c: RLOOConfig, ro: Rollout) -> objectives.RegularizedReward:
+    """Step 4: the sequence reward RLOO maximises (objectives.regularized_reward: kl / Eq. 6 / Eq. 7 / none)."""
+    return objectives.regularized_reward(ro.scores, ro.old_logprobs, ro.response_mask, c.regularizer,
+                                         _regularizer_coef(c), ref_logprobs=ro.ref_logprobs,
+                                         length_normalize=c.length_normalize)
+
+
+def update(c: RLOOConfig, m: Models, plan: BatchPlan, ro: Rollout, optimizer, scheduler,
+           check: Callable[[str, torch.Tensor], None] = lambda name, value: None) -> dict:
+    """Step 6: num_ppo_epochs x num_mini_batches clipped policy-gradient steps on the rollout, one
+    scheduler step. Returns the per-micro-batch statistics (lists of tensors) and the learning rate used.
+    `check(name, loss)` runs on every micro-batch loss (main: stop on a non-finite loss)."""
+    acc, policy, device = m.accelerator, m.policy, m.accelerator.device
+    n, micro = len(ro), c.per_device_train_batch_size
+    policy.train()
+    stats = {"clipfrac": [], "approxkl": [], "ratio": [], "loss": [], "grad_norm": []}
+    for _epoch in range(c.num_ppo_epochs):
+        order = torch.randperm(n).to(device)
+        for mb_start in range(0, n, plan.mini_local):
+            mb = order[mb_start : mb_start + plan.mini_local]
+            for a in range(plan.grad_accum):
+                rows = mb[a * micro : (a + 1) * micro]
+                sync = a == plan.grad_accum - 1
+                # DDP/FSDP: all-reduce on the last micro-batch only; DeepSpeed: the engine steps there
+                with distributed.micro_step(acc, policy, sync), acc.autocast():
+                    new_lp = generation.response_logprobs(policy, ro.query_responses[rows], ro.attention_mask[rows],
+                                                          ro.context_length, c.temperature).float()
+                    out = objectives.ppo_clipped_policy_loss(new_lp, ro.old_logprobs[rows], ro.advantages[rows],
+                                                             ro.response_mask[rows], c.cliprange, level=c.loss_level)
+                    acc.backward(out.loss / plan.grad_accum)
+                check("policy loss", out.loss)
+                for key in ("clipfrac", "approxkl", "ratio", "loss"):
+                    stats[key].append(getattr(out, key).detach().float())
+            if c.max_grad_norm > 0:
+                gn = acc.clip_grad_norm_(policy.parameters(), c.max_grad_norm)
+                # float(): under FSDP2 the norm is a DTensor, which the metric gather cannot take
+                stats["grad_norm"].append(torch.tensor(float(gn), device=device))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    stats["lr"] = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return stats
 
 
 def kl_prev_metrics(old_logprobs: torch.Tensor, new_logprobs: torch.Tensor, response_mask: torch.Tensor,
@@ -335,14 +504,79 @@ def entropy_metrics(old_logprobs: torch.Tensor, response_mask: torch.Tensor,
             "objective/entropy_per_token": float(gather(ent.per_token.float()).mean())}
 
 
-def _chunks(n: int, size: int):
-    for s in range(0, n, size):
-        yield slice(s, min(s + size, n))
+def iteration_metrics(c: RLOOConfig, ro: Rollout, stats: dict,
+                      gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> dict[str, float]:
+    """Step 8: the iteration's metrics from the filled rollout and the update's statistics, as means over
+    the global batch (`gather` concatenates every process's rows; the identity on one process)."""
+    lengths = ro.response_mask.sum(1).float()
+
+    def gmean(x: torch.Tensor) -> float:
+        return float(gather(x.detach().float().reshape(-1)).mean())
+
+    def seq_sum(x: torch.Tensor) -> torch.Tensor:
+        return objectives.masked_sum(x, ro.response_mask)
+
+    tokens_global = float(gather(lengths).sum())
+    metrics = {
+        "objective/scores": gmean(ro.scores),
+        "objective/rlhf_reward": gmean(ro.rewards),
+        "objective/non_score_reward": gmean(ro.non_score_reward),
+        "objective/entropy_bonus": gmean(ro.non_score_reward) if c.regularizer == "entropy" else 0.0,
+        **entropy_metrics(ro.old_logprobs, ro.response_mask, gather),
+    }
+    if ro.ref_logprobs is not None:
+        metrics["objective/kl_ref"] = gmean(seq_sum(objectives.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k1")))
+        metrics["objective/kl_ref_k3"] = gmean(seq_sum(objectives.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k3")))
+    metrics["objective/kl_ref_every"] = c.kl_ref_interval()
+    metrics.update(kl_prev_metrics(ro.old_logprobs, ro.new_logprobs, ro.response_mask, gather))
+    metrics["policy/entropy"] = float(gather(seq_sum(ro.token_entropy)).sum()) / max(tokens_global, 1.0)
+    for key, name in (("clipfrac", "policy/clipfrac"), ("approxkl", "policy/approxkl"), ("ratio", "val/ratio"), ("loss", "loss/policy")):
+        metrics[name] = gmean(torch.stack(stats[key]).mean())
+    if stats["grad_norm"]:
+        metrics["train/grad_norm"] = gmean(torch.stack(stats["grad_norm"]).mean())
+    metrics["train/lr"] = stats["lr"]
+    # std over the GLOBAL batch (a mean of per-process stds is not the global std)
+    metrics["val/advantage_std"] = float(gather(ro.advantages.detach().float().reshape(-1)).std()) if c.global_batch_size > 1 else 0.0
+    metrics["response/length"] = tokens_global / c.global_batch_size
+    metrics["response/eos_fraction"] = gmean(ro.contains_eos)
+    return metrics
+
+
+def sample_records(c: RLOOConfig, m: Models, ro: Rollout, iteration: int) -> list[dict]:
+    """The first `num_samples` completions of this process, for samples.jsonl."""
+    rows = list(range(min(c.num_samples, len(ro))))
+    prompts = prompt_texts(m.tokenizer, ro.query_ids[rows], ro.query_mask[rows])
+    return [{"step": iteration, "prompt": prompts[j], "completion": ro.completions[r], "score": float(ro.scores[r]),
+             "rlhf_reward": float(ro.rewards[r]), "contains_eos": bool(ro.contains_eos[r]), "temperature": c.temperature}
+            for j, r in enumerate(rows)]
 
 
 # ----------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------
+def load_models(c: RLOOConfig, accelerator, reward_fn: Optional[Callable]) -> Models:
+    """Tokenizer, policy (dropout off), the reference when `c.needs_ref()`, and the reward model unless a
+    reward_fn scores. Frozen models are in the mixed-precision dtype and prepared for the engine."""
+    frozen_dtype = resolve_dtype(c.mixed_precision, accelerator.device)
+    tokenizer = load_tokenizer(c.model_name_or_path, padding_side="left", trust_remote_code=c.trust_remote_code)
+    policy = load_policy(c.model_name_or_path, trust_remote_code=c.trust_remote_code, gradient_checkpointing=c.gradient_checkpointing)
+    _disable_dropout(policy)
+    m = Models(accelerator, tokenizer, policy, reward_fn=reward_fn)
+    if c.needs_ref():
+        with distributed.frozen_model_loading(accelerator):
+            ref = load_policy(c.ref_model_name_or_path or c.model_name_or_path, dtype=frozen_dtype, trust_remote_code=c.trust_remote_code)
+        m.ref_policy = distributed.prepare_frozen_model(ref, accelerator)  # ZeRO-3: own engine, CPU offload
+    if reward_fn is None:
+        with distributed.frozen_model_loading(accelerator):
+            rm = load_reward_model(c.reward_model_name_or_path, dtype=frozen_dtype, trust_remote_code=c.trust_remote_code)
+        m.reward_model = distributed.prepare_frozen_model(rm, accelerator)
+        m.reward_tokenizer = load_tokenizer(c.reward_model_name_or_path, padding_side="left", trust_remote_code=c.trust_remote_code)
+        m.retokenize = not same_vocabulary(tokenizer, m.reward_tokenizer)
+        if m.retokenize and accelerator.is_main_process:
+            print("[train_rloo] policy and reward model tokenizers differ: re-tokenising text for the reward model")
+    return m
+
+
 def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     """Train; returns the run directory. `reward_fn` (optional) replaces the reward model (see docstring)."""
     from accelerate import Accelerator
@@ -360,7 +594,6 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         reward_fn = _load_reward_fn(c.reward_fn)
     if reward_fn is None and not c.reward_model_name_or_path:
         raise ConfigError("set `reward_model_name_or_path` or `reward_fn`: there is nothing to score completions with")
-    coef = _regularizer_coef(c)
 
     run_dir = RunDir(c.output_dir, accelerator)
     run_dir.save_config(c)
@@ -368,35 +601,14 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     if trackers:
         accelerator.init_trackers(c.tracker_project_name, config={k: v for k, v in vars(c).items() if isinstance(v, (int, float, str, bool))})
 
-    # ---- models ----
-    frozen_dtype = resolve_dtype(c.mixed_precision, device)
-    tokenizer = load_tokenizer(c.model_name_or_path, padding_side="left", trust_remote_code=c.trust_remote_code)
-    policy = load_policy(c.model_name_or_path, trust_remote_code=c.trust_remote_code, gradient_checkpointing=c.gradient_checkpointing)
-    _disable_dropout(policy)
-    need_ref = c.regularizer == "kl" or c.kl_ref_every > 0
-    ref_policy = None
-    if need_ref:
-        with distributed.frozen_model_loading(accelerator):
-            ref_policy = load_policy(c.ref_model_name_or_path or c.model_name_or_path, dtype=frozen_dtype, trust_remote_code=c.trust_remote_code)
-        ref_policy = distributed.prepare_frozen_model(ref_policy, accelerator)  # ZeRO-3: own engine, CPU offload
-    reward_model = reward_tok = None
-    retokenize = False
-    if reward_fn is None:
-        with distributed.frozen_model_loading(accelerator):
-            reward_model = load_reward_model(c.reward_model_name_or_path, dtype=frozen_dtype, trust_remote_code=c.trust_remote_code)
-        reward_model = distributed.prepare_frozen_model(reward_model, accelerator)
-        reward_tok = load_tokenizer(c.reward_model_name_or_path, padding_side="left", trust_remote_code=c.trust_remote_code)
-        retokenize = not same_vocabulary(tokenizer, reward_tok)
-        if retokenize and accelerator.is_main_process:
-            print("[train_rloo] policy and reward model tokenizers differ: re-tokenising text for the reward model")
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
+    # ---- models, optimizer ----
+    m = load_models(c, accelerator, reward_fn)
+    optimizer = torch.optim.AdamW(m.policy.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
                                   eps=c.adam_epsilon, weight_decay=c.weight_decay)
     # one scheduler step per iteration: linear gives lr_t = lr * (1 - t / num_iterations) without warmup
     scheduler = build_lr_scheduler(optimizer, c.lr_scheduler_type, plan.num_iterations, c.warmup_ratio)
     distributed.configure_deepspeed(accelerator, c.per_device_train_batch_size, c.max_grad_norm)  # no-op without DeepSpeed
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    m.policy, optimizer = accelerator.prepare(m.policy, optimizer)
 
     # ---- data ----
     dataset = load_any_dataset(c.dataset_name, c.dataset_train_split)
@@ -409,7 +621,7 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     start = 0
     ckpt = resolve_resume(c.resume, c.output_dir)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, policy, optimizer, scheduler, accelerator)
+        state = load_checkpoint(ckpt, m.policy, optimizer, scheduler, accelerator)
         start = state["step"]
         stream.load(state["data"])
         truncated_prompts = int(state.get("truncated_prompts", 0))
@@ -419,9 +631,7 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     else:  # a fresh start (or 'latest' with no checkpoint yet): drop log lines of an earlier attempt
         run_dir.truncate_logs_after(0, ("metrics.jsonl", "samples.jsonl"))
 
-    k, rank = c.rloo_k, accelerator.process_index
-    fwd = c.local_rollout_forward_batch_size
-    gather = accelerator.gather
+    rank, gather = accelerator.process_index, accelerator.gather
     last_saved = start if ckpt is not None else -1
     progress = tqdm(
         range(start + 1, plan.num_iterations + 1), desc=f"train_rloo[{c.regularizer}]", initial=start,
@@ -429,172 +639,39 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     )
     for it in progress:
         t_iter, cpu_iter = time.perf_counter(), time.process_time()
-        metrics: dict = {}
+        timings: dict = {}
         # prompts of this process: whole groups, each repeated k times (row p * k + j)
         idx = stream.next()[rank * plan.prompts_local : (rank + 1) * plan.prompts_local]
-        prompt_ids, cut = tokenize_prompts(tokenizer, [prompts_all[i] for i in idx], c.max_prompt_length)
+        query_ids, query_mask, cut = prompt_batch(c, m.tokenizer, [prompts_all[i] for i in idx], device)
         truncated_prompts += int(gather(torch.tensor([cut], device=device)).sum())
-        query_ids, query_mask = generation.left_pad(prompt_ids, pad_id)
-        query_ids = query_ids.repeat_interleave(k, 0).to(device)
-        query_mask = query_mask.repeat_interleave(k, 0).to(device)
-        ctx = query_ids.shape[1]
-        n = query_ids.shape[0]
 
-        # 1. generate rloo_k completions per prompt (KV-cached sampling at the training temperature)
-        t0 = time.perf_counter()
-        policy.eval()
-        # each chunk samples from a stream tied to its first row in the GLOBAL batch (not to the process):
-        # with `local_rollout_forward_batch_size` dividing the per-process batch, N processes sample
-        # exactly what one process samples (distributed.sampling_rng)
-        row0 = rank * plan.rows_local
-        raw = []
-        with distributed.unwrap_for_generation(accelerator, policy) as gen_model, accelerator.autocast():
-            for s in _chunks(n, fwd):
-                with distributed.sampling_rng(c.seed, it, row0 + s.start, device):
-                    raw.append(generation.generate(gen_model, query_ids[s], query_mask[s], c.response_length, eos_id, pad_id,
-                                                   temperature=c.temperature, synced_gpus=distributed.needs_synced_gpus(accelerator)))
-        raw = torch.cat(raw)
-        t_generate = time.perf_counter() - t0
-
-        # 2. truncate after the first EOS (kept), pad the rest
-        responses, response_mask, contains_eos = generation.truncate_after_eos(raw, eos_id, pad_id)
-        qr = torch.cat([query_ids, responses], 1)
-        qr_mask = torch.cat([query_mask, response_mask], 1)
-
-        # 3. reward-model score at the last real token; EOS penalty
-        t0 = time.perf_counter()
-        completions = tokenizer.batch_decode(responses, skip_special_tokens=True)  # padded after EOS already
-        if reward_fn is not None:
-            prompt_texts = tokenizer.batch_decode(query_ids * query_mask + pad_id * (1 - query_mask), skip_special_tokens=True)
-            scores = torch.as_tensor(
-                reward_fn(prompts=prompt_texts, completions=completions, response_ids=responses, response_mask=response_mask),
-                dtype=torch.float32, device=device,
-            ).reshape(-1)
-            if scores.shape[0] != n:
-                raise ValueError(f"reward_fn returned {scores.shape[0]} scores for {n} completions")
-        else:
-            if retokenize:
-                rm_ids, rm_mask = retokenize_for_reward(tokenizer, reward_tok, query_ids, query_mask, responses, response_mask, contains_eos)
-                rm_ids, rm_mask = rm_ids.to(device), rm_mask.to(device)
-            else:
-                rm_ids, rm_mask = qr, qr_mask
-            with accelerator.autocast():
-                scores = torch.cat([generation.reward_model_scores(reward_model, rm_ids[s], rm_mask[s]) for s in _chunks(n, fwd)])
-        scores = apply_eos_penalty(scores, contains_eos, c.missing_eos_penalty)
-        check_finite("reward-model score", scores, it, run_dir)
-        t_score = time.perf_counter() - t0
-
-        # 4. log-probs of the sampled tokens under the policy (old) and the reference, from logits / T
-        #    (no-grad forwards go through the prepared model, so sharded engines gather their parameters)
-        t0 = time.perf_counter()
-        with torch.no_grad(), accelerator.autocast():
-            old_lp, ent = [], []
-            for s in _chunks(n, fwd):
-                lp, e = generation.response_logprobs(policy, qr[s], qr_mask[s], ctx, c.temperature, return_entropy=True)
-                old_lp.append(lp.float())
-                ent.append(e.float())
-            old_logprobs, token_entropy = torch.cat(old_lp), torch.cat(ent)
-            compute_kl_ref = c.regularizer == "kl" or (c.kl_ref_every > 0 and it % c.kl_ref_every == 0)
-            ref_logprobs = None
-            if compute_kl_ref:
-                ref_logprobs = torch.cat([
-                    generation.response_logprobs(ref_policy, qr[s], qr_mask[s], ctx, c.temperature).float()
-                    for s in _chunks(n, fwd)
-                ])
-        t_logprobs = time.perf_counter() - t0
-
-        # 5. regularised sequence reward (objectives): kl / entropy (Eq. 6, Eq. 7) / none
-        reg = objectives.regularized_reward(
-            scores, old_logprobs, response_mask, c.regularizer, coef, ref_logprobs=ref_logprobs, length_normalize=c.length_normalize
-        )
-        check_finite("regularised reward", reg.rewards, it, run_dir)
-
-        # 6. RLOO leave-one-out advantages over the k samples of each prompt ([num_prompts, k] layout)
-        advantages = rloo_row_advantages(reg.rewards, k, c.whiten_advantages, accelerator)
-
-        # 7. num_ppo_epochs x num_mini_batches clipped policy-gradient updates
-        t0 = time.perf_counter()
-        policy.train()
-        stats = {"clipfrac": [], "approxkl": [], "ratio": [], "loss": [], "grad_norm": []}
-        micro = c.per_device_train_batch_size
-        for _epoch in range(c.num_ppo_epochs):
-            order = torch.randperm(n).to(device)
-            for mb_start in range(0, n, plan.mini_local):
-                mb = order[mb_start : mb_start + plan.mini_local]
-                for a in range(plan.grad_accum):
-                    rows = mb[a * micro : (a + 1) * micro]
-                    sync = a == plan.grad_accum - 1
-                    # DDP/FSDP: all-reduce on the last micro-batch only; DeepSpeed: the engine steps there
-                    with distributed.micro_step(accelerator, policy, sync), accelerator.autocast():
-                        new_lp = generation.response_logprobs(policy, qr[rows], qr_mask[rows], ctx, c.temperature).float()
-                        out = objectives.ppo_clipped_policy_loss(
-                            new_lp, old_logprobs[rows], advantages[rows], response_mask[rows], c.cliprange, level=c.loss_level
-                        )
-                        accelerator.backward(out.loss / plan.grad_accum)
-                    check_finite("policy loss", out.loss, it, run_dir)
-                    for key in ("clipfrac", "approxkl", "ratio", "loss"):
-                        stats[key].append(getattr(out, key).detach().float())
-                if c.max_grad_norm > 0:
-                    gn = accelerator.clip_grad_norm_(policy.parameters(), c.max_grad_norm)
-                    stats["grad_norm"].append(torch.as_tensor(gn, device=device).float())
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        lr_used = scheduler.get_last_lr()[0]
-        scheduler.step()
-        t_update = time.perf_counter() - t0
-        # KL between consecutive policies on this iteration's samples (both directions, see kl_prev_metrics):
-        # old log-probs vs a post-update forward
-        t0 = time.perf_counter()
-        policy.eval()
-        with torch.no_grad(), accelerator.autocast():
-            new_logprobs = torch.cat([
-                generation.response_logprobs(policy, qr[s], qr_mask[s], ctx, c.temperature).float() for s in _chunks(n, fwd)
-            ])
-        t_kl_prev = time.perf_counter() - t0
+        with _timed(timings, "generate"):  # 1. sample rloo_k completions per prompt, cut after EOS
+            ro = generate(c, m, query_ids, query_mask, it, first_row=rank * plan.rows_local)
+        with _timed(timings, "score"):  # 2. reward-model score; missing-EOS penalty
+            ro.scores = score(c, m, ro)
+            check_finite("reward-model score", ro.scores, it, run_dir)
+        with _timed(timings, "logprobs"):  # 3. old and reference log-probs from logits / T
+            ro.old_logprobs, ro.token_entropy, ro.ref_logprobs = rollout_logprobs(c, m, ro, c.needs_ref(it))
+        reg = regularised_reward(c, ro)  # 4. regularised sequence reward
+        ro.rewards, ro.non_score_reward = reg.rewards, reg.non_score_reward
+        check_finite("regularised reward", ro.rewards, it, run_dir)
+        ro.advantages = rloo_row_advantages(ro.rewards, c.rloo_k, c.whiten_advantages, accelerator)  # 5. RLOO
+        with _timed(timings, "update"):  # 6. clipped policy-gradient updates
+            stats = update(c, m, plan, ro, optimizer, scheduler, check=lambda name, v: check_finite(name, v, it, run_dir))
+        with _timed(timings, "kl_prev"):  # 7. the same samples under the updated policy
+            ro.new_logprobs = policy_logprobs(c, m, ro)
 
         # 8. log, sample, checkpoint (metrics are means over the global batch: gathered from every process)
-        lengths = response_mask.sum(1).float()
-
-        def gmean(x: torch.Tensor) -> float:
-            return float(gather(x.detach().float().reshape(-1)).mean())
-
-        def seq_sum(x: torch.Tensor) -> torch.Tensor:
-            return objectives.masked_sum(x, response_mask)
-
-        tokens_global = float(gather(lengths).sum())
-        metrics["objective/scores"] = gmean(scores)
-        metrics["objective/rlhf_reward"] = gmean(reg.rewards)
-        metrics["objective/non_score_reward"] = gmean(reg.non_score_reward)
-        metrics["objective/entropy_bonus"] = gmean(reg.non_score_reward) if c.regularizer == "entropy" else 0.0
-        metrics.update(entropy_metrics(old_logprobs, response_mask, gather))
-        if ref_logprobs is not None:
-            metrics["objective/kl_ref"] = gmean(seq_sum(objectives.kl_estimate(old_logprobs, ref_logprobs, "k1")))
-            metrics["objective/kl_ref_k3"] = gmean(seq_sum(objectives.kl_estimate(old_logprobs, ref_logprobs, "k3")))
-        metrics["objective/kl_ref_every"] = 1 if c.regularizer == "kl" else c.kl_ref_every
-        metrics.update(kl_prev_metrics(old_logprobs, new_logprobs, response_mask, gather))
-        metrics["policy/entropy"] = float(gather(seq_sum(token_entropy)).sum()) / max(tokens_global, 1.0)
-        for key, name in (("clipfrac", "policy/clipfrac"), ("approxkl", "policy/approxkl"), ("ratio", "val/ratio"), ("loss", "loss/policy")):
-            metrics[name] = gmean(torch.stack(stats[key]).mean())
-        if stats["grad_norm"]:
-            metrics["train/grad_norm"] = gmean(torch.stack(stats["grad_norm"]).mean())
-        metrics["train/lr"] = lr_used
-        # std over the GLOBAL batch (a mean of per-process stds is not the global std)
-        metrics["val/advantage_std"] = float(gather(advantages.detach().float().reshape(-1)).std()) if c.global_batch_size > 1 else 0.0
-        metrics["response/length"] = tokens_global / c.global_batch_size
-        metrics["response/eos_fraction"] = gmean(contains_eos)
+        metrics = iteration_metrics(c, ro, stats, gather)
         metrics["data/truncated_prompts"] = truncated_prompts
         metrics["data/epoch"] = stream.epoch
         metrics["episodes"] = it * c.global_batch_size
-        metrics["time/generate"] = t_generate
-        metrics["time/score"] = t_score
-        metrics["time/logprobs"] = t_logprobs
-        metrics["time/update"] = t_update
-        metrics["time/kl_prev"] = t_kl_prev
+        metrics.update({f"time/{k}": v for k, v in timings.items()})
         t_total = time.perf_counter() - t_iter
         metrics["time/iteration"] = t_total
         metrics["time/iteration_cpu"] = time.process_time() - cpu_iter  # CPU seconds of this process (all threads)
         metrics["perf/episodes_per_s"] = c.global_batch_size / t_total
-        metrics["perf/tokens_per_s"] = tokens_global / t_total  # real (unpadded) response tokens
+        metrics["perf/tokens_per_s"] = metrics["response/length"] * c.global_batch_size / t_total  # real response tokens
         if c.logging_steps > 0 and (it % c.logging_steps == 0 or it == plan.num_iterations):
             run_dir.log_metrics(metrics, it)
         progress.set_postfix(
@@ -602,19 +679,13 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
             kl_prev=f"{metrics['objective/kl_prev']:.2g}", eps_s=f"{metrics['perf/episodes_per_s']:.1f}", refresh=False,
         )
         if c.sample_every > 0 and it % c.sample_every == 0 and c.num_samples > 0:
-            rows = list(range(min(c.num_samples, n)))
-            prompt_texts = tokenizer.batch_decode(query_ids[rows] * query_mask[rows] + pad_id * (1 - query_mask[rows]), skip_special_tokens=True)
-            run_dir.append_jsonl("samples.jsonl", [
-                {"step": it, "prompt": prompt_texts[j], "completion": completions[r], "score": float(scores[r]),
-                 "rlhf_reward": float(reg.rewards[r]), "contains_eos": bool(contains_eos[r]), "temperature": c.temperature}
-                for j, r in enumerate(rows)
-            ])
+            run_dir.append_jsonl("samples.jsonl", sample_records(c, m, ro, it))
         if (c.save_steps > 0 and it % c.save_steps == 0) or it == plan.num_iterations:
-            save_checkpoint(run_dir, it, policy, tokenizer, optimizer, scheduler,
+            save_checkpoint(run_dir, it, m.policy, m.tokenizer, optimizer, scheduler,
                             state={"data": stream.state(), "truncated_prompts": truncated_prompts}, keep_last=c.save_total_limit)
             last_saved = it
     if last_saved < 0 and latest_checkpoint(run_dir.path) is None:  # nothing ran (resumed at the end)
-        save_checkpoint(run_dir, start, policy, tokenizer, optimizer, scheduler,
+        save_checkpoint(run_dir, start, m.policy, m.tokenizer, optimizer, scheduler,
                         state={"data": stream.state(), "truncated_prompts": truncated_prompts})
     accelerator.wait_for_everyone()
     if trackers:

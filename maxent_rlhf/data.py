@@ -1,7 +1,9 @@
-"""Dataset loading shared by the scripts: a hub id (`trl-lib/tldr`) or a local json/jsonl/parquet file.
+"""Dataset loading shared by the scripts: a hub id (`trl-lib/tldr`), a local json/jsonl/parquet/csv file,
+a directory of `<split>.jsonl` files, or a registered location such as `toylab://prompts`.
 
-Column checks name the missing column and the columns that were found. Script-specific tokenisation
-(SFT, pairwise, listwise, prompts for RLOO) lives next to it below, each in its own function.
+Column checks name the missing column and the columns that were found. Below: train_rloo.py's prompt
+stream and prompt tokenisation (`PromptStream`, `tokenize_prompts`), then the tokenisation and padding
+of train_offline.py's SFT, pairwise and listwise examples (`tokenize_offline_dataset`, `collate_responses`).
 """
 from __future__ import annotations
 
@@ -61,6 +63,61 @@ def as_text(value, source: str, row: int, column: str) -> str:
         f"{source}: row {row}, column `{column}` must be a string or a list of {{role, content}} messages, "
         f"got {type(value).__name__}"
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# online prompts (train_rloo.py)
+# --------------------------------------------------------------------------------------------------
+class PromptStream:
+    """Seeded epoch-wise shuffling of prompt indices; the position is part of the checkpoint state.
+
+    Each iteration takes the next `per_iteration` indices of a permutation; the remainder of an epoch is
+    dropped and the next epoch draws a new permutation (seeded by seed and epoch, so a resume that loads
+    `state()` continues with exactly the prompts the uninterrupted run would have seen).
+    """
+
+    def __init__(self, n: int, per_iteration: int, seed: int):
+        if n < per_iteration:
+            raise DataError(f"the prompt dataset has {n} rows, fewer than the {per_iteration} prompts one iteration needs")
+        self.n, self.per_iteration, self.seed = n, per_iteration, seed
+        self.epoch, self.pos = 0, 0
+        self._perm = self._make_perm()
+
+    def _make_perm(self):
+        import torch
+
+        from .distributed import mix_seed
+
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        return torch.randperm(self.n, generator=g)
+
+    def next(self) -> list[int]:
+        if self.pos + self.per_iteration > self.n:  # drop the remainder, start a new epoch
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._perm = self._make_perm()
+        out = self._perm[self.pos : self.pos + self.per_iteration].tolist()
+        self.pos += self.per_iteration
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._perm = self._make_perm()
+
+
+def tokenize_prompts(tokenizer, texts: list[str], max_len: int) -> tuple[list[list[int]], int]:
+    """Token ids of each prompt (no special tokens added), cut from the LEFT to max_len so the prompt's
+    end ("TL;DR:") stays next to the response; returns the ids and how many prompts were cut."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    cut = 0
+    for i, t in enumerate(ids):
+        if not t:
+            raise DataError(f"prompt {texts[i]!r} tokenises to nothing; remove empty prompts")
+        if len(t) > max_len:
+            ids[i], cut = t[-max_len:], cut + 1
+    return ids, cut
 
 
 # --------------------------------------------------------------------------------------------------

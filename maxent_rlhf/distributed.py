@@ -24,8 +24,9 @@ DeepSpeed's `gradient_clipping`, which `configure_deepspeed` sets to the script'
 Sampling: `sampling_rng` ties each rollout chunk's random stream to its rows of the global batch, so N
 processes sample what one process samples. Checkpoints under DeepSpeed / FSDP: see `runs.uses_engine_state`.
 
-Nothing here can run on this project's CPU test machine beyond the no-op paths; the DeepSpeed / FSDP
-branches are kept short and follow accelerate 1.x and DeepSpeed's documented APIs.
+The FSDP2 and ZeRO-2 / ZeRO-3 branches run on two CPU processes in tests/test_sharded.py (accelerate
+does not shard CPU processes by itself: tests/cpu_sharding.py says how the test gets it to); on GPUs
+they have yet to run (bench/gpu_smoke.sh is the acceptance run).
 """
 from __future__ import annotations
 
@@ -96,10 +97,11 @@ def configure_deepspeed(accelerator, micro_batch_size: int, max_grad_norm: float
 
     - train_micro_batch_size_per_gpu = the script's micro-batch (accelerate needs it when no DataLoader
       is prepared, as in both scripts);
-    - gradient_accumulation_steps = the Accelerator's: > 1 when the script uses `accelerator.accumulate`
-      (train_offline.py; DeepSpeed then scales the loss and accelerate does not), 1 when the script
-      divides the loss itself and marks boundaries with `micro_step` (train_rloo.py), so DeepSpeed does
-      not scale it a second time; train_batch_size = micro x accumulation x processes;
+    - gradient_accumulation_steps = the Accelerator's, which is 1 in both scripts: they divide the loss
+      by their own accumulation count and mark the last micro-batch with `micro_step`, so DeepSpeed must
+      not scale the loss a second time (a script using `accelerator.accumulate` would set the
+      Accelerator's count instead, and DeepSpeed would then do the scaling);
+      train_batch_size = micro x accumulation x processes;
     - gradient_clipping = max_grad_norm (DeepSpeed clips inside its step; 0 turns clipping off).
     No-op without DeepSpeed. A value set explicitly in the DeepSpeed config that disagrees is an error.
     """
@@ -270,11 +272,20 @@ def unwrap_for_generation(accelerator, model, gather: bool = True):
 
 
 # --------------------------------------------------------------------------------------------------
-# sampling streams that do not depend on the number of processes
+# random streams that do not depend on the number of processes
 # --------------------------------------------------------------------------------------------------
-def sampling_seed(seed: int, iteration: int, first_row: int) -> int:
-    """Seed of the sampling stream for the chunk of an iteration's GLOBAL batch starting at `first_row`."""
-    return ((int(seed) * 1_000_003 + int(iteration)) * 1_000_003 + int(first_row)) % (2**63 - 1)
+def mix_seed(seed: int, *parts: int, multiplier: int = 1_000_003) -> int:
+    """The seed of one random stream of a run, from the run's seed and the integers that name the stream
+    (epoch; iteration and first row of the global batch; ...): ((seed * m + p1) * m + p2) ... modulo
+    2^63 - 1, a valid torch seed. Every process computes the same value, streams of one run do not share
+    random numbers, and a stream does not depend on what else the run drew before it.
+
+    `multiplier` is a prime. train_offline's epoch shuffle passes 100_003, the value its runs (and the
+    toy lab's SFT and reward models) have always been shuffled with; everything else uses the default."""
+    out = int(seed)
+    for p in parts:
+        out = out * multiplier + int(p)
+    return out % (2**63 - 1)
 
 
 @contextlib.contextmanager
@@ -291,7 +302,7 @@ def sampling_rng(seed: int, iteration: int, first_row: int, device=None):
     device = torch.device(device) if device is not None else None
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device is not None and device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(sampling_seed(seed, iteration, first_row))
+        torch.manual_seed(mix_seed(seed, iteration, first_row))
         yield
 
 

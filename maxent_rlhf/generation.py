@@ -1,6 +1,7 @@
 """Batched generation, EOS truncation, response log-prob forwards and reward-model scoring.
 
-Conventions (used by train_rloo.py, evaluate_judge.py and the toy lab):
+Conventions (used by train_rloo.py, train_offline.py, evaluate_judge.py, the reward-model judge and the
+toy lab):
 - queries are LEFT-padded to a common length `context_length`; responses follow, RIGHT-padded;
 - the attention mask of query+response is built from lengths (query mask ++ response mask), never from
   `input_ids != pad_token_id`, because Pythia reuses EOS as pad and the EOS must stay visible;
@@ -8,7 +9,8 @@ Conventions (used by train_rloo.py, evaluate_judge.py and the toy lab):
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -71,6 +73,7 @@ def generate(
 
     Pure temperature sampling: top_k = 0 and top_p = 1 so the sampling distribution is exactly
     softmax(logits / T), the one whose log-probs RLOO uses. Rows that stop early are padded.
+    Nothing from the checkpoint's `generation_config.json` applies (see `_explicit_generation_config`).
 
     `model` may be a DDP / accelerate wrapper (its `.module` generates). Under ZeRO-3 or FSDP pass
     `synced_gpus=True` (see `maxent_rlhf.distributed.unwrap_for_generation` / `needs_synced_gpus`).
@@ -80,28 +83,74 @@ def generate(
     while not hasattr(model, "generate") and hasattr(model, "module"):  # DDP has no `generate`
         model = model.module
 
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=0,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_k=0 if do_sample else None,
-        top_p=1.0 if do_sample else None,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        bos_token_id=None,
-    )
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        generation_config=gen_config,
-        synced_gpus=synced_gpus,
-    )
+    gen_config = _explicit_generation_config(max_new_tokens, eos_token_id, pad_token_id, temperature, do_sample)
+    # HF merges the model's own generation config (loaded from the checkpoint's generation_config.json)
+    # into the one passed: transformers 4.50-4.57 overwrite every passed value that equals the library
+    # default (so do_sample=False, temperature=1.0, top_p=1.0 lose to a saved do_sample/temperature/top_p),
+    # 5.x fill every field left None (min_p, bad_words_ids, suppress_tokens, ...). A checkpoint saved
+    # with `do_sample: true, top_k: 5` would make "greedy" evaluation sample and RLOO sample from a
+    # truncated distribution whose log-probs are not the ones it trains on. So, for this call, the model's
+    # generation config is the library default: only `gen_config` decides.
+    saved = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()
+    try:
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=gen_config,
+            synced_gpus=synced_gpus,
+        )
+    finally:
+        model.generation_config = saved
     responses = out[:, input_ids.shape[1] :]
     if responses.shape[1] < max_new_tokens:
         fill = responses.new_full((responses.shape[0], max_new_tokens - responses.shape[1]), pad_token_id)
         responses = torch.cat([responses, fill], dim=1)
     return responses
+
+
+def _explicit_generation_config(max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float,
+                                do_sample: bool):
+    """A GenerationConfig with every field that shapes the output set to its neutral value.
+
+    Plain sampling (or greedy) over the full vocabulary, one sequence per prompt, exactly
+    `max_new_tokens` unless EOS comes first: no truncation (top_k/top_p/min_p/typical/epsilon/eta),
+    no penalties, no beams, and a plain tensor back. Fields whose neutral value is None (min_p,
+    bad_words_ids, suppress_tokens, forced_bos/eos_token_id, sequence_bias, ...) cannot be pinned here:
+    `generate` blanks the model's own generation config for that.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        do_sample=do_sample,
+        num_beams=1,
+        num_return_sequences=1,
+        # the sampling distribution: softmax(logits / T) over the whole vocabulary; greedy uses none of
+        # these (HF warns on a top_k it will not use, hence None there: the library default, also unused)
+        temperature=temperature if do_sample else 1.0,
+        top_k=0 if do_sample else None,
+        top_p=1.0,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        # no logit processors: penalties, bans, forced or suppressed tokens
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0,
+        length_penalty=1.0,
+        renormalize_logits=False,
+        remove_invalid_values=False,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=None,
+        use_cache=True,
+        output_scores=False,
+        output_logits=False,
+        return_dict_in_generate=False,
+    )
 
 
 def response_logits(model, query_responses: Tensor, attention_mask: Tensor, context_length: int) -> Tensor:
@@ -180,3 +229,82 @@ def reward_model_scores_with_grad(reward_model, input_ids: Tensor, attention_mas
 def reward_model_scores(reward_model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """`reward_model_scores_with_grad` without autograd, as float32 (scoring rollouts, judging)."""
     return reward_model_scores_with_grad(reward_model, input_ids, attention_mask).float()
+
+
+# --------------------------------------------------------------------------------------------------
+# text in, text out (evaluation, the reward-model judge, the toy lab)
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Completion:
+    text: str  # decoded completion, EOS removed, stripped
+    num_tokens: int  # its length in tokens (the EOS not counted)
+
+
+def complete_prompts(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    max_prompt_length: Optional[int] = None,
+    skip_special_tokens: bool = True,
+    device=None,
+) -> Iterator[list[Completion]]:
+    """Decode `prompts` (greedily by default, else sampled at `temperature`) `batch_size` at a time;
+    yields each batch's completions, in order, so a caller can save and report as it goes.
+
+    Each prompt is tokenised alone without special tokens and keeps its last `max_prompt_length` tokens
+    (when given, so "TL;DR:" stays next to the completion), left-padded; each completion is cut after its
+    first EOS (`truncate_after_eos`) and decoded without it (`skip_special_tokens=False` keeps any other
+    special token the model emitted in the text).
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for start in range(0, len(prompts), batch_size):
+        queries = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[start : start + batch_size]]
+        if max_prompt_length:
+            queries = [q[-max_prompt_length:] for q in queries]
+        ids, mask = left_pad(queries, pad)
+        if device is not None:
+            ids, mask = ids.to(device), mask.to(device)
+        responses = generate(model, ids, mask, max_new_tokens, eos, pad, temperature=temperature, do_sample=do_sample)
+        responses, response_mask, _ = truncate_after_eos(responses, eos, pad)
+        batch = []
+        for row, keep in zip(responses.cpu(), response_mask.cpu()):
+            tokens = row[keep.bool()].tolist()
+            if tokens and tokens[-1] == eos:
+                tokens = tokens[:-1]
+            batch.append(Completion(tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens).strip(), len(tokens)))
+        yield batch
+
+
+def score_completions(
+    reward_model,
+    tokenizer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    batch_size: int,
+    max_prompt_length: Optional[int] = None,
+    device=None,
+) -> list[float]:
+    """Reward of each prompt + " " + completion.strip() + EOS (the TL;DR format the reward models were
+    trained on), read at the EOS (`reward_model_scores`), `batch_size` sequences per forward.
+
+    The prompt keeps its last `max_prompt_length` tokens when given. Sequences are left-padded; with
+    position ids counted over real tokens a score does not depend on the padding (tests/test_generation.py
+    checks it against right padding).
+    """
+    seqs = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        q = tokenizer(prompt, add_special_tokens=False).input_ids
+        if max_prompt_length:
+            q = q[-max_prompt_length:]
+        seqs.append(q + tokenizer(" " + completion.strip(), add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+    out: list[float] = []
+    for start in range(0, len(seqs), batch_size):
+        ids, mask = left_pad(seqs[start : start + batch_size], tokenizer.pad_token_id)
+        if device is not None:
+            ids, mask = ids.to(device), mask.to(device)
+        out.extend(reward_model_scores(reward_model, ids, mask).tolist())
+    return out

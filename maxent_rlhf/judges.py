@@ -6,19 +6,20 @@ pair: "A", "B", "tie" or "invalid" (an answer that could not be parsed after the
 reported, never turned into a coin flip or a loss), optionally a soft preference `p_a` = P(A preferred).
 Mapping A/B back to policy/reference, caching and statistics live in `evaluate_judge.py`.
 
-Adding a judge (the toy lab's programmatic `toy-gold` judge does this):
+Adding a judge (the toy lab's programmatic `toy-gold` judge does this, in maxent_rlhf/toylab/judge.py):
 
     from maxent_rlhf.judges import Judge, Verdict, register_judge
 
     @register_judge("toy-gold")
     class ToyGoldJudge(Judge):
-        def __init__(self, **kw): ...                     # receives only the keyword arguments it names
+        def __init__(self, tolerance: float = 1e-9): ...  # its options: the constructor's parameters
         @property
         def cache_id(self): return "toy-gold/v1"          # identity in the judgment cache key
         def judge_pair(self, pair): return Verdict("A")   # or override judge_many for batching
 
-`get_judge(name, **kw)` passes each judge only the keyword arguments its constructor accepts, so a
-caller can hand every judge the same superset of options.
+`get_judge(name, context, **options)` builds it: an option the judge does not take is an error; the
+shared `context` (tokenizer, mixed precision, seed, ...) reaches only the judges that name it. The module
+that registers a judge must be imported first (evaluate_judge.py imports the toy lab's).
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ from typing import Any, Callable, Optional, Sequence
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
-# the prompt (reference.md section 5: the DPO paper's TL;DR judge prompt). Bump the version on any edit:
-# it is part of the cache key, so a changed prompt never reuses old judgments.
+# the prompt: the DPO paper's TL;DR judge prompt (Rafailov et al. 2023, App. C.2; docs/sources.md section 4).
+# Bump the version on any edit: it is part of the cache key, so a changed prompt never reuses old judgments.
 # --------------------------------------------------------------------------------------------------
 TEMPLATE_VERSION = "tldr-dpo-v1"
 PROMPT_TEMPLATE = """Which of the following summaries does a better job of summarizing the most \
@@ -203,12 +204,13 @@ class Judge:
 
 
 _REGISTRY: dict[str, Callable[..., Judge]] = {}
-#: modules imported on a registry miss, so their judges register themselves (the toy lab's toy-gold)
-PLUGIN_MODULES = ("maxent_rlhf.toylab",)
 
 
 def register_judge(name: str):
-    """Class (or factory) decorator: make a judge available as `get_judge(name)` / `--judge name`."""
+    """Class (or factory) decorator: make a judge available as `get_judge(name)` / `--judge name`.
+
+    The module that defines it must be imported before `get_judge` runs: the toy lab's `toy-gold`
+    registers when `maxent_rlhf.toylab` is imported (evaluate_judge.py imports it)."""
 
     def deco(factory):
         _REGISTRY[name] = factory
@@ -223,32 +225,26 @@ def available_judges() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_judge(name: str, required: Sequence[str] = (), **kw) -> Judge:
-    """Instantiate judge `name` with the keyword arguments its constructor accepts (others ignored,
-    except those named in `required`: a judge that does not accept one of them is an error)."""
-    if name not in _REGISTRY:
-        import importlib
+def get_judge(name: str, context: Optional[dict] = None, **options) -> Judge:
+    """Instantiate judge `name` with `options`, every one of which it must take: an option it does not
+    take is an error naming the option and the judge (never silently dropped). `context` holds settings
+    shared with the rest of a run (tokenizer, max_prompt_length, mixed_precision, seed, ...): each judge
+    receives those its constructor names, and no error for the others."""
+    from .config import ConfigError
 
-        for mod in PLUGIN_MODULES:
-            try:
-                importlib.import_module(mod)
-            except ModuleNotFoundError as e:
-                if e.name != mod:
-                    raise
     if name not in _REGISTRY:
-        from .config import ConfigError
-
         raise ConfigError(f"judge: unknown judge {name!r}; available: {', '.join(available_judges())}")
     factory = _REGISTRY[name]
     params = inspect.signature(factory).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        refused = [k for k in required if k not in params]
-        if refused:
-            from .config import ConfigError
-
-            raise ConfigError(f"judge {name!r} accepts no option(s) {refused}; it accepts {sorted(params)}")
-        kw = {k: v for k, v in kw.items() if k in params}
-    return factory(**kw)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    refused = [k for k in options if not takes_any and k not in params]
+    if refused:
+        raise ConfigError(
+            f"judge {name!r} takes no option {', '.join(refused)}: remove it from the command line / config "
+            f"(judge {name!r} takes: {', '.join(sorted(params)) or 'no options'})"
+        )
+    kw = {k: v for k, v in (context or {}).items() if takes_any or k in params}
+    return factory(**kw, **options)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,7 +439,7 @@ def _short(e) -> str:
 # --------------------------------------------------------------------------------------------------
 @register_judge("reward-model")
 class RewardModelJudge(Judge):
-    """Scores prompt + " " + summary + EOS with a reward model (`generation.reward_model_scores`);
+    """Scores prompt + " " + summary + EOS with a reward model (`generation.score_completions`);
     the higher score wins, equal scores tie; p_a = sigmoid(score A - score B) (Bradley-Terry).
     Fast and offline; not cached (the model at a path may change)."""
 
@@ -451,25 +447,25 @@ class RewardModelJudge(Judge):
 
     def __init__(
         self,
-        reward_model: Optional[str] = None,
-        tokenizer: Optional[str] = None,
+        reward_model_name_or_path: Optional[str] = None,
+        tokenizer_name_or_path: Optional[str] = None,
         judge_batch_size: int = 16,
         max_prompt_length: int = 512,
         mixed_precision: str = "auto",
         device: Optional[str] = None,
         trust_remote_code: bool = False,
     ):
-        if not reward_model:
-            raise JudgeError("the `reward-model` judge needs --reward_model (a hub id or a local directory)")
+        if not reward_model_name_or_path:
+            raise JudgeError("the `reward-model` judge needs --reward_model_name_or_path (a hub id or a local directory)")
         import torch
 
         from .models import load_reward_model, load_tokenizer, resolve_dtype
 
-        self.path = reward_model
+        self.path = reward_model_name_or_path
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = load_tokenizer(tokenizer or reward_model, padding_side="left", trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(tokenizer_name_or_path or reward_model_name_or_path, padding_side="left", trust_remote_code=trust_remote_code)
         self.model = load_reward_model(
-            reward_model, dtype=resolve_dtype(mixed_precision, self.device), trust_remote_code=trust_remote_code
+            reward_model_name_or_path, dtype=resolve_dtype(mixed_precision, self.device), trust_remote_code=trust_remote_code
         ).to(self.device).eval()
         self.batch_size = judge_batch_size
         self.max_prompt_length = max_prompt_length
@@ -479,19 +475,10 @@ class RewardModelJudge(Judge):
         return f"reward-model/{self.path}"
 
     def score_texts(self, prompts: Sequence[str], summaries: Sequence[str]) -> list[float]:
-        from .generation import left_pad, reward_model_scores
+        from .generation import score_completions
 
-        tok = self.tokenizer
-        seqs = []
-        for prompt, summary in zip(prompts, summaries):
-            q = tok(prompt, add_special_tokens=False).input_ids[-self.max_prompt_length :]
-            r = tok(" " + summary.strip(), add_special_tokens=False).input_ids
-            seqs.append(q + r + [tok.eos_token_id])
-        out: list[float] = []
-        for s in range(0, len(seqs), self.batch_size):
-            ids, mask = left_pad(seqs[s : s + self.batch_size], tok.pad_token_id)
-            out.extend(reward_model_scores(self.model, ids.to(self.device), mask.to(self.device)).tolist())
-        return out
+        return score_completions(self.model, self.tokenizer, prompts, summaries, self.batch_size,
+                                 max_prompt_length=self.max_prompt_length, device=self.device)
 
     def judge_many(self, pairs: Sequence[Pair], on_result: Callable[[int, Verdict], None]) -> None:
         import torch
@@ -528,17 +515,14 @@ class JudgmentCache:
     def __init__(self, path):
         from pathlib import Path
 
+        from .runs import read_jsonl
+
         self.path = Path(path)
-        self.records: dict[str, dict] = {}
-        self.torn_lines = 0
-        if self.path.exists():
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                        self.records[rec["key"]] = rec
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        self.torn_lines += 1
+        torn: list[int] = []
+        lines = read_jsonl(self.path, torn=torn)
+        judgments = [r for r in lines if isinstance(r, dict) and "key" in r]
+        self.records: dict[str, dict] = {r["key"]: r for r in judgments}  # later lines win
+        self.torn_lines = len(torn) + len(lines) - len(judgments)  # JSON that is no judgment is skipped too
         self._file = None
 
     def __contains__(self, key: str) -> bool:
@@ -551,18 +535,12 @@ class JudgmentCache:
     def put(self, key: str, verdict: Verdict, **meta) -> None:
         rec = {"key": key, **meta, "verdict": verdict.to_json(), "time": time.time()}
         if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
-            if self.path.stat().st_size and not self._ends_with_newline():
-                self._file.write("\n")  # after a torn last line
+            from .runs import open_jsonl_for_append
+
+            self._file = open_jsonl_for_append(self.path)
         self._file.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self._file.flush()
         self.records[key] = rec
-
-    def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
 
     def close(self) -> None:
         if self._file is not None:

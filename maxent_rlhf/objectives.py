@@ -4,7 +4,7 @@ No models, no I/O: the trainers (`train_rloo.py`, `train_offline.py`), the judge
 (`theory/`) import these and nothing else re-implements them. Equation numbers refer to
 "Failure Modes of Maximum Entropy RLHF" (main text Eqs. 1-7, appendix C Eqs. 8-12).
 
-Notation (as in `shared/reference.md`): S = summed response log-prob log pi(y|x), A = S / |y| (per-token
+Notation (as in docs/sources.md section 3): S = summed response log-prob log pi(y|x), A = S / |y| (per-token
 mean), rho = S - S_ref, h = rho_w - rho_l. All losses return *per-example* losses (the caller takes the
 mean) together with the implicit rewards a trainer logs.
 """
@@ -34,6 +34,18 @@ def _check_same_shape(**tensors: Tensor) -> None:
                 f"`{name}` has shape {tuple(t.shape)} but `{name0}` has shape {tuple(t0.shape)}; "
                 "they must match"
             )
+
+
+def _check_pair(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Optional[Tensor] = None,
+    ref_rejected_logps: Optional[Tensor] = None,
+) -> None:
+    """The opening check of every pairwise loss: one value per example for each log-prob given."""
+    given = dict(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                 ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    _check_same_shape(**{name: t for name, t in given.items() if t is not None})
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -327,12 +339,7 @@ def dpo_loss(
     beta: float,
 ) -> PairwiseLossOutput:
     """DPO (Sec. 2.2): -log sigma(beta * h), h = (S_w - S_w^ref) - (S_l - S_l^ref)."""
-    _check_same_shape(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
-    )
+    _check_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     _check_positive("beta", beta)
     chosen = beta * (policy_chosen_logps - ref_chosen_logps)
     rejected = beta * (policy_rejected_logps - ref_rejected_logps)
@@ -363,7 +370,7 @@ def simpo_loss(
     times beta). With `length_normalize=False` and gamma = 0 this is exactly the maximum-entropy
     Bradley-Terry likelihood of appendix C.2: -log sigma(alpha log pi(y_w) - alpha log pi(y_l)), alpha = beta.
     """
-    _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    _check_pair(policy_chosen_logps, policy_rejected_logps)
     _check_positive("beta", beta)
     if length_normalize:  # validate here so the error names the caller's argument
         _lengths("chosen_lengths", chosen_lengths, policy_chosen_logps)
@@ -409,12 +416,7 @@ def ipo_loss(
     beta: float,
 ) -> PairwiseLossOutput:
     """IPO: (h_bar - 1 / (2 beta))^2, h_bar the difference of per-token-averaged log-ratios."""
-    _check_same_shape(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
-    )
+    _check_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     _check_positive("beta", beta)
     rho_w = (policy_chosen_logps - ref_chosen_logps) / _lengths("chosen_lengths", chosen_lengths, policy_chosen_logps)
     rho_l = (policy_rejected_logps - ref_rejected_logps) / _lengths(
@@ -432,7 +434,7 @@ def cpo_loss(
     nll_coef: float = 1.0,
 ) -> PairwiseLossOutput:
     """CPO: -log sigma(beta (S_w - S_l)) + nll_coef * NLL(y_w), NLL per token (set nll_coef = 0 to drop it)."""
-    _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    _check_pair(policy_chosen_logps, policy_rejected_logps)
     _check_positive("beta", beta)
     _lengths("chosen_lengths", chosen_lengths, policy_chosen_logps)
     chosen = beta * policy_chosen_logps
@@ -457,7 +459,7 @@ def orpo_loss(
 
     Rewards logged as lam * A (as TRL does).
     """
-    _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    _check_pair(policy_chosen_logps, policy_rejected_logps)
     a_w = policy_chosen_logps / _lengths("chosen_lengths", chosen_lengths, policy_chosen_logps)
     a_l = policy_rejected_logps / _lengths("rejected_lengths", rejected_lengths, policy_rejected_logps)
     # A is a mean log-prob and so <= 0; clamp a hair below 0 so log(1 - e^A) stays finite.
@@ -475,7 +477,7 @@ def slic_loss(
     nll_coef: float = 0.1,
 ) -> PairwiseLossOutput:
     """SLiC-HF calibration: max(0, delta - S_w + S_l) + nll_coef * NLL(y_w) (NLL per token)."""
-    _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    _check_pair(policy_chosen_logps, policy_rejected_logps)
     _lengths("chosen_lengths", chosen_lengths, policy_chosen_logps)
     hinge = torch.clamp(delta - policy_chosen_logps + policy_rejected_logps, min=0.0)
     losses = hinge + nll_coef * sft_loss(policy_chosen_logps, chosen_lengths)
@@ -502,12 +504,7 @@ def chipo_loss(
     saturated whenever the two log-ratios differ noticeably (it is exact after clipping in practice).
     The logged rewards use rho clamped at CHIPO_MAX_LOGRATIO.
     """
-    _check_same_shape(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
-    )
+    _check_pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     _check_positive("beta", beta)
     _check_positive("reward_clip", reward_clip)
     rho_w = policy_chosen_logps - ref_chosen_logps
@@ -532,6 +529,18 @@ REGULARIZERS = ("kl", "entropy", "none")
 class RegularizedReward:
     rewards: Tensor  # r_phi + non_score_reward, the quantity RLOO maximises ("RLHF reward")
     non_score_reward: Tensor  # the regulariser's contribution, per sequence
+
+
+def missing_eos_penalty(scores: Tensor, contains_eos: Tensor, penalty: float) -> Tensor:
+    """score - penalty for every completion that never emitted EOS. [B], [B] -> [B] (float).
+
+    A completion cut at `response_length` before its EOS is not a finished summary, so it is scored lower
+    and the policy learns to stop (the "EOS trick" of the TL;DR "N+ implementation details" recipe, in
+    the subtractive form of TRL's `missing_eos_penalty`); a penalty of 0 keeps the reward model's score.
+    """
+    if scores.shape != contains_eos.shape or scores.dim() != 1:
+        raise ValueError(f"`scores` {tuple(scores.shape)} and `contains_eos` {tuple(contains_eos.shape)} must be the same [B]")
+    return scores.float() - penalty * (~contains_eos.bool()).float()
 
 
 def regularized_reward(

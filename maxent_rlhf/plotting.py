@@ -1,4 +1,4 @@
-"""Paper-style figures from run directories (toy-lab or real runs alike).
+"""Paper-style figures from run directories (toy-lab or real runs alike), and evaluate_judge's win_rate.png.
 
 A run directory is what train_rloo.py / train_offline.py write (config.yaml, metrics.jsonl,
 checkpoints/), optionally with evaluate_judge.py outputs below it (`eval_gold/summary.json`: win rate
@@ -6,9 +6,12 @@ per checkpoint; `eval_proxy/summary.json`: reward-model score per checkpoint) or
 
     from maxent_rlhf import plotting
     runs = [plotting.load_run(d) for d in dirs]
-    plotting.plot_reward_and_entropy(runs, "fig1.png", group_by="regularizer")
-    plotting.plot_kl(runs, "fig3.png"); plotting.plot_ref_logratio(dpo_run, "fig4.png")
-    plotting.plot_winrate_per_checkpoint(simpo_runs, "fig6.png", label_key="gamma", panel_key="learning_rate")
+    plotting.plot_reward_and_entropy(runs, "fig1.png")                  # one line per plotting.regularizer_of(run)
+    plotting.plot_kl(runs, "fig3.png", group=lambda r: r.config["regularizer"])
+    plotting.plot_ref_logratio(dpo_run, "fig4.png")
+    plotting.plot_winrate_per_checkpoint(simpo_runs, "fig6.png", label=lambda r: f"gamma {r.config['simpo_gamma']}",
+                                         panel=lambda r: f"lr {r.config['learning_rate']:g}")
+    plotting.plot_curves(runs, "lr.png", [(("train/lr",), "learning rate")])   # any logged metric
 
 Every function takes `Run`s, so a real run (GPU, gpt-4o-mini judge) plots the same way: point
 `gold_summary` at its evaluate_judge summary.json.
@@ -150,54 +153,56 @@ def _winrate_label(name: str, runs: Sequence[Run]) -> str:
     return f"{name} (win {mean:.0%}" + (f", n={len(finals)} seeds)" if len(finals) > 1 else ")")
 
 
-def plot_reward_and_entropy(runs: Sequence[Run], path: str | Path, title: str = "", smooth: int = 5,
-                            group: Callable[[Run], str] = regularizer_of) -> Path:
-    """Figures 1-2: RLHF reward (top) and entropy bonus (bottom) per iteration, one line per group
-    (mean over seeds), final gold win rate in the legend."""
+def plot_curves(runs: Sequence[Run], path: str | Path, panels: Sequence[tuple[Sequence[str], str]], title: str = "",
+                smooth: int = 5, group: Callable[[Run], str] = regularizer_of, log: bool = False,
+                legend_title: Optional[str] = None) -> Path:
+    """Logged metrics against the iteration, one panel per (metric keys, y label), one line per group
+    (mean over its seeds at the steps all of them logged, moving mean over `smooth` points), final gold
+    win rate in the legend. A panel plots the first of its keys that any run of a group logged, so
+    `("objective/kl_ref_k3", "objective/kl_ref")` falls back to k1 for runs without k3. `log`: symlog y."""
     plt = _plt()
-    fig, axes = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True)
-    for name, rs in sorted(_groups(runs, group).items()):
-        for ax, key in zip(axes, ("objective/rlhf_reward", "objective/entropy_bonus")):
-            xs, ys = _mean_curve([r.series(key) for r in rs])
-            if xs:
-                ax.plot(xs, _smooth(ys, smooth), label=_winrate_label(name, rs) if key.endswith("reward") else None)
-    axes[0].set_ylabel("RLHF reward")
-    axes[1].set_ylabel("entropy bonus")
-    axes[1].set_xlabel("iteration")
-    axes[0].legend(fontsize=7, title="final gold win rate", title_fontsize=7)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(6.4, 3.0 * len(panels)), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    for g, (name, rs) in enumerate(sorted(_groups(runs, group).items())):
+        for i, (ax, (keys, _)) in enumerate(zip(axes, panels)):
+            curves = []
+            for key in keys:
+                curves = [r.series(key) for r in rs]
+                if any(xs for xs, _ in curves):
+                    break
+            xs, ys = _mean_curve(curves)
+            if xs:  # one colour per group in every panel, its label once (top panel)
+                ax.plot(xs, _smooth(ys, smooth), color=f"C{g}", label=_winrate_label(name, rs) if i == 0 else None)
+    for ax, (_, ylabel) in zip(axes, panels):
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if log:
+            ax.set_yscale("symlog", linthresh=1e-3)
+    axes[-1].set_xlabel("iteration")
+    axes[0].legend(fontsize=7, title=legend_title, title_fontsize=7)
     if title:
         axes[0].set_title(title, fontsize=9)
-    for ax in axes:
-        ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_reward_and_entropy(runs: Sequence[Run], path: str | Path, title: str = "", smooth: int = 5,
+                            group: Callable[[Run], str] = regularizer_of) -> Path:
+    """Figures 1-2: RLHF reward (top), entropy bonus (the reward's entropy term, coefficient x entropy) and
+    the unweighted sampled entropy -log pi(y|x) (`objective/entropy`, logged for every regulariser, so
+    runs with different coefficients or none compare on one scale) per iteration."""
+    panels = [(("objective/rlhf_reward",), "RLHF reward"), (("objective/entropy_bonus",), "entropy bonus"),
+              (("objective/entropy",), "entropy -log pi(y|x)")]
+    return plot_curves(runs, path, panels, title, smooth, group, legend_title="final gold win rate")
 
 
 def plot_kl(runs: Sequence[Run], path: str | Path, title: str = "", smooth: int = 5,
             group: Callable[[Run], str] = regularizer_of, log: bool = True) -> Path:
-    """Figure 3: KL(pi_t || pi_ref) (top) and KL(pi_t-1 || pi_t) between consecutive policies (bottom),
-    the non-negative k3 estimates, mean over seeds."""
-    plt = _plt()
-    fig, axes = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True)
-    for name, rs in sorted(_groups(runs, group).items()):
-        for ax, key in zip(axes, ("objective/kl_ref_k3", "objective/kl_prev_k3")):
-            curves = [r.series(key) for r in rs]
-            if not any(c[0] for c in curves):
-                curves = [r.series(key[:-3]) for r in rs]  # k1 when k3 was not logged
-            xs, ys = _mean_curve(curves)
-            if xs:
-                ax.plot(xs, _smooth(ys, smooth), label=_winrate_label(name, rs))
-    axes[0].set_ylabel("KL(pi_t || pi_ref)")
-    axes[1].set_ylabel("KL(pi_t-1 || pi_t)")
-    axes[1].set_xlabel("iteration")
-    if log:
-        for ax in axes:
-            ax.set_yscale("symlog", linthresh=1e-3)
-    axes[0].legend(fontsize=7)
-    if title:
-        axes[0].set_title(title, fontsize=9)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    return _save(fig, path)
+    """Figure 3: KL(pi_t || pi_ref) (top) and KL(pi_t || pi_t-1) between consecutive policies (bottom, the
+    paper's direction as train_rloo logs it since `objective/kl_prev` became importance-weighted), the
+    non-negative k3 estimates (k1 for runs that logged no k3)."""
+    panels = [(("objective/kl_ref_k3", "objective/kl_ref"), "KL(pi_t || pi_ref)"),
+              (("objective/kl_prev_k3", "objective/kl_prev"), "KL(pi_t || pi_t-1)")]
+    return plot_curves(runs, path, panels, title, smooth, group, log=log)
 
 
 def plot_ref_logratio(run: Run, path: str | Path, title: str = "DPO: batch mean of log pi_ref(y_w|x) - log pi_ref(y_l|x)") -> Path:
@@ -254,11 +259,38 @@ def plot_winrate_per_checkpoint(runs: Sequence[Run], path: str | Path, label: Ca
     return _save(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:
+def plot_win_rates(rows: Sequence[dict], path: str | Path, judge_desc: str, confidence_level: float) -> Path:
+    """evaluate_judge.py's win_rate.png: win rate per checkpoint (against the training step when every
+    checkpoint has one, else one tick per checkpoint) with its Wilson interval as error bars; an SFT
+    baseline as a dashed line over its interval. `rows` are summary.json's per-model rows."""
+    plt = _plt()
+    curve = [r for r in rows if not r["baseline"] and r["win_rate"] is not None]
+    base = [r for r in rows if r["baseline"] and r["win_rate"] is not None]
+    with_steps = all(r["step"] is not None for r in curve)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if curve:
+        xs = [r["step"] if with_steps else i for i, r in enumerate(curve)]
+        ys = [r["win_rate"] for r in curve]
+        err = [[y - r["ci_low"] for y, r in zip(ys, curve)], [r["ci_high"] - y for y, r in zip(ys, curve)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label="policy")
+        if not with_steps:
+            ax.set_xticks(xs, [r["label"] for r in curve], rotation=30, ha="right")
+    for r in base:
+        ax.axhline(r["win_rate"], color="gray", linestyle="--", label=f"SFT baseline ({r['win_rate']:.2f})")
+        ax.axhspan(r["ci_low"], r["ci_high"], color="gray", alpha=0.15)
+    ax.set_xlabel("training step" if with_steps else "checkpoint")
+    ax.set_ylabel("win rate vs reference")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"win rate ({judge_desc}); bars: {int(round(confidence_level * 100))}% Wilson CI", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path, dpi=100)
+
+
+def _save(fig, path: str | Path, dpi: int = 80) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=dpi)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

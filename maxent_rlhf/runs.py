@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .config import save_config
+from .distributed import distributed_type
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 
@@ -56,6 +57,20 @@ def check_launch(accelerator=None) -> None:
     """
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     seen = accelerator.num_processes if accelerator is not None else 1
+    # accelerate 1.x shards only on GPUs: on CPU processes an FSDP config silently becomes plain DDP and a
+    # DeepSpeed one processes that each think they run alone (tests/cpu_sharding.py has the details)
+    asked = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(flag, "false").lower() == "true"]
+    if accelerator is not None and asked:
+        from .distributed import distributed_type
+
+        got = distributed_type(accelerator)
+        if got not in asked or seen != world:
+            raise RuntimeError(
+                f"the accelerate config asks for {asked[0]} over {world} process(es), but accelerate set up {got} "
+                f"over {seen}: accelerate shards (FSDP, DeepSpeed) only on GPUs. On CPUs use "
+                "configs/accelerate/cpu.yaml; with GPUs, check that CUDA is visible to every process"
+            )
     if world > 1 and seen != world:
         raise RuntimeError(
             f"launched as {world} processes (WORLD_SIZE={world}) but accelerate sees {seen}: the processes "
@@ -94,10 +109,7 @@ def uses_engine_state(accelerator) -> bool:
     then keeps model + optimizer in accelerate's own format (`accelerator.save_state`, every process
     writing its shard) under `engine_state/`, next to the gathered HF weights. False on CPU, one GPU and
     DDP, where the optimizer state is whole on every process and goes into trainer_state.pt."""
-    if accelerator is None:
-        return False
-    dt = getattr(accelerator, "distributed_type", None)
-    return getattr(dt, "value", dt) in ("DEEPSPEED", "FSDP")
+    return distributed_type(accelerator) in ("DEEPSPEED", "FSDP")
 
 
 class NonFiniteError(RuntimeError):
@@ -166,27 +178,54 @@ class RunDir:
             path = self.path / name
             if not path.exists():
                 continue
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", -1) <= step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-            path.write_text("".join(l + "\n" for l in kept))
+            kept = [r for r in read_jsonl(path) if r.get("step", -1) <= step]  # the lines were json.dumps output
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+def read_jsonl(path: str | Path, numbered: bool = False, torn: Optional[list] = None) -> list:
+    """The records of a JSONL file, in order ([] when the file does not exist).
+
+    A line that is not valid JSON is skipped, and its number appended to `torn` when a list is given:
+    every JSONL file of the suite is appended and flushed one record at a time, so such a line is one
+    that a kill cut short, and it must not stop a resume or a report. Blank lines are skipped.
+    `numbered=True` returns (line number, record) pairs, for messages that name the line.
+    """
+    path = Path(path)
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
             continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if torn is not None:
+                torn.append(number)
+            continue
+        out.append((number, record) if numbered else record)
     return out
+
+
+def open_jsonl_for_append(path: str | Path):
+    """`open(path, "a")` for JSONL records, creating the folder; when a kill tore the file's last line,
+    a newline closes it first, so the next record starts a line of its own (and `read_jsonl` skips only
+    the torn fragment, not the record written after it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    f = open(path, "a", encoding="utf-8")
+    if torn:
+        f.write("\n")
+    return f
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,7 +390,7 @@ def load_checkpoint(
     blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     saved_engine = bool(blob.get("engine_state", False))
     if saved_engine != uses_engine_state(accelerator) and (model is not None or optimizer is not None):
-        here = getattr(getattr(accelerator, "distributed_type", None), "value", None) or "no accelerator"
+        here = distributed_type(accelerator) if accelerator is not None else "no accelerator"
         raise RuntimeError(
             f"{path} was written {'under DeepSpeed/FSDP (sharded optimizer state in engine_state/)' if saved_engine else 'without DeepSpeed/FSDP (whole optimizer state)'}"
             f", but this run uses {here}: resume with the accelerate config and number of processes that "

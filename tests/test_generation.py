@@ -104,3 +104,61 @@ def test_sampling_distribution_is_softmax_of_logits_over_temperature(tiny_tokeni
     assert 0.5 * (freq - probs.double()).abs().sum() < 0.08
     tail = probs < probs.sort(descending=True).values[20]
     assert freq[tail].sum() > 0.5 * probs[tail].sum()
+
+
+# --------------------------------------------------------------------------------------------------
+# text in, text out: complete_prompts and score_completions
+# --------------------------------------------------------------------------------------------------
+PROMPTS = ["SUBREDDIT: r/cats TITLE: my cat sat POST: the cat sat on my mat TL;DR:",
+           "POST: dog ran far away TL;DR:", "TL;DR:"]
+
+
+def test_score_completions_is_independent_of_padding_and_prompt_cut(tiny_tokenizer):
+    """The reward-model judge and the toy lab share this scorer (left-padded); the toy lab used to
+    right-pad. Both paddings give the score of the unpadded sequence read at its EOS."""
+    from maxent_rlhf.generation import score_completions
+
+    tok = tiny_tokenizer
+    rm = build_tiny_reward_model(tok, seed=1).eval()
+    summaries = [" my cat sat on the mat ", "dog ran", "happy"]
+    got = score_completions(rm, tok, PROMPTS, summaries, batch_size=2)
+    seqs = [tok(p, add_special_tokens=False).input_ids + tok(" " + s.strip(), add_special_tokens=False).input_ids
+            + [tok.eos_token_id] for p, s in zip(PROMPTS, summaries)]
+    width = max(map(len, seqs))
+    right = torch.full((3, width), tok.pad_token_id)
+    right_mask = torch.zeros((3, width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        right[i, : len(s)], right_mask[i, : len(s)] = torch.tensor(s), 1
+    right_scores = reward_model_scores(rm, right, right_mask)
+    for i, s in enumerate(seqs):
+        alone = rm.score(rm.gpt_neox(input_ids=torch.tensor([s])).last_hidden_state[0, -1]).item()
+        assert got[i] == pytest.approx(alone, abs=1e-5) and right_scores[i].item() == pytest.approx(got[i], abs=1e-5)
+    # max_prompt_length keeps the prompt's last tokens ("TL;DR:" stays next to the summary)
+    cut = score_completions(rm, tok, PROMPTS[:1], summaries[:1], batch_size=1, max_prompt_length=3)
+    tail = tok(PROMPTS[0], add_special_tokens=False).input_ids[-3:]
+    seq = tail + tok(" " + summaries[0].strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
+    alone = rm.score(rm.gpt_neox(input_ids=torch.tensor([seq])).last_hidden_state[0, -1]).item()
+    assert cut[0] == pytest.approx(alone, abs=1e-5) and cut[0] != pytest.approx(got[0], abs=1e-5)
+
+
+def test_complete_prompts_decodes_what_generate_returns(tiny_tokenizer):
+    from maxent_rlhf.generation import complete_prompts
+
+    tok = tiny_tokenizer
+    model = build_tiny_policy(tok, seed=0).eval()
+    batches = list(complete_prompts(model, tok, PROMPTS, 6, batch_size=2))
+    assert [len(b) for b in batches] == [2, 1]  # one list per batch, in order
+    got = [c for b in batches for c in b]
+    for prompt, c in zip(PROMPTS, got):  # each prompt alone, decoded by hand, is the same completion
+        q, qmask = left_pad([tok(prompt, add_special_tokens=False).input_ids], tok.pad_token_id)
+        r, m, has_eos = truncate_after_eos(generate(model, q, qmask, 6, tok.eos_token_id, tok.pad_token_id,
+                                                    do_sample=False), tok.eos_token_id, tok.pad_token_id)
+        tokens = r[0][m[0].bool()].tolist()
+        tokens = tokens[:-1] if has_eos[0] else tokens
+        assert c.num_tokens == len(tokens) and c.text == tok.decode(tokens, skip_special_tokens=True).strip()
+    # sampling follows the caller's seed; special tokens can be kept in the text
+    torch.manual_seed(0)
+    s1 = [c.text for b in complete_prompts(model, tok, PROMPTS, 6, 8, do_sample=True, skip_special_tokens=False) for c in b]
+    torch.manual_seed(0)
+    s2 = [c.text for b in complete_prompts(model, tok, PROMPTS, 6, 8, do_sample=True, skip_special_tokens=False) for c in b]
+    assert s1 == s2

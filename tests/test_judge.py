@@ -81,9 +81,10 @@ def with_marker(n, winners, tag="", neutral=False):
 
 def config(tmp_path, server, data, checkpoints, **kw):
     base = dict(output_dir=str(tmp_path / "out"), checkpoints=[str(c) for c in checkpoints], dataset_name=str(data),
-                dataset_test_split="test", n=0, judge="openai", judge_model="fake-judge", base_url=server.base_url if server else None,
-                concurrency=4, request_timeout=2.0, max_retries=3, backoff_base=0.01, backoff_max=0.05,
-                plot=False)
+                dataset_test_split="test", n=0, judge="openai", plot=False)
+    if kw.get("judge", "openai") == "openai":  # options only the openai judge takes
+        base.update(judge_model="fake-judge", base_url=server.base_url if server else None, concurrency=4,
+                    request_timeout=2.0, max_retries=3, backoff_base=0.01, backoff_max=0.05)
     base.update(kw)
     return ej.EvalConfig(**base)
 
@@ -138,18 +139,21 @@ def test_win_rate_metric_loads_offline_by_path(monkeypatch):
     assert m.compute(predictions=["invalid"])["win_rate"] is None
 
 
-def test_registry_and_kwarg_filtering():
+def test_registry_options_must_be_taken_context_is_offered():
     @judges.register_judge("test-constant")
     class Constant(judges.Judge):
-        def __init__(self, answer="A"):
-            self.answer = answer
+        def __init__(self, answer="A", seed=0):
+            self.answer, self.seed = answer, seed
 
         def judge_pair(self, pair):
             return judges.Verdict(self.answer)
 
-    j = judges.get_judge("test-constant", answer="B", judge_model="ignored", concurrency=3)
-    with pytest.raises(ValueError, match="accepts no option.*'colour'"):
-        judges.get_judge("test-constant", required=["colour"], colour=1)
+    # shared settings reach the judges that name them; the others are not offered them
+    j = judges.get_judge("test-constant", context={"seed": 3, "mixed_precision": "no"}, answer="B")
+    assert j.seed == 3
+    # an option the judge does not take is an error naming the option and the judge, never dropped
+    with pytest.raises(ValueError, match="judge 'test-constant' takes no option concurrency.*takes: answer, seed"):
+        judges.get_judge("test-constant", answer="B", concurrency=3)
     got = []
     j.judge_many([Pair("1", "p", "p", "a", "b")], lambda i, v: got.append((i, v.preferred)))
     assert got == [(0, "B")] and j.name == "test-constant"
@@ -206,8 +210,8 @@ def test_missing_key_fails_before_any_work(tmp_path, monkeypatch):
 def test_custom_judge_gets_judge_kwargs(tmp_path):
     @judges.register_judge("test-longer")
     class Longer(judges.Judge):
-        def __init__(self, prefer_longer=True, dataset=None):
-            self.prefer_longer, self.dataset = prefer_longer, dataset
+        def __init__(self, prefer_longer=True, dataset_name=None):  # a shared setting, offered as context
+            self.prefer_longer, self.dataset_name = prefer_longer, dataset_name
 
         def judge_pair(self, pair):
             la, lb = len(pair.summary_a.split()), len(pair.summary_b.split())
@@ -220,8 +224,12 @@ def test_custom_judge_gets_judge_kwargs(tmp_path):
     s = ej.main(config(tmp_path, None, data, [run], judge="test-longer", judge_kwargs='{"prefer_longer": false}'))
     r = s["checkpoints"][0]  # references have 3 words: shorter wins 1, tie 1, longer loses 2
     assert (r["wins"], r["ties"], r["losses"], r["win_rate"]) == (1, 1, 2, 1.5 / 4)
-    with pytest.raises(ValueError, match="accepts no option"):
+    with pytest.raises(ValueError, match="judge 'test-longer' takes no option colour"):
         ej.main(config(tmp_path, None, data, [run], judge="test-longer", judge_kwargs='{"colour": 1}'))
+    # an evaluate_judge option set for a judge that does not take it is an error, not dropped; options
+    # left at their defaults (which evaluate_judge offers every judge) are not
+    with pytest.raises(ValueError, match="judge 'test-longer' takes no option concurrency"):
+        ej.main(config(tmp_path, None, data, [run], judge="test-longer", concurrency=3))
 
 
 def test_non_retryable_error_is_reported_not_retried():
@@ -499,3 +507,19 @@ def test_greedy_generation_is_deterministic_and_reward_model_judge(tmp_path, tin
     monkeypatch.setattr("maxent_rlhf.models.load_policy", lambda *a, **k: pytest.fail("model loaded again"))
     again = ej.main(ej.EvalConfig(output_dir=str(tmp_path / "a"), checkpoints=[str(run)], **common))
     assert again["checkpoints"][0]["win_rate"] == r["win_rate"]
+
+
+def test_only_the_judge_options_the_user_set_must_be_taken(tmp_path):
+    from maxent_rlhf.config import parse_config
+
+    f = tmp_path / "eval.yaml"
+    f.write_text("judge: reward-model\nconcurrency: 2\n")
+    c = parse_config(ej.EvalConfig, ["--config", str(f), "--request_timeout", "5"])
+    options, context = ej.judge_arguments(c)
+    assert options == {"concurrency": 2, "request_timeout": 5.0}  # from the YAML file and the command line
+    assert context["max_retries"] == 6 and context["max_prompt_length"] == 512 and "concurrency" not in context
+    with pytest.raises(ValueError, match="judge 'reward-model' takes no option concurrency, request_timeout"):
+        judges.get_judge(c.judge, context=context, **options)
+    # evaluate_judge's defaults alone (every option offered) are never an error
+    options, context = ej.judge_arguments(parse_config(ej.EvalConfig, ["--judge", "toy-gold"]))
+    assert options == {} and judges.get_judge("toy-gold", context=context, **options).cache_id.startswith("toy-gold")

@@ -222,7 +222,7 @@ def test_report_from_run_directories_adds_up_the_cost_and_matches_the_toy_config
 
     monkeypatch.setenv("MAXENT_RLHF_CACHE", str(tmp_path / "no-cache"))  # no artifacts: those rows are left out
     sw = tmp_path / "sweep"
-    maxent_cfg = {k: v for k, v in load_yaml(sweep.TOY_CONFIGS / "maxent.yaml").items() if k != "output_dir"}
+    maxent_cfg = {k: v for k, v in load_yaml(sweep.toy_config("maxent")).items() if k != "output_dir"}
     ent = [{"step": s, "objective/entropy_bonus": 0.1 * s, "objective/rlhf_reward": 0.1} for s in range(1, 10)]
     _fake_run(sw / "rloo", "maxent_lr1e-3_s1", {**maxent_cfg, "learning_rate": 1e-3, "seed": 1}, [0.3, 0.8, 0.0],
               ent, {"regularizer": "maxent", "seconds": 100.0, "eval_seconds": 20.0})
@@ -255,7 +255,7 @@ def test_the_sweep_plans_the_data_the_rules_need_and_shards_split_it():
     names = [sweep.rloo_run_name(*p) for p in plan]
     assert len(set(names)) == len(names)
     hi = max(sweep.LEARNING_RATES)
-    coefs = {c if c is not None else sweep.REGULARIZERS["maxent"]["entropy_coef"]
+    coefs = {c if c is not None else sweep.default_entropy_coef("maxent")
              for reg, lr, _, c in plan if reg == "maxent" and lr == hi}
     assert len(coefs) >= 3 and max(coefs) >= 10 * min(coefs)  # claim 1's rule, plus coefficient 0:
     assert any(reg == "none" and lr == hi for reg, lr, _, _ in plan)

@@ -1,4 +1,4 @@
-"""train_rloo.py: known answers for the iteration's steps 2-6 on hand-built tensors, and every bad input."""
+"""train_rloo.py: known answers for the iteration's steps, each alone on a hand-built `Rollout`, and every bad input."""
 import json
 from dataclasses import fields, replace
 from pathlib import Path
@@ -10,13 +10,13 @@ import torch
 import train_rloo
 from maxent_rlhf import generation, objectives
 from maxent_rlhf.config import ConfigError, parse_config
-from maxent_rlhf.data import DataError
+from maxent_rlhf.data import DataError, PromptStream, tokenize_prompts
 
 EOS, PAD = 0, 1
 
 
-# ------------------------------------------------------------------ step 2 + 3: EOS truncation and penalty
-def test_step2_truncates_after_first_eos_keeps_it_and_step3_penalises_missing_eos():
+# ------------------------------------------------------------------ step 1 + 2: EOS truncation and penalty
+def test_step1_truncates_after_first_eos_keeps_it_and_step2_penalises_missing_eos():
     raw = torch.tensor([
         [5, 6, EOS, 7, EOS],  # EOS in the middle: keep it, pad the rest
         [EOS, 5, 6, 7, 8],  # EOS first: a one-token response
@@ -27,11 +27,11 @@ def test_step2_truncates_after_first_eos_keeps_it_and_step3_penalises_missing_eo
     assert responses.tolist() == [[5, 6, EOS, PAD, PAD], [EOS, PAD, PAD, PAD, PAD], [5, 6, 7, 8, 9], [5, 6, 7, 8, EOS]]
     assert mask.sum(1).tolist() == [3, 1, 5, 5]
     assert has_eos.tolist() == [True, True, False, True]
-    scores = train_rloo.apply_eos_penalty(torch.tensor([0.5, 1.0, 2.0, -1.0]), has_eos, penalty=1.5)
+    scores = objectives.missing_eos_penalty(torch.tensor([0.5, 1.0, 2.0, -1.0]), has_eos, penalty=1.5)
     assert scores.tolist() == [0.5, 1.0, 0.5, -1.0]
 
 
-def test_step3_reward_is_read_at_last_real_token_and_retokenising_same_vocab_changes_nothing(tiny_tokenizer, tiny_reward_dir):
+def test_step2_reward_is_read_at_last_real_token_and_retokenising_same_vocab_changes_nothing(tiny_tokenizer, tiny_reward_dir):
     from maxent_rlhf.models import load_reward_model
 
     rm = load_reward_model(tiny_reward_dir).eval()
@@ -47,7 +47,132 @@ def test_step3_reward_is_read_at_last_real_token_and_retokenising_same_vocab_cha
     assert torch.allclose(direct[0], generation.reward_model_scores(rm, alone, torch.ones_like(alone))[0], atol=1e-5)
 
 
-# ------------------------------------------------------------------ step 4: temperature-scaled log-probs
+# ------------------------------------------------------------------ the steps alone, on a hand-built Rollout
+@pytest.fixture(scope="module")
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+def hand_rollout(tok, k=2):
+    """Two prompts x k = 2 (rows p * k + j); row 1 never emits EOS, row 2 emits it first."""
+    q_ids, q_mask = generation.left_pad([tok("POST: my cat TL;DR:")["input_ids"], tok("TL;DR:")["input_ids"]], tok.pad_token_id)
+    w = tok.convert_tokens_to_ids
+    raw = torch.tensor([[w("cat"), w("sat"), tok.eos_token_id], [w("dog"), w("ran"), w("far")],
+                        [tok.eos_token_id, w("cat"), w("cat")], [w("happy"), tok.eos_token_id, w("sad")]])
+    responses, mask, has_eos = generation.truncate_after_eos(raw, tok.eos_token_id, tok.pad_token_id)
+    return train_rloo.Rollout(q_ids.repeat_interleave(k, 0), q_mask.repeat_interleave(k, 0), responses, mask, has_eos)
+
+
+def test_step2_score_reads_the_reward_model_or_reward_fn_and_subtracts_the_missing_eos_penalty(
+        accelerator, tiny_tokenizer, tiny_reward_dir):
+    from maxent_rlhf.models import load_reward_model
+
+    tok, rm = tiny_tokenizer, load_reward_model(tiny_reward_dir).eval()
+    ro = hand_rollout(tok)
+    assert ro.contains_eos.tolist() == [True, False, True, True]
+    c = train_rloo.RLOOConfig(missing_eos_penalty=1.5, local_rollout_forward_batch_size=3)  # chunks of 3 + 1 rows
+    m = train_rloo.Models(accelerator, tok, policy=None, reward_model=rm, reward_tokenizer=tok)
+    raw = generation.reward_model_scores(rm, ro.query_responses, ro.attention_mask)
+    assert torch.allclose(train_rloo.score(c, m, ro), raw - torch.tensor([0.0, 1.5, 0.0, 0.0]), atol=1e-5)
+    assert ro.completions == ["cat sat", "dog ran far", "", "happy"]  # decoded, EOS and padding dropped
+    m.retokenize = True  # the text route gives the same scores when the vocabularies agree
+    assert torch.allclose(train_rloo.score(c, m, ro), raw - torch.tensor([0.0, 1.5, 0.0, 0.0]), atol=1e-5)
+    seen = {}
+
+    def reward_fn(prompts, completions, response_ids, response_mask):
+        seen["prompts"] = prompts
+        return [float(len(x.split())) for x in completions]
+
+    m = train_rloo.Models(accelerator, tok, policy=None, reward_fn=reward_fn)
+    assert train_rloo.score(c, m, ro).tolist() == [2.0, 3.0 - 1.5, 0.0, 1.0]
+    assert seen["prompts"] == ["POST: my cat TL;DR:"] * 2 + ["TL;DR:"] * 2  # left padding dropped
+    m.reward_fn = lambda **kw: [1.0, 2.0]
+    with pytest.raises(ValueError, match="returned 2 scores for 4 completions"):
+        train_rloo.score(c, m, ro)
+
+
+def test_steps4_and_5_regularised_reward_and_advantages_on_a_hand_built_rollout(tiny_tokenizer):
+    ro = hand_rollout(tiny_tokenizer)
+    ro.scores = torch.tensor([1.0, 0.0, 2.0, 4.0])
+    ro.old_logprobs = -torch.tensor([[1.0, 2.0, 1.0], [0.5, 0.5, 0.5], [3.0, 9.0, 9.0], [1.0, 1.0, 7.0]])
+    ro.ref_logprobs = ro.old_logprobs - torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.0, 0.5], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # real tokens: 3, 3, 1 (EOS first), 2 -> -log pi(y|x) = 4, 1.5, 3, 2; the padded positions must not count
+    c = train_rloo.RLOOConfig(regularizer="entropy", entropy_coef=0.5, length_normalize=True, rloo_k=2)
+    reg = train_rloo.regularised_reward(c, ro)
+    bonus = 0.5 * torch.tensor([4 / 3, 1.5 / 3, 3.0, 1.0])  # Eq. 7: alpha * (-log pi) / |y|
+    assert torch.allclose(reg.non_score_reward, bonus) and torch.allclose(reg.rewards, ro.scores + bonus)
+    c = train_rloo.RLOOConfig(regularizer="kl", kl_coef=0.2, rloo_k=2)
+    reg = train_rloo.regularised_reward(c, ro)
+    kl = torch.tensor([0.5, 0.5, 1.0, 0.0])  # sum_t (log pi - log pi_ref) over real tokens
+    assert torch.allclose(reg.rewards, ro.scores - 0.2 * kl)
+    adv = train_rloo.rloo_row_advantages(reg.rewards, c.rloo_k)  # k = 2: A_i = r_i - r_other
+    r = ro.scores - 0.2 * kl
+    assert torch.allclose(adv, torch.stack([r[0] - r[1], r[1] - r[0], r[2] - r[3], r[3] - r[2]]))
+
+
+def test_iteration_metrics_of_a_filled_rollout(tiny_tokenizer):
+    ro = hand_rollout(tiny_tokenizer)
+    g = torch.Generator().manual_seed(1)
+    ro.scores, ro.rewards, ro.non_score_reward = torch.tensor([1.0, 0.0, 2.0, 4.0]), torch.tensor([1.5, 0.5, 2.5, 4.5]), torch.full((4,), 0.5)
+    ro.old_logprobs = -torch.rand(4, 3, generator=g)
+    ro.new_logprobs = ro.old_logprobs + 0.2 * torch.randn(4, 3, generator=g)
+    ro.token_entropy, ro.advantages = torch.rand(4, 3, generator=g), torch.tensor([1.0, -1.0, -2.0, 2.0])
+    stats = {k: [torch.tensor(1.0), torch.tensor(3.0)] for k in ("clipfrac", "approxkl", "ratio", "loss")}
+    stats.update(grad_norm=[], lr=1e-3)
+    c = train_rloo.RLOOConfig(regularizer="entropy", kl_ref_every=0, global_batch_size=4, rloo_k=2)
+    m = train_rloo.iteration_metrics(c, ro, stats)
+    assert m["objective/scores"] == pytest.approx(1.75) and m["objective/entropy_bonus"] == pytest.approx(0.5)
+    assert "objective/kl_ref" not in m and "objective/kl_ref_k3" not in m  # no reference log-probs this iteration
+    assert m["objective/kl_ref_every"] == 0 and "train/grad_norm" not in m and m["policy/clipfrac"] == 2.0
+    for key, value in train_rloo.kl_prev_metrics(ro.old_logprobs, ro.new_logprobs, ro.response_mask).items():
+        assert m[key] == value
+    assert m["objective/entropy"] == pytest.approx(float(-(ro.old_logprobs * ro.response_mask).sum(1).mean()))
+    assert m["response/length"] == (3 + 3 + 1 + 2) / 4 and m["response/eos_fraction"] == 0.75
+    tokens = ro.response_mask.bool()
+    assert m["policy/entropy"] == pytest.approx(float(ro.token_entropy[tokens].mean()))  # a token mean, not a sequence mean
+
+
+@pytest.mark.parametrize("kw, load, at", [
+    (dict(regularizer="kl", kl_ref_every=0), True, [1, 2, 3]),  # the kl reward needs pi_ref every iteration
+    (dict(regularizer="entropy", kl_ref_every=0), False, []),
+    (dict(regularizer="none", kl_ref_every=2), True, [2]),
+    (dict(regularizer="entropy", kl_ref_every=1), True, [1, 2, 3]),
+])
+def test_the_reference_model_is_needed_where_one_method_says(kw, load, at, accelerator, tiny_policy_dir):
+    c = train_rloo.RLOOConfig(model_name_or_path=tiny_policy_dir, **kw)
+    assert c.needs_ref() == load and [it for it in (1, 2, 3) if c.needs_ref(it)] == at
+    m = train_rloo.load_models(c, accelerator, reward_fn=lambda **kw: [])
+    assert (m.ref_policy is not None) == load and m.reward_model is None
+
+
+def test_step6_update_moves_the_policy_towards_positive_advantages(accelerator, tiny_tokenizer, tiny_policy_dir):
+    from maxent_rlhf.schedules import build_lr_scheduler
+
+    torch.manual_seed(0)
+    c = train_rloo.RLOOConfig(model_name_or_path=tiny_policy_dir, regularizer="none", kl_ref_every=0, rloo_k=2,
+                              global_batch_size=4, num_mini_batches=2, per_device_train_batch_size=1, num_ppo_epochs=2,
+                              learning_rate=3e-3, temperature=0.7)
+    plan = train_rloo._batch_plan(c, num_processes=1)
+    assert (plan.mini_local, plan.grad_accum) == (2, 2)
+    m = train_rloo.load_models(c, accelerator, reward_fn=lambda **kw: [])
+    ro = hand_rollout(tiny_tokenizer)
+    ro.old_logprobs = train_rloo.policy_logprobs(c, m, ro)
+    ro.advantages = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    opt = torch.optim.AdamW(m.policy.parameters(), lr=c.learning_rate)
+    sched = build_lr_scheduler(opt, "linear", 4, 0.0)
+    losses = []
+    stats = train_rloo.update(c, m, plan, ro, opt, sched, check=lambda name, v: losses.append(float(v.detach())))
+    # 2 epochs x 2 mini-batches x 2 micro-batches; every micro-batch loss is checked; one scheduler step
+    assert len(stats["loss"]) == len(losses) == 8 and len(stats["grad_norm"]) == 4
+    assert stats["lr"] == c.learning_rate and sched.get_last_lr()[0] == pytest.approx(c.learning_rate * 3 / 4)
+    new = train_rloo.policy_logprobs(c, m, ro)
+    delta = objectives.masked_sum(new - ro.old_logprobs, ro.response_mask)
+    assert (delta * ro.advantages > 0).all(), delta  # log pi(y|x) up where A > 0, down where A < 0
+
+
+# ------------------------------------------------------------------ step 3: temperature-scaled log-probs
 class FixedLogits(torch.nn.Module):
     """A 'model' whose logits are a fixed function of position: logits[t] = table[t]."""
 
@@ -63,7 +188,7 @@ class FixedLogits(torch.nn.Module):
         return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
 
 
-def test_step4_logprobs_are_of_logits_over_temperature_at_the_response_positions():
+def test_step3_logprobs_are_of_logits_over_temperature_at_the_response_positions():
     torch.manual_seed(0)
     table = torch.randn(6, 5)
     qr = torch.tensor([[PAD, 3, 4, 2, EOS, PAD]])  # context 3 (one left pad), response [2, EOS, PAD]
@@ -76,7 +201,7 @@ def test_step4_logprobs_are_of_logits_over_temperature_at_the_response_positions
     assert torch.allclose(ent[0], -(p * p.log()).sum(-1)[2:5], atol=1e-5)
 
 
-# ------------------------------------------------------------------ step 5: regularised reward per regulariser
+# ------------------------------------------------------------------ step 4: regularised reward per regulariser
 LOGP = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])
 REF = torch.tensor([[-1.5, -1.0, -3.0], [-1.0, -0.5, 0.0]])
 MASK = torch.tensor([[1, 1, 0], [1, 1, 1]])  # sequence 0 has 2 real tokens: its third token is padding
@@ -94,7 +219,7 @@ SCORES = torch.tensor([1.0, 2.0])
         (dict(regularizer="none", kl_coef=0.5, entropy_coef=0.1), [0.0, 0.0]),
     ],
 )
-def test_step5_regularised_reward_known_answers(kw, expected_non_score):
+def test_step4_regularised_reward_known_answers(kw, expected_non_score):
     c = train_rloo.RLOOConfig(**kw)
     reg = objectives.regularized_reward(SCORES, LOGP, MASK, c.regularizer, train_rloo._regularizer_coef(c),
                                         ref_logprobs=REF, length_normalize=c.length_normalize)
@@ -141,8 +266,8 @@ def test_entropy_metrics_on_a_hand_built_padded_batch():
     assert m["objective/entropy_per_token"] == pytest.approx((3.0 / 2 + 1.0 / 3) / 2)
 
 
-# ------------------------------------------------------------------ step 6: advantages in the script's row layout
-def test_step6_leave_one_out_advantages_follow_the_row_layout():
+# ------------------------------------------------------------------ step 5: advantages in the script's row layout
+def test_step5_leave_one_out_advantages_follow_the_row_layout():
     # 2 prompts x k = 3: rows 0-2 belong to prompt 0, rows 3-5 to prompt 1 (row p * k + j)
     rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 60.0])
     adv = train_rloo.rloo_row_advantages(rewards, k=3)
@@ -154,20 +279,20 @@ def test_step6_leave_one_out_advantages_follow_the_row_layout():
 
 
 def test_prompt_tokenisation_cuts_from_the_left_and_counts(tiny_tokenizer):
-    ids, cut = train_rloo.tokenize_prompts(tiny_tokenizer, ["my cat sat on the mat TL;DR:", "TL;DR:"], max_len=3)
+    ids, cut = tokenize_prompts(tiny_tokenizer, ["my cat sat on the mat TL;DR:", "TL;DR:"], max_len=3)
     assert cut == 1
     assert tiny_tokenizer.decode(ids[0]) == "the mat TL;DR:" and tiny_tokenizer.decode(ids[1]) == "TL;DR:"
     with pytest.raises(DataError, match="tokenises to nothing"):
-        train_rloo.tokenize_prompts(tiny_tokenizer, [""], max_len=3)
+        tokenize_prompts(tiny_tokenizer, [""], max_len=3)
 
 
 def test_prompt_stream_is_seeded_and_resumable():
-    a = train_rloo.PromptStream(10, 4, seed=3)
+    a = PromptStream(10, 4, seed=3)
     first = [a.next() for _ in range(3)]  # 10 // 4: the third batch starts epoch 1
     assert a.epoch == 1 and sorted(first[0] + first[1]) == sorted(set(first[0] + first[1]))
-    b = train_rloo.PromptStream(10, 4, seed=3)
+    b = PromptStream(10, 4, seed=3)
     b.next()
-    c = train_rloo.PromptStream(10, 4, seed=3)
+    c = PromptStream(10, 4, seed=3)
     c.load(b.state())
     assert [c.next(), c.next()] == first[1:]
 

@@ -111,3 +111,26 @@ def test_check_finite_names_the_quantity_and_the_checkpoint(tmp_path, tiny_token
     check_finite("train/loss", torch.tensor(1.0), 5, run)
     with pytest.raises(NonFiniteError, match=r"train/loss is nan at step 5.*step_00000004"):
         check_finite("train/loss", torch.tensor(float("nan")), 5, run)
+
+
+def test_jsonl_after_a_torn_line_keeps_every_later_record(tmp_path):
+    """A kill mid-write leaves a torn last line; the next append starts a line of its own, so only the
+    fragment is lost (evaluate_judge's generations and the judgment cache append this way)."""
+    from maxent_rlhf.runs import open_jsonl_for_append, read_jsonl
+
+    path = tmp_path / "sub" / "g.jsonl"
+    with open_jsonl_for_append(path) as f:  # creates the folder
+        f.write('{"id": "a"}\n')
+    with open(path, "a") as f:
+        f.write('{"id": "b", "gen')  # killed here
+    with open_jsonl_for_append(path) as f:
+        f.write('{"id": "c"}\n')
+    torn = []
+    assert read_jsonl(path, torn=torn) == [{"id": "a"}, {"id": "c"}] and torn == [2]
+    assert read_jsonl(path, numbered=True) == [(1, {"id": "a"}), (3, {"id": "c"})]
+    with open(path, "a") as f:  # the naive append glues the next record to the fragment: it is lost
+        f.write('{"id": "b", "gen')
+    with open(path, "a") as f:
+        f.write('{"id": "d"}\n')
+    assert {"id": "d"} not in read_jsonl(path)
+    assert read_jsonl(tmp_path / "missing.jsonl") == []

@@ -2,6 +2,7 @@
 through the project's scripts (profile `test`: seconds-long stages, cache under tmp_path)."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -63,7 +64,9 @@ def test_gold_preference_and_judge_registration():
 
     from maxent_rlhf.judges import Pair, get_judge, post_from_prompt
 
-    judge = get_judge("toy-gold", reward_model="ignored", seed=3)  # extra evaluate_judge options are dropped
+    judge = get_judge("toy-gold", context={"seed": 3, "max_prompt_length": 100})  # shared settings it ignores
+    with pytest.raises(ValueError, match="judge 'toy-gold' takes no option judge_batch_size"):
+        get_judge("toy-gold", judge_batch_size=8)
     pairs = [
         Pair("a", POST, post_from_prompt(POST), PERFECT, "my girlfriend ignores my texts"),
         Pair("b", POST, post_from_prompt(POST), "my roommate hates my phone", PERFECT),
@@ -213,11 +216,21 @@ def test_short_pipeline_end_to_end_and_reuse(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("MAXENT_RLHF_TOYLAB_PROFILE", "test")
     from maxent_rlhf.toylab import ensure_artifact, sweep
 
-    # SFT (train_offline loss sft) -> pairs from the SFT policy -> reward model (train_offline loss reward)
-    reward = ensure_artifact("toylab://reward".split("//")[1])
+    # SFT (train_offline.py --loss_type sft) -> pairs sampled from the SFT policy -> reward model
+    # (--loss_type reward), the scripts run as subprocesses, from a `toylab://` location as a script reads it
+    import torch
+
+    from maxent_rlhf.artifacts import resolve_path
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    reward = Path(resolve_path("toylab://reward"))
+    assert torch.equal(torch.rand(3), expected)  # building inside a program left its random stream alone
     out = capfd.readouterr().out
     for name in ("tokenizer", "sft_data", "sft", "pairs", "reward"):
         assert f"building {name}" in out
+    assert "train_offline.py --loss_type sft" in out  # the command a user would type
     pairs = build.read_jsonl(tmp_path / "cache" / "test" / "pairs" / "train.jsonl")
     assert pairs and all(p["gold_chosen"] != p["gold_rejected"] for p in pairs)
     from maxent_rlhf.models import load_reward_model
@@ -287,8 +300,58 @@ def test_toy_configs_parse_with_the_scripts_config_classes():
     assert {"maxent", "kl", "none", "minent", "entropy", "overopt"} <= {f.stem for f in files}
     for f in files:
         script, cls = classes.get(f.stem, ("train_rloo", "RLOOConfig"))
-        c = parse_config(getattr(build.load_script(script), cls), ["--config", str(f)])
+        c = parse_config(getattr(importlib.import_module(script), cls), ["--config", str(f)])
         locations = [v for v in vars(c).values() if isinstance(v, str) and v.startswith("toylab://")]
         assert locations, f"{f.name} names no toylab:// artifact"
         for loc in locations:
             build.split_name(loc[len("toylab://"):])  # every named artifact exists
+
+
+# --------------------------------------------------------------------------------------------------
+# how the toy lab finds and runs the scripts
+# --------------------------------------------------------------------------------------------------
+def test_scripts_are_found_next_to_the_package_or_through_the_environment(tmp_path, monkeypatch):
+    from maxent_rlhf.toylab import scripts
+
+    monkeypatch.delenv(scripts.ENV_SCRIPTS, raising=False)
+    assert scripts.scripts_dir() == REPO  # a clone (editable install / PYTHONPATH)
+    site = tmp_path / "site-packages"  # a non-editable install: nothing next to the package
+    site.mkdir()
+    with pytest.raises(FileNotFoundError, match="not part of the installed package.*MAXENT_RLHF_SCRIPTS"):
+        scripts.scripts_dir(package_parent=site)
+    monkeypatch.setenv(scripts.ENV_SCRIPTS, str(REPO))
+    assert scripts.scripts_dir(package_parent=site) == REPO
+    monkeypatch.setenv(scripts.ENV_SCRIPTS, str(site))
+    with pytest.raises(FileNotFoundError, match="does not hold train_offline.py"):
+        scripts.scripts_dir()
+
+
+def test_script_command_gives_the_script_exactly_these_options():
+    """The command line the toy lab runs parses into the config the options say (floats, bools, None, lists)."""
+    import train_offline
+
+    from maxent_rlhf.config import config_from_dict, parse_config
+    from maxent_rlhf.toylab import scripts
+
+    options = dict(build.OFFLINE_COMMON, loss_type="dpo", model_name_or_path="toylab://sft", dataset_name="toylab://pairs",
+                   learning_rate=3e-4, beta=0.1, seed=7, gradient_checkpointing=True, dataset_test_split=None,
+                   output_dir="/tmp/x")
+    cmd = scripts.script_command("train_offline.py", scripts.toy_config("dpo"), **options)
+    assert cmd[1] == str(REPO / "train_offline.py") and cmd[2:4] == ["--config", str(REPO / "configs/toy/dpo.yaml")]
+    parsed = parse_config(train_offline.OfflineConfig, cmd[2:])
+    from maxent_rlhf.config import load_yaml
+
+    expected = config_from_dict(train_offline.OfflineConfig, {**load_yaml(REPO / "configs/toy/dpo.yaml"), **options})
+    assert parsed == expected and parsed.learning_rate == 3e-4 and parsed.dataset_test_split is None
+
+
+
+def test_scripts_run_alone_not_as_ranks_of_the_callers_launch(monkeypatch):
+    from maxent_rlhf.toylab import scripts
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    env = scripts.clean_env()
+    assert "WORLD_SIZE" not in env and "ACCELERATE_USE_CPU" not in env and env["HF_HUB_OFFLINE"] == "1"
+    assert env["OMP_NUM_THREADS"] == "1"

@@ -1,12 +1,12 @@
-"""The toy lab's artifacts and how each is built (through the project's own scripts).
+"""The toy lab's artifacts and how each is built (the models through the project's own scripts).
 
     tokenizer  word-level HF tokenizer over the task vocabulary           (models.build_word_tokenizer)
     sft_data   prompt/completion jsonl (train/validation/test): posts + reference summaries
     prompts    prompt/completion jsonl (train: RL prompts, test: evaluation posts with references)
-    sft        tiny GPT-NeoX policy, SFT on sft_data                       (train_offline.main, loss sft)
+    sft        tiny GPT-NeoX policy, SFT on sft_data              (python train_offline.py --loss_type sft)
     pairs      prompt/chosen/rejected jsonl: two samples of the SFT policy per prompt, labelled by the
                gold judge with Bradley-Terry noise (gold ties dropped)
-    reward     proxy reward model trained on `pairs`                      (train_offline.main, loss reward)
+    reward     proxy reward model trained on `pairs`            (python train_offline.py --loss_type reward)
 
 `ensure_artifact("sft")` returns a local path, building the artifact and whatever it depends on first.
 A name may carry a profile, `PROFILE/NAME` (e.g. `toylab://test/sft`); otherwise the profile is
@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import json
 import os
 import random
-import sys
-import time
 from pathlib import Path
 from typing import Optional
 
+from ..distributed import mix_seed
+from ..runs import latest_checkpoint, read_jsonl
 from . import task
 from .cache import default_cache_dir, ensure_built
+from .scripts import run_script
 
 ENV_PROFILE = "MAXENT_RLHF_TOYLAB_PROFILE"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_VERSION = 1  # bump when a builder's code changes what it produces
 
 MODEL = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "max_position_embeddings": 128}
@@ -104,16 +103,27 @@ def recipe_hash(profile: str, art: str) -> str:
 
 
 def ensure_artifact(name: str, cache_dir: Optional[str | Path] = None) -> Path:
-    """Local path of toy-lab artifact `name` (`NAME` or `PROFILE/NAME`), built on first use."""
+    """Local path of toy-lab artifact `name` (`NAME` or `PROFILE/NAME`), built on first use (and whatever
+    it depends on first), reused afterwards, rebuilt when its recipe changes or its files do not match
+    the manifest.
+
+    Safe inside a running script, also under `accelerate launch`: the models are trained by the scripts
+    in subprocesses of their own (`scripts.py`), the rest is built here without touching the caller's
+    random streams, and a file lock lets one process build while the others wait."""
     profile, art = split_name(name)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     profile_dir = root / profile
     deps = {d: ensure_artifact(f"{profile}/{d}", root) for d in DEPENDENCIES[art]}
     recipe = recipe_of(profile, art)
     builder = BUILDERS[art]
-    return ensure_built(
-        profile_dir, art, recipe, task.stable_hash(recipe), lambda out: builder(out, PROFILES[profile], deps)
-    )
+
+    def build(out: Path) -> None:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # a build inside a running program leaves its random streams alone
+            builder(out, PROFILES[profile], deps)
+
+    return ensure_built(profile_dir, art, recipe, task.stable_hash(recipe), build)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,35 +136,6 @@ def write_jsonl(path: Path, rows) -> int:
             f.write(json.dumps(r) + "\n")
             n += 1
     return n
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
-
-
-def load_script(name: str):
-    """Import a top-level script of the repository (train_offline.py, ...) as a module."""
-    if name in sys.modules:
-        return sys.modules[name]
-    path = REPO_ROOT / f"{name}.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the toy lab runs the project's scripts from the repository root")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-CONFIG_CLASSES = {"train_offline": "OfflineConfig", "train_rloo": "RLOOConfig", "evaluate_judge": "EvalConfig"}
-
-
-def make_config(module, **values):
-    """The script's config dataclass from a dict (same checks as a YAML file)."""
-    from maxent_rlhf.config import config_from_dict
-
-    cls = getattr(module, CONFIG_CLASSES.get(module.__name__, "Config"))
-    return config_from_dict(cls, values, source=f"toylab ({module.__name__})")
 
 
 @contextlib.contextmanager
@@ -174,7 +155,8 @@ def _posts(prof: dict, split: str) -> list[task.Post]:
     t = prof["task"]
     offsets = {"sft_train": 0, "sft_validation": 1, "rl_train": 2, "test": 3, "pair_prompts": 4}
     n = t[f"n_{split}"]
-    return task.generate_posts(n, seed=t["seed"] * 1000 + offsets[split], p_short=t["p_short"], p_detail=t["p_detail"])
+    seed = mix_seed(t["seed"], offsets[split])  # the profiles' task seed is 0: the seed is the split's offset
+    return task.generate_posts(n, seed=seed, p_short=t["p_short"], p_detail=t["p_detail"])
 
 
 def _row(p: task.Post) -> dict:
@@ -208,17 +190,12 @@ OFFLINE_COMMON = dict(max_prompt_length=100, max_completion_length=28, warmup_ra
 
 
 def _run_offline(out: Path, values: dict) -> Path:
-    """train_offline.main in this process; the final checkpoint's HF files are copied to `out`."""
+    """`python train_offline.py --key value ...` into out/run; the final checkpoint's HF files are copied to `out`."""
     import shutil
 
-    from maxent_rlhf.runs import latest_checkpoint
-
-    train_offline = load_script("train_offline")
     run_dir = out / "run"
-    values = dict(OFFLINE_COMMON, **values)
-    values.update(output_dir=str(run_dir), report_to="none")
-    with quiet_threads(1):
-        train_offline.main(make_config(train_offline, **values))
+    common = {k: v for k, v in OFFLINE_COMMON.items() if k not in values}
+    run_script("train_offline.py", **values, **common, output_dir=str(run_dir), report_to="none")
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise RuntimeError(f"train_offline wrote no checkpoint under {run_dir}")
@@ -262,7 +239,7 @@ def build_sft(out: Path, prof: dict, deps: dict) -> None:
 def build_pairs(out: Path, prof: dict, deps: dict) -> None:
     import torch
 
-    from maxent_rlhf import generation
+    from maxent_rlhf.generation import complete_prompts
     from maxent_rlhf.models import load_policy, load_tokenizer
 
     p = prof["pairs"]
@@ -271,9 +248,15 @@ def build_pairs(out: Path, prof: dict, deps: dict) -> None:
     model = load_policy(str(deps["sft"]))
     model.eval()
     torch.manual_seed(p["seed"])
+    prompts = [x.prompt for x in posts]
+
+    def sample() -> list[str]:  # special tokens other than EOS stay in the text, where the gold judge sees them
+        return [c.text for batch in complete_prompts(model, tok, prompts, p["max_new_tokens"], 256, do_sample=True,
+                                                     temperature=p["temperature"], skip_special_tokens=False)
+                for c in batch]
+
     with quiet_threads(1):
-        a = sample_summaries(model, tok, [x.prompt for x in posts], p["max_new_tokens"], p["temperature"])
-        b = sample_summaries(model, tok, [x.prompt for x in posts], p["max_new_tokens"], p["temperature"])
+        a, b = sample(), sample()
     rng = random.Random(p["seed"])
     rows, ties, flipped = [], 0, 0
     for post, x, y in zip(posts, a, b):
@@ -336,63 +319,22 @@ BUILDERS = {
 
 
 # --------------------------------------------------------------------------------------------------
-# sampling and scoring with the shared generation module (used by builders, sweep and tests)
+# the reward model's held-out accuracy
 # --------------------------------------------------------------------------------------------------
-def sample_summaries(model, tok, prompts, max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
-                     batch_size: int = 256) -> list[str]:
-    import torch
-
-    from maxent_rlhf import generation
-
-    out: list[str] = []
-    with torch.no_grad():
-        for s in range(0, len(prompts), batch_size):
-            ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[s : s + batch_size]]
-            q, qm = generation.left_pad(ids, tok.pad_token_id)
-            r = generation.generate(model, q, qm, max_new_tokens, tok.eos_token_id, tok.pad_token_id,
-                                    temperature=temperature, do_sample=not greedy)
-            r, rm, _ = generation.truncate_after_eos(r, tok.eos_token_id, tok.pad_token_id)
-            for row, m in zip(r.tolist(), rm.tolist()):
-                toks = [t for t, keep in zip(row, m) if keep and t != tok.eos_token_id]
-                out.append(tok.decode(toks).strip())
-    return out
-
-
-def proxy_scores(reward_model, tok, prompts, summaries, batch_size: int = 256) -> list[float]:
-    """Proxy reward of prompt + " " + summary + EOS, read at the EOS (generation.reward_model_scores)."""
-    import torch
-
-    from maxent_rlhf import generation
-
-    out: list[float] = []
-    for s in range(0, len(prompts), batch_size):
-        rows = []
-        for p, y in zip(prompts[s : s + batch_size], summaries[s : s + batch_size]):
-            rows.append(tok(p, add_special_tokens=False)["input_ids"]
-                        + tok(" " + y, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-        length = max(map(len, rows))
-        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, r in enumerate(rows):  # right-padded: the score is read at the last real token
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        out += generation.reward_model_scores(reward_model, ids, mask).tolist()
-    return out
-
-
 def pair_accuracy(reward_dir: str | Path, pairs_file: str | Path) -> dict:
     """Held-out accuracy of a reward model on gold-labelled pairs: against the (noisy) labels and
     against the noiseless gold preference."""
+    from maxent_rlhf.generation import score_completions
     from maxent_rlhf.models import load_reward_model, load_tokenizer
 
     rows = read_jsonl(pairs_file)
-    tok = load_tokenizer(str(reward_dir), padding_side="right")
+    tok = load_tokenizer(str(reward_dir))
     rm = load_reward_model(str(reward_dir))
     rm.eval()
     prompts = [r["prompt"] for r in rows]
     with quiet_threads(1):
-        c = proxy_scores(rm, tok, prompts, [r["chosen"].strip() for r in rows])
-        j = proxy_scores(rm, tok, prompts, [r["rejected"].strip() for r in rows])
+        c = score_completions(rm, tok, prompts, [r["chosen"] for r in rows], 256)
+        j = score_completions(rm, tok, prompts, [r["rejected"] for r in rows], 256)
     n = len(rows)
     acc_labels = sum(a > b for a, b in zip(c, j)) / max(n, 1)
     acc_gold = sum((a > b) == (r["gold_chosen"] > r["gold_rejected"]) for a, b, r in zip(c, j, rows)) / max(n, 1)

@@ -14,7 +14,7 @@ from typing import Optional
 from .. import plotting
 from . import claims
 from .claims import DROP  # "falls at least 10 points below its in-run peak"
-from .sweep import REGULARIZER_LABELS, REGULARIZERS
+from .sweep import REGULARIZER_LABELS
 
 # train_rloo metrics behind the KL claims (6, 7) and the run table: "objective/<key>"
 KL_REF = "kl_ref_k3"
@@ -34,12 +34,15 @@ def _coef(run: plotting.Run) -> Optional[float]:
     return 0.0 if reg == "none" else None
 
 
+def _default_coef(run: plotting.Run) -> bool:
+    """Whether the run has its config's coefficient: the sweep names the others `REG_c<coef>_lr...`."""
+    return not run.name.startswith(f"{_reg_key(run)}_c")
+
+
 def _label(run: plotting.Run) -> str:
-    """Figure legend: the regulariser, plus the coefficient when it is not the sweep's default."""
-    reg, coef = _reg_key(run), _coef(run)
-    default = REGULARIZERS.get(reg, {}).get("entropy_coef")
-    extra = f", coef {coef:g}" if default is not None and coef is not None and abs(coef - default) > 1e-12 else ""
-    return REGULARIZER_LABELS.get(reg, reg) + extra
+    """Figure legend: the regulariser, plus the coefficient when it is not the config's."""
+    extra = "" if _default_coef(run) else f", coef {_coef(run):g}"
+    return REGULARIZER_LABELS.get(_reg_key(run), _reg_key(run)) + extra
 
 
 def _lr(run: plotting.Run) -> float:
@@ -49,10 +52,8 @@ def _lr(run: plotting.Run) -> float:
 def analyse(run: plotting.Run) -> dict:
     xs, ys = run.winrate_curve(include_baseline=True)
     px, py = run.proxy_curve(include_baseline=True)
-    variant, coef = _reg_key(run), _coef(run)
-    default = REGULARIZERS.get(variant, {}).get("entropy_coef")
-    out = {"name": run.name, "lr": _lr(run), "steps": xs, "win": ys, "proxy": dict(zip(px, py)), "variant": variant,
-           "coef": coef, "default_coef": default is None or coef is None or abs(coef - default) < 1e-12}
+    out = {"name": run.name, "lr": _lr(run), "steps": xs, "win": ys, "proxy": dict(zip(px, py)), "variant": _reg_key(run),
+           "coef": _coef(run), "default_coef": _default_coef(run)}
     if not ys:
         return out
     i_peak = max(range(len(ys)), key=lambda i: ys[i])
@@ -103,14 +104,17 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
         key = f"reward_{i}"
         figs[key] = plotting.plot_reward_and_entropy(
             rs, report_dir / f"fig1_2_reward_entropy_lr{lr:g}.png", title=f"RLOO, lr {lr:g}", group=_label)
-        captions.append((key, f"Figures 1-2 analogue, lr {lr:g} (seeds {seeds}, mean): RLHF reward and entropy bonus "
-                              "per regulariser; final gold win rate in the legend."))
+        captions.append((key, f"Figures 1-2 analogue, lr {lr:g} (seeds {seeds}, mean): RLHF reward, entropy bonus "
+                              "(the reward's entropy term) and the unweighted sampled entropy -log pi(y|x) "
+                              "(`objective/entropy`, one scale for every coefficient) per regulariser; final gold "
+                              "win rate in the legend."))
     for i, lr in enumerate(lrs):
         rs = [r for r in rloo if _lr(r) == lr]
         key = f"kl_{i}"
         figs[key] = plotting.plot_kl(rs, report_dir / f"fig3_kl_lr{lr:g}.png", title=f"KL metrics, lr {lr:g}", group=_label)
-        captions.append((key, f"Figure 3 analogue, lr {lr:g}: KL(pi_t || pi_ref) (top) and KL between consecutive "
-                              "policies (bottom), k3 estimates, symlog scale."))
+        captions.append((key, f"Figure 3 analogue, lr {lr:g}: KL(pi_t || pi_ref) (top) and KL(pi_t || pi_t-1) "
+                              "between consecutive policies (bottom, the paper's direction: importance-weighted from "
+                              "pi_t-1's samples), k3 estimates, symlog scale."))
     if rloo:
         figs["overopt"] = plotting.plot_winrate_per_checkpoint(
             rloo, report_dir / "fig_overopt_gold_vs_proxy.png", label=_label, panel=lambda r: f"lr {_lr(r):g}",
@@ -210,7 +214,7 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
     for key, caption in captions + [
         ("overopt", "Overoptimisation: gold win rate (solid) and proxy reward (dotted) of the same checkpoints, mean over seeds."),
         ("fig4", "Figure 4 analogue: batch mean of log pi_ref(y_w|x) - log pi_ref(y_l|x) during DPO (`ref/logratio`)."),
-        ("fig6", "Figure 6 analogue: SimPO gold win rate per checkpoint for several gamma at two learning rates."),
+        ("fig6", "Figure 6 analogue: SimPO gold win rate per checkpoint for several gamma, one panel per learning rate."),
     ]:
         if key in figs:
             L.append(f"![{key}]({Path(figs[key]).name})\n\n{caption}\n")
@@ -275,10 +279,10 @@ def main_job_lines(rloo) -> list[str]:
     """Which run of the sweep each configs/toy/*.yaml RLOO config is (same values for every key it sets),
     so numbers quoted for those configs (README, the configs' comments) come from a run in the tables."""
     from ..config import load_yaml
-    from .sweep import TOY_CONFIGS
+    from .scripts import scripts_dir
 
     rows = []
-    for f in sorted(TOY_CONFIGS.glob("*.yaml")):
+    for f in sorted((scripts_dir() / "configs" / "toy").glob("*.yaml")):
         want = {k: v for k, v in (load_yaml(f) or {}).items() if k != "output_dir"}
         if "regularizer" not in want:
             continue

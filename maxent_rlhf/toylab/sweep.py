@@ -1,20 +1,24 @@
-"""The toy-lab sweep: every run through the project's scripts, in-process.
+"""The toy-lab sweep: every run through the project's scripts, as a user runs them.
 
     python -m maxent_rlhf.toylab sweep                   # the whole sweep, then report/report.md
     python -m maxent_rlhf.toylab sweep --shard 0/2 & python -m maxent_rlhf.toylab sweep --shard 1/2; wait
     python -m maxent_rlhf.toylab sweep                   # (after the shards) skips every finished run, reports
     python -m maxent_rlhf.toylab report --out runs/toylab
 
-Online runs (train_rloo.main, configs/toy/*.yaml-equivalent settings):
+Online runs: `python train_rloo.py --config configs/toy/REG.yaml --learning_rate LR --seed S --output_dir ...`
+(the configs hold each regulariser's coefficient):
   1. the grid: REGULARIZERS x LEARNING_RATES x SEEDS;
   2. a lower lr (LOW_LR) for the entropy runs and coefficient 0, where runs keep their gains (claims 2-3);
-  3. an entropy-coefficient sweep at the high lr (COEF_SWEEP, beside the default coefficient and the
-     no-regulariser runs as coefficient 0), so "regardless of the entropy coefficient" is tested (claim 1).
-Offline runs (train_offline.main): DPO (Figure 4's reference log-ratio) and SimPO for several gamma at
-several learning rates (Figure 6). Every checkpoint of every run (and the SFT baseline) is decoded
-greedily and judged by the gold judge, and scored by the proxy reward model, with evaluate_judge.main
-(judges `toy-gold` and `reward-model`). A finished stage is skipped on rerun; DONE.json records the
-training and evaluation seconds of each run, from which the report adds up the one-process cost.
+  3. an entropy-coefficient sweep at the high lr (COEF_SWEEP, `--entropy_coef C`, beside the config's
+     coefficient and the no-regulariser runs as coefficient 0), so "regardless of the entropy
+     coefficient" is tested (claim 1).
+Offline runs: DPO (Figure 4's reference log-ratio) and SimPO for several gamma at several learning
+rates (Figure 6), `python train_offline.py --config configs/toy/{dpo,simpo}.yaml ...`. Every checkpoint
+of every run (and the SFT baseline) is decoded greedily and judged by the gold judge in both orders,
+and scored by the proxy reward model, with `python evaluate_judge.py --config configs/toy/eval.yaml
+--judge {toy-gold,reward-model} ...`. Each command is printed before it runs (`scripts.py`); a finished
+stage is skipped on rerun; DONE.json records each run's training and evaluation seconds, from which the
+report adds up the sweep's cost in one process.
 """
 from __future__ import annotations
 
@@ -25,19 +29,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import load_yaml
-from .build import load_script, make_config, quiet_threads
+from .scripts import run_script, toy_config
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TOY_CONFIGS = REPO_ROOT / "configs" / "toy"
-
-# regulariser name -> train_rloo fields (coefficients chosen on the toy, see configs/toy/*.yaml)
-REGULARIZERS = {
-    "kl": {"regularizer": "kl", "kl_coef": 0.05},
-    "maxent": {"regularizer": "entropy", "length_normalize": True, "entropy_coef": 0.5},
-    "entropy": {"regularizer": "entropy", "length_normalize": False, "entropy_coef": 0.05},
-    "minent": {"regularizer": "entropy", "length_normalize": True, "entropy_coef": 0.5, "min_entropy": True},
-    "none": {"regularizer": "none"},
-}
+# regulariser name = its config, configs/toy/NAME.yaml (coefficients chosen on the toy)
+REGULARIZERS = ("kl", "maxent", "entropy", "minent", "none")
 REGULARIZER_LABELS = {
     "kl": "KL (beta 0.05)",
     "maxent": "entropy, length-normalised (Eq. 7)",
@@ -49,7 +44,8 @@ LEARNING_RATES = (1e-4, 1e-3)  # toy analogues of the paper's low "reference-fre
 SEEDS = (1, 2, 3)
 LOW_LR = 2e-5  # where the entropy runs keep their gains for 80 iterations (claims 2-3 need such runs)
 LOW_LR_REGULARIZERS = ("maxent", "entropy", "none")
-# extra entropy coefficients at the high lr: with the default 0.5 and coefficient 0 ("none"), 0.1-1.0 spans 10x
+# extra entropy coefficients at the high lr: with configs/toy/maxent.yaml's 0.5 and coefficient 0 ("none"),
+# 0.1-1.0 spans 10x
 COEF_SWEEP = {"maxent": (0.1, 1.0)}
 SIMPO_GAMMAS = (0.0, 0.5, 1.0, 2.0)
 SIMPO_LRS = (1e-4, 3e-4, 3e-3)  # gradual to aggressive (the paper's 2e-7 and 1e-6 roles)
@@ -57,90 +53,73 @@ DPO = {"learning_rate": 1e-3, "beta": 0.1}
 EVAL_N = 200
 
 
-def base_rloo_values() -> dict:
-    """The shared settings of configs/toy/*.yaml (read from kl.yaml minus its regulariser)."""
-    values = load_yaml(TOY_CONFIGS / "kl.yaml")
-    for k in ("regularizer", "kl_coef", "entropy_coef", "length_normalize", "min_entropy", "output_dir", "learning_rate"):
-        values.pop(k, None)
-    return values
-
-
 def lr_tag(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
+def default_entropy_coef(reg: str) -> Optional[float]:
+    """The entropy coefficient configs/toy/REG.yaml sets (None for a config without an entropy term)."""
+    values = load_yaml(toy_config(reg)) or {}
+    return float(values["entropy_coef"]) if values.get("regularizer") == "entropy" and "entropy_coef" in values else None
+
+
 def rloo_run_name(reg: str, lr: float, seed: int, entropy_coef: Optional[float] = None) -> str:
-    """kl_lr1e-3_s1; a non-default entropy coefficient adds _c<coef>: maxent_c0.1_lr1e-3_s1."""
-    coef = f"_c{entropy_coef:g}" if entropy_coef is not None and entropy_coef != REGULARIZERS[reg].get("entropy_coef") else ""
+    """kl_lr1e-3_s1; an entropy coefficient other than the config's adds _c<coef>: maxent_c0.1_lr1e-3_s1."""
+    coef = f"_c{entropy_coef:g}" if entropy_coef is not None and entropy_coef != default_entropy_coef(reg) else ""
     return f"{reg}{coef}_lr{lr_tag(lr)}_s{seed}"
 
 
 def run_rloo(out: Path, reg: str, lr: float, seed: int, iterations: Optional[int] = None, extra: Optional[dict] = None) -> Path:
-    train_rloo = load_script("train_rloo")
-    values = base_rloo_values()
-    values.update(REGULARIZERS[reg])
-    values.update(learning_rate=lr, seed=seed, output_dir=str(out))
+    """configs/toy/REG.yaml at this learning rate and seed (`extra`: more options) into `out`."""
+    options = dict(learning_rate=lr, seed=seed, output_dir=str(out))
     if iterations:
-        values["num_iterations"] = iterations
-    values.update(extra or {})
+        options["num_iterations"] = iterations
+    options.update(extra or {})
     record = {"kind": "rloo", "regularizer": reg, "learning_rate": lr, "seed": seed}
-    if "entropy_coef" in values:
-        record["entropy_coef"] = values["entropy_coef"]
-    return _run_once(out, train_rloo, values, record)
+    coef = options.get("entropy_coef", default_entropy_coef(reg))
+    if coef is not None:
+        record["entropy_coef"] = coef
+    return _run_once(out, "train_rloo.py", toy_config(reg), options, record)
 
 
-def _run_once(out: Path, script, values: dict, record: dict) -> Path:
-    """Run `script.main` into `out` unless a finished run is already there (a half run is started over)."""
+def run_offline(out: Path, config: str, lr: float, seed: int = 1, extra: Optional[dict] = None) -> Path:
+    """configs/toy/CONFIG.yaml (dpo, simpo) at this learning rate and seed into `out`."""
+    options = dict(learning_rate=lr, seed=seed, output_dir=str(out), **(extra or {}))
+    return _run_once(out, "train_offline.py", toy_config(config), options,
+                     {"kind": config, "learning_rate": lr, "seed": seed, **(extra or {})})
+
+
+def _run_once(out: Path, script: str, config: Path, options: dict, record: dict) -> Path:
+    """Run `script` into `out` unless a finished run is already there (a half run is started over)."""
     if _done(out):
         return out
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
-    with quiet_threads(1):
-        script.main(make_config(script, **values))
+    run_script(script, config, **options)
     _mark_done(out, {**record, "seconds": time.time() - t0})
     return out
-
-
-def run_offline(out: Path, loss: str, lr: float, seed: int = 1, extra: Optional[dict] = None) -> Path:
-    train_offline = load_script("train_offline")
-    from .build import OFFLINE_COMMON
-
-    values = dict(OFFLINE_COMMON)
-    values.update(
-        loss_type=loss, model_name_or_path="toylab://sft", dataset_name="toylab://pairs", dataset_test_split="validation",
-        num_train_epochs=4.0, global_batch_size=32, per_device_train_batch_size=32, per_device_eval_batch_size=64,
-        learning_rate=lr, seed=seed, save_steps=10, logging_steps=1, report_to="none", output_dir=str(out),
-    )
-    values.update(extra or {})
-    return _run_once(out, train_offline, values, {"kind": loss, "learning_rate": lr, "seed": seed, **(extra or {})})
 
 
 def evaluate_run(run_dir: Path, n: int = EVAL_N, proxy: bool = True) -> dict:
     """Gold win rate (toy-gold, both orders) and proxy reward (reward-model judge) of every checkpoint + the
     SFT baseline."""
-    evaluate_judge = load_script("evaluate_judge")
     gold_dir, proxy_dir = run_dir / "eval_gold", run_dir / "eval_proxy"
-    common = dict(
-        checkpoints=[str(run_dir)], sft_model_name_or_path="toylab://sft", dataset_name="toylab://prompts",
-        dataset_test_split="test", n=n, max_new_tokens=16, max_prompt_length=100, per_device_eval_batch_size=n,
-        judge_batch_size=n, mixed_precision="no", plot=True,
-    )
+    common = dict(checkpoints=[str(run_dir)], n=n, per_device_eval_batch_size=n, plot=True)
     out, t0 = {}, time.time()
     ran = not (gold_dir / "summary.json").exists() or (proxy and not (proxy_dir / "summary.json").exists())
-    with quiet_threads(1):
-        if not (gold_dir / "summary.json").exists():
-            # both orders: toy-gold scores each summary alone, so its verdicts should not depend on the order
-            # (the report checks: position consistency and first-position preference per checkpoint)
-            evaluate_judge.main(make_config(evaluate_judge, output_dir=str(gold_dir), judge="toy-gold",
-                                            both_orders=True, **common))
-        out["gold"] = json.loads((gold_dir / "summary.json").read_text())
-        if proxy:
-            if not (proxy_dir / "summary.json").exists():
-                if (gold_dir / "generations").is_dir() and not (proxy_dir / "generations").exists():
-                    shutil.copytree(gold_dir / "generations", proxy_dir / "generations")  # same greedy decodes
-                evaluate_judge.main(make_config(evaluate_judge, output_dir=str(proxy_dir), judge="reward-model",
-                                                reward_model_name_or_path="toylab://reward", **common))
-            out["proxy"] = json.loads((proxy_dir / "summary.json").read_text())
+    if not (gold_dir / "summary.json").exists():
+        # both orders: toy-gold scores each summary alone, so its verdicts should not depend on the order
+        # (the report checks: position consistency and first-position preference per checkpoint)
+        run_script("evaluate_judge.py", toy_config("eval"), output_dir=str(gold_dir), judge="toy-gold",
+                   both_orders=True, **common)
+    out["gold"] = json.loads((gold_dir / "summary.json").read_text())
+    if proxy:
+        if not (proxy_dir / "summary.json").exists():
+            if (gold_dir / "generations").is_dir() and not (proxy_dir / "generations").exists():
+                shutil.copytree(gold_dir / "generations", proxy_dir / "generations")  # same greedy decodes
+            run_script("evaluate_judge.py", toy_config("eval"), output_dir=str(proxy_dir), judge="reward-model",
+                       reward_model_name_or_path="toylab://reward", judge_batch_size=n, **common)
+        out["proxy"] = json.loads((proxy_dir / "summary.json").read_text())
     if ran and _done(run_dir):  # the report adds these up into the sweep's one-process cost
         info = json.loads((run_dir / "DONE.json").read_text())
         info["eval_seconds"] = info.get("eval_seconds", 0.0) + time.time() - t0
@@ -172,7 +151,7 @@ def rloo_plan(regularizers=tuple(REGULARIZERS), lrs=LEARNING_RATES, seeds=SEEDS,
 
 
 def offline_plan(simpo_gammas=SIMPO_GAMMAS, simpo_lrs=SIMPO_LRS) -> list[tuple[str, str, float, dict]]:
-    """(run name, loss, lr, extra settings) of every offline run."""
+    """(run name, configs/toy config, lr, extra settings) of every offline run."""
     plan = [("dpo", "dpo", DPO["learning_rate"], {"beta": DPO["beta"]})]
     plan += [(f"simpo_lr{lr_tag(lr)}_g{g:g}", "simpo", lr, {"beta": 2.0, "simpo_gamma": g}) for lr in simpo_lrs for g in simpo_gammas]
     return plan
@@ -188,7 +167,7 @@ def shard_items(items: list, shard: tuple[int, int]) -> list:
 
 def sweep(
     out: str | Path = "runs/toylab",
-    regularizers=tuple(REGULARIZERS),
+    regularizers=REGULARIZERS,
     lrs=LEARNING_RATES,
     seeds=SEEDS,
     iterations: Optional[int] = None,
@@ -205,7 +184,7 @@ def sweep(
     """Run (or complete: finished runs are skipped) the sweep into `out`. shard=(i, n) runs every n-th
     run starting at i (online and offline lists alike), so n processes split one sweep. sweep.json (the
     plan) is written first; write_meta=False adds runs to an existing sweep without changing it."""
-    from . import ensure_artifact
+    from .build import ensure_artifact
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,10 +221,10 @@ def sweep(
             run_rloo(run, reg, lr, seed, iterations, extra=None if coef is None else {"entropy_coef": coef})
             evaluate_run(run, eval_n)
         else:
-            name, loss, lr, extra = job
+            name, config, lr, extra = job
             run = out / "offline" / name
             print(f"[toylab sweep] ({i + 1}/{len(todo)}) offline {name} -> {run}", flush=True)
-            evaluate_run(run_offline(run, loss, lr, extra=extra), eval_n, proxy=False)
+            evaluate_run(run_offline(run, config, lr, extra=extra), eval_n, proxy=False)
         print(f"[toylab sweep] done in {time.time() - t:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
     print(f"[toylab sweep] finished in {time.time() - t0:.0f}s: {out}", flush=True)
     return out

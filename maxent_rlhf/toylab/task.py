@@ -115,7 +115,7 @@ class Post:
 
 
 def format_prompt(subreddit: str, title: str, post: str) -> str:
-    """The TL;DR prompt format (reference.md section 2): the word tokenizer splits on whitespace."""
+    """The TL;DR prompt format (the N+ recipe, Sec. 3; docs/sources.md section 1); the word tokenizer splits on whitespace."""
     return f"SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 
 
