@@ -62,6 +62,8 @@ class EvalConfig(BaseConfig):
         "trl-lib/tldr", "dataset: hub id, local json/jsonl/parquet file, or a directory with <split>.jsonl"
     )
     dataset_test_split: str = cfg("test", "split of dataset_name to evaluate on")
+    dataset_revision: Optional[str] = cfg(
+        None, "hub revision (branch, tag or commit) of dataset_name; recorded in summary.json: pin it to reproduce a number")
     n: int = cfg(500, "number of examples (the first n of the split; 0: all)")
     prompt_column: str = cfg("prompt", "column with the policy prompt (`SUBREDDIT: ... TL;DR:`)")
     reference_column: str = cfg("completion", "column with the reference summary the policy is compared with")
@@ -156,7 +158,7 @@ def load_examples(config: EvalConfig) -> list[Example]:
     from maxent_rlhf.data import as_text, load_any_dataset, require_columns
 
     source = f"{config.dataset_name} [{config.dataset_test_split}]"
-    ds = load_any_dataset(config.dataset_name, config.dataset_test_split)
+    ds = load_any_dataset(config.dataset_name, config.dataset_test_split, config.dataset_revision)
     require_columns(ds, [config.prompt_column, config.reference_column], source)
     if config.n and config.n < len(ds):
         ds = ds.select(range(config.n))
@@ -290,6 +292,15 @@ def examples_hash(examples: list[Example]) -> str:
     for e in examples:
         h.update(json.dumps([e.id, e.prompt, e.reference], ensure_ascii=False).encode("utf-8"))
     return h.hexdigest()
+
+
+def dataset_revision(config: EvalConfig) -> Optional[str]:
+    """The hub revision behind the number (None for a local dataset; examples_sha256 pins the content)."""
+    from maxent_rlhf.data import is_hub_dataset
+
+    if not is_hub_dataset(config.dataset_name):
+        return None
+    return config.dataset_revision or "unpinned (the default branch when this ran; pass --dataset_revision)"
 
 
 def judge_decoding(judge) -> Optional[dict]:
@@ -490,6 +501,7 @@ def main(config: EvalConfig) -> dict:
         "confidence_level": config.confidence_level,
         "dataset": config.dataset_name,
         "split": config.dataset_test_split,
+        "dataset_revision": dataset_revision(config),
         "n_examples": len(examples),
         "examples_sha256": examples_hash(examples),
         "seed": config.seed,
@@ -515,7 +527,9 @@ def main(config: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
+    from maxent_rlhf.data import DataError
+
     try:
         main(parse_config(EvalConfig))
-    except (JudgeError, ConfigError) as err:
+    except (JudgeError, ConfigError, DataError) as err:
         sys.exit(f"evaluate_judge.py: error: {err}")

@@ -20,10 +20,20 @@ class DataError(ValueError):
     """A dataset problem the user can fix; the message names the file/column/row."""
 
 
-def load_any_dataset(name_or_path: str, split: str = "train"):
-    """A `datasets.Dataset` from a local file / directory of files, or a hub id (users with internet)."""
+def is_hub_dataset(name_or_path: str) -> bool:
+    """Whether `load_any_dataset` reads `name_or_path` from the hub (not a local file or directory)."""
+    path = Path(resolve_path(name_or_path))
+    return path.suffix not in LOCAL_FORMATS and not path.is_dir()
+
+
+def load_any_dataset(name_or_path: str, split: str = "train", revision: Optional[str] = None):
+    """A `datasets.Dataset` from a local file / directory of files, or a hub id (users with internet) at
+    `revision` (branch, tag or commit; None: the default branch)."""
     import datasets
 
+    if revision is not None and not is_hub_dataset(name_or_path):
+        raise DataError(f"dataset revision {revision!r} given for the local dataset {name_or_path!r}: revisions "
+                        "pin hub datasets only; drop the revision")
     name_or_path = resolve_path(name_or_path)
     path = Path(name_or_path)
     if path.suffix in LOCAL_FORMATS:
@@ -40,7 +50,7 @@ def load_any_dataset(name_or_path: str, split: str = "train"):
             ds = datasets.load_from_disk(str(path))
             return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
         raise DataError(f"dataset directory {name_or_path!r} has no {split}.jsonl/.json/.parquet/.csv file")
-    return datasets.load_dataset(name_or_path, split=split)
+    return datasets.load_dataset(name_or_path, split=split, revision=revision)
 
 
 def require_columns(dataset, columns: Iterable[str], source: str) -> None:

@@ -523,3 +523,30 @@ def test_only_the_judge_options_the_user_set_must_be_taken(tmp_path):
     # evaluate_judge's defaults alone (every option offered) are never an error
     options, context = ej.judge_arguments(parse_config(ej.EvalConfig, ["--judge", "toy-gold"]))
     assert options == {} and judges.get_judge("toy-gold", context=context, **options).cache_id.startswith("toy-gold")
+
+
+def test_summary_records_the_hub_dataset_revision(tmp_path, server, monkeypatch):
+    """A hub id is loaded at --dataset_revision and summary.json says which; a local dataset refuses one."""
+    import datasets
+
+    n = 4
+    local = make_dataset(tmp_path, n)
+    rows = [json.loads(l) for l in local.read_text().splitlines()]
+    calls = []
+
+    def fake_load_dataset(name, split=None, revision=None, **kw):  # the hub, offline
+        calls.append((name, split, revision))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    run = fake_run(tmp_path, [1])
+    write_generations(tmp_path / "out", "step_00000001", local, with_marker(n, {0}))
+    s = ej.main(config(tmp_path, server, "someorg/tldr-like", [run], dataset_revision="abc123"))
+    assert calls == [("someorg/tldr-like", "test", "abc123")]
+    assert s["dataset"] == "someorg/tldr-like" and s["dataset_revision"] == "abc123"
+    unpinned = ej.main(config(tmp_path, server, "someorg/tldr-like", [run]))
+    assert unpinned["dataset_revision"].startswith("unpinned")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="revisions pin hub datasets only"):
+        ej.main(config(tmp_path, server, local, [run], dataset_revision="abc123"))
+    assert ej.main(config(tmp_path, server, local, [run]))["dataset_revision"] is None
