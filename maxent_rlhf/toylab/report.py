@@ -281,17 +281,22 @@ def main_job_lines(rloo) -> list[str]:
     from ..config import load_yaml
     from .scripts import scripts_dir
 
+    from .sweep import REGULARIZERS
+
     rows = []
     for f in sorted((scripts_dir() / "configs" / "toy").glob("*.yaml")):
         want = {k: v for k, v in (load_yaml(f) or {}).items() if k != "output_dir"}
         if "regularizer" not in want:
             continue
-        match = [r.name for r in rloo if all(_same(r.config.get(k), v) for k, v in want.items())]
+        # a sweep regulariser's config must also be the one the run was made from (minent = maxent + min_entropy)
+        match = [r.name for r in rloo if all(_same(r.config.get(k), v) for k, v in want.items())
+                 and (f.stem not in REGULARIZERS or _reg_key(r) == f.stem)]
         rows.append(f"| configs/toy/{f.name} | {', '.join(match) if match else 'not in this sweep'} |")
     if not rows:
         return []
     return ["## The toy configs in this sweep\n", "Each `configs/toy` RLOO config against the sweep's runs (a run matches "
-            "when its resolved config has the same value for every key the file sets):\n",
+            "when its resolved config has the same value for every key the file sets, and, for a regulariser's own "
+            "config, was made from it):\n",
             "| config | run |", "|---|---|", *rows, ""]
 
 
@@ -379,19 +384,19 @@ def claims_table(stats: list, offline: dict, lrs: list, extra_lrs=()) -> list[st
     if hi is not None:
         row(5, f"4.2: KL-constrained RLHF stays stable and effective at the higher lr ({hi:g})",
             claims.rule_stable_and_improving(_outcomes(_group_final(stats, "kl", hi))))
-    for lr in all_lrs:
-        k, e = _group_final(stats, "kl", lr), ent(lr)
-        if not (k and e):
-            continue
-        # 6. KL budget: KL runs keep KL_ref small, MaxEnt runs drift further
+    # 6. KL budget: KL runs keep KL_ref small, MaxEnt runs drift further; 7. KL between consecutive policies
+    # grows for MaxEnt, stays bounded for KL (one row per lr with both kinds of runs)
+    pairs = [(lr, _group_final(stats, "kl", lr), ent(lr)) for lr in all_lrs]
+    pairs = [(lr, k, e) for lr, k, e in pairs if k and e]
+    for lr, k, e in pairs:
         row(6, f"4.2: KL-constrained runs keep KL(pi||pi_ref) bounded; reference-free runs drift further (lr {lr:g})",
             claims.rule_kl_ref_bounded([s[KL_REF + "_late"] for s in k if KL_REF + "_late" in s],
                                        [s[KL_REF + "_late"] for s in e if KL_REF + "_late" in s]))
-        # 7. KL between consecutive policies grows for MaxEnt, bounded for KL
-        growth = lambda sel: [s[KL_PREV + "_late"] / max(s[KL_PREV + "_early"], 1e-8) for s in sel  # noqa: E731
-                              if KL_PREV + "_late" in s]
-        row(7, f"4.2: KL between consecutive policies stays bounded under KL but grows over training under MaxEnt (lr {lr:g})",
-            claims.rule_kl_prev_growth(growth(k), growth(e)))
+    growth = lambda sel: [s[KL_PREV + "_late"] / max(s[KL_PREV + "_early"], 1e-8) for s in sel  # noqa: E731
+                          if KL_PREV + "_late" in s]
+    for lr, k, e in pairs:
+        row(7, f"4.2: KL(pi_t||pi_t-1) between consecutive policies stays bounded under KL but grows over training "
+               f"under MaxEnt (lr {lr:g})", claims.rule_kl_prev_growth(growth(k), growth(e)))
     # 8. minimum entropy prevents overoptimisation at the KL lr
     if hi is not None:
         row(8, f"4.2.1: minimum entropy prevents overoptimisation at the KL learning rate ({hi:g}) (1B)",
