@@ -10,7 +10,8 @@
 2. Judging: each (policy, reference) pair goes to a judge from `maxent_rlhf.judges` (openai,
    reward-model, or a registered one such as the toy lab's toy-gold). A/B order comes from a hash of
    (seed, example id); with --both_orders every pair is judged in both orders, each counting half a
-   judgment, and the position statistics of the judge are reported. Judgments are appended and flushed to a JSONL cache as they complete, keyed by
+   judgment, and the position statistics of the judge are reported. Judgments are appended and flushed
+   to a JSONL cache as they complete, keyed by
    (judge, template version, post, both summaries, order): a rerun sends no request for a judged pair.
    Before sending anything the number of requests and an estimate of tokens are printed; --max_requests
    caps them and --dry_run stops there.
@@ -19,11 +20,12 @@
    rate and the first-position preference rate, with intervals): a table, <out>/summary.json (with
    everything needed to reproduce the number: judge, template version, orders, seed, data, decoding)
    and <out>/win_rate.png.
+
+The machinery (data, generation records, pairs and cache, judging, statistics) is `maxent_rlhf.evaluation`,
+which the training scripts call for their in-training win rate: one implementation.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -32,22 +34,29 @@ from typing import Optional
 
 import maxent_rlhf.toylab  # noqa: F401  (registers the toylab:// locations and the toy-gold judge)
 from maxent_rlhf.config import BaseConfig, ConfigError, cfg, parse_config, save_config
-from maxent_rlhf.judges import (
-    TEMPLATE_VERSION,
-    JudgeError,
-    JudgmentCache,
-    Pair,
-    Verdict,
-    cache_key,
-    get_judge,
-    post_from_prompt,
+from maxent_rlhf.evaluation import (  # noqa: F401  (re-exported: the script's names of PR history and tests)
+    JUDGE_OPTIONS,
+    METRIC_PATH,
+    SHARED_SETTINGS,
+    Example,
+    JudgeArgs,
+    JudgingPlan,
+    examples_hash,
+    generation_record,
+    judge_arguments,
+    judge_decoding,
+    judge_plan,
+    policy_first,
+    print_table,
+    summarise,
 )
-
-METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "win_rate"
+from maxent_rlhf.evaluation import load_examples as _load_examples
+from maxent_rlhf.evaluation import prompt_hash as _prompt_hash
+from maxent_rlhf.judges import TEMPLATE_VERSION, JudgeError, JudgmentCache, get_judge
 
 
 @dataclass
-class EvalConfig(BaseConfig):
+class EvalConfig(JudgeArgs, BaseConfig):
     """Win rates of checkpoints against reference summaries, judged by an LLM or a reward model."""
 
     output_dir: str = cfg("eval/default", "output directory: generations/, judgments.jsonl, summary.json, win_rate.png")
@@ -66,33 +75,18 @@ class EvalConfig(BaseConfig):
         None, "hub revision (branch, tag or commit) of dataset_name; recorded in summary.json: pin it to reproduce a number")
     n: int = cfg(500, "number of examples (the first n of the split; 0: all)")
     prompt_column: str = cfg("prompt", "column with the policy prompt (`SUBREDDIT: ... TL;DR:`)")
-    reference_column: str = cfg("completion", "column with the reference summary the policy is compared with")
-    id_column: str = cfg("id", "column with a stable example id (falls back to the row index when absent)")
     max_prompt_length: int = cfg(512, "prompts longer than this many tokens keep their last tokens")
-    max_new_tokens: int = cfg(53, "greedy decoding length limit (the TL;DR recipe's 53)")
-    per_device_eval_batch_size: int = cfg(16, "prompts per generation batch on one process")
     judge: str = cfg("openai", "judge: 'openai', 'reward-model', or a registered one (e.g. 'toy-gold')")
-    judge_model: str = cfg("gpt-4o-mini", "model name sent to the OpenAI-compatible server")
-    base_url: Optional[str] = cfg(None, "OpenAI-compatible server URL (e.g. http://localhost:8000/v1 for vLLM); key only from OPENAI_API_KEY")
-    concurrency: int = cfg(8, "judge requests in flight at most")
-    request_timeout: float = cfg(60.0, "seconds before one judge request times out (then it is retried)")
-    max_retries: int = cfg(6, "retries of a request on 429/5xx/timeouts/connection errors before stopping with an error")
-    backoff_base: float = cfg(1.0, "first retry delay in seconds (doubled per retry, with jitter), unless the server sends Retry-After")
-    backoff_max: float = cfg(60.0, "longest back-off delay in seconds")
-    parse_retries: int = cfg(2, "re-asks after an answer without `Preferred: A|B`; then the pair counts as invalid")
-    logprobs: bool = cfg(False, "also read P(A), P(B) from the answer token's top logprobs: a soft win rate")
-    judge_kwargs: str = cfg("", "extra keyword arguments for the judge, as a JSON object (e.g. for a registered judge)")
     reward_model_name_or_path: Optional[str] = cfg(None, "reward model (hub id or dir) for --judge reward-model")
-    judge_batch_size: int = cfg(16, "batch size of local judges (reward-model)")
     cache_path: Optional[str] = cfg(None, "judgment cache (JSONL); default <output_dir>/judgments.jsonl")
-    both_orders: bool = cfg(
-        False, "judge every pair twice, policy shown as A and as B; each order counts half a judgment (debiases the "
-        "judge's position preference) and the table adds position consistency and first-position preference; "
-        "twice the requests")
-    max_requests: int = cfg(0, "send at most this many judge requests (pairs) in this run (0: no cap)")
     dry_run: bool = cfg(False, "generate, then print the number of judge requests and the token estimate, and stop")
-    confidence_level: float = cfg(0.95, "coverage of the Wilson score interval of the win rate")
     plot: bool = cfg(True, "write win_rate.png (win rate against training step)")
+
+    def range_checks(self) -> list:  # the judge options' ranges are JudgeArgs'
+        return super().range_checks() + [
+            (self.n >= 0, f"`n` = {self.n} must be >= 0 (the first n examples of the split; 0: all)"),
+            (self.max_prompt_length >= 1, f"`max_prompt_length` = {self.max_prompt_length} must be >= 1"),
+        ]
 
 
 @dataclass
@@ -101,13 +95,6 @@ class Target:
     path: str
     step: Optional[int]
     baseline: bool = False
-
-
-@dataclass
-class Example:
-    id: str
-    prompt: str
-    reference: str
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,38 +142,22 @@ def _safe(name: str) -> str:
 
 
 def load_examples(config: EvalConfig) -> list[Example]:
-    from maxent_rlhf.data import as_text, load_any_dataset, require_columns
-
-    source = f"{config.dataset_name} [{config.dataset_test_split}]"
-    ds = load_any_dataset(config.dataset_name, config.dataset_test_split, config.dataset_revision)
-    require_columns(ds, [config.prompt_column, config.reference_column], source)
-    if config.n and config.n < len(ds):
-        ds = ds.select(range(config.n))
-    has_id = config.id_column in ds.column_names
-    examples, seen = [], set()
-    for i, row in enumerate(ds):
-        ex_id = str(row[config.id_column]) if has_id else str(i)
-        if ex_id in seen:
-            raise ConfigError(f"{source}: row {i} repeats example id {ex_id!r} (column `{config.id_column}`)")
-        seen.add(ex_id)
-        prompt = as_text(row[config.prompt_column], source, i, config.prompt_column)
-        reference = as_text(row[config.reference_column], source, i, config.reference_column)
-        examples.append(Example(ex_id, prompt, reference.strip()))
-    return examples
+    return _load_examples(config.dataset_name, config.dataset_test_split, config.n, config.prompt_column,
+                          config.reference_column, config.id_column, config.dataset_revision)
 
 
-def policy_first(seed: int, example_id: str) -> bool:
-    """Whether the policy's summary is shown as A: a hash of (seed, example id), ~half each way."""
-    return hashlib.sha256(f"{seed}:{example_id}".encode()).digest()[0] % 2 == 0
+def dataset_revision(config: EvalConfig) -> Optional[str]:
+    """The hub revision behind the number (None for a local dataset; examples_sha256 pins the content)."""
+    from maxent_rlhf.data import is_hub_dataset
+
+    if not is_hub_dataset(config.dataset_name):
+        return None
+    return config.dataset_revision or "unpinned (the default branch when this ran; pass --dataset_revision)"
 
 
 # --------------------------------------------------------------------------------------------------
 # generation
 # --------------------------------------------------------------------------------------------------
-def _prompt_hash(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
-
-
 def read_generations(path: Path, examples: list[Example], config: EvalConfig) -> dict[str, dict]:
     """Existing generations by example id; a line torn by a kill is dropped (regenerated)."""
     from maxent_rlhf.runs import read_jsonl
@@ -238,15 +209,7 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
         for s, completions in zip(range(0, len(mine), config.per_device_eval_batch_size), batches):
             batch = mine[s : s + config.per_device_eval_batch_size]
             for e, completion in zip(batch, completions):
-                rec = {
-                    "id": e.id,
-                    "generation": completion.text,
-                    "n_tokens": completion.num_tokens,
-                    "reference_tokens": len(tok(" " + e.reference, add_special_tokens=False).input_ids),
-                    "prompt_sha": _prompt_hash(e.prompt),
-                    "max_new_tokens": config.max_new_tokens,
-                    "model": target.path,
-                }
+                rec = generation_record(e, completion, tok, config.max_new_tokens, target.path)
                 if sink is not None:
                     sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 else:
@@ -273,110 +236,25 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
 
 
 # --------------------------------------------------------------------------------------------------
-# judging and statistics
+# main
 # --------------------------------------------------------------------------------------------------
-def _outcome(verdict: Verdict, pol_first: bool) -> tuple[str, Optional[float]]:
-    """('policy' | 'reference' | 'tie' | 'invalid', P(policy preferred) or None)."""
-    p_pol = None
-    if verdict.p_a is not None:
-        p_pol = verdict.p_a if pol_first else 1.0 - verdict.p_a
-    if verdict.preferred in ("tie", "invalid"):
-        return verdict.preferred, p_pol
-    policy_won = (verdict.preferred == "A") == pol_first
-    return ("policy" if policy_won else "reference"), p_pol
-
-
-def examples_hash(examples: list[Example]) -> str:
-    """sha256 of the evaluated examples (ids, prompts, references): the data behind the number, whatever its source."""
-    h = hashlib.sha256()
-    for e in examples:
-        h.update(json.dumps([e.id, e.prompt, e.reference], ensure_ascii=False).encode("utf-8"))
-    return h.hexdigest()
-
-
-def dataset_revision(config: EvalConfig) -> Optional[str]:
-    """The hub revision behind the number (None for a local dataset; examples_sha256 pins the content)."""
-    from maxent_rlhf.data import is_hub_dataset
-
-    if not is_hub_dataset(config.dataset_name):
-        return None
-    return config.dataset_revision or "unpinned (the default branch when this ran; pass --dataset_revision)"
-
-
-def judge_decoding(judge) -> Optional[dict]:
-    """The judge's own sampling settings (LLM judges), for summary.json."""
-    names = ("temperature", "reask_temperature", "max_tokens", "parse_retries", "logprobs")
-    found = {n: getattr(judge, n) for n in names if hasattr(judge, n)}
-    return found or None
-
-
-def _fmt(x, spec=".3f"):
-    return "-" if x is None else format(x, spec)
-
-
-def print_table(rows: list[dict], confidence_level: float) -> None:
-    pct = int(round(confidence_level * 100))
-    soft = any(r.get("soft_win_rate") is not None for r in rows)
-    scored = any(r.get("mean_policy_score") is not None for r in rows)
-    head = ["checkpoint", "step", "win rate", f"{pct}% CI (Wilson)", "n", "invalid", "len policy", "len ref"]
-    both = any(r.get("position_consistency") is not None for r in rows)
-    head += ["soft win"] * soft + ["score pol/ref"] * scored
-    head += [f"consistent ({pct}% CI)", f"first pos ({pct}% CI)"] * both
-    lines = []
-    for r in rows:
-        ci = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
-        line = [r["label"], "-" if r["step"] is None else str(r["step"]), _fmt(r["win_rate"]), ci, str(r["n"]),
-                str(r["invalid"]), _fmt(r["mean_policy_tokens"], ".1f"), _fmt(r["mean_reference_tokens"], ".1f")]
-        if soft:
-            line.append(_fmt(r.get("soft_win_rate")))
-        if scored:
-            line.append(f"{_fmt(r.get('mean_policy_score'))}/{_fmt(r.get('mean_reference_score'))}")
-        if both:
-            line.append(f"{_fmt(r.get('position_consistency'))} [{_fmt(r.get('position_consistency_ci_low'))}, "
-                        f"{_fmt(r.get('position_consistency_ci_high'))}]")
-            line.append(f"{_fmt(r.get('first_position_rate'))} [{_fmt(r.get('first_position_ci_low'))}, "
-                        f"{_fmt(r.get('first_position_ci_high'))}]")
-        lines.append(line)
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    print("  ".join("-" * w for w in widths))
-    for l in lines:
-        print("  ".join(c.ljust(w) for c, w in zip(l, widths)))
-
-
-# Options of the judges: one set (away from its default, on the command line or in the YAML file) goes to
-# the judge, which must take it (an error names the option and the judge otherwise); unset ones are
-# offered with their defaults, like the settings the judge shares with generation.
-# The names are the judges' constructor parameters too (`judges.RewardModelJudge(reward_model_name_or_path=...)`).
-JUDGE_OPTIONS = ("judge_model", "base_url", "concurrency", "request_timeout", "max_retries", "backoff_base",
-                 "backoff_max", "parse_retries", "logprobs", "reward_model_name_or_path", "judge_batch_size")
-SHARED_SETTINGS = ("tokenizer_name_or_path", "max_prompt_length", "mixed_precision", "trust_remote_code", "seed",
-                   "dataset_name", "dataset_test_split")
-
-
-def judge_arguments(config: EvalConfig) -> tuple[dict, dict]:
-    """(options, context) for `judges.get_judge`: the judge options the user set plus the --judge_kwargs
-    object (the judge must take every one), and everything else it may take."""
-    defaults = {f.name: f.default for f in dataclasses.fields(config)}
-    options = {k: getattr(config, k) for k in JUDGE_OPTIONS if getattr(config, k) != defaults[k]}
-    context = {k: getattr(config, k) for k in SHARED_SETTINGS + JUDGE_OPTIONS if k not in options}
-    if config.judge_kwargs:
-        try:
-            extra = json.loads(config.judge_kwargs)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"judge_kwargs: not valid JSON ({e}): {config.judge_kwargs!r}") from None
-        if not isinstance(extra, dict):
-            raise ConfigError(f"judge_kwargs: expected a JSON object, got {config.judge_kwargs!r}")
-        options.update(extra)
-    return options, context
+# settings that make the generations in an output_dir what they are; the judge, its model and template may
+# change between runs (judgments are keyed by them), these may not
+SAME_EVALUATION_KEYS = ("dataset_name", "dataset_test_split", "dataset_revision", "prompt_column", "reference_column", "id_column",
+                        "max_prompt_length", "max_new_tokens", "tokenizer_name_or_path")
 
 
 def main(config: EvalConfig) -> dict:
     """Generate, judge and summarise. Returns the summary dict (an empty dict on non-main processes)."""
     from maxent_rlhf.distributed import process_state
+    from maxent_rlhf.runs import check_same_evaluation
 
     state = process_state()
     out_dir = Path(config.output_dir)
+    # a rerun continues (generations and judgments are keyed); outputs made for other prompts or decoding
+    # settings would mix with this run's: refused (runs.check_same_evaluation)
+    check_same_evaluation(out_dir, config, SAME_EVALUATION_KEYS, "eval_config.yaml",
+                          holds=("generations", "judgments.jsonl", "summary.json"))
     if state.is_main_process:
         (out_dir / "generations").mkdir(parents=True, exist_ok=True)
         save_config(config, out_dir / "eval_config.yaml")
@@ -384,8 +262,6 @@ def main(config: EvalConfig) -> dict:
 
     targets = resolve_targets(config)
     examples = load_examples(config)
-    if not examples:
-        raise ConfigError(f"{config.dataset_name} [{config.dataset_test_split}] has no examples")
     # the judge is built first, so a missing key or model fails before any generation work
     if state.is_main_process:
         options, context = judge_arguments(config)
@@ -399,97 +275,17 @@ def main(config: EvalConfig) -> dict:
     # ---- pairs, cache look-up, pre-flight --------------------------------------------------------
     cache = JudgmentCache(config.cache_path or out_dir / "judgments.jsonl") if judge.cacheable else None
     gens = {t.label: read_generations(out_dir / "generations" / f"{t.label}.jsonl", examples, config) for t in targets}
-    plan = []  # (target, example, pol_first, key)
-    todo: dict[str, Pair] = {}
-    todo_meta: dict[str, dict] = {}
-    for ex in examples:  # example-major: a --max_requests cap leaves every checkpoint the same examples
-        post = post_from_prompt(ex.prompt)
-        for first in (True, False) if config.both_orders else (policy_first(config.seed, ex.id),):
-            order = "policy_A" if first else "policy_B"
-            for t in targets:
-                g = gens[t.label].get(ex.id)
-                if g is None:
-                    raise RuntimeError(f"generation of example {ex.id!r} missing for {t.label} after generation")
-                a, b = (g["generation"], ex.reference) if first else (ex.reference, g["generation"])
-                key = cache_key(judge.cache_id, TEMPLATE_VERSION, post, a, b, order)
-                plan.append((t, ex, first, key))
-                if (cache is None or key not in cache) and key not in todo:
-                    todo[key] = Pair(ex.id, ex.prompt, post, a, b)
-                    todo_meta[key] = {"example_id": ex.id, "order": order, "summary_a": a, "summary_b": b}
-    n_pairs = len(plan)
-    n_cached = sum(1 for _, _, _, k in plan if cache is not None and k in cache)
-    keys = list(todo)
-    capped = bool(config.max_requests) and len(keys) > config.max_requests
-    send = keys[: config.max_requests] if capped else keys
-    tokens = judge.estimate_tokens([todo[k] for k in send])
-    print(
-        f"[evaluate_judge] judge {judge.describe()}: {n_pairs} pairs ({len(targets)} models x {len(examples)} "
-        f"examples" + (" x 2 orders" if config.both_orders else "") + f"), {n_cached} cached, {len(keys)} to judge"
-        + (f", capped at --max_requests {config.max_requests}" if capped else "")
-        + f": {len(send)} requests" + (f", ~{tokens:,} tokens (estimate; retries extra)" if tokens else "")
-    )
+    plan = JudgingPlan(judge, examples, gens, config.seed, config.both_orders, cache)
+    line, send, tokens = plan.preflight(config.max_requests)
+    print(f"[evaluate_judge] {line}")
     if config.dry_run:
-        return {"dry_run": True, "pairs": n_pairs, "cached": n_cached, "requests": len(send), "estimated_tokens": tokens}
+        return {"dry_run": True, "pairs": len(plan.pairs), "cached": plan.n_cached, "requests": len(send),
+                "estimated_tokens": tokens}
 
-    # ---- judge --------------------------------------------------------------------------------------
-    fresh: dict[str, Verdict] = {}
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(send), desc="judge")
-
-    def on_result(i: int, verdict: Verdict) -> None:
-        key = send[i]
-        fresh[key] = verdict
-        if cache is not None:
-            cache.put(key, verdict, judge=judge.cache_id, template_version=TEMPLATE_VERSION, **todo_meta[key])
-        bar.update(1)
-
-    try:
-        judge.judge_many([todo[k] for k in send], on_result)
-    except JudgeError as e:
-        where = f"; the {len(fresh)} judgments made in this run are saved in {cache.path}, a rerun continues" if cache else ""
-        raise type(e)(f"{e}{where}") from None
-    finally:
-        bar.close()
-        if cache is not None:
-            cache.close()
-
-    # ---- statistics -----------------------------------------------------------------------------
-    import evaluate
-
-    metric = evaluate.load(str(METRIC_PATH))
-    rows = []
-    for t in targets:
-        preds, probs, scores_p, scores_r, unjudged, ids, shown_first = [], [], [], [], 0, [], []
-        for tt, ex, first, key in plan:
-            if tt is not t:
-                continue
-            v = fresh.get(key) or (cache.get(key) if cache is not None else None)
-            if v is None:
-                unjudged += 1
-                continue
-            outcome, p_pol = _outcome(v, first)
-            preds.append(outcome)
-            probs.append(p_pol)
-            ids.append(ex.id)
-            shown_first.append("policy" if first else "reference")
-            if v.scores is not None:
-                scores_p.append(v.scores[0] if first else v.scores[1])
-                scores_r.append(v.scores[1] if first else v.scores[0])
-        stats = metric.compute(
-            predictions=preds, confidence_level=config.confidence_level,
-            probabilities=probs if any(p is not None for p in probs) else None,
-            **(dict(example_ids=ids, shown_first=shown_first) if config.both_orders else {}),
-        )
-        g = gens[t.label]
-        rows.append({
-            "label": t.label, "path": t.path, "step": t.step, "baseline": t.baseline, **stats,
-            "unjudged": unjudged,
-            "mean_policy_tokens": sum(g[e.id]["n_tokens"] for e in examples) / len(examples),
-            "mean_reference_tokens": sum(g[e.id]["reference_tokens"] for e in examples) / len(examples),
-            "mean_policy_score": sum(scores_p) / len(scores_p) if scores_p else None,
-            "mean_reference_score": sum(scores_r) / len(scores_r) if scores_r else None,
-        })
+    # ---- judge and statistics -------------------------------------------------------------------
+    fresh = judge_plan(plan, send)
+    rows = [{"label": t.label, "path": t.path, "step": t.step, "baseline": t.baseline,
+             **summarise(plan, t.label, fresh, config.confidence_level)} for t in targets]
     summary = {
         "judge": config.judge,
         "judge_id": judge.cache_id,
@@ -510,7 +306,7 @@ def main(config: EvalConfig) -> dict:
         "judge_decoding": judge_decoding(judge),
         "requests_sent": getattr(judge, "requests_sent", len(send)),
         "judged_now": len(fresh),
-        "cached": n_cached,
+        "cached": plan.n_cached,
         "incomplete": any(r["unjudged"] for r in rows),
         "checkpoints": [r for r in rows if not r["baseline"]],
         "baseline": next((r for r in rows if r["baseline"]), None),
@@ -519,17 +315,18 @@ def main(config: EvalConfig) -> dict:
     if summary["incomplete"]:
         print("[evaluate_judge] WARNING: some pairs are not judged yet (--max_requests); rerun to complete")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    if config.plot:
-        from maxent_rlhf.plotting import plot_win_rates
+    if config.plot:  # after the numbers are printed and saved: a figure that fails to draw costs a warning
+        from maxent_rlhf import plotting
 
-        plot_win_rates(rows, out_dir / "win_rate.png", judge.describe(), config.confidence_level)
+        try:
+            plotting.plot_win_rates(rows, out_dir / "win_rate.png", judge.describe(), config.confidence_level)
+        except Exception as e:  # noqa: BLE001 - matplotlib missing, no display backend, a bad value
+            print(f"[evaluate_judge] WARNING: {out_dir / 'win_rate.png'} was not drawn ({type(e).__name__}: "
+                  f"{' '.join(str(e).split())}); the numbers are in {out_dir / 'summary.json'}", file=sys.stderr)
     return summary
 
 
 if __name__ == "__main__":
-    from maxent_rlhf.data import DataError
+    from maxent_rlhf.cli import run_script
 
-    try:
-        main(parse_config(EvalConfig))
-    except (JudgeError, ConfigError, DataError) as err:
-        sys.exit(f"evaluate_judge.py: error: {err}")
+    run_script(main, EvalConfig)

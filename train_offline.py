@@ -19,9 +19,15 @@ and DDP averages over processes, so the gradient is the global-batch mean (`dist
 gradients on the last micro-batch only, and drives DeepSpeed's engine the same way). Metrics are summed over
 micro-batches and processes and divided by the global batch size.
 
+Evaluation: the loss-based one on `dataset_test_split` (eval/loss, eval/accuracy) and, when `judge` is
+set, the win rate of greedy generations against references (`maxent_rlhf.evaluation`, the machinery of
+evaluate_judge.py: eval/win_rate with its Wilson interval, n, invalid, lengths; at step 0, every
+`eval_steps` and at the end; a judge outage is logged as eval/missing and training goes on).
+
 Outputs (run directory = output_dir): config.yaml, metrics.jsonl, checkpoints/step_XXXXXXXX (HF
-safetensors weights + tokenizer + trainer state). `main(cfg)` returns the run directory; the final
-model is `runs.latest_checkpoint(run_dir)`.
+safetensors weights + tokenizer + trainer state), eval/ (judged generations per step, judgment cache),
+curves.png (the paper's Fig. 7 layout); at the end the run's story (maxent_rlhf.story) is printed.
+`main(cfg)` returns the run directory; the final model is `runs.latest_checkpoint(run_dir)`.
 """
 from __future__ import annotations
 
@@ -37,8 +43,10 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 import maxent_rlhf.toylab  # noqa: F401  (registers the toylab:// locations and the toy-gold judge)
-from maxent_rlhf import data, distributed, generation, models, objectives, runs
+from maxent_rlhf import data, distributed, generation, models, objectives, plotting, runs
 from maxent_rlhf.config import ConfigError, TrainConfig, cfg, config_to_dict, derive_batch_sizes, parse_config
+from maxent_rlhf.evaluation import EvalArgs, TrainingEvaluator
+from maxent_rlhf.story import run_story
 from maxent_rlhf.schedules import build_lr_scheduler
 
 LOSSES = ("sft", "reward", "dpo", "simpo", "ipo", "cpo", "orpo", "slic", "chipo", "simpo_pl")
@@ -47,7 +55,7 @@ DATA_KIND = {"sft": "sft", "simpo_pl": "listwise"}  # every other loss reads pai
 
 
 @dataclass
-class OfflineConfig(TrainConfig):
+class OfflineConfig(EvalArgs, TrainConfig):
     """Offline training: SFT, reward model, DPO / SimPO / IPO / CPO / ORPO / SLiC / chi-PO / SimPO-PL."""
 
     loss_type: str = cfg("dpo", "objective: " + ", ".join(LOSSES), choices=LOSSES)
@@ -70,8 +78,10 @@ class OfflineConfig(TrainConfig):
         "trl-lib/tldr-preference", "hub id, local .json/.jsonl/.parquet file or directory, or toylab://NAME"
     )
     prompt_column: str = cfg("prompt", "column holding the prompt text (the response columns keep their names)")
-    eval_dataset_name: Optional[str] = cfg(None, "dataset for evaluation (default: `dataset_name`)")
-    dataset_test_split: Optional[str] = cfg(None, "split to evaluate on (null: no evaluation)")
+    eval_dataset_name: Optional[str] = cfg(None, "dataset of the loss-based evaluation (default: `dataset_name`)")
+    dataset_test_split: Optional[str] = cfg(
+        None, "split of the loss-based evaluation (eval/loss, eval/accuracy; null: none); the win rate reads "
+        "judge_dataset_name / judge_dataset_test_split")
     max_train_samples: int = cfg(0, "use only the first N training rows (0: all)")
     max_eval_samples: int = cfg(1000, "evaluate on the first N rows of dataset_test_split (0: all)")
     max_prompt_length: int = cfg(512, "longest prompt in tokens; see prompt_overflow")
@@ -91,7 +101,9 @@ class OfflineConfig(TrainConfig):
     max_steps: int = cfg(0, "optimizer steps; > 0 overrides num_train_epochs")
     learning_rate: float = cfg(1e-6, "peak learning rate of AdamW")
     warmup_ratio: float = cfg(0.1, "fraction of the steps spent warming the learning rate up from 0")
-    eval_steps: int = cfg(0, "evaluate every N steps (0: only at the end); needs dataset_test_split")
+    eval_steps: int = cfg(
+        0, "evaluate every N steps: the loss-based eval on dataset_test_split (eval/loss, eval/accuracy; 0: only at the "
+        "end) and, when `judge` is set, the win rate on judge_dataset_name (also at step 0 and the end; 0: none)")
     # loss hyper-parameters
     beta: float = cfg(0.1, "inverse temperature of dpo/ipo/chipo/simpo/simpo_pl/cpo (SimPO: beta of beta*A)")
     simpo_gamma: float = cfg(0.5, "SimPO / SimPO-PL target margin, absolute (TRL's simpo_gamma, not the ratio gamma/beta)")
@@ -122,6 +134,9 @@ def validate(c: OfflineConfig) -> None:
             raise ConfigError(f"`{name}` must be >= 1, got {getattr(c, name)}")
     if c.max_steps <= 0 and c.num_train_epochs <= 0:
         raise ConfigError("set `max_steps` > 0 or `num_train_epochs` > 0")
+    if c.judge and c.eval_steps > 0 and c.loss_type == "reward":
+        raise ConfigError("`judge`: a win rate needs a policy that generates, and loss_type `reward` trains a reward "
+                          "model; set judge: null (the loss-based eval on dataset_test_split still runs)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,15 +321,8 @@ def main(c: OfflineConfig) -> str:
         # the reward shift edits one bias of the HF model in place: under ZeRO-3 / FSDP that is a shard
         raise ConfigError("`normalize_reward` is not supported under ZeRO-3 or FSDP (the shift would edit one "
                           "shard); train reward models with DDP or deepspeed_zero2.yaml, or set normalize_reward: false")
-    run_dir = runs.RunDir(c.output_dir, accelerator)
-    resume_from = runs.resolve_resume(c.resume, c.output_dir)
-    if resume_from is None:  # a fresh run must not mix its metrics / checkpoints with an older run's
-        if not c.resume and (runs.list_checkpoints(run_dir.path) or (run_dir.path / "metrics.jsonl").exists()):
-            raise ConfigError(
-                f"output_dir {c.output_dir!r} already holds a run (metrics.jsonl or checkpoints): pass "
-                "--resume latest to continue it, or choose a new output_dir"
-            )
-        run_dir.truncate_logs_after(0)  # resume 'latest' before any checkpoint: start over
+    # refuses an output_dir holding another run unless --resume / --overwrite_output_dir (runs.open_run_dir)
+    run_dir, resume_from = runs.open_run_dir(c.output_dir, c.resume, c.overwrite_output_dir, accelerator)
     run_dir.save_config(c)
     runs.seed_everything(c.seed)
     device = accelerator.device
@@ -353,12 +361,7 @@ def main(c: OfflineConfig) -> str:
     if c.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.config.use_cache = False
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions and c.max_prompt_length + c.max_completion_length > max_positions:
-        raise ConfigError(
-            f"max_prompt_length + max_completion_length = {c.max_prompt_length + c.max_completion_length} exceeds "
-            f"the model's max_position_embeddings = {max_positions}"
-        )
+    models.check_context_length(model, c.max_prompt_length, c.max_completion_length, "max_prompt_length", "max_completion_length")
     ref_model, ref_train, ref_eval = None, None, None
     if c.loss_type in REFERENCE_LOSSES:
         with distributed.frozen_model_loading(accelerator):
@@ -404,10 +407,11 @@ def main(c: OfflineConfig) -> str:
                 f"{state.get('global_batch_size')}; this run has {num_examples} and {c.global_batch_size}: the data "
                 "position would not match"
             )
-        start_step = state["step"]
-        run_dir.truncate_logs_after(start_step)
+        start_step = state["step"]  # open_run_dir dropped the log lines past it
         if accelerator.is_main_process:
             print(f"[train_offline] resumed from {resume_from} at step {start_step} (epoch {state['epoch']})")
+    # the win rate (when `judge` is set): one evaluator for the run; it prints the judge's cost once, here
+    evaluator = TrainingEvaluator(c, accelerator, run_dir, total_steps, start_step, log_prefix="[train_offline]")
     if trackers:
         accelerator.init_trackers(
             c.tracker_project_name,
@@ -429,6 +433,8 @@ def main(c: OfflineConfig) -> str:
     if accelerator.is_main_process:
         print(f"[train_offline] loss {c.loss_type}: {num_examples} examples, {total_steps} steps of {c.global_batch_size} "
               f"= {num_processes} processes x {c.per_device_train_batch_size} micro-batch x {grad_accum} accumulation")
+    if start_step == 0 and evaluator.due(0):  # the initial policy: the "SFT" point of the closing summary
+        run_dir.log_metrics(evaluator.evaluate(model, tokenizer, 0), 0)
     progress = tqdm(total=total_steps, initial=start_step, desc=f"train_offline[{c.loss_type}]",
                     disable=not accelerator.is_main_process)
     order, order_epoch = None, -1
@@ -476,6 +482,8 @@ def main(c: OfflineConfig) -> str:
             metrics.update(evaluate(c, model, eval_examples, ref_eval, ref_model, pad_id, accelerator))
         if step % c.logging_steps == 0 or step == total_steps or "eval/loss" in metrics:
             run_dir.log_metrics(metrics, step)
+        if evaluator.due(step):  # win rate of the current weights (its own record; {"eval/missing": 1} on an outage)
+            run_dir.log_metrics(evaluator.evaluate(model, tokenizer, step), step)
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", samples_s=f"{metrics['perf/samples_per_s']:.1f}")
         if c.save_steps > 0 and step % c.save_steps == 0 and step != total_steps:
@@ -495,7 +503,20 @@ def main(c: OfflineConfig) -> str:
     if last_saved != total_steps or final:
         save(total_steps)
     accelerator.end_training()
+    if accelerator.is_main_process:
+        closing_summary(c, run_dir.path)
     return str(run_dir.path)
+
+
+def closing_summary(c: OfflineConfig, run_path) -> None:
+    """The run's story (maxent_rlhf.story; the proxy of an offline run is its implicit reward margin) and
+    its figure (Fig. 7 layout, <run>/curves.png)."""
+    records = runs.read_metrics(run_path)
+    proxy = "rewards/margins" if c.loss_type != "sft" else "logps/chosen_per_token"
+    print("[train_offline] summary\n" + run_story(records, run_path, proxy_key=proxy).text())
+    figure = plotting.plot_offline_run(run_path)
+    if figure is not None:
+        print(f"[train_offline] figure: {figure}")
 
 
 def normalize_reward_model(c: OfflineConfig, reward_model, tokenizer, train_columns, accelerator, run_dir) -> dict:
@@ -524,4 +545,6 @@ def normalize_reward_model(c: OfflineConfig, reward_model, tokenizer, train_colu
 
 
 if __name__ == "__main__":
-    main(parse_config(OfflineConfig))
+    from maxent_rlhf.cli import run_script
+
+    run_script(main, OfflineConfig)

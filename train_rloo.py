@@ -16,6 +16,11 @@ One iteration, numbered below exactly like this; each step is a function over th
      clipping, lr decay)                                                                   `update`
   7. kl_prev: log-probs of the same samples after the update (KL between consecutive policies) `policy_logprobs`
   8. log, sample, checkpoint                                                              `iteration_metrics`
+Around the loop: the win rate of greedy summaries against references (`maxent_rlhf.evaluation`, the
+machinery of evaluate_judge.py) at iteration 0, every `eval_steps` and at the end when `judge` is set,
+as eval/* records in metrics.jsonl (a judge outage logs `eval/missing: 1` and training goes on); at the
+end the run's story (`maxent_rlhf.story.run_story`: proxy score, KL, win rate SFT -> peak -> final and
+the overoptimisation verdict) is printed and its figure written to <output_dir>/curves.png (Fig. 10 layout).
 
 Every formula comes from `maxent_rlhf.objectives`; generation / scoring from `maxent_rlhf.generation`.
 
@@ -72,18 +77,20 @@ import torch
 from tqdm.auto import tqdm
 
 import maxent_rlhf.toylab  # noqa: F401  (registers the toylab:// locations and the toy-gold judge)
-from maxent_rlhf import distributed, generation, objectives
+from maxent_rlhf import distributed, generation, objectives, plotting
 from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, TrainConfig, cfg, derive_batch_sizes, parse_config
 from maxent_rlhf.data import PromptStream, load_any_dataset, require_columns, tokenize_prompts
-from maxent_rlhf.models import load_policy, load_reward_model, load_tokenizer, resolve_dtype
+from maxent_rlhf.evaluation import EvalArgs, TrainingEvaluator
+from maxent_rlhf.models import check_context_length, load_policy, load_reward_model, load_tokenizer, resolve_dtype
 from maxent_rlhf.schedules import build_lr_scheduler
+from maxent_rlhf.story import run_story
 from maxent_rlhf.runs import (
-    RunDir,
     check_finite,
     latest_checkpoint,
+    read_metrics,
     load_checkpoint,
+    open_run_dir,
     resolve_mixed_precision,
-    resolve_resume,
     resolve_trackers,
     save_checkpoint,
     seed_everything,
@@ -91,8 +98,9 @@ from maxent_rlhf.runs import (
 
 
 @dataclass
-class RLOOConfig(TrainConfig):
-    """Online RLOO (PPO-style clipped update, no value head) with a KL / entropy / no regulariser."""
+class RLOOConfig(EvalArgs, TrainConfig):
+    """Online RLOO (PPO-style clipped update, no value head) with a KL / entropy / no regulariser; the win
+    rate during training (EvalArgs: `judge`, `eval_steps`, `judge_dataset_*`) is off unless `judge` is set."""
 
     # models and data (the shared fields are in TrainConfig; here the ones RLOO adds or reads differently)
     model_name_or_path: str = cfg(
@@ -595,7 +603,8 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     if reward_fn is None and not c.reward_model_name_or_path:
         raise ConfigError("set `reward_model_name_or_path` or `reward_fn`: there is nothing to score completions with")
 
-    run_dir = RunDir(c.output_dir, accelerator)
+    # refuses an output_dir holding another run unless --resume / --overwrite_output_dir (runs.open_run_dir)
+    run_dir, ckpt = open_run_dir(c.output_dir, c.resume, c.overwrite_output_dir, accelerator)
     run_dir.save_config(c)
     seed_everything(c.seed)
     if trackers:
@@ -603,6 +612,7 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
 
     # ---- models, optimizer ----
     m = load_models(c, accelerator, reward_fn)
+    check_context_length(m.policy, c.max_prompt_length, c.response_length, "max_prompt_length", "response_length")
     optimizer = torch.optim.AdamW(m.policy.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
                                   eps=c.adam_epsilon, weight_decay=c.weight_decay)
     # one scheduler step per iteration: linear gives lr_t = lr * (1 - t / num_iterations) without warmup
@@ -619,17 +629,17 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
 
     # ---- resume ----
     start = 0
-    ckpt = resolve_resume(c.resume, c.output_dir)
     if ckpt is not None:
         state = load_checkpoint(ckpt, m.policy, optimizer, scheduler, accelerator)
         start = state["step"]
         stream.load(state["data"])
         truncated_prompts = int(state.get("truncated_prompts", 0))
-        run_dir.truncate_logs_after(start, ("metrics.jsonl", "samples.jsonl"))
         if accelerator.is_main_process:
             print(f"[train_rloo] resumed from {ckpt} at iteration {start}")
-    else:  # a fresh start (or 'latest' with no checkpoint yet): drop log lines of an earlier attempt
-        run_dir.truncate_logs_after(0, ("metrics.jsonl", "samples.jsonl"))
+    # win rate during training (when `judge` is set): one evaluator for the run, which prints a paid judge's cost once
+    evaluator = TrainingEvaluator(c, accelerator, run_dir, plan.num_iterations, start, log_prefix="[train_rloo]")
+    if start == 0 and evaluator.due(0):  # the initial policy: the "SFT" point of the closing summary
+        run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, 0), 0)
 
     rank, gather = accelerator.process_index, accelerator.gather
     last_saved = start if ckpt is not None else -1
@@ -678,6 +688,8 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
             score=f"{metrics['objective/scores']:.3f}", rlhf=f"{metrics['objective/rlhf_reward']:.3f}",
             kl_prev=f"{metrics['objective/kl_prev']:.2g}", eps_s=f"{metrics['perf/episodes_per_s']:.1f}", refresh=False,
         )
+        if evaluator.due(it):  # greedy summaries of the current weights, judged (before the checkpoint: a resume redoes it)
+            run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, it), it)
         if c.sample_every > 0 and it % c.sample_every == 0 and c.num_samples > 0:
             run_dir.append_jsonl("samples.jsonl", sample_records(c, m, ro, it))
         if (c.save_steps > 0 and it % c.save_steps == 0) or it == plan.num_iterations:
@@ -690,8 +702,20 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     accelerator.wait_for_everyone()
     if trackers:
         accelerator.end_training()
+    if accelerator.is_main_process:
+        closing_summary(run_dir.path)
     return run_dir.path
 
 
+def closing_summary(run_path: Path) -> None:
+    """The run's story from its metrics.jsonl (maxent_rlhf.story) and its figure (<run>/curves.png)."""
+    print("[train_rloo] summary\n" + run_story(read_metrics(run_path), run_path).text(), flush=True)
+    figure = plotting.plot_rloo_run(run_path)
+    if figure is not None:
+        print(f"[train_rloo] figure: {figure}", flush=True)
+
+
 if __name__ == "__main__":
-    main(parse_config(RLOOConfig))
+    from maxent_rlhf.cli import run_script
+
+    run_script(main, RLOOConfig)

@@ -47,3 +47,17 @@ def resolve_path(name_or_path: str) -> str:
             "`import maxent_rlhf.toylab`, as the scripts do), or call maxent_rlhf.artifacts.register_scheme"
         )
     return str(_RESOLVERS[scheme](name))
+
+
+def is_local_path(location: str) -> bool:
+    """Whether `location` is meant as a local path rather than a hub id (`name` or `owner/name`): an
+    existing path, an absolute one, one starting with `.` or `~`, one with more than one `/`, or
+    `folder/name` where `folder` is an existing local directory (`runs/x` next to a `runs/` folder).
+    Loaders use it to report a missing local directory as such, not as an invalid hub id."""
+    if not isinstance(location, str) or not location:
+        return False
+    if Path(location).expanduser().exists():
+        return True
+    if location.startswith(("/", ".", "~", "\\")) or location.count("/") >= 2 or "\\" in location:
+        return True
+    return "/" in location and Path(location.split("/", 1)[0]).is_dir()

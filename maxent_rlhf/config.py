@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
+import os
 import sys
 import types
 import typing
@@ -56,6 +58,16 @@ class BaseConfig:
     )
     trust_remote_code: bool = cfg(False, "allow custom model code from the hub (off unless you trust the repo)")
 
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+    def range_checks(self) -> list:
+        """(ok, message) pairs of this config's value ranges; subclasses and mixed-in configs add theirs
+        (see check_ranges), each calling super()'s."""
+        return getattr(super(), "range_checks", list)() + [
+            (bool(str(self.output_dir).strip()), "`output_dir` must not be empty")
+        ]
+
 
 @dataclasses.dataclass
 class TrainConfig(BaseConfig):
@@ -92,10 +104,12 @@ class TrainConfig(BaseConfig):
     gradient_checkpointing: bool = cfg(False, "recompute activations in backward (less memory, ~30% slower)")
     # checkpoints and logging
     resume: Optional[str] = cfg(
-        None, "resume from 'latest' (the newest checkpoint in output_dir) or from a checkpoint directory"
+        None, "resume from 'latest' (the newest checkpoint in output_dir; none yet: says so and starts fresh) or "
+        "from a checkpoint directory"
     )
     overwrite_output_dir: bool = cfg(
-        False, "allow a new run to start in an output_dir that already holds a run (its logs and checkpoints are replaced)"
+        False, "start over in an output_dir that holds another run: the old run is moved (not deleted) to "
+        "<output_dir>.replaced-<UTC time>"
     )
     save_steps: int = cfg(0, "save a checkpoint every N steps/iterations (0: only at the end)")
     save_total_limit: int = cfg(0, "keep only the newest N checkpoints (0: keep all)")
@@ -106,6 +120,26 @@ class TrainConfig(BaseConfig):
         choices=("auto", "tensorboard", "wandb", "none"),
     )
     tracker_project_name: str = cfg("maxent-rlhf", "project name for wandb / tensorboard")
+
+    def range_checks(self) -> list:
+        return super().range_checks() + [
+            (self.max_prompt_length >= 1, f"`max_prompt_length` = {self.max_prompt_length} must be >= 1"),
+            (self.global_batch_size >= 1, f"`global_batch_size` = {self.global_batch_size} must be >= 1"),
+            (self.per_device_train_batch_size >= 1,
+             f"`per_device_train_batch_size` = {self.per_device_train_batch_size} must be >= 1"),
+            (self.learning_rate >= 0 and math.isfinite(self.learning_rate),
+             f"`learning_rate` = {self.learning_rate} must be a finite number >= 0"),
+            (0.0 <= self.warmup_ratio <= 1.0, f"`warmup_ratio` = {self.warmup_ratio} must be in [0, 1]"),
+            (self.weight_decay >= 0, f"`weight_decay` = {self.weight_decay} must be >= 0"),
+            (0.0 <= self.adam_beta1 < 1.0, f"`adam_beta1` = {self.adam_beta1} must be in [0, 1)"),
+            (0.0 <= self.adam_beta2 < 1.0, f"`adam_beta2` = {self.adam_beta2} must be in [0, 1)"),
+            (self.adam_epsilon >= 0, f"`adam_epsilon` = {self.adam_epsilon} must be >= 0"),
+            (self.save_steps >= 0, f"`save_steps` = {self.save_steps} must be >= 0 (0: only at the end)"),
+            (self.save_total_limit >= 0, f"`save_total_limit` = {self.save_total_limit} must be >= 0 (0: keep all)"),
+            (self.logging_steps >= 0, f"`logging_steps` = {self.logging_steps} must be >= 0"),
+            (self.resume is None or str(self.resume).strip() != "",
+             "`resume` must be 'latest' or a checkpoint directory (leave it unset for a fresh run)"),
+        ]
 
 
 # Keys renamed to the transformers / TRL vocabulary (old key -> new candidates, first valid one wins): an
@@ -143,6 +177,16 @@ RENAMED_KEYS: dict[str, tuple[str, ...]] = {
 # --------------------------------------------------------------------------------------------------
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
+
+
+def check_ranges(config: Any) -> None:
+    """Raise a ConfigError naming the first field whose value is out of range (`range_checks`).
+
+    Called by `__post_init__`, so a config built in-process is checked like one from the command line
+    (`config_from_dict` prefixes the source: the YAML file or "command line")."""
+    for ok, message in config.range_checks():
+        if not ok:
+            raise ConfigError(message)
 
 
 def _type_name(tp: Any) -> str:
@@ -241,14 +285,36 @@ def _unknown_key(key: str, valid: Sequence[str], source: str) -> ConfigError:
 # public API
 # --------------------------------------------------------------------------------------------------
 def load_yaml(path: str | Path) -> dict:
+    """A YAML mapping read with `yaml.safe_load`; every problem is a ConfigError naming the file (and the
+    line and column of a syntax error or of a refused tag such as `!!python/object`)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; give a .yaml file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(_yaml_error_message(path, e)) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of key: value, got {type(data).__name__}")
     return data
+
+
+def _yaml_error_message(path: Path, e: "yaml.MarkedYAMLError") -> str:
+    mark = e.problem_mark or e.context_mark
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    problem = " ".join(str(e.problem or e.context or "not valid YAML").split())
+    if isinstance(e, yaml.constructor.ConstructorError):
+        return (f"{where}: {problem}; configs are read with yaml.safe_load, which refuses Python tags such as "
+                "!!python/object: write plain values (numbers, strings, lists, mappings)")
+    context = f" ({' '.join(str(e.context).split())})" if e.context and e.problem else ""
+    return f"{where}: not valid YAML: {problem}{context}"
 
 
 def config_from_dict(cls: Type[T], values: dict, source: str = "config") -> T:
@@ -268,6 +334,15 @@ def config_from_dict(cls: Type[T], values: dict, source: str = "config") -> T:
         return cls(**kwargs)
     except TypeError as e:  # a required field without default
         raise ConfigError(f"{source}: {e}") from None
+    except ConfigError as e:  # a value out of range (check_ranges)
+        raise ConfigError(f"{source}: {e}") from None
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block above them): `prog: error: ...`."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: command line: {message} (see --help)\n")
 
 
 def _help_formatter(prog):
@@ -275,7 +350,7 @@ def _help_formatter(prog):
 
 
 def build_parser(cls: type, description: Optional[str] = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         description=description or (cls.__doc__ or ""),
         formatter_class=_help_formatter,
         allow_abbrev=False,
@@ -302,12 +377,37 @@ def build_parser(cls: type, description: Optional[str] = None) -> argparse.Argum
     return parser
 
 
-def parse_config(cls: Type[T], argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> T:
+def _join_negative_numbers(argv: Sequence[str]) -> list[str]:
+    """`--key -1e-6` -> `--key=-1e-6`: argparse takes a value such as -1e-6 or -.5e3 for an option
+    (its negative-number rule knows only -1 and -1.5), and would report a missing value instead of the
+    range error the value deserves."""
+    out: list[str] = []
+    for token in argv:
+        prev = out[-1] if out else ""
+        if token.startswith("-") and prev.startswith("--") and "=" not in prev and _is_number(token):
+            out[-1] = f"{prev}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_config(
+    cls: Type[T], argv: Optional[Sequence[str]] = None, description: Optional[str] = None, exit_on_error: bool = True
+) -> T:
     """Parse `--config file.yaml` and `--key value` overrides into a `cls` instance.
 
-    Exits with a clear message (argparse style, status 2) on a ConfigError.
+    A ConfigError exits with one line (argparse style, status 2), or is raised with
+    `exit_on_error=False` (`cli.run_script` reports it, and shows its traceback under MAXENT_RLHF_DEBUG).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _join_negative_numbers(sys.argv[1:] if argv is None else argv)
     parser = build_parser(cls, description)
     args, unknown = parser.parse_known_args(argv)
     valid = list(_fields(cls))
@@ -324,7 +424,9 @@ def parse_config(cls: Type[T], argv: Optional[Sequence[str]] = None, description
         values.update(cli)
         return config_from_dict(cls, values, source="command line" if cli else (args.config or "config"))
     except ConfigError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        if not exit_on_error or os.environ.get("MAXENT_RLHF_DEBUG", "").strip() not in ("", "0"):
+            raise
+        parser.exit(2, f"{parser.prog}: error: {' '.join(str(e).split())}\n")
 
 
 def config_to_dict(config: Any) -> dict:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .artifacts import resolve_path
+from .artifacts import is_local_path, resolve_path
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -22,35 +22,152 @@ class DataError(ValueError):
 
 def is_hub_dataset(name_or_path: str) -> bool:
     """Whether `load_any_dataset` reads `name_or_path` from the hub (not a local file or directory)."""
-    path = Path(resolve_path(name_or_path))
-    return path.suffix not in LOCAL_FORMATS and not path.is_dir()
+    resolved = resolve_path(name_or_path)
+    path = Path(resolved).expanduser()
+    return path.suffix not in LOCAL_FORMATS and not path.is_dir() and not is_local_path(resolved)
 
 
 def load_any_dataset(name_or_path: str, split: str = "train", revision: Optional[str] = None):
-    """A `datasets.Dataset` from a local file / directory of files, or a hub id (users with internet) at
-    `revision` (branch, tag or commit; None: the default branch)."""
+    """A `datasets.Dataset` from a local file / directory of files, or a hub id (users with internet).
+
+    Local JSON / JSONL files are checked line by line first (`check_json_file`), so that a broken line
+    or an empty file is a DataError naming the file and the line, not an error deep inside `datasets`.
+    A dataset without rows is a DataError too. `revision` (branch, tag or commit; None: the default
+    branch) pins a hub dataset; it is an error for local data.
+    """
     import datasets
 
     if revision is not None and not is_hub_dataset(name_or_path):
         raise DataError(f"dataset revision {revision!r} given for the local dataset {name_or_path!r}: revisions "
                         "pin hub datasets only; drop the revision")
+
     name_or_path = resolve_path(name_or_path)
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():
             raise DataError(f"dataset file {name_or_path!r} does not exist")
-        return datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        return _load_local_file(path, name_or_path)
     if path.is_dir():
         # a directory with <split>.jsonl / <split>.parquet files, or a saved dataset (save_to_disk)
-        for ext, fmt in LOCAL_FORMATS.items():
+        for ext in LOCAL_FORMATS:
             f = path / f"{split}{ext}"
             if f.is_file():
-                return datasets.load_dataset(fmt, data_files=str(f), split="train")
+                return _load_local_file(f, str(f))
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             ds = datasets.load_from_disk(str(path))
-            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"dataset {name_or_path!r} has no split {split!r}; its splits: {list(ds)}")
+                ds = ds[split]
+            return _require_rows(ds, name_or_path)
         raise DataError(f"dataset directory {name_or_path!r} has no {split}.jsonl/.json/.parquet/.csv file")
-    return datasets.load_dataset(name_or_path, split=split, revision=revision)
+    if is_local_path(name_or_path):
+        raise DataError(f"dataset {name_or_path!r}: directory does not exist (a local path; a hub id looks like owner/name)")
+    try:
+        ds = datasets.load_dataset(name_or_path, split=split, revision=revision)
+    except ValueError as e:  # e.g. 'Unknown split "x". Should be one of [...]'
+        raise DataError(f"dataset {name_or_path!r}, split {split!r}: {_first_line(e)}") from e
+    except (ConnectionError, OSError, datasets.exceptions.DatasetsError) as e:
+        raise DataError(
+            f"dataset {name_or_path!r} cannot be loaded from the hub ({type(e).__name__}: {_first_line(e)}); "
+            "for local data give a .jsonl/.json/.parquet/.csv file or a directory of <split>.jsonl files"
+        ) from e
+    return _require_rows(ds, f"{name_or_path} [{split}]")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _require_rows(ds, source: str):
+    if len(ds) == 0:
+        raise DataError(f"{source}: the dataset has no rows")
+    return ds
+
+
+def _load_local_file(path: Path, source: str):
+    import datasets
+
+    fmt = LOCAL_FORMATS[path.suffix]
+    if fmt == "json":
+        check_json_file(path)
+    elif path.stat().st_size == 0:
+        raise DataError(f"{source}: the file is empty (no rows)")
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except (ValueError, OSError, datasets.exceptions.DatasetsError) as e:
+        cause = e.__cause__ or e.__context__ or e
+        raise DataError(f"{source}: cannot be read as {path.suffix[1:]} ({_first_line(cause)})") from e
+    return _require_rows(ds, source)
+
+
+def check_json_file(path: str | Path) -> int:
+    """Check a local .json / .jsonl dataset file as `datasets`' json loader will read it; returns the rows.
+
+    Accepted: JSON Lines (one JSON object per line; blank lines skipped) or, in a .json file, one JSON
+    array of objects. Raises a DataError naming the file and the line for an empty file, a line that is
+    not JSON or not an object, or a column whose JSON type changes from one row to the next (a string
+    in one row, a list in another: Arrow needs one type per column).
+    """
+    import json
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty (no rows); a dataset file holds one JSON object per line")
+    if path.suffix == ".json" and text.lstrip()[:1] in "[{":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data": several objects, i.e. JSON Lines in a .json file
+                raise DataError(f"{path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})") from None
+        else:
+            if isinstance(whole, list):
+                if not whole:
+                    raise DataError(f"{path}: the JSON array is empty (no rows)")
+                bad = next((i for i, r in enumerate(whole) if not isinstance(r, dict)), None)
+                if bad is not None:
+                    raise DataError(f"{path}: element {bad} of the array is a {type(whole[bad]).__name__}, not an object of columns")
+                return len(whole)
+            return 1 if isinstance(whole, dict) else 0  # a mapping: left to `datasets`
+    kinds: dict = {}  # column -> (JSON type name, line where first seen)
+    rows = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+            ) from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, line {number}: a JSON {type(record).__name__}, not an object of columns")
+        for key, value in record.items():
+            if value is None:
+                continue
+            kind = _json_kind(value)
+            seen = kinds.setdefault(key, (kind, number))
+            if seen[0] != kind:
+                raise DataError(
+                    f"{path}, line {number}: column `{key}` is a {kind} here but a {seen[0]} on line {seen[1]}; "
+                    "every row must give a column the same type"
+                )
+        rows += 1
+    return rows
+
+
+def _json_kind(value) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    return "object"
 
 
 def require_columns(dataset, columns: Iterable[str], source: str) -> None:

@@ -251,6 +251,7 @@ def complete_prompts(
     max_prompt_length: Optional[int] = None,
     skip_special_tokens: bool = True,
     device=None,
+    synced_gpus: bool = False,
 ) -> Iterator[list[Completion]]:
     """Decode `prompts` (greedily by default, else sampled at `temperature`) `batch_size` at a time;
     yields each batch's completions, in order, so a caller can save and report as it goes.
@@ -258,7 +259,8 @@ def complete_prompts(
     Each prompt is tokenised alone without special tokens and keeps its last `max_prompt_length` tokens
     (when given, so "TL;DR:" stays next to the completion), left-padded; each completion is cut after its
     first EOS (`truncate_after_eos`) and decoded without it (`skip_special_tokens=False` keeps any other
-    special token the model emitted in the text).
+    special token the model emitted in the text). `synced_gpus`: as for `generate` (ZeRO-3 / FSDP2; every
+    process must then decode the same number of batches).
     """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     for start in range(0, len(prompts), batch_size):
@@ -268,7 +270,8 @@ def complete_prompts(
         ids, mask = left_pad(queries, pad)
         if device is not None:
             ids, mask = ids.to(device), mask.to(device)
-        responses = generate(model, ids, mask, max_new_tokens, eos, pad, temperature=temperature, do_sample=do_sample)
+        responses = generate(model, ids, mask, max_new_tokens, eos, pad, temperature=temperature, do_sample=do_sample,
+                             synced_gpus=synced_gpus)
         responses, response_mask, _ = truncate_after_eos(responses, eos, pad)
         batch = []
         for row, keep in zip(responses.cpu(), response_mask.cpu()):

@@ -4,7 +4,8 @@ reward-model judge.
 A judge receives `Pair`s (the post and two summaries shown as A and B) and returns a `Verdict` per
 pair: "A", "B", "tie" or "invalid" (an answer that could not be parsed after the retries; it is
 reported, never turned into a coin flip or a loss), optionally a soft preference `p_a` = P(A preferred).
-Mapping A/B back to policy/reference, caching and statistics live in `evaluate_judge.py`.
+Mapping A/B back to policy/reference, caching and statistics live in `maxent_rlhf.evaluation` (used by
+evaluate_judge.py and by the training scripts' in-training win rate).
 
 Adding a judge (the toy lab's programmatic `toy-gold` judge does this, in maxent_rlhf/toylab/judge.py):
 
@@ -19,7 +20,7 @@ Adding a judge (the toy lab's programmatic `toy-gold` judge does this, in maxent
 
 `get_judge(name, context, **options)` builds it: an option the judge does not take is an error; the
 shared `context` (tokenizer, mixed precision, seed, ...) reaches only the judges that name it. The module
-that registers a judge must be imported first (evaluate_judge.py imports the toy lab's).
+that registers a judge must be imported first (the scripts import the toy lab's).
 """
 from __future__ import annotations
 
@@ -210,7 +211,7 @@ def register_judge(name: str):
     """Class (or factory) decorator: make a judge available as `get_judge(name)` / `--judge name`.
 
     The module that defines it must be imported before `get_judge` runs: the toy lab's `toy-gold`
-    registers when `maxent_rlhf.toylab` is imported (evaluate_judge.py imports it)."""
+    registers when `maxent_rlhf.toylab` is imported (the scripts import it)."""
 
     def deco(factory):
         _REGISTRY[name] = factory

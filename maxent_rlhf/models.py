@@ -13,13 +13,61 @@ from typing import Iterable, Optional
 
 import torch
 
-from .artifacts import resolve_path
+from .artifacts import is_local_path, resolve_path
+from .config import ConfigError
 
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
 UNK_TOKEN = "<unk>"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def check_model_location(name_or_path: str, what: str = "model", need: Iterable[str] = ("config.json",)) -> str:
+    """`resolve_path(name_or_path)`, after checking that a local location is a saved HF model.
+
+    A local path (see `artifacts.is_local_path`) that does not exist is reported as a missing directory,
+    not as an invalid hub id; a run directory (config.yaml, checkpoints/) is told apart from a model
+    directory and its newest checkpoint suggested. `need`: files of which at least one must be there.
+    Hub ids pass unchanged (their errors are reported by `from_pretrained_or_error`)."""
+    path = resolve_path(name_or_path)
+    if not is_local_path(path):
+        return path
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{what} {name_or_path!r}: directory {str(p)!r} does not exist")
+    if not p.is_dir():
+        raise ConfigError(f"{what} {name_or_path!r} is a file; give the directory of a saved model (config.json, *.safetensors)")
+    if not any((p / f).exists() for f in need):
+        ckpts = sorted((p / "checkpoints").glob("step_*")) if (p / "checkpoints").is_dir() else []
+        hint = (f"; it is a run directory: give one of its checkpoints, e.g. {ckpts[-1]}" if ckpts
+                else "; give the directory that save_pretrained wrote")
+        raise ConfigError(f"{what} {name_or_path!r}: {p} has no {' or '.join(need)}{hint}")
+    return path
+
+
+def from_pretrained_or_error(load, name_or_path: str, what: str, *args, **kwargs):
+    """`load(name_or_path, ...)` (a `from_pretrained`), with transformers' OSError for a hub id it cannot
+    reach or a directory missing weights turned into one ConfigError line naming `what` and the location."""
+    try:
+        return load(name_or_path, *args, **kwargs)
+    except OSError as e:
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        raise ConfigError(f"{what} {name_or_path!r} cannot be loaded: {lines[0] if lines else type(e).__name__}") from e
+
+
+def check_context_length(model, prompt_length: int, response_length: int, prompt_field: str, response_field: str) -> None:
+    """ConfigError when a prompt of `prompt_length` plus a response of `response_length` tokens do not fit
+    the model's positions (`max_position_embeddings`): names both fields and the model's limit."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and prompt_length + response_length > limit:
+        raise ConfigError(
+            f"`{prompt_field}` + `{response_field}` = {prompt_length} + {response_length} = "
+            f"{prompt_length + response_length} exceeds the model's max_position_embeddings = {limit}; lower one of them"
+        )
 
 
 def resolve_dtype(mixed_precision: str, device: torch.device | str) -> torch.dtype:
@@ -40,10 +88,12 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left", trust_remote_c
     """
     from transformers import AutoTokenizer
 
-    name_or_path = resolve_path(name_or_path)
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    name_or_path = check_model_location(name_or_path, "tokenizer", need=TOKENIZER_FILES)
+    tok = from_pretrained_or_error(
+        AutoTokenizer.from_pretrained, name_or_path, "tokenizer", trust_remote_code=trust_remote_code, revision=revision
+    )
     if tok.eos_token is None:
-        raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; responses could never end")
+        raise ConfigError(f"tokenizer {name_or_path!r} has no EOS token; responses could never end")
     if tok.pad_token is None:
         logger.warning("tokenizer %s has no pad token: using EOS %r as pad", name_or_path, tok.eos_token)
         print(f"[maxent_rlhf] tokenizer {name_or_path} has no pad token: using EOS {tok.eos_token!r} as pad")
@@ -62,9 +112,10 @@ def load_policy(
     """A causal LM (AutoModelForCausalLM), safetensors weights only."""
     from transformers import AutoModelForCausalLM
 
-    name_or_path = resolve_path(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, revision=revision
+    name_or_path = check_model_location(name_or_path, "policy")
+    model = from_pretrained_or_error(
+        AutoModelForCausalLM.from_pretrained, name_or_path, "policy",
+        dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, revision=revision,
     )
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -76,19 +127,22 @@ def load_reward_model(name_or_path: str, dtype: torch.dtype = torch.float32, tru
     """A one-label sequence classifier (AutoModelForSequenceClassification), read at the last real token."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    name_or_path = resolve_path(name_or_path)
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    name_or_path = check_model_location(name_or_path, "reward model")
+    config = from_pretrained_or_error(
+        AutoConfig.from_pretrained, name_or_path, "reward model", trust_remote_code=trust_remote_code, revision=revision
+    )
     num_labels = getattr(config, "num_labels", None)
     if num_labels != 1:
-        raise ValueError(
+        raise ConfigError(
             f"reward model {name_or_path!r} has num_labels = {num_labels}; a reward model must be a "
             "sequence classifier with exactly one label (a scalar score)"
         )
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, revision=revision
+    model = from_pretrained_or_error(
+        AutoModelForSequenceClassification.from_pretrained, name_or_path, "reward model",
+        dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, revision=revision,
     )
     if not hasattr(model, "score"):
-        raise ValueError(f"reward model {name_or_path!r} ({type(model).__name__}) has no `score` head")
+        raise ConfigError(f"reward model {name_or_path!r} ({type(model).__name__}) has no `score` head")
     return model
 
 
@@ -195,8 +249,10 @@ def load_reward_model_for_training(
     under a freshly initialised one-label `score` head."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    path = resolve_path(name_or_path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    path = check_model_location(name_or_path, "model")
+    config = from_pretrained_or_error(
+        AutoConfig.from_pretrained, path, "model", trust_remote_code=trust_remote_code, revision=revision
+    )
     if any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
         return load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
     print(f"[maxent_rlhf] reward model initialised from policy {name_or_path}: new one-label `score` head")

@@ -1,4 +1,5 @@
-"""Paper-style figures from run directories (toy-lab or real runs alike), and evaluate_judge's win_rate.png.
+"""Paper-style figures from run directories (toy-lab or real runs alike), evaluate_judge's win_rate.png,
+and the figure each training run writes into its run directory (`plot_rloo_run`, `plot_offline_run`).
 
 A run directory is what train_rloo.py / train_offline.py write (config.yaml, metrics.jsonl,
 checkpoints/), optionally with evaluate_judge.py outputs below it (`eval_gold/summary.json`: win rate
@@ -12,6 +13,7 @@ per checkpoint; `eval_proxy/summary.json`: reward-model score per checkpoint) or
     plotting.plot_winrate_per_checkpoint(simpo_runs, "fig6.png", label=lambda r: f"gamma {r.config['simpo_gamma']}",
                                          panel=lambda r: f"lr {r.config['learning_rate']:g}")
     plotting.plot_curves(runs, "lr.png", [(("train/lr",), "learning rate")])   # any logged metric
+    plotting.plot_rloo_run(run_dir)      # <run_dir>/curves.png, Fig. 10 layout (+ win rate); plot_offline_run: Fig. 7
 
 Every function takes `Run`s, so a real run (GPU, gpt-4o-mini judge) plots the same way: point
 `gold_summary` at its evaluate_judge summary.json.
@@ -153,33 +155,62 @@ def _winrate_label(name: str, runs: Sequence[Run]) -> str:
     return f"{name} (win {mean:.0%}" + (f", n={len(finals)} seeds)" if len(finals) > 1 else ")")
 
 
-def plot_curves(runs: Sequence[Run], path: str | Path, panels: Sequence[tuple[Sequence[str], str]], title: str = "",
-                smooth: int = 5, group: Callable[[Run], str] = regularizer_of, log: bool = False,
-                legend_title: Optional[str] = None) -> Path:
-    """Logged metrics against the iteration, one panel per (metric keys, y label), one line per group
-    (mean over its seeds at the steps all of them logged, moving mean over `smooth` points), final gold
-    win rate in the legend. A panel plots the first of its keys that any run of a group logged, so
-    `("objective/kl_ref_k3", "objective/kl_ref")` falls back to k1 for runs without k3. `log`: symlog y."""
-    plt = _plt()
-    fig, axes = plt.subplots(len(panels), 1, figsize=(6.4, 3.0 * len(panels)), sharex=True, squeeze=False)
-    axes = axes[:, 0]
-    for g, (name, rs) in enumerate(sorted(_groups(runs, group).items())):
-        for i, (ax, (keys, _)) in enumerate(zip(axes, panels)):
+# panels (metric keys, y label) shared by the multi-run figures and the single-run figures
+RLHF_REWARD_PANEL = (("objective/rlhf_reward",), "RLHF reward")
+ENTROPY_PANEL = (("objective/entropy",), "entropy, sum_t -log pi (unweighted)")
+KL_REF_PANEL = (("objective/kl_ref",), "KL(pi_t || pi_ref)")
+KL_PREV_PANEL = (("objective/kl_prev",), "KL(pi_t || pi_t-1)")
+
+
+def panel_data(runs: Sequence[Run], panels: Sequence[tuple[Sequence[str], str]], smooth: int = 5,
+               group: Callable[[Run], str] = regularizer_of) -> list[dict[str, tuple[list, list]]]:
+    """What `plot_curves` draws, per panel: {group name: (steps, values)}. A panel's values are the
+    first of its keys that any run of a group logged, the mean over the group's runs at the steps all of
+    them logged, then a moving mean over `smooth` points (1: the logged values)."""
+    out: list[dict[str, tuple[list, list]]] = [{} for _ in panels]
+    for name, rs in sorted(_groups(runs, group).items()):
+        for i, (keys, _) in enumerate(panels):
             curves = []
             for key in keys:
                 curves = [r.series(key) for r in rs]
                 if any(xs for xs, _ in curves):
                     break
             xs, ys = _mean_curve(curves)
-            if xs:  # one colour per group in every panel, its label once (top panel)
-                ax.plot(xs, _smooth(ys, smooth), color=f"C{g}", label=_winrate_label(name, rs) if i == 0 else None)
-    for ax, (_, ylabel) in zip(axes, panels):
+            if xs:
+                out[i][name] = (xs, _smooth(ys, smooth))
+    return out
+
+
+def _draw_curves(axes, runs: Sequence[Run], panels: Sequence[tuple[Sequence[str], str]], smooth: int,
+                 group: Callable[[Run], str], log: bool, legend_title: Optional[str]) -> None:
+    data = panel_data(runs, panels, smooth, group)
+    names = sorted(_groups(runs, group))
+    by_name = _groups(runs, group)
+    for i, (ax, (_, ylabel), series) in enumerate(zip(axes, panels, data)):
+        for g, name in enumerate(names):  # one colour per group in every panel, its label once (top panel)
+            if name in series:
+                xs, ys = series[name]
+                ax.plot(xs, ys, color=f"C{g}", label=_winrate_label(name, by_name[name]) if i == 0 else None)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if log:
             ax.set_yscale("symlog", linthresh=1e-3)
-    axes[-1].set_xlabel("iteration")
     axes[0].legend(fontsize=7, title=legend_title, title_fontsize=7)
+
+
+def plot_curves(runs: Sequence[Run], path: str | Path, panels: Sequence[tuple[Sequence[str], str]], title: str = "",
+                smooth: int = 5, group: Callable[[Run], str] = regularizer_of, log: bool = False,
+                legend_title: Optional[str] = None) -> Path:
+    """Logged metrics against the iteration, one panel per (metric keys, y label), one line per group
+    (mean over its seeds at the steps all of them logged, moving mean over `smooth` points), final gold
+    win rate in the legend. A panel plots the first of its keys that any run of a group logged, so
+    `("objective/kl_ref_k3", "objective/kl_ref")` falls back to k1 for runs without k3. `log`: symlog y.
+    The drawn values are `panel_data(runs, panels, smooth, group)`."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(6.4, 3.0 * len(panels)), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    _draw_curves(axes, runs, panels, smooth, group, log, legend_title)
+    axes[-1].set_xlabel("iteration")
     if title:
         axes[0].set_title(title, fontsize=9)
     return _save(fig, path)
@@ -187,21 +218,18 @@ def plot_curves(runs: Sequence[Run], path: str | Path, panels: Sequence[tuple[Se
 
 def plot_reward_and_entropy(runs: Sequence[Run], path: str | Path, title: str = "", smooth: int = 5,
                             group: Callable[[Run], str] = regularizer_of) -> Path:
-    """Figures 1-2: RLHF reward (top), entropy bonus (the reward's entropy term, coefficient x entropy) and
-    the unweighted sampled entropy -log pi(y|x) (`objective/entropy`, logged for every regulariser, so
-    runs with different coefficients or none compare on one scale) per iteration."""
-    panels = [(("objective/rlhf_reward",), "RLHF reward"), (("objective/entropy_bonus",), "entropy bonus"),
-              (("objective/entropy",), "entropy -log pi(y|x)")]
+    """Figures 1-2: RLHF reward (top) and the policy's entropy (bottom) per iteration: the unweighted
+    sequence quantity `objective/entropy` (batch mean of sum_t -log pi), logged for every regulariser, not
+    the regulariser's weighted contribution `objective/entropy_bonus` (0 for KL runs and alpha = 0)."""
+    panels = [RLHF_REWARD_PANEL, ENTROPY_PANEL]
     return plot_curves(runs, path, panels, title, smooth, group, legend_title="final gold win rate")
 
 
 def plot_kl(runs: Sequence[Run], path: str | Path, title: str = "", smooth: int = 5,
             group: Callable[[Run], str] = regularizer_of, log: bool = True) -> Path:
-    """Figure 3: KL(pi_t || pi_ref) (top) and KL(pi_t || pi_t-1) between consecutive policies (bottom, the
-    paper's direction as train_rloo logs it since `objective/kl_prev` became importance-weighted), the
-    non-negative k3 estimates (k1 for runs that logged no k3)."""
-    panels = [(("objective/kl_ref_k3", "objective/kl_ref"), "KL(pi_t || pi_ref)"),
-              (("objective/kl_prev_k3", "objective/kl_prev"), "KL(pi_t || pi_t-1)")]
+    """Figure 3: KL(pi_t || pi_ref) (top; the non-negative k3 estimate, k1 for runs that logged no k3)
+    and KL(pi_t || pi_t-1) between consecutive policies in the paper's direction (bottom, `objective/kl_prev`)."""
+    panels = [(("objective/kl_ref_k3", "objective/kl_ref"), "KL(pi_t || pi_ref)"), KL_PREV_PANEL]
     return plot_curves(runs, path, panels, title, smooth, group, log=log)
 
 
@@ -259,6 +287,15 @@ def plot_winrate_per_checkpoint(runs: Sequence[Run], path: str | Path, label: Ca
     return _save(fig, path)
 
 
+def interval_error_bars(rows: Sequence[dict]) -> list[list[float]]:
+    """matplotlib's `yerr` ([below], [above]) of each row's win rate and interval, clamped at 0: at a
+    0% or 100% win rate the Wilson bound lands a rounding error past the estimate (e.g. -7e-18 at 0/40),
+    and a negative length is an error in matplotlib ("'yerr' must not contain negative values")."""
+    below = [max(0.0, r["win_rate"] - r["ci_low"]) for r in rows]
+    above = [max(0.0, r["ci_high"] - r["win_rate"]) for r in rows]
+    return [below, above]
+
+
 def plot_win_rates(rows: Sequence[dict], path: str | Path, judge_desc: str, confidence_level: float) -> Path:
     """evaluate_judge.py's win_rate.png: win rate per checkpoint (against the training step when every
     checkpoint has one, else one tick per checkpoint) with its Wilson interval as error bars; an SFT
@@ -271,8 +308,7 @@ def plot_win_rates(rows: Sequence[dict], path: str | Path, judge_desc: str, conf
     if curve:
         xs = [r["step"] if with_steps else i for i, r in enumerate(curve)]
         ys = [r["win_rate"] for r in curve]
-        err = [[y - r["ci_low"] for y, r in zip(ys, curve)], [r["ci_high"] - y for y, r in zip(ys, curve)]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label="policy")
+        ax.errorbar(xs, ys, yerr=interval_error_bars(curve), marker="o", capsize=3, label="policy")
         if not with_steps:
             ax.set_xticks(xs, [r["label"] for r in curve], rotation=30, ha="right")
     for r in base:
@@ -284,6 +320,101 @@ def plot_win_rates(rows: Sequence[dict], path: str | Path, judge_desc: str, conf
     ax.set_title(f"win rate ({judge_desc}); bars: {int(round(confidence_level * 100))}% Wilson CI", fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, path, dpi=100)
+
+
+# --------------------------------------------------------------------------------------------------
+# the figure every run writes into its run directory at the end (train_rloo.py, train_offline.py)
+# --------------------------------------------------------------------------------------------------
+RUN_FIGURE = "curves.png"  # <run_dir>/curves.png
+# one panel: (y label, [(metric key, line label), ...])
+RLOO_RUN_PANELS = [(label, [(keys[0], None)]) for keys, label in
+                   (RLHF_REWARD_PANEL, ENTROPY_PANEL, KL_REF_PANEL, KL_PREV_PANEL)]  # Fig. 10's four panels
+OFFLINE_RUN_PANELS = [  # Fig. 7's panels, then DPO's reference log-ratio (Fig. 4's quantity)
+    ("loss", [("train/loss", "train"), ("eval/loss", "eval")]),
+    ("reward margin", [("rewards/margins", None)]),
+    ("log-prob", [("logps/chosen", "chosen"), ("logps/rejected", "rejected")]),
+    ("grad norm", [("train/grad_norm", None)]),
+    ("ref log-ratio", [("ref/logratio", None)]),
+]
+WIN_RATE_KEYS = ("eval/win_rate", "eval/win_rate_ci_low", "eval/win_rate_ci_high")
+
+
+def run_figure_data(run: Run, panels: Sequence[tuple[str, Sequence[tuple[str, Optional[str]]]]]) -> list[dict]:
+    """The panels of a single-run figure with the numbers they show: one dict per panel that has data,
+    {"ylabel", "series": {key: (steps, values)}, "labels": {key: line label}}, then (when the run logged
+    `eval/win_rate`) {"ylabel": "win rate", "win_rate": (steps, rates, ci_low, ci_high), "missing": steps}.
+    The values are the logged ones, unsmoothed."""
+    out = []
+    for ylabel, lines in panels:
+        series = {key: run.series(key) for key, _ in lines}
+        series = {k: v for k, v in series.items() if v[0]}
+        if series:
+            out.append({"ylabel": ylabel, "series": series, "labels": {k: l for k, l in lines if k in series}})
+    win = [m for m in run.metrics if all(isinstance(m.get(k), (int, float)) for k in WIN_RATE_KEYS)]
+    if win:
+        by_step = {int(m["step"]): m for m in win}  # a resumed run's re-logged step: the later record wins
+        steps = sorted(by_step)
+        rates, lows, highs = ([float(by_step[s][k]) for s in steps] for k in WIN_RATE_KEYS)
+        missing = sorted({int(m["step"]) for m in run.metrics if m.get("eval/missing")})
+        out.append({"ylabel": "win rate", "win_rate": (steps, rates, lows, highs), "missing": missing})
+    return out
+
+
+def plot_run_figure(run: Run, path: str | Path, panels, title: str) -> Path:
+    """Draw `run_figure_data(run, panels)`: one panel per entry, the win rate with its interval as a band
+    and failed evaluations (`eval/missing`) as crosses at the bottom."""
+    data = run_figure_data(run, panels)
+    if not data:
+        raise ValueError(f"{run.path}: metrics.jsonl has none of the figure's metrics")
+    plt = _plt()
+    fig, axes = plt.subplots(len(data), 1, figsize=(6.4, 2.4 * len(data)), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    for ax, panel in zip(axes, data):
+        if "win_rate" in panel:
+            xs, ys, lo, hi = panel["win_rate"]
+            ax.fill_between(xs, lo, hi, color="C1", alpha=0.2, lw=0, label="Wilson interval")
+            ax.plot(xs, ys, color="C1", marker="o", ms=3, label="win rate vs reference")
+            if panel["missing"]:
+                ax.plot(panel["missing"], [0.03] * len(panel["missing"]), "x", color="gray", label="evaluation missing")
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=7)
+        else:
+            for i, (key, (xs, ys)) in enumerate(panel["series"].items()):
+                ax.plot(xs, ys, color=f"C{i}", lw=1, label=panel["labels"][key])
+            if any(panel["labels"].values()):
+                ax.legend(fontsize=7)
+        ax.set_ylabel(panel["ylabel"], fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("step")
+    axes[0].set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def _run_figure(run_dir: str | Path, panels, title: str, name: str) -> Optional[Path]:
+    """Draw a run's figure into the run directory; a drawing failure is one line, never an exception
+    (the numbers stay in metrics.jsonl)."""
+    run_dir = Path(run_dir)
+    try:
+        run = load_run(run_dir)
+        return plot_run_figure(run, run_dir / name, panels, f"{run_dir.name}: {title}")
+    except Exception as e:  # noqa: BLE001  (a figure is a convenience; the run's numbers are already written)
+        print(f"[plotting] {run_dir / name} not drawn ({type(e).__name__}: {e}); the numbers are in "
+              f"{run_dir / 'metrics.jsonl'}")
+        return None
+
+
+def plot_rloo_run(run_dir: str | Path, name: str = RUN_FIGURE) -> Optional[Path]:
+    """<run_dir>/curves.png for a train_rloo run, the paper's Fig. 10 layout: RLHF reward, entropy
+    (unweighted), KL to the reference, KL between consecutive policies (paper direction), and the win
+    rate with its interval when the run evaluated one. Returns the path, or None if it could not be drawn."""
+    return _run_figure(run_dir, RLOO_RUN_PANELS, "RLOO (Fig. 10 layout)", name)
+
+
+def plot_offline_run(run_dir: str | Path, name: str = RUN_FIGURE) -> Optional[Path]:
+    """<run_dir>/curves.png for a train_offline run, the paper's Fig. 7 layout: loss (train, and eval
+    when logged), reward margin, chosen / rejected log-probs, grad norm; `ref/logratio` for DPO-style
+    losses; the win rate with its interval when evaluated. Panels a loss does not log are left out."""
+    return _run_figure(run_dir, OFFLINE_RUN_PANELS, "offline (Fig. 7 layout)", name)
 
 
 def _save(fig, path: str | Path, dpi: int = 80) -> Path:

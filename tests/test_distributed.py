@@ -19,7 +19,8 @@ with a checkpoint at step 2, and each resumed from that step-2 checkpoint in a f
 - resume: the resumed 2-process runs equal the uninterrupted ones exactly (weights bit for bit,
   metrics except timings), since layout, reduction order and every random stream are the same.
 
-Plus main-process-only files and the batch-size errors (these need no launch: the plan functions take
+Plus the in-training win rate (a DPO run with the reward-model judge, maxent_rlhf.evaluation): the
+same greedy generations and eval/* metrics from 2 processes as from 1. Plus main-process-only files and the batch-size errors (these need no launch: the plan functions take
 the number of processes). About 60-80 s on 2 cores, nearly all of it the two launches.
 """
 import json
@@ -93,6 +94,11 @@ def _launch(d, tiny_tokenizer):
     with open(prompts, "w") as f:
         for i in range(16):
             f.write(json.dumps({"prompt": f"SUBREDDIT: r/cats POST: {_sentence(rng, 2 + i % 5)} TL;DR:"}) + "\n")
+    (d / "refs").mkdir()
+    with open(d / "refs" / "test.jsonl", "w") as f:  # 7 prompts with references: an odd share per process
+        for i in range(7):
+            f.write(json.dumps({"id": f"r{i}", "prompt": f"SUBREDDIT: r/dogs POST: {_sentence(rng, 3 + i % 4)} TL;DR:",
+                                "completion": _sentence(rng, 3)}) + "\n")
     offline = dict(
         model_name_or_path=tiny_policy_dir, dataset_name=str(pairs), loss_type="dpo", report_to="none", mixed_precision="no",
         global_batch_size=8, per_device_train_batch_size=2, max_steps=4, save_steps=2, learning_rate=3e-3,
@@ -111,6 +117,9 @@ def _launch(d, tiny_tokenizer):
     # the gathered global batch and kl_ref computed every other iteration
     reward = dict(offline, loss_type="reward", learning_rate=1e-3, dataset_test_split="train", max_eval_samples=10, eval_steps=2,
                   per_device_eval_batch_size=4, save_steps=0)
+    # the in-training win rate (maxent_rlhf.evaluation): generation split over processes, judged on the main one
+    winrate = dict(offline, save_steps=0, eval_steps=2, judge="reward-model", judge_reward_model_name_or_path=tiny_reward_dir,
+                   judge_dataset_name=str(d / "refs"), judge_max_samples=0, max_new_tokens=6, per_device_eval_batch_size=2)
     maxent = dict(rloo, regularizer="entropy", entropy_coef=0.1, length_normalize=True, whiten_advantages=True,
                   kl_ref_every=2, save_steps=0, sample_every=0)
 
@@ -118,7 +127,8 @@ def _launch(d, tiny_tokenizer):
         out = [
             {"name": f"{name}-{tag}", "script": script, "config": dict(config, output_dir=str(d / f"{name}-{tag}"))}
             for name, script, config in (("offline", "offline", offline), ("rloo", "rloo", rloo),
-                                         ("reward", "offline", reward), ("maxent", "rloo", maxent))
+                                         ("reward", "offline", reward), ("maxent", "rloo", maxent),
+                                         ("winrate", "offline", winrate))
         ]
         if resume:  # a fresh run directory, continued from the uninterrupted run's step-2 checkpoint
             out += [
@@ -189,6 +199,19 @@ def test_two_processes_match_one_process(launched, script):
     start = load_file(str(Path(yaml.safe_load((two / "config.yaml").read_text())["model_name_or_path"]) / "model.safetensors"))
     final = _weights(two)
     assert max((final[k] - start[k]).abs().max().item() for k in final if k in start) > 10 * WEIGHT_ATOL
+
+
+def test_in_training_win_rate_two_processes_equals_one(launched):
+    """Each process generates its share (padded to equal batches), the main one judges: the same
+    generations and eval/* metrics as one process, every process returning the same dict."""
+    one, two = launched / "winrate-p1", launched / "winrate-p2"
+    evals = lambda run: [m for m in _metrics(run) if "eval/win_rate" in m or "eval/missing" in m]
+    e1, e2 = evals(one), evals(two)
+    assert [m["step"] for m in e2] == [0, 2, 4] and all(m["eval/n"] == 7 for m in e2)
+    _assert_metrics_close(e2, e1)
+    for step in (0, 2, 4):
+        name = f"eval/generations/step_{step:08d}.jsonl"
+        assert (one / name).read_text() == (two / name).read_text()
 
 
 def test_rloo_two_processes_sample_the_same_tokens(launched):

@@ -532,7 +532,7 @@ def test_summary_records_the_hub_dataset_revision(tmp_path, server, monkeypatch)
     n = 4
     local = make_dataset(tmp_path, n)
     rows = [json.loads(l) for l in local.read_text().splitlines()]
-    calls = []
+    calls, real_load_dataset = [], datasets.load_dataset
 
     def fake_load_dataset(name, split=None, revision=None, **kw):  # the hub, offline
         calls.append((name, split, revision))
@@ -544,9 +544,13 @@ def test_summary_records_the_hub_dataset_revision(tmp_path, server, monkeypatch)
     s = ej.main(config(tmp_path, server, "someorg/tldr-like", [run], dataset_revision="abc123"))
     assert calls == [("someorg/tldr-like", "test", "abc123")]
     assert s["dataset"] == "someorg/tldr-like" and s["dataset_revision"] == "abc123"
-    unpinned = ej.main(config(tmp_path, server, "someorg/tldr-like", [run]))
+    with pytest.raises(ValueError, match="dataset_revision"):  # outputs of another revision never mix
+        ej.main(config(tmp_path, server, "someorg/tldr-like", [run]))
+    write_generations(tmp_path / "out2", "step_00000001", local, with_marker(n, {0}))
+    unpinned = ej.main(config(tmp_path, server, "someorg/tldr-like", [run], output_dir=str(tmp_path / "out2")))
     assert unpinned["dataset_revision"].startswith("unpinned")
-    monkeypatch.undo()
+    monkeypatch.setattr(datasets, "load_dataset", real_load_dataset)
     with pytest.raises(ValueError, match="revisions pin hub datasets only"):
-        ej.main(config(tmp_path, server, local, [run], dataset_revision="abc123"))
-    assert ej.main(config(tmp_path, server, local, [run]))["dataset_revision"] is None
+        ej.main(config(tmp_path, server, local, [run], dataset_revision="abc123", output_dir=str(tmp_path / "out3")))
+    write_generations(tmp_path / "out4", "step_00000001", local, with_marker(n, {0}))
+    assert ej.main(config(tmp_path, server, local, [run], output_dir=str(tmp_path / "out4")))["dataset_revision"] is None

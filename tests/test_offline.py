@@ -359,7 +359,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, datasets,
 
     monkeypatch.setattr(train_offline.objectives, "sft_loss", nan_at_step_3)
     c = make_cfg(tmp_path, tiny_policy_dir, datasets["sft4"], loss_type="sft", max_steps=5, save_steps=2)
-    with pytest.raises(runs.NonFiniteError, match=r"train/loss is nan at step 3: stopping.*step_00000002\) is intact"):
+    with pytest.raises(runs.NonFiniteError, match=r"train/loss is nan at step 3: stopping.*the last good checkpoint is \S*step_00000002 \(step 2\)"):
         train_offline.main(c)
     ckpt = runs.resolve_resume("latest", c.output_dir)
     assert runs.checkpoint_step(ckpt) == 2

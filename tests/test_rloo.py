@@ -213,8 +213,97 @@ def test_long_prompts_are_cut_from_the_left_and_counted(base, tmp_path):
     assert all(len(s["prompt"].split()) <= c.max_prompt_length and s["prompt"].endswith("TL;DR:") for s in samples)
 
 
-def test_fresh_start_in_a_used_directory_drops_the_old_log_lines(base, tmp_path):
+def test_fresh_start_in_a_used_directory_is_refused_and_overwrite_moves_the_old_run(base, tmp_path):
+    from maxent_rlhf.config import ConfigError
+
     c = replace(base, num_iterations=1, sample_every=0, output_dir=str(tmp_path / "again"))
     train_rloo.main(c)
-    run = Path(train_rloo.main(c))  # no --resume: a new run, not an append to the old log
+    before = (tmp_path / "again" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run .*--resume latest.*--overwrite_output_dir"):
+        train_rloo.main(c)  # no --resume: a new run must not replace or append to the old one
+    assert (tmp_path / "again" / "metrics.jsonl").read_text() == before
+    run = Path(train_rloo.main(replace(c, overwrite_output_dir=True)))
     assert [r["step"] for r in read_metrics(run)] == [1]
+    (moved,) = tmp_path.glob("again.replaced-*")
+    assert (moved / "metrics.jsonl").read_text() == before and list_checkpoints(moved)
+
+
+# ------------------------------------------------------------------ win rate during training, closing story, figure
+@pytest.fixture(scope="module")
+def refs_dir(tmp_path_factory):
+    """Held-out prompts with reference summaries (test split), the judged set."""
+    import random
+
+    rng = random.Random(1)
+    d = tmp_path_factory.mktemp("rloo_refs")
+    with open(d / "test.jsonl", "w") as f:
+        for i in range(6):
+            post = " ".join(rng.choice(PROMPT_WORDS) for _ in range(4))
+            ref = " ".join(rng.choice(PROMPT_WORDS) for _ in range(3))
+            f.write(json.dumps({"id": f"r{i}", "prompt": f"POST: {post} TL;DR:", "completion": ref}) + "\n")
+    return str(d)
+
+
+def judged(c, refs_dir, **kw):
+    return replace(c, eval_steps=2, judge_dataset_name=refs_dir, judge_dataset_test_split="test", judge_max_samples=0,
+                   max_new_tokens=6, per_device_eval_batch_size=4, **kw)
+
+
+def without_eval(records):
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in records
+            if not any(k.startswith("eval/") for k in r)]
+
+
+def test_in_training_win_rate_equals_evaluate_judge_and_leaves_training_unchanged(base, tmp_path, refs_dir, tiny_reward_dir,
+                                                                                  capsys):
+    import evaluate_judge as ej
+    from maxent_rlhf import plotting
+
+    c = judged(replace(base, num_iterations=3, save_steps=2, output_dir=str(tmp_path / "run")), refs_dir,
+               judge="reward-model", judge_reward_model_name_or_path=tiny_reward_dir)
+    run = Path(train_rloo.main(c))
+    out = capsys.readouterr().out
+    records = read_metrics(run)
+    evals = {r["step"]: r for r in records if "eval/win_rate" in r}
+    assert sorted(evals) == [0, 2, 3]  # the initial policy, every eval_steps, the end
+    assert "[train_rloo] summary" in out and "win rate: " in out and "verdict: " in out  # the closing story
+    assert (run / plotting.RUN_FIGURE).read_bytes()[:4] == b"\x89PNG" and f"figure: {run / plotting.RUN_FIGURE}" in out
+    for step in (2, 3):  # evaluate_judge.py on the checkpoint of that iteration, same prompts and judge
+        s = ej.main(ej.EvalConfig(output_dir=str(tmp_path / f"ej{step}"), checkpoints=[str(run / "checkpoints" / f"step_{step:08d}")],
+                                  dataset_name=refs_dir, dataset_test_split="test", n=0, judge="reward-model",
+                                  reward_model_name_or_path=tiny_reward_dir, max_new_tokens=6, max_prompt_length=c.max_prompt_length,
+                                  per_device_eval_batch_size=4, plot=False, mixed_precision=c.mixed_precision, seed=c.seed))
+        row, m = s["checkpoints"][0], evals[step]
+        assert m["eval/n"] == row["n"] == 6 and m["eval/invalid"] == row["invalid"]
+        assert m["eval/win_rate"] == row["win_rate"]
+        assert (m["eval/win_rate_ci_low"], m["eval/win_rate_ci_high"]) == (row["ci_low"], row["ci_high"])
+        assert m["eval/policy_score"] == pytest.approx(row["mean_policy_score"], abs=1e-6)
+    # a run killed after its iteration-2 checkpoint resumes: step 0 is not evaluated again, step 3 is, identically
+    killed = tmp_path / "killed"
+    shutil.copytree(run, killed)
+    shutil.rmtree(killed / "checkpoints" / "step_00000003")
+    train_rloo.main(replace(c, output_dir=str(killed), resume="latest"))
+    assert [r for r in read_metrics(killed) if "eval/win_rate" in r] == [r for r in records if "eval/win_rate" in r]
+    # evaluating does not change training: the same run without a judge logs the same training numbers
+    plain = Path(train_rloo.main(replace(c, judge=None, eval_steps=0, output_dir=str(tmp_path / "plain"))))
+    assert without_eval(read_metrics(plain)) == without_eval(records)
+    assert "win rate: no evaluation in this run" in capsys.readouterr().out
+
+
+def test_judge_outage_is_logged_missing_and_training_goes_on(base, tmp_path, refs_dir, monkeypatch, capsys):
+    from fake_openai_server import FakeJudgeServer
+    from maxent_rlhf.story import run_story
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-rloo-outage")
+    with FakeJudgeServer(marker="good", api_key="sk-test-rloo-outage", faults=lambda n, body: "503") as srv:
+        c = judged(replace(base, num_iterations=3, output_dir=str(tmp_path / "run")), refs_dir, judge="openai",
+                   judge_model="fake-judge", base_url=srv.base_url, max_retries=1, backoff_base=0.01, backoff_max=0.02,
+                   request_timeout=2.0)
+        run = Path(train_rloo.main(c))
+    out = capsys.readouterr().out
+    records = read_metrics(run)
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in evals] == [0, 2, 3] and all(set(r) == {"step", "eval/missing"} for r in evals)
+    assert srv.requests > 0 and [r["step"] for r in records if "objective/scores" in r] == [1, 2, 3]  # trained to the end
+    assert "at most 18 requests" in out and out.count("at most 18 requests") == 1  # the cost guard, once: 3 x 6 examples
+    assert run_story(records).missing_evaluations == 3 and "3 evaluation(s) failed" in out

@@ -322,7 +322,7 @@ def ok(tiny_policy_dir, tiny_reward_dir, tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"POST: {w} TL;DR:"}) + "\n" for w in ["cat", "dog", "mat", "home"]))
     return train_rloo.RLOOConfig(model_name_or_path=tiny_policy_dir, reward_model_name_or_path=tiny_reward_dir,
                                  dataset_name=str(data), global_batch_size=4, rloo_k=2, per_device_train_batch_size=4,
-                                 num_iterations=1, response_length=4, report_to="none", output_dir=str(tmp_path / "run"))
+                                 num_iterations=1, response_length=4, max_prompt_length=16, report_to="none", output_dir=str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize(

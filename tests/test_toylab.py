@@ -244,7 +244,9 @@ def test_short_pipeline_end_to_end_and_reuse(tmp_path, monkeypatch, capfd):
                          extra={"global_batch_size": 16, "per_device_train_batch_size": 16, "local_rollout_forward_batch_size": 16,
                                 "save_steps": 1, "response_length": 8})
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 and "objective/entropy_bonus" in metrics[0]
+    evals = [m for m in metrics if "eval/win_rate" in m]  # configs/toy/*: gold win rate during training too
+    metrics = [m for m in metrics if "objective/scores" in m]
+    assert len(metrics) == 2 and "objective/entropy_bonus" in metrics[0] and [m["step"] for m in evals] == [0, 2]
     res = sweep.evaluate_run(run, n=8)
     assert [r["step"] for r in res["gold"]["checkpoints"]] == [1, 2]
     assert res["gold"]["baseline"]["n"] == 8 and res["gold"]["judge"] == "toy-gold"

@@ -104,17 +104,17 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
         key = f"reward_{i}"
         figs[key] = plotting.plot_reward_and_entropy(
             rs, report_dir / f"fig1_2_reward_entropy_lr{lr:g}.png", title=f"RLOO, lr {lr:g}", group=_label)
-        captions.append((key, f"Figures 1-2 analogue, lr {lr:g} (seeds {seeds}, mean): RLHF reward, entropy bonus "
-                              "(the reward's entropy term) and the unweighted sampled entropy -log pi(y|x) "
-                              "(`objective/entropy`, one scale for every coefficient) per regulariser; final gold "
-                              "win rate in the legend."))
+        captions.append((key, f"Figures 1-2 analogue, lr {lr:g} (seeds {seeds}, mean): RLHF reward and the "
+                              "policy's unweighted sampled entropy sum_t -log pi (`objective/entropy`, one scale for "
+                              "every regulariser and coefficient; the weighted entropy bonus is the run table's "
+                              "trend column) per regulariser; final gold win rate in the legend."))
     for i, lr in enumerate(lrs):
         rs = [r for r in rloo if _lr(r) == lr]
         key = f"kl_{i}"
         figs[key] = plotting.plot_kl(rs, report_dir / f"fig3_kl_lr{lr:g}.png", title=f"KL metrics, lr {lr:g}", group=_label)
-        captions.append((key, f"Figure 3 analogue, lr {lr:g}: KL(pi_t || pi_ref) (top) and KL(pi_t || pi_t-1) "
-                              "between consecutive policies (bottom, the paper's direction: importance-weighted from "
-                              "pi_t-1's samples), k3 estimates, symlog scale."))
+        captions.append((key, f"Figure 3 analogue, lr {lr:g}: KL(pi_t || pi_ref) (top, k3) and KL(pi_t || pi_t-1) "
+                              "between consecutive policies (bottom, the paper's direction: `objective/kl_prev`, "
+                              "importance-weighted from pi_t-1's samples), symlog scale."))
     if rloo:
         figs["overopt"] = plotting.plot_winrate_per_checkpoint(
             rloo, report_dir / "fig_overopt_gold_vs_proxy.png", label=_label, panel=lambda r: f"lr {_lr(r):g}",
