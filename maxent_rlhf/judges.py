@@ -331,7 +331,15 @@ class OpenAIJudge(Judge):
 
     @property
     def cache_id(self) -> str:
-        return f"openai/{self.model}" + ("+logprobs" if self.logprobs else "")
+        # the server is part of the judge's identity: two servers may serve different models under one
+        # name (a local vLLM "gpt-4o-mini"); credentials in the URL never reach the cache
+        server = ""
+        if self.base_url:
+            from urllib.parse import urlsplit
+
+            u = urlsplit(self.base_url)
+            server = "@" + (u.hostname or "") + (f":{u.port}" if u.port else "") + u.path.rstrip("/")
+        return f"openai/{self.model}{server}" + ("+logprobs" if self.logprobs else "")
 
     def describe(self) -> str:
         return f"openai ({self.model} at {self.base_url or 'api.openai.com'})"

@@ -554,3 +554,18 @@ def test_summary_records_the_hub_dataset_revision(tmp_path, server, monkeypatch)
         ej.main(config(tmp_path, server, local, [run], dataset_revision="abc123", output_dir=str(tmp_path / "out3")))
     write_generations(tmp_path / "out4", "step_00000001", local, with_marker(n, {0}))
     assert ej.main(config(tmp_path, server, local, [run], output_dir=str(tmp_path / "out4")))["dataset_revision"] is None
+
+
+def test_openai_cache_identity_includes_the_server_but_no_credentials(monkeypatch):
+    """Two OpenAI-compatible servers may serve different models under one name: their judgments never mix."""
+    from maxent_rlhf.judges import OpenAIJudge
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-key")
+    default = OpenAIJudge(judge_model="gpt-4o-mini").cache_id
+    local = OpenAIJudge(judge_model="gpt-4o-mini", base_url="http://user:secret@127.0.0.1:8000/v1/").cache_id
+    other = OpenAIJudge(judge_model="gpt-4o-mini", base_url="http://127.0.0.1:8001/v1").cache_id
+    assert default == "openai/gpt-4o-mini"
+    assert local == "openai/gpt-4o-mini@127.0.0.1:8000/v1"
+    assert len({default, local, other}) == 3
+    assert "secret" not in local and "user" not in local

@@ -40,8 +40,11 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 ACCEL = ROOT / "configs" / "accelerate"
 DRIVER = ROOT / "tests" / "cpu_sharding.py"
-RTOL, ATOL, WEIGHT_ATOL = 1e-4, 1e-5, 1e-4
-NOT_COMPARED = ("perf/", "time/")  # wall-clock rates
+from run_compare import WEIGHT_ATOL  # noqa: E402  (tolerances and comparisons shared with the other N-process tests)
+from run_compare import assert_metrics_close as _assert_metrics_close  # noqa: E402
+from run_compare import checkpoint_weights as _weights  # noqa: E402
+from run_compare import max_weight_diff as _max_diff  # noqa: E402
+from run_compare import run_metrics as _metrics  # noqa: E402
 DS_OVERRIDES = ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"]
 BACKENDS = {
     # name: (accelerate config, extra launch flags, extra environment, expected (type, fsdp version, zero stage))
@@ -172,29 +175,6 @@ def sharded(request, workdir):
 
 
 # --------------------------------------------------------------------------------------------------
-def _metrics(run):
-    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(run, step=4):
-    return load_file(str(Path(run) / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
-
-
-def _assert_metrics_close(a, b, exact=False):
-    assert [m["step"] for m in a] == [m["step"] for m in b]
-    for x, y in zip(a, b):
-        keys = {k for k in x if not k.startswith(NOT_COMPARED)}
-        assert keys == {k for k in y if not k.startswith(NOT_COMPARED)}, x["step"]
-        for k in sorted(keys):
-            if exact:
-                assert x[k] == y[k], (x["step"], k, x[k], y[k])
-            else:
-                assert x[k] == pytest.approx(y[k], rel=RTOL, abs=ATOL), (x["step"], k, x[k], y[k])
-
-
-def _max_diff(wa, wb):
-    assert wa.keys() == wb.keys()
-    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
 
 
 @pytest.mark.slow
