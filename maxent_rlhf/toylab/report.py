@@ -278,14 +278,18 @@ def position_lines(runs) -> list[str]:
 def main_job_lines(rloo) -> list[str]:
     """Which run of the sweep each configs/toy/*.yaml RLOO config is (same values for every key it sets),
     so numbers quoted for those configs (README, the configs' comments) come from a run in the tables."""
-    from ..config import load_yaml
-    from .scripts import scripts_dir
+    import dataclasses
 
+    from ..config import load_yaml
+    from ..evaluation import EvalArgs
+    from .scripts import scripts_dir
     from .sweep import REGULARIZERS
 
+    # keys that only configure the in-training evaluation (training is the same without it)
+    evaluation_only = {f.name for f in dataclasses.fields(EvalArgs)}
     rows = []
     for f in sorted((scripts_dir() / "configs" / "toy").glob("*.yaml")):
-        want = {k: v for k, v in (load_yaml(f) or {}).items() if k != "output_dir"}
+        want = {k: v for k, v in (load_yaml(f) or {}).items() if k != "output_dir" and k not in evaluation_only}
         if "regularizer" not in want:
             continue
         # a sweep regulariser's config must also be the one the run was made from (minent = maxent + min_entropy)
@@ -295,8 +299,8 @@ def main_job_lines(rloo) -> list[str]:
     if not rows:
         return []
     return ["## The toy configs in this sweep\n", "Each `configs/toy` RLOO config against the sweep's runs (a run matches "
-            "when its resolved config has the same value for every key the file sets, and, for a regulariser's own "
-            "config, was made from it):\n",
+            "when its resolved config has the same value for every training key the file sets, and, for a "
+            "regulariser's own config, was made from it; the in-training evaluation keys are left out):\n",
             "| config | run |", "|---|---|", *rows, ""]
 
 
