@@ -71,6 +71,8 @@ class EvalConfig(JudgeArgs, BaseConfig):
         "trl-lib/tldr", "dataset: hub id, local json/jsonl/parquet file, or a directory with <split>.jsonl"
     )
     dataset_test_split: str = cfg("test", "split of dataset_name to evaluate on")
+    dataset_revision: Optional[str] = cfg(
+        None, "hub revision (branch, tag or commit) of dataset_name; recorded in summary.json: pin it to reproduce a number")
     n: int = cfg(500, "number of examples (the first n of the split; 0: all)")
     prompt_column: str = cfg("prompt", "column with the policy prompt (`SUBREDDIT: ... TL;DR:`)")
     max_prompt_length: int = cfg(512, "prompts longer than this many tokens keep their last tokens")
@@ -141,7 +143,16 @@ def _safe(name: str) -> str:
 
 def load_examples(config: EvalConfig) -> list[Example]:
     return _load_examples(config.dataset_name, config.dataset_test_split, config.n, config.prompt_column,
-                          config.reference_column, config.id_column)
+                          config.reference_column, config.id_column, config.dataset_revision)
+
+
+def dataset_revision(config: EvalConfig) -> Optional[str]:
+    """The hub revision behind the number (None for a local dataset; examples_sha256 pins the content)."""
+    from maxent_rlhf.data import is_hub_dataset
+
+    if not is_hub_dataset(config.dataset_name):
+        return None
+    return config.dataset_revision or "unpinned (the default branch when this ran; pass --dataset_revision)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,7 +240,7 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
 # --------------------------------------------------------------------------------------------------
 # settings that make the generations in an output_dir what they are; the judge, its model and template may
 # change between runs (judgments are keyed by them), these may not
-SAME_EVALUATION_KEYS = ("dataset_name", "dataset_test_split", "prompt_column", "reference_column", "id_column",
+SAME_EVALUATION_KEYS = ("dataset_name", "dataset_test_split", "dataset_revision", "prompt_column", "reference_column", "id_column",
                         "max_prompt_length", "max_new_tokens", "tokenizer_name_or_path")
 
 
@@ -286,6 +297,7 @@ def main(config: EvalConfig) -> dict:
         "confidence_level": config.confidence_level,
         "dataset": config.dataset_name,
         "split": config.dataset_test_split,
+        "dataset_revision": dataset_revision(config),
         "n_examples": len(examples),
         "examples_sha256": examples_hash(examples),
         "seed": config.seed,

@@ -5,7 +5,8 @@
 
 One iteration, numbered below exactly like this; each step is a function over the iteration's
 `Rollout` record (this process's rows), so `main` reads as the list and a step can be tested alone:
-  1. generate: `rloo_k` completions per prompt (KV-cached sampling at `temperature`, top_k 0 / top_p 1),
+  1. generate: `rloo_k` completions per prompt (KV-cached sampling at `temperature`, top_k 0 / top_p 1,
+     `generation.sample`: HF generate's tokens under the same RNG, without its per-token machinery),
      each truncated after its first EOS (EOS kept), the rest padded                      `generate`
   2. score: prompt + completion with the reward model at the last real token; missing-EOS penalty  `score`
   3. log-probs of the sampled tokens under the policy (old) and the reference, from logits / T   `rollout_logprobs`
@@ -16,6 +17,10 @@ One iteration, numbered below exactly like this; each step is a function over th
      clipping, lr decay)                                                                   `update`
   7. kl_prev: log-probs of the same samples after the update (KL between consecutive policies) `policy_logprobs`
   8. log, sample, checkpoint                                                              `iteration_metrics`
+Speed (same values up to float rounding; tests/test_rloo_units.py compares every metric): step 1 cuts the
+padded responses to the longest real row (`cut_to_longest`), so every later forward is as short as the
+batch allows; with one PPO epoch of one mini-batch (the bench and TRL 1.16 default) steps 3-6 run fused
+(`fused_update`): the update's forward is the old-policy forward, one policy forward fewer per iteration.
 Around the loop: the win rate of greedy summaries against references (`maxent_rlhf.evaluation`, the
 machinery of evaluate_judge.py) at iteration 0, every `eval_steps` and at the end when `judge` is set,
 as eval/* records in metrics.jsonl (a judge outage logs `eval/missing: 1` and training goes on); at the
@@ -129,6 +134,10 @@ class RLOOConfig(EvalArgs, TrainConfig):
     )
     local_rollout_forward_batch_size: int = cfg(64, "rows per generation / no-grad forward chunk on each process")
     num_ppo_epochs: int = cfg(4, "passes over each iteration's batch")
+    fused_old_logprobs: bool = cfg(
+        True, "with num_ppo_epochs = num_mini_batches = 1 (no whitening, per_device_train_batch_size a multiple of "
+        "rloo_k) take the old log-probs from the update's own forward: same values, one policy forward fewer"
+    )
     total_episodes: int = cfg(1_000_000, "total completions to train on; iterations = total_episodes // global_batch_size")
     num_iterations: Optional[int] = cfg(None, "if set, overrides total_episodes: number of iterations to run")
     learning_rate: float = cfg(3e-6, "peak AdamW learning rate")
@@ -378,11 +387,26 @@ def generate(c: RLOOConfig, m: Models, query_ids: torch.Tensor, query_mask: torc
     with distributed.unwrap_for_generation(acc, m.policy) as gen_model, acc.autocast():
         for s in _chunks(query_ids.shape[0], c.local_rollout_forward_batch_size):
             with distributed.sampling_rng(c.seed, iteration, first_row + s.start, acc.device):
-                raw.append(generation.generate(gen_model, query_ids[s], query_mask[s], c.response_length, tok.eos_token_id,
-                                               tok.pad_token_id, temperature=c.temperature,
-                                               synced_gpus=distributed.needs_synced_gpus(acc)))
+                # generation.sample: generate's tokens without its per-token overhead (sharded: generate itself)
+                raw.append(generation.sample(gen_model, query_ids[s], query_mask[s], c.response_length, tok.eos_token_id,
+                                             tok.pad_token_id, temperature=c.temperature,
+                                             synced_gpus=distributed.needs_synced_gpus(acc)))
     responses, response_mask, contains_eos = generation.truncate_after_eos(torch.cat(raw), tok.eos_token_id, tok.pad_token_id)
+    responses, response_mask = cut_to_longest(responses, response_mask)
     return Rollout(query_ids, query_mask, responses, response_mask, contains_eos)
+
+
+def cut_to_longest(responses: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the all-pad tail columns: keep the longest real row (EOS included) and nothing after.
+
+    Every later forward (reward model, old / reference / updated policy, kl_prev) then runs on T_max real
+    columns instead of `response_length`: when every sample stops early that is most of their cost. The
+    dropped columns carry mask 0, so no value changes (tests/test_rloo_units.py checks every metric);
+    per-token tensors of the rollout are [n, T_max] (T_max may differ between processes: only per-sequence
+    values are gathered).
+    """
+    longest = max(int(response_mask.sum(1).max()), 1) if response_mask.numel() else responses.shape[1]
+    return responses[:, :longest], response_mask[:, :longest]
 
 
 def score(c: RLOOConfig, m: Models, ro: Rollout) -> torch.Tensor:
@@ -435,19 +459,24 @@ def policy_logprobs(c: RLOOConfig, m: Models, ro: Rollout, model=None, return_en
 def rollout_logprobs(c: RLOOConfig, m: Models, ro: Rollout, needs_ref: bool):
     """Step 3: old log-probs and token entropies under the policy, and reference log-probs when needed.
 
-    (With num_ppo_epochs = num_mini_batches = 1 the update's first forward sees the same weights, so a
-    later speed pass can take the old log-probs from it instead of this extra forward.)
+    With `can_fuse(c)` the policy part is skipped (old log-probs and entropies come from `fused_update`).
     """
+    if can_fuse(c):
+        return None, None, policy_logprobs(c, m, ro, model=m.ref_policy) if needs_ref else None
     old_logprobs, token_entropy = policy_logprobs(c, m, ro, return_entropy=True)
     ref_logprobs = policy_logprobs(c, m, ro, model=m.ref_policy) if needs_ref else None
     return old_logprobs, token_entropy, ref_logprobs
 
 
-def regularised_reward(c: RLOOConfig, ro: Rollout) -> objectives.RegularizedReward:
-    """Step 4: the sequence reward RLOO maximises (objectives.regularized_reward: kl / Eq. 6 / Eq. 7 / none)."""
-    return objectives.regularized_reward(ro.scores, ro.old_logprobs, ro.response_mask, c.regularizer,
-                                         _regularizer_coef(c), ref_logprobs=ro.ref_logprobs,
-                                         length_normalize=c.length_normalize)
+def regularised_reward(c: RLOOConfig, ro: Rollout, rows=slice(None), old_logprobs: Optional[torch.Tensor] = None
+                       ) -> objectives.RegularizedReward:
+    """Step 4: the sequence reward RLOO maximises (objectives.regularized_reward: kl / Eq. 6 / Eq. 7 / none).
+
+    `rows` / `old_logprobs`: the same for a subset of rows whose old log-probs are given (`fused_update`)."""
+    old_logprobs = ro.old_logprobs if old_logprobs is None else old_logprobs
+    ref = ro.ref_logprobs[rows] if ro.ref_logprobs is not None else None
+    return objectives.regularized_reward(ro.scores[rows], old_logprobs, ro.response_mask[rows], c.regularizer,
+                                         _regularizer_coef(c), ref_logprobs=ref, length_normalize=c.length_normalize)
 
 
 def update(c: RLOOConfig, m: Models, plan: BatchPlan, ro: Rollout, optimizer, scheduler,
@@ -485,6 +514,78 @@ def update(c: RLOOConfig, m: Models, plan: BatchPlan, ro: Rollout, optimizer, sc
     stats["lr"] = scheduler.get_last_lr()[0]
     scheduler.step()
     return stats
+
+
+def can_fuse(c: RLOOConfig) -> bool:
+    """Steps 3-6 fused (`fused_update`): one PPO epoch of one mini-batch, no whitening, micro-batches of whole
+    prompt groups, and `fused_old_logprobs` on."""
+    return (c.fused_old_logprobs and c.num_ppo_epochs == 1 and c.num_mini_batches == 1 and not c.whiten_advantages
+            and c.per_device_train_batch_size % c.rloo_k == 0)
+
+
+def fused_update(c: RLOOConfig, m: Models, plan: BatchPlan, ro: Rollout, optimizer, scheduler,
+                 check: Callable[[str, torch.Tensor], None] = lambda name, value: None) -> dict:
+    """Steps 3 (policy part), 4, 5 and 6 in one pass when `can_fuse(c)`: the same result as
+    `rollout_logprobs` + `regularised_reward` + `rloo_row_advantages` + `update`, up to float rounding.
+
+    Why: with one epoch of one mini-batch every micro-batch's forward (with grad) runs on the pre-update
+    weights, so it IS the old-policy forward: its log-probs, detached, are the old log-probs (ratio 1, as in
+    the unfused path up to rounding) and its logits give the token entropy. That drops one policy forward
+    per iteration. Cost: the micro-batches run over whole prompt groups in row order instead of a random
+    order (irrelevant: their gradients are summed into one optimizer step), and each computes its rows'
+    regularised rewards and leave-one-out advantages itself (a group never spans two micro-batches).
+    Fills ro.old_logprobs, token_entropy, rewards, non_score_reward, advantages; returns `update`'s stats.
+    `check(name, value)` runs on every micro-batch's regularised reward and loss.
+    """
+    acc, policy, device = m.accelerator, m.policy, m.accelerator.device
+    micro = c.per_device_train_batch_size
+    policy.train()
+    stats = {"clipfrac": [], "approxkl": [], "ratio": [], "loss": [], "grad_norm": []}
+    parts = {"old_logprobs": [], "token_entropy": [], "rewards": [], "non_score_reward": [], "advantages": []}
+    for a in range(plan.grad_accum):
+        rows = slice(a * micro, (a + 1) * micro)
+        with distributed.micro_step(acc, policy, a == plan.grad_accum - 1), acc.autocast():
+            new_lp, entropy = generation.response_logprobs(policy, ro.query_responses[rows], ro.attention_mask[rows],
+                                                           ro.context_length, c.temperature, return_entropy=True)
+            new_lp = new_lp.float()
+            old_lp = new_lp.detach()
+            reg = regularised_reward(c, ro, rows, old_logprobs=old_lp)  # step 4 on these rows
+            check("regularised reward", reg.rewards)
+            adv = rloo_row_advantages(reg.rewards, c.rloo_k)  # step 5 on these rows' whole groups
+            out = objectives.ppo_clipped_policy_loss(new_lp, old_lp, adv, ro.response_mask[rows], c.cliprange,
+                                                     level=c.loss_level)
+            acc.backward(out.loss / plan.grad_accum)
+        check("policy loss", out.loss)
+        for key in ("clipfrac", "approxkl", "ratio", "loss"):
+            stats[key].append(getattr(out, key).detach().float())
+        for key, value in zip(parts, (old_lp, entropy.float(), reg.rewards, reg.non_score_reward, adv)):
+            parts[key].append(value.detach())
+    if c.max_grad_norm > 0:
+        gn = acc.clip_grad_norm_(policy.parameters(), c.max_grad_norm)
+        stats["grad_norm"].append(torch.tensor(float(gn), device=device))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for key, values in parts.items():
+        setattr(ro, key, torch.cat(values))
+    stats["lr"] = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return stats
+
+
+def learn(c: RLOOConfig, m: Models, plan: BatchPlan, ro: Rollout, optimizer, scheduler, needs_ref: bool, timings: dict,
+          check: Callable[[str, torch.Tensor], None] = lambda name, value: None) -> dict:
+    """Steps 3-6 on a scored rollout (fills it; returns `update`'s stats); `timings` gets their phases."""
+    with _timed(timings, "logprobs"):  # 3. old and reference log-probs from logits / T (fused: reference only)
+        ro.old_logprobs, ro.token_entropy, ro.ref_logprobs = rollout_logprobs(c, m, ro, needs_ref)
+    if can_fuse(c):  # 3-6 in one pass: the update's forward gives the old log-probs (fused_update)
+        with _timed(timings, "update"):
+            return fused_update(c, m, plan, ro, optimizer, scheduler, check=check)
+    reg = regularised_reward(c, ro)  # 4. regularised sequence reward
+    ro.rewards, ro.non_score_reward = reg.rewards, reg.non_score_reward
+    check("regularised reward", ro.rewards)
+    ro.advantages = rloo_row_advantages(ro.rewards, c.rloo_k, c.whiten_advantages, m.accelerator)  # 5. RLOO
+    with _timed(timings, "update"):  # 6. clipped policy-gradient updates
+        return update(c, m, plan, ro, optimizer, scheduler, check=check)
 
 
 def kl_prev_metrics(old_logprobs: torch.Tensor, new_logprobs: torch.Tensor, response_mask: torch.Tensor,
@@ -660,14 +761,8 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         with _timed(timings, "score"):  # 2. reward-model score; missing-EOS penalty
             ro.scores = score(c, m, ro)
             check_finite("reward-model score", ro.scores, it, run_dir)
-        with _timed(timings, "logprobs"):  # 3. old and reference log-probs from logits / T
-            ro.old_logprobs, ro.token_entropy, ro.ref_logprobs = rollout_logprobs(c, m, ro, c.needs_ref(it))
-        reg = regularised_reward(c, ro)  # 4. regularised sequence reward
-        ro.rewards, ro.non_score_reward = reg.rewards, reg.non_score_reward
-        check_finite("regularised reward", ro.rewards, it, run_dir)
-        ro.advantages = rloo_row_advantages(ro.rewards, c.rloo_k, c.whiten_advantages, accelerator)  # 5. RLOO
-        with _timed(timings, "update"):  # 6. clipped policy-gradient updates
-            stats = update(c, m, plan, ro, optimizer, scheduler, check=lambda name, v: check_finite(name, v, it, run_dir))
+        stats = learn(c, m, plan, ro, optimizer, scheduler, c.needs_ref(it), timings,  # 3.-6.
+                      check=lambda name, v: check_finite(name, v, it, run_dir))
         with _timed(timings, "kl_prev"):  # 7. the same samples under the updated policy
             ro.new_logprobs = policy_logprobs(c, m, ro)
 

@@ -20,14 +20,26 @@ class DataError(ValueError):
     """A dataset problem the user can fix; the message names the file/column/row."""
 
 
-def load_any_dataset(name_or_path: str, split: str = "train"):
+def is_hub_dataset(name_or_path: str) -> bool:
+    """Whether `load_any_dataset` reads `name_or_path` from the hub (not a local file or directory)."""
+    resolved = resolve_path(name_or_path)
+    path = Path(resolved).expanduser()
+    return path.suffix not in LOCAL_FORMATS and not path.is_dir() and not is_local_path(resolved)
+
+
+def load_any_dataset(name_or_path: str, split: str = "train", revision: Optional[str] = None):
     """A `datasets.Dataset` from a local file / directory of files, or a hub id (users with internet).
 
     Local JSON / JSONL files are checked line by line first (`check_json_file`), so that a broken line
     or an empty file is a DataError naming the file and the line, not an error deep inside `datasets`.
-    A dataset without rows is a DataError too.
+    A dataset without rows is a DataError too. `revision` (branch, tag or commit; None: the default
+    branch) pins a hub dataset; it is an error for local data.
     """
     import datasets
+
+    if revision is not None and not is_hub_dataset(name_or_path):
+        raise DataError(f"dataset revision {revision!r} given for the local dataset {name_or_path!r}: revisions "
+                        "pin hub datasets only; drop the revision")
 
     name_or_path = resolve_path(name_or_path)
     path = Path(name_or_path).expanduser()
@@ -52,7 +64,7 @@ def load_any_dataset(name_or_path: str, split: str = "train"):
     if is_local_path(name_or_path):
         raise DataError(f"dataset {name_or_path!r}: directory does not exist (a local path; a hub id looks like owner/name)")
     try:
-        ds = datasets.load_dataset(name_or_path, split=split)
+        ds = datasets.load_dataset(name_or_path, split=split, revision=revision)
     except ValueError as e:  # e.g. 'Unknown split "x". Should be one of [...]'
         raise DataError(f"dataset {name_or_path!r}, split {split!r}: {_first_line(e)}") from e
     except (ConnectionError, OSError, datasets.exceptions.DatasetsError) as e:

@@ -184,12 +184,14 @@ class Example:
 
 
 def load_examples(dataset_name: str, split: str, n: int, prompt_column: str = "prompt",
-                  reference_column: str = "completion", id_column: str = "id") -> list[Example]:
-    """The first `n` (0: all) rows of `dataset_name [split]` as Examples; a repeated id is an error."""
+                  reference_column: str = "completion", id_column: str = "id",
+                  revision: Optional[str] = None) -> list[Example]:
+    """The first `n` (0: all) rows of `dataset_name [split]` (at hub `revision`) as Examples; a repeated id
+    is an error."""
     from .data import as_text, load_any_dataset, require_columns
 
     source = f"{dataset_name} [{split}]"
-    ds = load_any_dataset(dataset_name, split)
+    ds = load_any_dataset(dataset_name, split, revision)
     require_columns(ds, [prompt_column, reference_column], source)
     if n and n < len(ds):
         ds = ds.select(range(n))

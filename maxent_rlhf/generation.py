@@ -9,6 +9,7 @@ toy lab):
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -107,6 +108,62 @@ def generate(
         fill = responses.new_full((responses.shape[0], max_new_tokens - responses.shape[1]), pad_token_id)
         responses = torch.cat([responses, fill], dim=1)
     return responses
+
+
+@torch.no_grad()
+def sample(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    synced_gpus: bool = False,
+) -> Tensor:
+    """`generate`'s pure-temperature sampling as a plain KV-cached loop: the same tokens under the same RNG.
+
+    Why: at small model sizes HF `generate` spends more time per token in its own machinery (logits
+    processors and stopping-criteria objects, input re-preparation, growing input_ids copies) than in the
+    forward. This loop runs HF's sampler ops in HF's order (float32 logits of the last position / T,
+    softmax, one `torch.multinomial` draw per row, finished rows padded, stop when every row has emitted
+    EOS), so under the same RNG state it returns exactly `generate`'s tensor (tests/test_generation.py).
+    It reads no generation config at all (nothing saved with a checkpoint can change it), computes the LM
+    head at the last position only, and returns [B, max_new_tokens], pad-filled.
+
+    `synced_gpus` (ZeRO-3 / FSDP: a forward is a collective, every process must keep stepping until all
+    have finished): handed to `generate`, which implements that protocol.
+    """
+    if synced_gpus:
+        return generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+                        temperature=temperature, synced_gpus=True)
+    from transformers import DynamicCache
+
+    while not hasattr(model, "generate") and hasattr(model, "module"):  # DDP: the HF module
+        model = model.module
+    cache = DynamicCache(config=model.config)
+    # transformers >= 5.2x names the argument `cache` (`past_key_values` is deprecated); older ones only know the latter
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    rows, device = input_ids.shape[0], input_ids.device
+    mask = attention_mask.long()
+    position = position_ids_from_mask(mask)
+    step_ids = input_ids
+    out = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    unfinished = torch.ones(rows, dtype=torch.long, device=device)
+    ones = mask.new_ones(rows, 1)
+    for t in range(max_new_tokens):
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=position, use_cache=True,
+                       logits_to_keep=1, **{cache_kw: cache}).logits
+        probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1)
+        token = torch.multinomial(probs, num_samples=1).squeeze(1)
+        token = token * unfinished + pad_token_id * (1 - unfinished)
+        out[:, t] = token
+        unfinished = unfinished & (token != eos_token_id).long()
+        if not bool(unfinished.any()):  # one host sync per token, as in generate
+            break
+        step_ids, position = token[:, None], position[:, -1:] + 1
+        mask = torch.cat([mask, ones], dim=1)
+    return out
 
 
 def _explicit_generation_config(max_new_tokens: int, eos_token_id: int, pad_token_id: int, temperature: float,

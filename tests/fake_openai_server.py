@@ -3,7 +3,8 @@
 It judges deterministically: it reads `Summary A:` / `Summary B:` from the prompt (the template of
 `maxent_rlhf.judges`) and scores each summary +1 if it contains the word `marker`, -1 if it contains
 `anti_marker`, else 0; the higher score wins, and on equal scores it prefers A (a position bias the
-A/B randomisation must undo). A post containing `garble_word` always
+A/B randomisation must undo). `prefer="A"` always answers A (pure position bias); `prefer="longer"`
+prefers the summary with more words (A on equal length). A post containing `garble_word` always
 gets a garbled answer. Faults are injected per request, in arrival order, from `faults` (a list of
 "429", "500", "503", "slow", "garbled", None) or a callable(request_number, body) -> fault.
 
@@ -45,7 +46,11 @@ class FakeJudgeServer:
         retry_after: str = "0",
         garble_word: str = "garble",
         p_preferred: float = 0.8,
+        prefer: str = "marker",
     ):
+        if prefer not in ("marker", "A", "longer"):
+            raise ValueError(f"prefer must be 'marker', 'A' or 'longer', got {prefer!r}")
+        self.prefer = prefer
         self.marker = marker
         self.anti_marker = anti_marker
         self.api_key = api_key
@@ -168,7 +173,7 @@ class FakeJudgeServer:
             text = "I think both summaries have merit and cannot choose."
             winner = None
         else:
-            winner = "B" if self.score(b) > self.score(a) else "A"
+            winner = self.winner(a, b)
             text = STYLES[n % len(STYLES)].format(w=winner, wl=winner.lower())
             with self.lock:
                 if fault == "slow":
@@ -184,6 +189,13 @@ class FakeJudgeServer:
             "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(text) // 4,
                       "total_tokens": (len(prompt) + len(text)) // 4},
         })
+
+    def winner(self, a: str, b: str) -> str:
+        if self.prefer == "A":
+            return "A"
+        if self.prefer == "longer":
+            return "B" if len(b.split()) > len(a.split()) else "A"
+        return "B" if self.score(b) > self.score(a) else "A"
 
     def score(self, summary: str) -> int:
         words = summary.split()

@@ -110,7 +110,7 @@ def _launch(d, tiny_tokenizer):
     rloo = dict(
         model_name_or_path=tiny_policy_dir, reward_model_name_or_path=tiny_reward_dir, dataset_name=str(prompts),
         report_to="none", mixed_precision="no", global_batch_size=8, rloo_k=2, num_mini_batches=1,
-        per_device_train_batch_size=2, local_rollout_forward_batch_size=4, num_ppo_epochs=2, num_iterations=4,
+        per_device_train_batch_size=2, local_rollout_forward_batch_size=4, num_ppo_epochs=1, num_iterations=4,
         save_steps=2, response_length=6, max_prompt_length=16, learning_rate=1e-3, regularizer="kl", kl_coef=0.05,
         sample_every=1, num_samples=8,
     )
@@ -123,8 +123,9 @@ def _launch(d, tiny_tokenizer):
     # the in-training win rate (maxent_rlhf.evaluation): generation split over processes, judged on the main one
     winrate = dict(offline, save_steps=0, eval_steps=2, judge="reward-model", judge_reward_model_name_or_path=tiny_reward_dir,
                    judge_dataset_name=str(d / "refs"), judge_max_samples=0, max_new_tokens=6, per_device_eval_batch_size=2)
+    # (rloo: one epoch of one mini-batch, so train_rloo.fused_update runs; maxent: two epochs, the plain update)
     maxent = dict(rloo, regularizer="entropy", entropy_coef=0.1, length_normalize=True, whiten_advantages=True,
-                  kl_ref_every=2, save_steps=0, sample_every=0)
+                  kl_ref_every=2, save_steps=0, sample_every=0, num_ppo_epochs=2)
 
     def jobs(tag, resume):
         out = [

@@ -243,3 +243,16 @@ def test_multi_run_figures_use_the_unweighted_entropy_and_the_paper_kl_direction
                                          group=lambda r: "run")
     assert entropy["run"] == logged(a.path, "objective/entropy")  # not the weighted bonus (0 here)
     assert kl_prev["run"] == logged(a.path, "objective/kl_prev")
+
+
+def test_both_orders_in_training_debiases_a_position_biased_judge(tmp_path, data, tiny_policy_dir, monkeypatch):
+    """A judge that always answers "A", every pair judged in both orders: 50% win rate and 100%
+    first-position preference at every evaluation, twice the requests (as evaluate_judge --both_orders)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-orders")
+    with FakeJudgeServer(api_key="sk-test-orders", prefer="A") as srv:
+        run = train_offline.main(offline_cfg(tmp_path, tiny_policy_dir, data, eval_steps=4, judge="openai", both_orders=True,
+                                             judge_model="fake-judge", base_url=srv.base_url, max_retries=1))
+        assert srv.requests == 2 * 2 * 6  # evaluations at steps 0 and 4, 6 examples, 2 orders
+    for m in eval_records(run).values():
+        assert m["eval/win_rate"] == 0.5 and m["eval/n"] == 6 and m["eval/first_position_rate"] == 1.0
+        assert m["eval/position_consistency"] == 0.0

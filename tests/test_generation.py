@@ -162,3 +162,45 @@ def test_complete_prompts_decodes_what_generate_returns(tiny_tokenizer):
     torch.manual_seed(0)
     s2 = [c.text for b in complete_prompts(model, tok, PROMPTS, 6, 8, do_sample=True, skip_special_tokens=False) for c in b]
     assert s1 == s2
+
+
+# --------------------------------------------------------------------------------------------------
+# sample: generate's pure-temperature sampling without its per-token machinery (what RLOO rolls out with)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_sample_draws_generates_tokens_under_the_same_rng_whatever_the_saved_generation_config(tiny_tokenizer, temperature):
+    from transformers import GenerationConfig
+
+    from maxent_rlhf.generation import sample
+
+    model = build_tiny_policy(tiny_tokenizer, seed=0).eval()
+    with torch.no_grad():  # EOS likely, so rows stop at different steps and the batch stops early
+        model.get_output_embeddings().weight[EOS] = 0.0
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, len(tiny_tokenizer), (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (16,), generator=g)]
+    q, qmask = left_pad(prompts, PAD)
+    torch.manual_seed(1)
+    reference = generate(model, q, qmask, 12, EOS, PAD, temperature=temperature)
+    model.generation_config = GenerationConfig(do_sample=True, top_k=2, temperature=0.1)  # must change nothing
+    torch.manual_seed(1)
+    lean = sample(model, q, qmask, 12, EOS, PAD, temperature=temperature)
+    assert lean.shape == reference.shape == (16, 12)
+    assert torch.equal(lean, reference)
+    ended = (reference == EOS).any(1)
+    assert 0 < int(ended.sum()) < 16  # ragged: some rows stopped and were padded, some ran to the end
+
+
+def test_sample_distribution_is_softmax_of_logits_over_temperature(tiny_tokenizer):
+    """The statistical pure-temperature check, on the sampler RLOO uses."""
+    from maxent_rlhf.generation import sample
+
+    model = build_tiny_policy(tiny_tokenizer, seed=0).eval()
+    n, temperature = 4000, 0.7
+    q, qmask = left_pad([[3, 4, 5]] * n, PAD)
+    torch.manual_seed(0)
+    first = sample(model, q, qmask, 1, EOS, PAD, temperature=temperature)[:, 0]
+    probs = torch.softmax(model(input_ids=q[:1]).logits[0, -1] / temperature, -1)
+    freq = torch.bincount(first, minlength=probs.numel()).double() / n
+    assert 0.5 * (freq - probs.double()).abs().sum() < 0.08
+    tail = probs < probs.sort(descending=True).values[20]
+    assert freq[tail].sum() > 0.5 * probs[tail].sum()

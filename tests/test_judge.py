@@ -313,6 +313,51 @@ def test_order_randomisation_maps_back(tmp_path, server):
     assert s["checkpoints"][0]["win_rate"] == 1.0
 
 
+def test_both_orders_always_a_judge_is_pure_position_bias(tmp_path, capsys):
+    """A judge that always answers "A": 100% first-position preference, never consistent, and a 50%
+    win rate once each order counts half, whatever the summaries (one order alone: the hash decides)."""
+    n = 12
+    data = make_dataset(tmp_path, n)
+    run = fake_run(tmp_path, [5])
+    write_generations(tmp_path / "out", "step_00000005", data, with_marker(n, {0, 1, 2}))
+    with FakeJudgeServer(api_key=SECRET, prefer="A") as srv:
+        dry = ej.main(config(tmp_path, srv, data, [run], both_orders=True, dry_run=True))
+        assert dry["pairs"] == dry["requests"] == 2 * n and srv.requests == 0  # both orders counted up front
+        one = ej.main(config(tmp_path, srv, data, [run], dry_run=True))
+        assert dry["estimated_tokens"] == pytest.approx(2 * one["estimated_tokens"], rel=0.05)
+        s = ej.main(config(tmp_path, srv, data, [run], both_orders=True))
+        r = s["checkpoints"][0]
+        assert srv.requests == 2 * n and len(srv.judged) == 2 * n
+        assert r["win_rate"] == 0.5 and r["n"] == n and (r["wins"], r["losses"]) == (n, n)
+        assert r["first_position_rate"] == 1.0 and r["position_consistency"] == 0.0 and r["n_both_orders"] == n
+        lo, hi = judges_wilson(n, n)
+        assert (r["first_position_ci_low"], r["first_position_ci_high"]) == pytest.approx((lo, hi))
+        assert (r["position_consistency_ci_low"], r["position_consistency_ci_high"]) == pytest.approx(judges_wilson(0, n))
+        assert "first pos (95% CI)" in capsys.readouterr().out
+        # a rerun sends nothing: the cache key covers the order
+        before = srv.requests
+        again = ej.main(config(tmp_path, srv, data, [run], both_orders=True))
+        assert srv.requests == before and again["cached"] == 2 * n and again["checkpoints"][0]["win_rate"] == 0.5
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["both_orders"] is True and saved["judge_model"] == "fake-judge" and saved["seed"] == 1
+    assert saved["template_version"] == judges.TEMPLATE_VERSION and saved["n_examples"] == n
+    assert saved["dataset"] == str(data) and len(saved["examples_sha256"]) == 64
+    assert saved["decoding"]["max_new_tokens"] == 53 and saved["judge_decoding"]["temperature"] == 0.0
+
+
+def test_both_orders_length_judge_is_consistent(tmp_path):
+    """A judge that always prefers the longer summary picks the same summary in both orders."""
+    n = 10
+    data = make_dataset(tmp_path, n)  # references have 3 words
+    run = fake_run(tmp_path, [5])
+    texts = {i: ("a much longer policy summary here" if i < 7 else "short") for i in range(n)}
+    write_generations(tmp_path / "out", "step_00000005", data, texts)
+    with FakeJudgeServer(api_key=SECRET, prefer="longer") as srv:
+        r = ej.main(config(tmp_path, srv, data, [run], both_orders=True))["checkpoints"][0]
+    assert r["position_consistency"] == 1.0 and r["first_position_rate"] == 0.5
+    assert r["win_rate"] == 7 / 10 and (r["wins"], r["losses"]) == (14, 6)
+
+
 def test_invalid_answers_are_counted_not_coin_flips(tmp_path, server):
     n = 8
     data = make_dataset(tmp_path, n, garbled={1, 4, 6})
@@ -478,6 +523,37 @@ def test_only_the_judge_options_the_user_set_must_be_taken(tmp_path):
     # evaluate_judge's defaults alone (every option offered) are never an error
     options, context = ej.judge_arguments(parse_config(ej.EvalConfig, ["--judge", "toy-gold"]))
     assert options == {} and judges.get_judge("toy-gold", context=context, **options).cache_id.startswith("toy-gold")
+
+
+def test_summary_records_the_hub_dataset_revision(tmp_path, server, monkeypatch):
+    """A hub id is loaded at --dataset_revision and summary.json says which; a local dataset refuses one."""
+    import datasets
+
+    n = 4
+    local = make_dataset(tmp_path, n)
+    rows = [json.loads(l) for l in local.read_text().splitlines()]
+    calls, real_load_dataset = [], datasets.load_dataset
+
+    def fake_load_dataset(name, split=None, revision=None, **kw):  # the hub, offline
+        calls.append((name, split, revision))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    run = fake_run(tmp_path, [1])
+    write_generations(tmp_path / "out", "step_00000001", local, with_marker(n, {0}))
+    s = ej.main(config(tmp_path, server, "someorg/tldr-like", [run], dataset_revision="abc123"))
+    assert calls == [("someorg/tldr-like", "test", "abc123")]
+    assert s["dataset"] == "someorg/tldr-like" and s["dataset_revision"] == "abc123"
+    with pytest.raises(ValueError, match="dataset_revision"):  # outputs of another revision never mix
+        ej.main(config(tmp_path, server, "someorg/tldr-like", [run]))
+    write_generations(tmp_path / "out2", "step_00000001", local, with_marker(n, {0}))
+    unpinned = ej.main(config(tmp_path, server, "someorg/tldr-like", [run], output_dir=str(tmp_path / "out2")))
+    assert unpinned["dataset_revision"].startswith("unpinned")
+    monkeypatch.setattr(datasets, "load_dataset", real_load_dataset)
+    with pytest.raises(ValueError, match="revisions pin hub datasets only"):
+        ej.main(config(tmp_path, server, local, [run], dataset_revision="abc123", output_dir=str(tmp_path / "out3")))
+    write_generations(tmp_path / "out4", "step_00000001", local, with_marker(n, {0}))
+    assert ej.main(config(tmp_path, server, local, [run], output_dir=str(tmp_path / "out4")))["dataset_revision"] is None
 
 
 def test_openai_cache_identity_includes_the_server_but_no_credentials(monkeypatch):

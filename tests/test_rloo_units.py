@@ -386,3 +386,59 @@ def test_paper_configs_parse_and_match_the_paper(path):
         assert (train_rloo._regularizer_coef(c) < 0) == path.stem.startswith("minent")
     if path.stem.startswith("maxent"):
         assert c.learning_rate == 1e-7
+
+
+# ------------------------------------------------------------------ speed paths: same metrics as the plain ones
+def steps_2_to_8(c, accelerator, policy_dir, reward_dir, ro):
+    """Score, learn (steps 3-6, fused or not), kl_prev and the metrics, from freshly loaded models."""
+    from maxent_rlhf.schedules import build_lr_scheduler
+
+    c = replace(c, model_name_or_path=policy_dir, reward_model_name_or_path=reward_dir)
+    m = train_rloo.load_models(c, accelerator, reward_fn=None)
+    plan = train_rloo._batch_plan(c, num_processes=1)
+    opt = torch.optim.AdamW(m.policy.parameters(), lr=c.learning_rate)
+    sched = build_lr_scheduler(opt, "linear", 4, 0.0)
+    ro.scores = train_rloo.score(c, m, ro)
+    stats = train_rloo.learn(c, m, plan, ro, opt, sched, needs_ref=True, timings={})
+    ro.new_logprobs = train_rloo.policy_logprobs(c, m, ro)
+    return train_rloo.iteration_metrics(c, ro, stats), [p.detach().clone() for p in m.policy.parameters()]
+
+
+def assert_same_run(a, b):
+    (metrics_a, weights_a), (metrics_b, weights_b) = a, b
+    assert metrics_a.keys() == metrics_b.keys()
+    for key in metrics_a:
+        assert metrics_b[key] == pytest.approx(metrics_a[key], rel=1e-5, abs=1e-6), key
+    for wa, wb in zip(weights_a, weights_b, strict=True):
+        torch.testing.assert_close(wb, wa, rtol=1e-5, atol=1e-6)
+
+
+FUSABLE = dict(rloo_k=2, global_batch_size=4, num_mini_batches=1, per_device_train_batch_size=2, num_ppo_epochs=1,
+               learning_rate=3e-3, temperature=0.7, kl_ref_every=1)
+
+
+@pytest.mark.parametrize("kw", [dict(regularizer="kl", kl_coef=0.5),
+                                dict(regularizer="entropy", entropy_coef=0.3, length_normalize=True)])
+def test_fused_update_gives_the_metrics_and_weights_of_the_separate_old_logprob_pass(kw, accelerator, tiny_tokenizer,
+                                                                                     tiny_policy_dir, tiny_reward_dir):
+    c = train_rloo.RLOOConfig(**FUSABLE, **kw)
+    assert train_rloo.can_fuse(c) and not train_rloo.can_fuse(replace(c, fused_old_logprobs=False))
+    assert not train_rloo.can_fuse(replace(c, num_ppo_epochs=2)) and not train_rloo.can_fuse(replace(c, whiten_advantages=True))
+    fused = steps_2_to_8(c, accelerator, tiny_policy_dir, tiny_reward_dir, hand_rollout(tiny_tokenizer))
+    plain = steps_2_to_8(replace(c, fused_old_logprobs=False), accelerator, tiny_policy_dir, tiny_reward_dir,
+                         hand_rollout(tiny_tokenizer))
+    assert fused[0]["objective/kl_prev_reverse"] > 1e-4  # the update moved the policy: a real comparison
+    assert_same_run(plain, fused)
+
+
+def test_cutting_the_pad_tail_changes_no_metric(accelerator, tiny_tokenizer, tiny_policy_dir, tiny_reward_dir):
+    base = hand_rollout(tiny_tokenizer)
+    pad = torch.full((len(base), 3), tiny_tokenizer.pad_token_id)
+    padded = train_rloo.Rollout(base.query_ids, base.query_mask, torch.cat([base.responses, pad], 1),
+                                torch.cat([base.response_mask, torch.zeros_like(pad)], 1), base.contains_eos)
+    cut_ids, cut_mask = train_rloo.cut_to_longest(padded.responses, padded.response_mask)
+    assert cut_ids.shape[1] == int(base.response_mask.sum(1).max()) == 3
+    cut = train_rloo.Rollout(base.query_ids, base.query_mask, cut_ids, cut_mask, base.contains_eos)
+    c = train_rloo.RLOOConfig(**dict(FUSABLE, num_ppo_epochs=2, per_device_train_batch_size=1), regularizer="kl")
+    assert_same_run(steps_2_to_8(c, accelerator, tiny_policy_dir, tiny_reward_dir, padded),
+                    steps_2_to_8(c, accelerator, tiny_policy_dir, tiny_reward_dir, cut))

@@ -250,6 +250,10 @@ def test_short_pipeline_end_to_end_and_reuse(tmp_path, monkeypatch, capfd):
     res = sweep.evaluate_run(run, n=8)
     assert [r["step"] for r in res["gold"]["checkpoints"]] == [1, 2]
     assert res["gold"]["baseline"]["n"] == 8 and res["gold"]["judge"] == "toy-gold"
+    # judged in both orders: toy-gold scores each summary on its own, so it is consistent by construction
+    assert res["gold"]["both_orders"] and res["gold"]["baseline"]["n_both_orders"] == 8
+    assert all(r["position_consistency"] == 1.0 and r["first_position_rate"] == 0.5
+               for r in res["gold"]["checkpoints"] + [res["gold"]["baseline"]])
     assert res["proxy"]["checkpoints"][0]["mean_policy_score"] is not None
 
     # a second invocation reuses every cached artifact (no builder runs)

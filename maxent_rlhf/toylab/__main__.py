@@ -2,7 +2,8 @@
 
     build [NAME ...] [--cache-dir DIR]     build (or verify) artifacts; default: all of the profile
     sweep [--out runs/toylab] [--seeds 1,2,3] [--lrs 2e-4,1e-3] [--regularizers kl,maxent,entropy,minent,none]
-          [--iterations N] [--no-offline]  run the sweep through the scripts, then write the report
+          [--iterations N] [--no-offline] [--no-rloo] [--shard I/N]
+                                           run the sweep through the scripts, then write the report
     report [--out runs/toylab] [--report-dir report]   figures + report.md from a sweep directory
 """
 from __future__ import annotations
@@ -21,6 +22,16 @@ def _ints(s):
     return tuple(int(x) for x in s.split(",") if x)
 
 
+def _shard(s):
+    try:
+        i, n = (int(x) for x in s.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {s!r}: expected I/N, e.g. 0/2") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {s!r}: I must be in 0..N-1")
+    return i, n
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     p = argparse.ArgumentParser(prog="python -m maxent_rlhf.toylab", description=__doc__,
@@ -36,7 +47,11 @@ def main(argv=None) -> int:
     s.add_argument("--lrs", type=_floats, default=None)
     s.add_argument("--regularizers", default=None)
     s.add_argument("--iterations", type=int, default=None)
-    s.add_argument("--no-offline", action="store_true")
+    s.add_argument("--no-offline", action="store_true", help="skip the offline (DPO, SimPO) runs")
+    s.add_argument("--no-rloo", action="store_true", help="skip the online (RLOO) runs")
+    s.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                   help="run every N-th run starting at I (0-based), e.g. 0/2 and 1/2 in two processes; a shard "
+                        "writes no report: a plain `sweep` afterwards skips the finished runs and writes it")
     s.add_argument("--eval-n", type=int, default=None)
     s.add_argument("--extra", action="store_true",
                    help="add runs (e.g. another --lrs) to an existing sweep directory without rewriting sweep.json")
@@ -66,7 +81,10 @@ def main(argv=None) -> int:
             kw["regularizers"] = tuple(a.regularizers.split(","))
         if a.eval_n:
             kw["eval_n"] = a.eval_n
-        sw.sweep(a.out, iterations=a.iterations, offline=not (a.no_offline or a.extra), write_meta=not a.extra, **kw)
+        sw.sweep(a.out, iterations=a.iterations, offline=not (a.no_offline or a.extra), online=not a.no_rloo,
+                 write_meta=not a.extra, shard=a.shard, **kw)
+        if a.shard[1] > 1:
+            return 0
         a.cmd = "report"
     if a.cmd == "report":
         from .report import write_report

@@ -12,13 +12,37 @@ from pathlib import Path
 from typing import Optional
 
 from .. import plotting
+from . import claims
+from .claims import DROP  # "falls at least 10 points below its in-run peak"
 from .sweep import REGULARIZER_LABELS
 
-DROP = 0.10  # "falls at least 10 points below its in-run peak"
+# train_rloo metrics behind the KL claims (6, 7) and the run table: "objective/<key>"
+KL_REF = "kl_ref_k3"
+KL_PREV = "kl_prev_k3"
 
 
 def _reg_key(run: plotting.Run) -> str:
-    return run.name.split("_lr")[0]
+    """The sweep's regulariser name (kl, maxent, entropy, minent, none) of a run."""
+    return run.info.get("regularizer") or run.name.split("_lr")[0].split("_c")[0]
+
+
+def _coef(run: plotting.Run) -> Optional[float]:
+    """The entropy coefficient of an entropy run, 0 for the no-regulariser runs, None otherwise."""
+    reg = run.config.get("regularizer")
+    if reg == "entropy":
+        return float(run.config.get("entropy_coef", float("nan")))
+    return 0.0 if reg == "none" else None
+
+
+def _default_coef(run: plotting.Run) -> bool:
+    """Whether the run has its config's coefficient: the sweep names the others `REG_c<coef>_lr...`."""
+    return not run.name.startswith(f"{_reg_key(run)}_c")
+
+
+def _label(run: plotting.Run) -> str:
+    """Figure legend: the regulariser, plus the coefficient when it is not the config's."""
+    extra = "" if _default_coef(run) else f", coef {_coef(run):g}"
+    return REGULARIZER_LABELS.get(_reg_key(run), _reg_key(run)) + extra
 
 
 def _lr(run: plotting.Run) -> float:
@@ -28,7 +52,8 @@ def _lr(run: plotting.Run) -> float:
 def analyse(run: plotting.Run) -> dict:
     xs, ys = run.winrate_curve(include_baseline=True)
     px, py = run.proxy_curve(include_baseline=True)
-    out = {"name": run.name, "lr": _lr(run), "steps": xs, "win": ys, "proxy": dict(zip(px, py))}
+    out = {"name": run.name, "lr": _lr(run), "steps": xs, "win": ys, "proxy": dict(zip(px, py)), "variant": _reg_key(run),
+           "coef": _coef(run), "default_coef": _default_coef(run)}
     if not ys:
         return out
     i_peak = max(range(len(ys)), key=lambda i: ys[i])
@@ -41,12 +66,12 @@ def analyse(run: plotting.Run) -> dict:
     if len(eb) >= 6:
         third = len(eb) // 3
         out["entropy_bonus_trend"] = statistics.mean(eb[-third:]) - statistics.mean(eb[:third])
-    for key in ("objective/kl_ref_k3", "objective/kl_prev_k3"):
-        v = run.series(key)[1]
+    for key in (KL_REF, KL_PREV):
+        v = run.series("objective/" + key)[1]
         if v:
             third = max(1, len(v) // 3)
-            out[key.split("/")[1] + "_early"] = statistics.mean(v[:third])
-            out[key.split("/")[1] + "_late"] = statistics.mean(v[-third:])
+            out[key + "_early"] = statistics.mean(v[:third])
+            out[key + "_late"] = statistics.mean(v[-third:])
     return out
 
 
@@ -68,30 +93,31 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
     rloo = [plotting.load_run(d) for d in sorted((sweep_dir / "rloo").glob("*")) if (d / "DONE.json").exists()]
     offline = {d.name: plotting.load_run(d) for d in sorted((sweep_dir / "offline").glob("*")) if (d / "DONE.json").exists()}
     stats = [analyse(r) for r in rloo]
-    by_name = {s["name"]: s for s in stats}
     lrs = sorted({_lr(r) for r in rloo})
     figs = {}
 
     # ---- figures ------------------------------------------------------------------------------------
-    label = lambda r: REGULARIZER_LABELS.get(_reg_key(r), _reg_key(r))  # noqa: E731
     captions = []
     for i, lr in enumerate(lrs):
         rs = [r for r in rloo if _lr(r) == lr]
         seeds = sorted({r.config.get("seed") for r in rs})
         key = f"reward_{i}"
         figs[key] = plotting.plot_reward_and_entropy(
-            rs, report_dir / f"fig1_2_reward_entropy_lr{lr:g}.png", title=f"RLOO, lr {lr:g}", group=label)
-        captions.append((key, f"Figures 1-2 analogue, lr {lr:g} (seeds {seeds}, mean): RLHF reward and entropy bonus "
-                              "per regulariser; final gold win rate in the legend."))
+            rs, report_dir / f"fig1_2_reward_entropy_lr{lr:g}.png", title=f"RLOO, lr {lr:g}", group=_label)
+        captions.append((key, f"Figures 1-2 analogue, lr {lr:g} (seeds {seeds}, mean): RLHF reward and the "
+                              "policy's unweighted sampled entropy sum_t -log pi (`objective/entropy`, one scale for "
+                              "every regulariser and coefficient; the weighted entropy bonus is the run table's "
+                              "trend column) per regulariser; final gold win rate in the legend."))
     for i, lr in enumerate(lrs):
         rs = [r for r in rloo if _lr(r) == lr]
         key = f"kl_{i}"
-        figs[key] = plotting.plot_kl(rs, report_dir / f"fig3_kl_lr{lr:g}.png", title=f"KL metrics, lr {lr:g}", group=label)
-        captions.append((key, f"Figure 3 analogue, lr {lr:g}: KL(pi_t || pi_ref) (top) and KL between consecutive "
-                              "policies (bottom), k3 estimates, symlog scale."))
+        figs[key] = plotting.plot_kl(rs, report_dir / f"fig3_kl_lr{lr:g}.png", title=f"KL metrics, lr {lr:g}", group=_label)
+        captions.append((key, f"Figure 3 analogue, lr {lr:g}: KL(pi_t || pi_ref) (top, k3) and KL(pi_t || pi_t-1) "
+                              "between consecutive policies (bottom, the paper's direction: `objective/kl_prev`, "
+                              "importance-weighted from pi_t-1's samples), symlog scale."))
     if rloo:
         figs["overopt"] = plotting.plot_winrate_per_checkpoint(
-            rloo, report_dir / "fig_overopt_gold_vs_proxy.png", label=label, panel=lambda r: f"lr {_lr(r):g}",
+            rloo, report_dir / "fig_overopt_gold_vs_proxy.png", label=_label, panel=lambda r: f"lr {_lr(r):g}",
             title="gold win rate (solid) and proxy reward (dotted) per checkpoint, mean over seeds", proxy=True)
     if "dpo" in offline:
         figs["fig4"] = plotting.plot_ref_logratio(offline["dpo"], report_dir / "fig4_dpo_ref_logratio.png")
@@ -116,22 +142,19 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
 
     L = []
     L.append("# Toy lab report\n")
-    L.append("Generated by `python -m maxent_rlhf.toylab report` from the run directories of "
-             f"`{sweep_dir}`. Every number below is computed from `metrics.jsonl` and the `evaluate_judge.py` "
+    # the sweep folder by its name only: a machine's absolute path means nothing to a reader of the report
+    L.append("Generated by `python -m maxent_rlhf.toylab report` from the run directories of the sweep folder "
+             f"`{Path(sweep_dir).name}` (`--out`). Every number below is computed from `metrics.jsonl` and the `evaluate_judge.py` "
              "summaries (judge `toy-gold` for win rates against the references, judge `reward-model` with "
              "`toylab://reward` for the proxy reward of the same greedy summaries).\n")
-    if meta:
-        L.append(f"Sweep: regularisers {meta.get('regularizers')}, learning rates {meta.get('lrs')}, seeds "
-                 f"{meta.get('seeds')}, iterations {meta.get('iterations') or 'as configs/toy'}, "
-                 f"{meta.get('eval_n')} test posts per checkpoint; SimPO gammas {meta.get('simpo_gammas')} at lrs "
-                 f"{meta.get('simpo_lrs')}. Wall time of the last `sweep` invocation (runs finished earlier are skipped, "
-                 "so this can be much less than the sweep's cost; see the training-time line and notes): " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in meta.get("timings", {}).items()) + ".\n")
-    secs_main = [r.info.get("seconds", 0) for r in rloo if meta.get("lrs") is None or _lr(r) in meta.get("lrs", [])]
-    secs_off = [r.info.get("seconds", 0) for r in offline.values()]
-    L.append(f"Training time summed over runs (excluding evaluation): {len(secs_main)} RLOO runs of the sweep "
-             f"{sum(secs_main) / 60:.1f} min, {len(secs_off)} offline runs {sum(secs_off) / 60:.1f} min"
-             + (f"; {len(rloo) - len(secs_main)} extra RLOO runs outside the sweep's learning rates" if len(rloo) > len(secs_main) else "")
-             + ".\n")
+    if meta.get("regularizers"):
+        coef = "; ".join(f"{k} at lr {max(meta.get('lrs') or lrs):g} with entropy coefficients {v}" for k, v in (meta.get("coef_sweep") or {}).items())
+        L.append(f"Sweep (`sweep.json`): regularisers {meta.get('regularizers')} x learning rates {meta.get('lrs')} x seeds "
+                 f"{meta.get('seeds')}; lr {meta.get('low_lr')} for {meta.get('low_lr_regularizers')}; "
+                 + (f"coefficient sweep: {coef} (beside the default and coefficient 0 = no regulariser); " if coef else "")
+                 + f"iterations {meta.get('iterations') or 'as configs/toy'}, {meta.get('eval_n')} test posts per checkpoint; "
+                 f"DPO; SimPO gammas {meta.get('simpo_gammas')} at lrs {meta.get('simpo_lrs')}.\n")
+    L += cost_lines(rloo, offline, build_s, meta)
     L.append("## What the lab must exhibit\n")
     L.append("| requirement | target | measured | holds |")
     L.append("|---|---|---|---|")
@@ -160,11 +183,13 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
     if rloo_secs:
         L.append(f"| one toy RLOO run (incl. model loading; sweep runs) | <= 5 min | median {statistics.median(rloo_secs):.0f} s | "
                  f"{'yes' if statistics.median(rloo_secs) <= 300 else 'NO'} |")
+    L.append("")
     if pair_stats:
         L.append(f"\nPreference data: {pair_stats['pairs']} pairs of SFT samples (temperature 1) labelled by the gold "
                  f"judge with Bradley-Terry noise (labels agree with the noiseless gold preference on "
                  f"{pair_stats['label_gold_agreement']:.1%}); {pair_stats['gold_ties_dropped']} gold ties dropped.\n")
 
+    L += position_lines(list(rloo) + list(offline.values()))
     if best_overopt:
         L += exploit_section(sweep_dir, best_overopt)
 
@@ -172,23 +197,25 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
     L.append("Gold win rate against the references per checkpoint (step 0 = SFT); peak and final; proxy reward "
              "(mean RM score of the greedy summaries) at the peak and final checkpoints; KL(pi||pi_ref) k3 at the end; "
              "trend of the entropy bonus (last third minus first third).\n")
-    L.append("| run | lr | SFT | peak (step) | final | drop | proxy peak -> final | overoptimised | KL_ref late | KL_prev early -> late | entropy-bonus trend |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    L.append("| run | lr | SFT | peak (step) | final | drop | trajectory | proxy peak -> final | overoptimised | KL_ref late | KL_prev early -> late | entropy-bonus trend |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in stats:
         if "final" not in s:
             continue
         L.append(f"| {s['name']} | {s['lr']:g} | {_fmt(s.get('sft'))} | {_fmt(s['peak'])} ({s['peak_step']}) | {_fmt(s['final'])} | "
-                 f"{s['drop'] * 100:.0f} | {_fmt(s.get('proxy_at_peak'), '.2f')} -> {_fmt(s.get('proxy_final'), '.2f')} | "
-                 f"{'yes' if s.get('overoptimised') else 'no'} | {_fmt(s.get('kl_ref_k3_late'), '.2f')} | "
-                 f"{_fmt(s.get('kl_prev_k3_early'), '.3f')} -> {_fmt(s.get('kl_prev_k3_late'), '.3f')} | "
+                 f"{s['drop'] * 100:.0f} | {_trajectory(s)} | {_fmt(s.get('proxy_at_peak'), '.2f')} -> {_fmt(s.get('proxy_final'), '.2f')} | "
+                 f"{'yes' if s.get('overoptimised') else 'no'} | {_fmt(s.get(KL_REF + '_late'), '.2f')} | "
+                 f"{_fmt(s.get(KL_PREV + '_early'), '.3f')} -> {_fmt(s.get(KL_PREV + '_late'), '.3f')} | "
                  f"{_fmt(s.get('entropy_bonus_trend'), '+.3f')} |")
     L.append("")
+    L += main_job_lines(rloo)
+    L += offline_table(offline)
 
     L.append("## Figures\n")
     for key, caption in captions + [
         ("overopt", "Overoptimisation: gold win rate (solid) and proxy reward (dotted) of the same checkpoints, mean over seeds."),
         ("fig4", "Figure 4 analogue: batch mean of log pi_ref(y_w|x) - log pi_ref(y_l|x) during DPO (`ref/logratio`)."),
-        ("fig6", "Figure 6 analogue: SimPO gold win rate per checkpoint for several gamma at two learning rates."),
+        ("fig6", "Figure 6 analogue: SimPO gold win rate per checkpoint for several gamma, one panel per learning rate."),
     ]:
         if key in figs:
             L.append(f"![{key}]({Path(figs[key]).name})\n\n{caption}\n")
@@ -203,140 +230,209 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
     return out
 
 
-def _group_final(stats, prefix, lr):
-    sel = [s for s in stats if s["name"].startswith(prefix + "_") and abs(s["lr"] - lr) < 1e-12 and "final" in s]
-    return sel
+def _trajectory(s: dict) -> str:
+    return claims.Outcome(s["name"], s["sft"], s["peak"], s["final"]).trajectory if s.get("sft") is not None else "-"
+
+
+def cost_lines(rloo, offline: dict, build_s, meta: dict) -> list[str]:
+    """The sweep's cost in one process on this machine: the artifact build plus every run's training and
+    evaluation seconds (DONE.json), whatever number of processes actually ran them."""
+    names = set(meta.get("rloo_runs") or [r.name for r in rloo]) | set(meta.get("offline_runs") or offline)
+    runs = [r for r in list(rloo) + list(offline.values()) if r.name in names]
+    outside = [r.name for r in rloo if r.name not in names]
+    train = sum(r.info.get("seconds", 0.0) for r in runs)
+    ev = sum(r.info.get("eval_seconds", 0.0) for r in runs)
+    no_eval = sum(1 for r in runs if "eval_seconds" not in r.info)
+    total = (build_s or 0.0) + train + ev
+    missing = sorted(names - {r.name for r in list(rloo) + list(offline.values())})
+    out = [f"Cost of the sweep in one process on this machine, added up from the runs' `DONE.json` and the artifacts' "
+           f"build records: artifacts {(build_s or 0) / 60:.1f} min + training {train / 60:.1f} min + evaluation "
+           f"{ev / 60:.1f} min = **{total / 60:.0f} min** for {len(runs)} runs ({sum(r in rloo for r in runs)} RLOO, "
+           f"{len(runs) - sum(r in rloo for r in runs)} offline)"
+           + (f"; {no_eval} run(s) have no evaluation time recorded" if no_eval else "")
+           + (f". Runs in the directory outside the sweep, also in the tables: {', '.join(outside)}" if outside else "")
+           + ".\n"]
+    if missing:
+        out.append(f"**Not finished** ({len(missing)} planned runs, absent from every table): {', '.join(missing)}.\n")
+    return out
+
+
+def position_lines(runs) -> list[str]:
+    """toy-gold's position statistics over every checkpoint judged in both orders (evaluate_judge --both_orders)."""
+    rows = [r for run in runs if run.gold and run.gold.get("both_orders")
+            for r in run.gold.get("checkpoints", []) + [run.gold.get("baseline") or {}] if r.get("n_both_orders")]
+    if not rows:
+        return ["Judge position check: no checkpoint was judged in both orders (`evaluate_judge.py --both_orders`).\n"]
+    cons = [r["position_consistency"] for r in rows]
+    first = [r["first_position_rate"] for r in rows]
+    n = sum(r["n_both_orders"] for r in rows)
+    return [f"Judge position check: every checkpoint was judged by toy-gold in both orders (`--both_orders`, each order "
+            f"half a judgment): {len(rows)} checkpoints, {n} examples judged validly in both orders; position consistency "
+            f"{min(cons):.1%} (lowest checkpoint) to {max(cons):.1%}, first-position preference {min(first):.1%} to "
+            f"{max(first):.1%}. toy-gold scores each summary on its own and prefers the higher score, so swapping A and "
+            "B swaps the scores; only its tie rule (|score A - score B| < 1e-9 is a tie) could depend on the order, and "
+            "it is symmetric. So it is consistent by construction and every example contributes exactly one first-position "
+            "and one second-position preference (a tie: half each): 100% and 50% are what an order-free judge must show, "
+            "and what an LLM judge is measured against with the same flag.\n"]
+
+
+def main_job_lines(rloo) -> list[str]:
+    """Which run of the sweep each configs/toy/*.yaml RLOO config is (same values for every key it sets),
+    so numbers quoted for those configs (README, the configs' comments) come from a run in the tables."""
+    import dataclasses
+
+    from ..config import load_yaml
+    from ..evaluation import EvalArgs
+    from .scripts import scripts_dir
+    from .sweep import REGULARIZERS
+
+    # keys that only configure the in-training evaluation (training is the same without it)
+    evaluation_only = {f.name for f in dataclasses.fields(EvalArgs)}
+    rows = []
+    for f in sorted((scripts_dir() / "configs" / "toy").glob("*.yaml")):
+        want = {k: v for k, v in (load_yaml(f) or {}).items() if k != "output_dir" and k not in evaluation_only}
+        if "regularizer" not in want:
+            continue
+        # a sweep regulariser's config must also be the one the run was made from (minent = maxent + min_entropy)
+        match = [r.name for r in rloo if all(_same(r.config.get(k), v) for k, v in want.items())
+                 and (f.stem not in REGULARIZERS or _reg_key(r) == f.stem)]
+        rows.append(f"| configs/toy/{f.name} | {', '.join(match) if match else 'not in this sweep'} |")
+    if not rows:
+        return []
+    return ["## The toy configs in this sweep\n", "Each `configs/toy` RLOO config against the sweep's runs (a run matches "
+            "when its resolved config has the same value for every training key the file sets, and, for a "
+            "regulariser's own config, was made from it; the in-training evaluation keys are left out):\n",
+            "| config | run |", "|---|---|", *rows, ""]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def offline_table(offline: dict) -> list[str]:
+    rows = [analyse_offline(r) | {"run": r} for r in offline.values()]
+    rows = [x for x in rows if "final" in x]
+    if not rows:
+        return []
+    L = ["## Every offline run\n", "Gold win rate against the references per checkpoint of DPO and SimPO (step 0 = SFT).\n",
+         "| run | loss | lr | beta | gamma | SFT | peak (step) | final | drop | trajectory |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for x in rows:
+        c = x["run"].config
+        L.append(f"| {x['name']} | {x['loss']} | {x['lr']:g} | {c.get('beta', '-')} | {_fmt(x['gamma'], 'g')} | {_fmt(x['sft'])} | "
+                 f"{_fmt(x['peak'])} ({x['peak_step']}) | {_fmt(x['final'])} | {x['drop'] * 100:.0f} | {_trajectory(x)} |")
+    L.append("")
+    return L
+
+
+def _group_final(stats, variant, lr, default_coef_only=True):
+    """Finished runs of one regulariser variant at one lr (by default at the sweep's default coefficient)."""
+    return [s for s in stats if s.get("variant") == variant and abs(s["lr"] - lr) < 1e-12 and "final" in s
+            and s.get("sft") is not None and (s.get("default_coef", True) or not default_coef_only)]
+
+
+def _outcomes(sel) -> list[claims.Outcome]:
+    return [claims.Outcome(s["name"], s["sft"], s["peak"], s["final"]) for s in sel]
+
+
+ENTROPY_VARIANTS = ("maxent", "entropy")  # the reference-free maximum-entropy objectives (Eqs. 7 and 6)
 
 
 def claims_table(stats: list, offline: dict, lrs: list, extra_lrs=()) -> list[str]:
+    """The claim table: each row's verdict is one rule of `claims` applied to numbers of the sweep."""
     L = ["## Claims of the paper (Sections 4.2-4.3, Appendix B) against the toy lab\n",
-         "Verdicts follow the rule stated in each row; 'n/a' where the sweep did not run the needed configuration. "
-         "A toy model on a synthetic task is not Pythia on TL;DR: agreement here shows the mechanism can appear, "
-         "disagreement that it is not universal.\n",
-         "| # | paper claim | toy-lab evidence | verdict |", "|---|---|---|---|"]
-    lo, hi = (lrs[0], lrs[-1]) if lrs else (None, None)
+         "Each verdict is a rule of `maxent_rlhf/toylab/claims.py` (listed below the table, unit-tested in "
+         "`tests/test_report_rules.py`) on the runs of the tables above: **agrees**, **partly** (e.g. runs that "
+         "improve, then decline without collapsing), **disagrees**, or **n/a** with the reason (the sweep lacks "
+         "the data that would test the claim). A run improves on SFT when it ends >= 10 points above it, and "
+         "declines when it ends >= 10 points below its peak (~3 standard errors at 200 test posts). A toy model "
+         "on a synthetic task is not Pythia on TL;DR: agreement shows the mechanism can appear, disagreement "
+         "that it is not universal.\n",
+         "| # | paper claim | toy-lab evidence | rule | verdict |", "|---|---|---|---|---|"]
+    rules: list[str] = []  # each distinct rule once, below the table
+    all_lrs = sorted(set(lrs) | set(extra_lrs))
+    hi = lrs[-1] if lrs else None
 
-    def row(i, claim, evidence, verdict):
-        L.append(f"| {i} | {claim} | {evidence} | {verdict} |")
+    def row(i, claim, v: claims.Verdict):
+        if v.rule not in rules:
+            rules.append(v.rule)
+        L.append(f"| {i} | {claim} | {v.evidence or '-'} | R{rules.index(v.rule) + 1} | {v.cell()} |")
 
-    def desc(sel):
-        return ", ".join(f"{s['name']}: {_fmt(s['sft'])}->peak {_fmt(s['peak'])}->final {_fmt(s['final'])}" for s in sel)
-
-    # 1. MaxEnt overoptimises at the high lr
-    sel = [s for p in ("maxent", "entropy") for s in _group_final(stats, p, hi)] if hi else []
-    if sel:
-        n_over = sum(1 for s in sel if s["drop"] >= DROP or s["final"] < (s["sft"] or 0))
-        row(1, "4.2: at the lr where KL works, MaxEnt runs rapidly overoptimise regardless of the entropy coefficient",
-            desc(sel) + f". Rule: drop >= 10 points from peak or final below SFT in all runs ({n_over}/{len(sel)})",
-            "agrees" if n_over == len(sel) else "partly" if n_over else "disagrees")
-    # 2. low lr MaxEnt improves over SFT
-    sel = [s for p in ("maxent", "entropy") for s in _group_final(stats, p, lo)] if lo and lo != hi else []
-    if sel:
-        n_up = sum(1 for s in sel if s["final"] > (s["sft"] or 1) and s["drop"] < DROP)
-        row(2, "4.2: a lower lr stabilises MaxEnt and improves on SFT (1B)", desc(sel) +
-            f". Rule: final > SFT and no 10-point drop ({n_up}/{len(sel)})",
-            "agrees" if n_up == len(sel) else "partly" if n_up else "disagrees")
-    for xlr in extra_lrs:
-        sel = [s for p in ("maxent", "entropy") for s in _group_final(stats, p, xlr)]
+    ent = lambda lr, default=True: [s for p in ENTROPY_VARIANTS for s in _group_final(stats, p, lr, default)]  # noqa: E731
+    # 1. MaxEnt overoptimises at the high lr for every coefficient (coefficient 0 = the no-regulariser runs)
+    if hi is not None:
+        by_coef: dict = {}
+        for s in _group_final(stats, "maxent", hi, default_coef_only=False):
+            by_coef.setdefault(float(s["coef"]), []).append(s)
+        by_coef[0.0] = _group_final(stats, "none", hi)
+        row(1, f"4.2: at the lr where KL works ({hi:g}), MaxEnt (Eq. 7) runs rapidly overoptimise regardless of the "
+               "entropy coefficient", claims.rule_overoptimise_regardless_of_coef(
+                   {c: _outcomes(v) for c, v in by_coef.items()}))
+    # 2. lower lrs stabilise MaxEnt and improve on SFT (one row per lr below the high one)
+    for lr in [x for x in all_lrs if hi is not None and x < hi]:
+        sel = ent(lr)
         if sel:
-            n_up = sum(1 for s in sel if s["final"] > (s["sft"] or 1) and s["drop"] < DROP)
-            row("2b", f"4.2 (extra lr {xlr:g}, outside the required sweep): an even lower lr stabilises MaxEnt", desc(sel) +
-                f". Rule: final > SFT and no 10-point drop ({n_up}/{len(sel)})",
-                "agrees" if n_up == len(sel) else "partly" if n_up else "disagrees")
-    # 3. gains not driven by entropy: coef 0 matches
-    m, n = _group_final(stats, "maxent", lo) if lo else [], _group_final(stats, "none", lo) if lo else []
-    if m and n:
-        fm, fn = _mean([s["final"] for s in m]), _mean([s["final"] for s in n])
-        row(3, "4.2: the low-lr gains are not due to the entropy term: coefficient 0 does as well",
-            f"final win, lr {lo:g}: length-normalised entropy {fm:.0%} vs no regulariser {fn:.0%}. Rule: within 10 points or none better",
-            "agrees" if fn >= fm - 0.10 else "disagrees")
-    # 4. entropy bonus decays in stable runs, grows in overoptimised ones
-    ent = [s for s in stats if s["name"].startswith(("maxent_", "entropy_")) and "entropy_bonus_trend" in s and "final" in s]
-    if ent:
-        stable = [s for s in ent if s["drop"] < DROP and s["final"] >= (s["sft"] or 0)]
-        over = [s for s in ent if s not in stable]
-        ok_s = sum(1 for s in stable if s["entropy_bonus_trend"] < 0)
-        ok_o = sum(1 for s in over if s["entropy_bonus_trend"] > 0)
-        row(4, "4.2: stable runs show decaying entropy bonuses, overoptimised runs increasing ones",
-            f"stable entropy runs with decaying bonus {ok_s}/{len(stable)}; overoptimised with increasing bonus {ok_o}/{len(over)}",
-            "agrees" if ok_s + ok_o == len(ent) else "partly" if ok_s + ok_o else "disagrees")
+            row(2, f"4.2: a lower lr ({lr:g}) stabilises MaxEnt and improves on SFT (1B)",
+                claims.rule_stable_and_improving(_outcomes(sel)))
+    # 3. the gains are not due to the entropy term
+    row(3, "4.2: the low-lr gains are not due to the entropy term: coefficient 0 does as well",
+        claims.rule_gain_not_from_entropy({lr: (_outcomes(ent(lr)), _outcomes(_group_final(stats, "none", lr)))
+                                          for lr in all_lrs if hi is None or lr < hi}))
+    # 4. entropy bonus decays in stable runs, grows in overoptimised ones (every entropy run, every coefficient)
+    e4 = [s for lr in all_lrs for s in ent(lr, default=False) if "entropy_bonus_trend" in s]
+    o4 = {s["name"]: o for s, o in zip(e4, _outcomes(e4))}
+    row(4, "4.2: stable runs show decaying entropy bonuses, overoptimised runs increasing ones",
+        claims.rule_entropy_trend([s["entropy_bonus_trend"] for s in e4 if not o4[s["name"]].overoptimised],
+                                  [s["entropy_bonus_trend"] for s in e4 if o4[s["name"]].overoptimised]))
     # 5. KL stable and effective at the high lr
-    sel = _group_final(stats, "kl", hi) if hi else []
-    if sel:
-        good = sum(1 for s in sel if s["final"] - (s["sft"] or 0) >= 0.10 and s["drop"] < DROP)
-        row(5, "4.2: KL-constrained RLHF stays stable and effective at the higher lr", desc(sel) +
-            f". Rule: >= +10 points over SFT and no 10-point drop ({good}/{len(sel)})",
-            "agrees" if good == len(sel) else "partly" if good else "disagrees")
-    # 6. KL budget: KL runs keep KL_ref small; MaxEnt larger
-    k = [s.get("kl_ref_k3_late") for s in stats if s["name"].startswith("kl_")]
-    e = [s.get("kl_ref_k3_late") for s in stats if s["name"].startswith(("maxent_", "entropy_"))]
-    if _mean(k) is not None and _mean(e) is not None:
-        row(6, "4.2: KL-constrained runs keep KL(pi||pi_ref) bounded; reference-free runs drift further",
-            f"late KL_ref (k3, mean): KL runs {_mean(k):.2f}, entropy runs {_mean(e):.2f}. Rule: KL runs lower",
-            "agrees" if _mean(k) < _mean(e) else "disagrees")
-    # 7. KL between consecutive policies grows for MaxEnt, bounded for KL (per learning rate)
-    def growth(prefix, lr):
-        g = [s["kl_prev_k3_late"] / max(s["kl_prev_k3_early"], 1e-8) for s in stats
-             if s["name"].startswith(prefix) and "kl_prev_k3_late" in s and abs(s["lr"] - lr) < 1e-12]
-        return _mean(g)
-    for lr in lrs:
-        gk, ge = growth("kl_", lr), growth(("maxent_", "entropy_"), lr)
-        if gk is not None and ge is not None:
-            row(7, f"4.2: KL between consecutive policies stays bounded under KL but grows over training under MaxEnt (lr {lr:g})",
-                f"late/early KL_prev (k3) ratio, mean over runs: KL {gk:.2f}, entropy runs {ge:.2f}. Rule: entropy ratio > 1 and > KL ratio",
-                "agrees" if ge > 1 and ge > gk else "disagrees")
+    if hi is not None:
+        row(5, f"4.2: KL-constrained RLHF stays stable and effective at the higher lr ({hi:g})",
+            claims.rule_stable_and_improving(_outcomes(_group_final(stats, "kl", hi))))
+    # 6. KL budget: KL runs keep KL_ref small, MaxEnt runs drift further; 7. KL between consecutive policies
+    # grows for MaxEnt, stays bounded for KL (one row per lr with both kinds of runs)
+    pairs = [(lr, _group_final(stats, "kl", lr), ent(lr)) for lr in all_lrs]
+    pairs = [(lr, k, e) for lr, k, e in pairs if k and e]
+    for lr, k, e in pairs:
+        row(6, f"4.2: KL-constrained runs keep KL(pi||pi_ref) bounded; reference-free runs drift further (lr {lr:g})",
+            claims.rule_kl_ref_bounded([s[KL_REF + "_late"] for s in k if KL_REF + "_late" in s],
+                                       [s[KL_REF + "_late"] for s in e if KL_REF + "_late" in s]))
+    growth = lambda sel: [s[KL_PREV + "_late"] / max(s[KL_PREV + "_early"], 1e-8) for s in sel  # noqa: E731
+                          if KL_PREV + "_late" in s]
+    for lr, k, e in pairs:
+        row(7, f"4.2: KL(pi_t||pi_t-1) between consecutive policies stays bounded under KL but grows over training "
+               f"under MaxEnt (lr {lr:g})", claims.rule_kl_prev_growth(growth(k), growth(e)))
     # 8. minimum entropy prevents overoptimisation at the KL lr
-    sel = _group_final(stats, "minent", hi) if hi else []
-    if sel:
-        good = sum(1 for s in sel if s["drop"] < DROP and s["final"] > (s["sft"] or 1))
-        better = sum(1 for s in sel if s["final"] >= (s["sft"] or 1) + DROP)
-        row(8, "4.2.1: minimum entropy prevents overoptimisation at the KL learning rate (1B)", desc(sel) +
-            f". Rule: agrees if final > SFT and no 10-point drop in every run ({good}/{len(sel)}); partly if every "
-            f"final stays >= 10 points above SFT ({better}/{len(sel)})",
-            "agrees" if good == len(sel) else "partly" if better == len(sel) else "disagrees")
-    # 9. DPO reference log-ratio in a narrow range
+    if hi is not None:
+        row(8, f"4.2.1: minimum entropy prevents overoptimisation at the KL learning rate ({hi:g}) (1B)",
+            claims.rule_stable_and_improving(_outcomes(_group_final(stats, "minent", hi))))
+    # 9. DPO reference log-ratio: typically negative but small, in a narrow range
     dpo = offline.get("dpo")
     if dpo is not None:
-        v = dpo.series("ref/logratio")[1]
-        if v:
-            sd = statistics.pstdev(v)
-            row(9, "4.3: during DPO the reference log-ratio log pi_ref(y_w)/pi_ref(y_l) stays in a narrow range, like a fixed margin",
-                f"{len(v)} batches: mean {statistics.mean(v):.2f}, sd {sd:.2f}, range [{min(v):.2f}, {max(v):.2f}] nats; "
-                f"{'mostly negative' if statistics.mean(v) < 0 else 'mostly positive'}. Rule: sd < 1 nat",
-                "agrees" if sd < 1.0 else "disagrees")
-    # 10/11. SimPO
-    simpo = [analyse_offline(r) for n, r in offline.items() if n.startswith("simpo")]
-    if simpo:
-        slrs = sorted({s["lr"] for s in simpo})
-        shi = [s for s in simpo if s["lr"] == slrs[-1] and "final" in s]
-        slo = [s for s in simpo if s["lr"] == slrs[0] and "final" in s]
-        if shi and len(slrs) > 1:
-            n_over = sum(1 for s in shi if s["drop"] >= DROP or s["final"] < s["sft"])
-            row(10, "App. B: at the high lr every SimPO gamma overoptimises",
-                "; ".join(f"gamma {s['gamma']}: SFT {_fmt(s['sft'])} peak {_fmt(s['peak'])} final {_fmt(s['final'])}" for s in shi)
-                + f". Rule: drop >= 10 points or below SFT for all gamma ({n_over}/{len(shi)})",
-                "agrees" if n_over == len(shi) else "partly" if n_over else "disagrees")
-        if slo:
-            n_up = sum(1 for s in slo if s["final"] > s["sft"] and s["drop"] < DROP)
-            row(11, "App. B: at a low lr SimPO performs well (improves on SFT without collapsing)",
-                "; ".join(f"gamma {s['gamma']}: SFT {_fmt(s['sft'])} peak {_fmt(s['peak'])} final {_fmt(s['final'])}" for s in slo)
-                + f". Rule: final > SFT, no 10-point drop ({n_up}/{len(slo)})",
-                "agrees" if n_up == len(slo) else "partly" if n_up else "disagrees")
-            g0 = [s["final"] for s in slo if not s["gamma"]]
-            gp = [s["final"] for s in slo if s["gamma"]]
-            if g0 and gp:
-                row(12, f"App. B: an appropriate margin gamma > 0 improves on gamma = 0 (lowest lr, {slrs[0]:g})",
-                    f"final win: gamma 0 {g0[0]:.1%}, best gamma > 0 {max(gp):.1%}. Rule: best gamma > 0 at least 2 points higher",
-                    "agrees" if max(gp) - g0[0] >= 0.02 else "disagrees")
-        for lr in slrs:
-            sel = sorted((s for s in simpo if s["lr"] == lr and "final" in s), key=lambda s: s["gamma"] or 0)
-            if len(sel) >= 2 and any(s["drop"] >= DROP for s in sel):
-                finals = [s["final"] for s in sel]
-                worse = finals[-1] < finals[0] - 0.05
-                row(13, f"App. B: a larger margin makes SimPO's overoptimisation worse (lr {lr:g})",
-                    "final win by gamma: " + ", ".join(f"{s['gamma']}: {s['final']:.0%}" for s in sel)
-                    + ". Rule: largest gamma ends >= 5 points below gamma 0",
-                    "n/a (every gamma ends at ~0)" if max(finals) < 0.05 else "agrees" if worse else "disagrees")
+        row(9, "4.3: during DPO the reference log-ratio log pi_ref(y_w)/pi_ref(y_l) is typically negative but small and "
+               "stays in a narrow range, like a fixed margin",
+            claims.rule_ref_logratio_band(dpo.series("ref/logratio")[1], int(dpo.config.get("global_batch_size") or 0)))
+    # 10-13. SimPO
+    simpo = [s for s in (analyse_offline(r) for n, r in offline.items() if n.startswith("simpo"))
+             if "final" in s and s.get("sft") is not None]
+    slrs = sorted({s["lr"] for s in simpo})
+    at = lambda lr: sorted((s for s in simpo if s["lr"] == lr), key=lambda s: s["gamma"] or 0.0)  # noqa: E731
+    so = lambda sel: [claims.Outcome(f"gamma {s['gamma']:g}", s["sft"], s["peak"], s["final"]) for s in sel]  # noqa: E731
+    if len(slrs) > 1:
+        row(10, f"App. B: at the high lr ({slrs[-1]:g}) every SimPO gamma overoptimises", claims.rule_all_overoptimise(so(at(slrs[-1]))))
+    for lr in slrs[:-1] if len(slrs) > 1 else slrs:
+        row(11, f"App. B: at a low lr ({lr:g}) SimPO performs well (improves on SFT; 'can still experience' overoptimisation)",
+            claims.rule_stable_and_improving(so(at(lr))))
+    if slrs:
+        sel = at(slrs[0])
+        g0 = [s["final"] for s in sel if not s["gamma"]]
+        row(12, f"App. B: an appropriate margin gamma > 0 improves on gamma = 0 (lowest lr, {slrs[0]:g})",
+            claims.rule_margin_helps(g0[0] if g0 else None, {float(s["gamma"]): s["final"] for s in sel if s["gamma"]}))
+    for lr in slrs:
+        row(13, f"App. B: a larger margin makes SimPO's overoptimisation worse (lr {lr:g})",
+            claims.rule_larger_margin_worse({float(s["gamma"] or 0.0): o for s, o in zip(at(lr), so(at(lr)))}))
+    L.append("\nRules:\n")
+    L += [f"- R{i + 1}: {r}" for i, r in enumerate(rules)]
     L.append("")
     return L
 
@@ -384,9 +480,11 @@ def exploit_section(sweep_dir: Path, s: dict) -> list[str]:
 
 def analyse_offline(run: plotting.Run) -> dict:
     xs, ys = run.winrate_curve(include_baseline=True)
-    out = {"name": run.name, "lr": _lr(run), "gamma": run.config.get("simpo_gamma")}
+    loss = run.config.get("loss_type")
+    out = {"name": run.name, "lr": _lr(run), "loss": loss, "gamma": run.config.get("simpo_gamma") if loss == "simpo" else None}
     if ys:
-        out.update(sft=ys[0], peak=max(ys), final=ys[-1], drop=max(ys) - ys[-1])
+        i = max(range(len(ys)), key=lambda k: ys[k])
+        out.update(sft=ys[0] if xs[0] == 0 else None, peak=ys[i], peak_step=xs[i], final=ys[-1], drop=ys[i] - ys[-1])
     return out
 
 
