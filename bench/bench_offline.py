@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sidebyside import REPO, Side, load_average, load_script, measure, parse_ours, print_table, require_trl  # noqa: E402
+from sidebyside import REPO, Side, add_side_by_side_args, load_average, load_script, measure, parse_ours, print_table, require_trl  # noqa: E402
 
 SIZES = {"0.87M": (128, 4, 4), "25.5M": (512, 8, 8)}  # (hidden, layers, heads), vocabulary 300
 VOCAB_WORDS = 297
@@ -133,20 +133,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated subset of: " + ", ".join(SIZES))
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
-    ap.add_argument("--trl", action="store_true", help="run TRL 1.16's DPOTrainer side by side (needs --trl-python)")
-    ap.add_argument("--trl-python", default=sys.executable,
-                    help="python of a scratch venv where trl 1.16 is installed (default: this python)")
-    ap.add_argument("--repeats", type=int, default=3, help="repeats per side, interleaved (median, min, max reported)")
-    ap.add_argument("--short", type=int, default=2, help="steps of the short run (its time is subtracted)")
-    ap.add_argument("--long", type=int, default=0, help="steps of the long run (0: 10 at 0.87M, 6 at 25.5M)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in every run (both sides)")
-    ap.add_argument("--json", default=None, help="also write all runs to this JSON file")
-    ap.add_argument("--ours", action="append", default=None, metavar="LABEL=SCRIPT[:VAR=VALUE,...]",
-                    help="our trainer(s) to time (repeatable; default ours=train_offline.py); VAR=VALUE go to its environment")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--script", default="train_offline.py", help=argparse.SUPPRESS)
+    add_side_by_side_args(ap, "DPOTrainer", "steps", "10 at 0.87M, 6 at 25.5M", "train_offline.py")
     ap.add_argument("--case", default="live", help=argparse.SUPPRESS)
-    ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

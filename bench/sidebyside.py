@@ -43,6 +43,25 @@ environment's torch / transformers / accelerate / datasets, then point the bench
 transformers 5.x / accelerate 1.x / datasets 5.x it installs trl alone.)"""
 
 
+
+def add_side_by_side_args(ap, trainer: str, unit: str, default_long: str, script: str) -> None:
+    """The options both benches share: the TRL side, the interleaved repeats, the short/long runs, threads."""
+    import argparse
+
+    ap.add_argument("--trl", action="store_true", help=f"run TRL 1.16's {trainer} side by side (needs --trl-python)")
+    ap.add_argument("--trl-python", default=sys.executable,
+                    help="python of a scratch venv where trl 1.16 is installed (default: this python)")
+    ap.add_argument("--ours", action="append", default=None, metavar="LABEL=SCRIPT[:VAR=VALUE,...]",
+                    help=f"our trainer(s) to time (repeatable; default ours={script}); VAR=VALUE go to its environment")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats per side, interleaved (median, min, max reported)")
+    ap.add_argument("--short", type=int, default=2, help=f"{unit} of the short run (its time is subtracted)")
+    ap.add_argument("--long", type=int, default=0, help=f"{unit} of the long run (0: {default_long})")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in every run (both sides)")
+    ap.add_argument("--json", default=None, help="also write all runs to this JSON file")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--script", default=script, help=argparse.SUPPRESS)
+    ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+
 def load_average() -> str:
     try:
         return "/".join(f"{x:.2f}" for x in os.getloadavg())
