@@ -32,7 +32,6 @@ curves.png (the paper's Fig. 7 layout); at the end the run's story (maxent_rlhf.
 from __future__ import annotations
 
 import gc
-import inspect
 import json
 import math
 import time
@@ -73,10 +72,6 @@ class OfflineConfig(EvalArgs, TrainConfig):
     )
     precompute_ref_logprobs: bool = cfg(
         False, "compute reference log-probs once over the dataset before training and free the reference model"
-    )
-    shared_prefix: bool = cfg(
-        True, "chosen and rejected share one prompt pass (its KV cache tiled for the responses): same log-probs, "
-        "fewer prompt FLOPs; off, or automatically under FSDP / ZeRO-3 / gradient checkpointing: one plain forward"
     )
     # data
     dataset_name: str = cfg(
@@ -168,69 +163,12 @@ class RewardScorer(torch.nn.Module):
 # --------------------------------------------------------------------------------------------------
 # forward + loss of one micro-batch
 # --------------------------------------------------------------------------------------------------
-def shared_prefix_usable(model, batch: data.ResponseBatch) -> bool:
-    """Whether `shared_prefix_logits` may replace the plain forward for this model and batch.
-
-    Plain path (it costs the prompt's K - 1 repeated passes, nothing else) when:
-    - FSDP or ZeRO-3: every forward all-gathers the parameters, so two forwards (prompt, then responses)
-      gather twice, which eats the saving; and their backward prefetch/reshard expects one forward;
-    - gradient checkpointing: HF turns the KV cache off in training then, and a recomputed prompt pass
-      would not be shared anyway;
-    - a model without a KV cache we can tile (encoder-decoder, no DynamicCache layers / logits_to_keep);
-    - one response per prompt (nothing to share), or rows that do not repeat one prompt K times."""
-    hf = distributed.hf_model(model)
-    checkpointing = getattr(hf, "is_activation_checkpointing", None)  # transformers 5 name; 4.x: the old one
-    if checkpointing is None:
-        checkpointing = getattr(hf, "is_gradient_checkpointing", False)
-    if batch.num_responses < 2 or checkpointing:
-        return False
-    if any(hasattr(p, "ds_id") for p in hf.parameters()):  # DeepSpeed ZeRO-3 partitioned parameters
-        return False
-    import torch.distributed.fsdp as fsdp
-    sharded = tuple(t for t in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None)) if t)
-    if any(isinstance(m, sharded) for m in (model, *hf.modules())):  # FSDP1 wrapper or FSDP2 module
-        return False
-    if getattr(hf.config, "is_encoder_decoder", False) or "logits_to_keep" not in inspect.signature(hf.forward).parameters:
-        return False
-    k, p = batch.num_responses, batch.context_length
-    prompts = batch.input_ids[:, :p].view(k, -1, p)
-    return bool((prompts == prompts[:1]).all())
-
-
-def shared_prefix_logits(model, batch: data.ResponseBatch) -> Optional[torch.Tensor]:
-    """`generation.response_logits` with the prompt run ONCE for its K responses (rows k * B + b share
-    example b's prompt): a prompt pass fills the KV cache, the cache is tiled K times (response-major, like
-    the rows) and the responses run on it; under grad, backward flows into the one prompt pass. Saves
-    (K - 1) / K of the prompt tokens' compute; costs a second call of the model (both go through the
-    wrapper's forward, so DDP's hooks see them) and the tiled cache (the same K/V the plain pass keeps).
-    None when the cache cannot be tiled (the caller falls back to the plain path)."""
-    k, p = batch.num_responses, batch.context_length
-    b = batch.input_ids.shape[0] // k
-    q_mask = batch.attention_mask[:b, :p]
-    # prompts are left-padded, so the last position is real: its logits predict the first response token
-    out = model(input_ids=batch.input_ids[:b, :p], attention_mask=q_mask,
-                position_ids=generation.position_ids_from_mask(q_mask), use_cache=True, logits_to_keep=1)
-    cache = getattr(out, "cache", None) or out.past_key_values  # transformers 5.x renamed the output / argument
-    layers = getattr(cache, "layers", None)
-    if not layers or not all(hasattr(layer, "keys") and torch.is_tensor(layer.keys) for layer in layers):
-        return None  # not a DynamicCache of transformers >= 4.56: nothing we know how to tile
-    for layer in layers:  # response-major rows: tile (repeat), not interleave
-        layer.keys, layer.values = layer.keys.repeat(k, 1, 1, 1), layer.values.repeat(k, 1, 1, 1)
-    resp_len = batch.input_ids.shape[1] - p
-    cache_arg = "cache" if "cache" in inspect.signature(distributed.hf_model(model).forward).parameters else "past_key_values"
-    position = generation.position_ids_from_mask(batch.attention_mask)[:, p:]
-    keep = torch.arange(0, resp_len - 1, device=batch.input_ids.device)  # the last response token predicts nothing
-    resp = model(input_ids=batch.input_ids[:, p:], attention_mask=batch.attention_mask, position_ids=position,
-                 use_cache=True, logits_to_keep=keep, **{cache_arg: cache}).logits
-    return torch.cat([out.logits[:, -1:].repeat(k, 1, 1), resp[:, : resp_len - 1]], 1)
-
-
 def response_logps(model, batch: data.ResponseBatch, shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs S and lengths |y|, both [B, K] (column 0 = chosen / best).
-    `shared_prefix`: one prompt pass for the K responses where `shared_prefix_usable` says it is valid."""
-    logits = shared_prefix_logits(model, batch) if shared_prefix and shared_prefix_usable(model, batch) else None
-    if logits is None:
-        logits = generation.response_logits(model, batch.input_ids, batch.attention_mask, batch.context_length)
+    `shared_prefix`: one prompt pass for the K responses (rows k * B + b share example b's prompt) where
+    `generation.shared_prefix_usable` says it is valid (not under FSDP / ZeRO-3 / gradient checkpointing)."""
+    logits = generation.response_logits(model, batch.input_ids, batch.attention_mask, batch.context_length,
+                                        shared_prefix_k=batch.num_responses if shared_prefix else 1, layout="tiled")
     seq = objectives.sequence_logprobs(logits, batch.labels, batch.response_mask)
     lengths = batch.response_mask.sum(-1).to(seq.dtype)
     k = batch.num_responses

@@ -163,6 +163,10 @@ class RLOOConfig(EvalArgs, TrainConfig):
     sample_every: int = cfg(10, "write completions to samples.jsonl every N iterations (0: never)")
     num_samples: int = cfg(4, "completions written per sample_every")
 
+    def prefix_k(self) -> int:
+        """Rows sharing one prompt in every forward (`shared_prefix`): rloo_k, or 1 for the plain path."""
+        return self.rloo_k if self.shared_prefix else 1
+
     def kl_ref_interval(self) -> int:
         """Iterations between reference forwards: 1 for `kl` (its reward needs pi_ref), else `kl_ref_every`."""
         return 1 if self.regularizer == "kl" else self.kl_ref_every
@@ -390,7 +394,7 @@ def generate(c: RLOOConfig, m: Models, query_ids: torch.Tensor, query_mask: torc
                 # generation.sample: generate's tokens without its per-token overhead (sharded: generate itself)
                 raw.append(generation.sample(gen_model, query_ids[s], query_mask[s], c.response_length, tok.eos_token_id,
                                              tok.pad_token_id, temperature=c.temperature,
-                                             synced_gpus=distributed.needs_synced_gpus(acc)))
+                                             synced_gpus=distributed.needs_synced_gpus(acc), shared_prefix_k=c.prefix_k()))
     responses, response_mask, contains_eos = generation.truncate_after_eos(torch.cat(raw), tok.eos_token_id, tok.pad_token_id)
     responses, response_mask = cut_to_longest(responses, response_mask)
     return Rollout(query_ids, query_mask, responses, response_mask, contains_eos)
@@ -427,10 +431,12 @@ def score(c: RLOOConfig, m: Models, ro: Rollout) -> torch.Tensor:
             rm_ids, rm_mask = retokenize_for_reward(m.tokenizer, m.reward_tokenizer, ro.query_ids, ro.query_mask,
                                                     ro.responses, ro.response_mask, ro.contains_eos)
             rm_ids, rm_mask = rm_ids.to(device), rm_mask.to(device)
+            context_length, k = None, 1  # other tokens: no shared prompt columns
         else:
             rm_ids, rm_mask = ro.query_responses, ro.attention_mask
+            context_length, k = ro.context_length, c.prefix_k()
         with m.accelerator.autocast():
-            scores = torch.cat([generation.reward_model_scores(m.reward_model, rm_ids[s], rm_mask[s])
+            scores = torch.cat([generation.reward_model_scores(m.reward_model, rm_ids[s], rm_mask[s], context_length, k)
                                 for s in _chunks(n, c.local_rollout_forward_batch_size)])
     return objectives.missing_eos_penalty(scores, ro.contains_eos, c.missing_eos_penalty)
 
@@ -447,7 +453,7 @@ def policy_logprobs(c: RLOOConfig, m: Models, ro: Rollout, model=None, return_en
     with torch.no_grad(), m.accelerator.autocast():
         for s in _chunks(len(ro), c.local_rollout_forward_batch_size):
             out = generation.response_logprobs(model, ro.query_responses[s], ro.attention_mask[s], ro.context_length,
-                                               c.temperature, return_entropy=return_entropy)
+                                               c.temperature, return_entropy=return_entropy, shared_prefix_k=c.prefix_k())
             if return_entropy:
                 lps.append(out[0].float())
                 ents.append(out[1].float())
@@ -546,7 +552,8 @@ def fused_update(c: RLOOConfig, m: Models, plan: BatchPlan, ro: Rollout, optimiz
         rows = slice(a * micro, (a + 1) * micro)
         with distributed.micro_step(acc, policy, a == plan.grad_accum - 1), acc.autocast():
             new_lp, entropy = generation.response_logprobs(policy, ro.query_responses[rows], ro.attention_mask[rows],
-                                                           ro.context_length, c.temperature, return_entropy=True)
+                                                           ro.context_length, c.temperature, return_entropy=True,
+                                                           shared_prefix_k=c.prefix_k())
             new_lp = new_lp.float()
             old_lp = new_lp.detach()
             reg = regularised_reward(c, ro, rows, old_logprobs=old_lp)  # step 4 on these rows

@@ -102,6 +102,11 @@ class TrainConfig(BaseConfig):
     adam_epsilon: float = cfg(1e-8, "AdamW epsilon")
     max_grad_norm: float = cfg(1.0, "gradient clipping norm (<= 0: no clipping; the norm is still logged)")
     gradient_checkpointing: bool = cfg(False, "recompute activations in backward (less memory, ~30% slower)")
+    shared_prefix: bool = cfg(
+        True, "responses of one prompt (chosen and rejected; RLOO's rloo_k completions) share one prompt pass whose KV "
+        "cache is repeated for them: same values, fewer prompt FLOPs; off, or automatically under FSDP / ZeRO-3 / "
+        "gradient checkpointing: one plain forward per row"
+    )
     # checkpoints and logging
     resume: Optional[str] = cfg(
         None, "resume from 'latest' (the newest checkpoint in output_dir; none yet: says so and starts fresh) or "

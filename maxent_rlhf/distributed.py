@@ -238,6 +238,18 @@ def hf_model(model):
     return model
 
 
+def parameters_sharded(model) -> bool:
+    """Are the model's parameters split over processes (DeepSpeed ZeRO-3, FSDP1 or FSDP2), so that every
+    forward all-gathers them?"""
+    hf = hf_model(model)
+    if any(hasattr(p, "ds_id") for p in hf.parameters()):  # DeepSpeed ZeRO-3 partitioned parameters
+        return True
+    import torch.distributed.fsdp as fsdp
+
+    kinds = tuple(t for t in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None)) if t)
+    return any(isinstance(m, kinds) for m in (model, *hf.modules()))  # FSDP1 wrapper or FSDP2 module
+
+
 # --------------------------------------------------------------------------------------------------
 # generation with a sharded policy
 # --------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from . import objectives
+from . import distributed, objectives
 
 Tensor = torch.Tensor
 
@@ -120,6 +120,7 @@ def sample(
     pad_token_id: int,
     temperature: float = 1.0,
     synced_gpus: bool = False,
+    shared_prefix_k: int = 1,
 ) -> Tensor:
     """`generate`'s pure-temperature sampling as a plain KV-cached loop: the same tokens under the same RNG.
 
@@ -133,6 +134,8 @@ def sample(
 
     `synced_gpus` (ZeRO-3 / FSDP: a forward is a collective, every process must keep stepping until all
     have finished): handed to `generate`, which implements that protocol.
+    `shared_prefix_k`: rows p * k + j repeat prompt p (RLOO's layout); the prefill then runs each prompt
+    once and repeats its KV cache k times (`shared_prefix_usable`; other rows: the plain prefill).
     """
     if synced_gpus:
         return generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
@@ -142,8 +145,7 @@ def sample(
     while not hasattr(model, "generate") and hasattr(model, "module"):  # DDP: the HF module
         model = model.module
     cache = DynamicCache(config=model.config)
-    # transformers >= 5.2x names the argument `cache` (`past_key_values` is deprecated); older ones only know the latter
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = _cache_argument(model)
     rows, device = input_ids.shape[0], input_ids.device
     mask = attention_mask.long()
     position = position_ids_from_mask(mask)
@@ -151,9 +153,18 @@ def sample(
     out = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     unfinished = torch.ones(rows, dtype=torch.long, device=device)
     ones = mask.new_ones(rows, 1)
+    k = shared_prefix_k
+    share = k > 1 and shared_prefix_usable(model, input_ids, mask, input_ids.shape[1], k)
     for t in range(max_new_tokens):
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=position, use_cache=True,
-                       logits_to_keep=1, **{cache_kw: cache}).logits
+        logits = None
+        if t == 0 and share:  # prefill each prompt once (1/k of the prompt FLOPs), then repeat its cache
+            logits = model(input_ids=input_ids[::k], attention_mask=mask[::k], position_ids=position[::k],
+                           use_cache=True, logits_to_keep=1, **{cache_kw: cache}).logits.repeat_interleave(k, 0)
+            if not _repeat_cache(cache, k, "grouped"):  # a cache we cannot repeat: the plain prefill after all
+                cache, logits = DynamicCache(config=model.config), None
+        if logits is None:
+            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=position, use_cache=True,
+                           logits_to_keep=1, **{cache_kw: cache}).logits
         probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1)
         token = torch.multinomial(probs, num_samples=1).squeeze(1)
         token = token * unfinished + pad_token_id * (1 - unfinished)
@@ -210,12 +221,19 @@ def _explicit_generation_config(max_new_tokens: int, eos_token_id: int, pad_toke
     )
 
 
-def response_logits(model, query_responses: Tensor, attention_mask: Tensor, context_length: int) -> Tensor:
+def response_logits(model, query_responses: Tensor, attention_mask: Tensor, context_length: int,
+                    shared_prefix_k: int = 1, layout: str = "grouped") -> Tensor:
     """Logits predicting each response token: [B, T_resp, V], from one forward pass.
 
     Only the response positions' logits are computed (`logits_to_keep`), so a 512-token prompt costs
-    no [B, 512, V] logits tensor.
+    no [B, 512, V] logits tensor. `shared_prefix_k` > 1: rows repeat each prompt k times in `layout`, and
+    where `shared_prefix_usable` allows it the prompt runs once (`shared_prefix_logits`, same values).
     """
+    if shared_prefix_k > 1 and shared_prefix_usable(model, query_responses, attention_mask, context_length,
+                                                    shared_prefix_k, layout):
+        logits = shared_prefix_logits(model, query_responses, attention_mask, context_length, shared_prefix_k, layout)
+        if logits is not None:
+            return logits
     resp_len = query_responses.shape[1] - context_length
     kwargs = dict(
         input_ids=query_responses,
@@ -243,12 +261,15 @@ def response_logprobs(
     context_length: int,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    shared_prefix_k: int = 1,
+    layout: str = "grouped",
 ):
     """Per-token log-probs of the response tokens under softmax(logits / T) (memory-lean, `objectives`).
 
-    Returns logprobs [B, T_resp] (and the true token entropy [B, T_resp] when asked).
+    Returns logprobs [B, T_resp] (and the true token entropy [B, T_resp] when asked). `shared_prefix_k`,
+    `layout`: as for `response_logits`.
     """
-    logits = response_logits(model, query_responses, attention_mask, context_length)
+    logits = response_logits(model, query_responses, attention_mask, context_length, shared_prefix_k, layout)
     labels = query_responses[:, context_length:]
     logps = objectives.token_logprobs(logits, labels, temperature=temperature)
     if return_entropy:
@@ -283,9 +304,134 @@ def reward_model_scores_with_grad(reward_model, input_ids: Tensor, attention_mas
 
 
 @torch.no_grad()
-def reward_model_scores(reward_model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """`reward_model_scores_with_grad` without autograd, as float32 (scoring rollouts, judging)."""
+def reward_model_scores(reward_model, input_ids: Tensor, attention_mask: Tensor, context_length: Optional[int] = None,
+                        shared_prefix_k: int = 1) -> Tensor:
+    """`reward_model_scores_with_grad` without autograd, as float32 (scoring rollouts, judging).
+
+    `shared_prefix_k` > 1 with `context_length`: rows p * k + j share prompt p (the first `context_length`
+    columns), which then runs once where `shared_prefix_usable` allows it (`shared_prefix_reward_scores`)."""
+    if shared_prefix_k > 1 and context_length is not None and shared_prefix_usable(
+            reward_model, input_ids, attention_mask, context_length, shared_prefix_k):
+        scores = shared_prefix_reward_scores(reward_model, input_ids, attention_mask, context_length, shared_prefix_k)
+        if scores is not None:
+            return scores.float()
     return reward_model_scores_with_grad(reward_model, input_ids, attention_mask).float()
+
+
+# --------------------------------------------------------------------------------------------------
+# shared prompts: rows that repeat one prompt k times run it once
+# --------------------------------------------------------------------------------------------------
+# Every forward over k responses per prompt (RLOO's rloo_k completions; DPO's chosen and rejected) runs the
+# prompt k times when done plainly. Here the prompt runs once, its KV cache is repeated k times, and the
+# responses run on it: (k - 1) / k of the prompt tokens' compute and activations saved (most of a forward
+# when prompts are long: TL;DR prompts are ~10x the summary), the same values up to float rounding, and
+# under grad the backward flows into the one prompt pass. It costs a second call of the model (both through
+# the wrapper's forward, so DDP's hooks see them) and the repeated cache (the same K/V the plain pass keeps).
+# Two row layouts: "grouped" (row p * k + j, train_rloo.py) and "tiled" (row j * B + p, data.collate_responses).
+PREFIX_LAYOUTS = ("grouped", "tiled")
+
+
+def _prompt_rows(rows: int, k: int, layout: str) -> slice:
+    """The rows that hold each prompt once."""
+    return slice(None, None, k) if layout == "grouped" else slice(0, rows // k)
+
+
+def _repeat_rows(x: Tensor, k: int, layout: str) -> Tensor:
+    """Inverse of `_prompt_rows`: each row back k times, in `layout`."""
+    return x.repeat_interleave(k, 0) if layout == "grouped" else x.repeat(k, *([1] * (x.dim() - 1)))
+
+
+def _cache_argument(model) -> str:
+    """transformers >= 5.2x names the forward's argument `cache` (`past_key_values` is deprecated); older
+    ones only know the latter."""
+    return "cache" if "cache" in inspect.signature(distributed.hf_model(model).forward).parameters else "past_key_values"
+
+
+def _repeat_cache(cache, k: int, layout: str) -> bool:
+    """Repeat every layer's keys and values k times in place; False when `cache` is not a DynamicCache of
+    transformers >= 4.56 (nothing we know how to repeat)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(hasattr(layer, "keys") and torch.is_tensor(layer.keys) for layer in layers):
+        return False
+    for layer in layers:
+        layer.keys, layer.values = _repeat_rows(layer.keys, k, layout), _repeat_rows(layer.values, k, layout)
+    return True
+
+
+def shared_prefix_usable(model, input_ids: Tensor, attention_mask: Tensor, context_length: int, k: int,
+                         layout: str = "grouped") -> bool:
+    """Whether the prompt may run once for its k rows (`shared_prefix_logits` / `_reward_scores`, the
+    prefill of `sample`). The plain path (it costs the prompt's k - 1 repeated passes, nothing else) when:
+    - parameters are sharded (FSDP, ZeRO-3): every forward all-gathers them, so two forwards gather twice,
+      which eats the saving, and their backward prefetch / reshard expects one forward;
+    - gradient checkpointing: HF turns the KV cache off in training then, and a recomputed prompt pass
+      would not be shared anyway;
+    - an encoder-decoder model, or rows that do not repeat each prompt k times in `layout`."""
+    hf = distributed.hf_model(model)
+    checkpointing = getattr(hf, "is_activation_checkpointing", None)  # transformers 5 name; 4.x: the old one
+    if checkpointing is None:
+        checkpointing = getattr(hf, "is_gradient_checkpointing", False)
+    rows = input_ids.shape[0]
+    if k < 2 or rows % k or rows == 0 or checkpointing or getattr(hf.config, "is_encoder_decoder", False):
+        return False
+    if distributed.parameters_sharded(model):
+        return False
+    sel = _prompt_rows(rows, k, layout)
+    return all(torch.equal(_repeat_rows(x[sel, :context_length], k, layout), x[:, :context_length])
+               for x in (input_ids, attention_mask))
+
+
+def _shared_prefix_forward(module, input_ids: Tensor, attention_mask: Tensor, context_length: int, k: int,
+                           layout: str, prompt_kw: dict, rest_kw: dict):
+    """Prompt pass over each prompt once (fills the KV cache), the cache repeated k times, then the pass over
+    every row's continuation. Returns both outputs, or None when the cache cannot be repeated."""
+    p = context_length
+    sel = _prompt_rows(input_ids.shape[0], k, layout)
+    q_ids, q_mask = input_ids[sel, :p], attention_mask[sel, :p]
+    first = module(input_ids=q_ids, attention_mask=q_mask, position_ids=position_ids_from_mask(q_mask),
+                   use_cache=True, **prompt_kw)
+    cache = getattr(first, "cache", None) or first.past_key_values  # transformers 5.x renamed the output
+    if not _repeat_cache(cache, k, layout):
+        return None
+    position = position_ids_from_mask(attention_mask)[:, p:]
+    rest = module(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=position, use_cache=True,
+                  **{_cache_argument(module): cache}, **rest_kw)
+    return first, rest
+
+
+def shared_prefix_logits(model, query_responses: Tensor, attention_mask: Tensor, context_length: int, k: int,
+                         layout: str = "grouped") -> Optional[Tensor]:
+    """`response_logits` with each prompt run once for its k rows (the caller checked
+    `shared_prefix_usable`): the prompt pass's last position predicts the first response token, the
+    response pass the rest. None when the model cannot do it (the caller falls back to the plain path)."""
+    if "logits_to_keep" not in inspect.signature(distributed.hf_model(model).forward).parameters:
+        return None
+    resp_len = query_responses.shape[1] - context_length
+    keep = torch.arange(0, resp_len - 1, device=query_responses.device)  # the last response token predicts nothing
+    out = _shared_prefix_forward(model, query_responses, attention_mask, context_length, k, layout,
+                                 dict(logits_to_keep=1), dict(logits_to_keep=keep))
+    if out is None:
+        return None
+    first, rest = out
+    return torch.cat([_repeat_rows(first.logits[:, -1:], k, layout), rest.logits[:, : resp_len - 1]], 1)
+
+
+def shared_prefix_reward_scores(reward_model, input_ids: Tensor, attention_mask: Tensor, context_length: int, k: int,
+                                layout: str = "grouped") -> Optional[Tensor]:
+    """`reward_model_scores_with_grad` with each prompt run once for its k rows (the caller checked
+    `shared_prefix_usable`): the score head at the last real token, which lies in the continuation. None
+    when a row has no continuation token or the cache cannot be repeated."""
+    rest_mask = attention_mask[:, context_length:]
+    if rest_mask.shape[1] == 0 or not bool(rest_mask[:, 0].all()):
+        return None
+    hf = distributed.hf_model(reward_model)
+    out = _shared_prefix_forward(getattr(hf, hf.base_model_prefix), input_ids, attention_mask, context_length, k,
+                                 layout, {}, {})
+    if out is None:
+        return None
+    hidden = out[1].last_hidden_state
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(rest_mask)]
+    return hf.score(picked).squeeze(-1)
 
 
 # --------------------------------------------------------------------------------------------------

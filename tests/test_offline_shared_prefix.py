@@ -1,5 +1,6 @@
-"""train_offline's shared-prefix forward (one prompt pass for chosen and rejected, its KV cache tiled)
-against the plain one-forward path: same log-probs, same gradients, same DPO run."""
+"""train_offline's shared-prefix forward (one prompt pass for chosen and rejected, its KV cache tiled:
+generation.shared_prefix_logits in the "tiled" layout) against the plain one-forward path: same log-probs,
+same gradients, same DPO run. The "grouped" layout (train_rloo.py) is tested in test_rloo_shared_prefix.py."""
 import sys
 from pathlib import Path
 
@@ -10,8 +11,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import train_offline  # noqa: E402
-from maxent_rlhf import data, models, runs  # noqa: E402
+from maxent_rlhf import data, generation, models, runs  # noqa: E402
 from test_offline import datasets, make_cfg  # noqa: E402,F401  (the module's data fixture and config)
+
+
+def usable(model, batch):
+    return generation.shared_prefix_usable(model, batch.input_ids, batch.attention_mask, batch.context_length,
+                                           batch.num_responses, "tiled")
 
 
 def ragged_batch(tokenizer, k, seed):
@@ -33,9 +39,10 @@ def ragged_batch(tokenizer, k, seed):
 def test_shared_prefix_logps_and_gradients_equal_the_plain_forward(tiny_tokenizer, k, seed):
     model = models.build_tiny_policy(tiny_tokenizer, seed=seed)
     batch = ragged_batch(tiny_tokenizer, k, seed)
-    assert train_offline.shared_prefix_usable(model, batch)
+    assert usable(model, batch)
     with torch.no_grad():  # the shared path really runs (no silent fallback to the plain one)
-        assert train_offline.shared_prefix_logits(model, batch) is not None
+        assert generation.shared_prefix_logits(model, batch.input_ids, batch.attention_mask, batch.context_length, k,
+                                               "tiled") is not None
     results = []
     for shared in (True, False):
         model.zero_grad(set_to_none=True)
@@ -53,25 +60,25 @@ def test_shared_prefix_falls_back_where_it_cannot_share(tiny_tokenizer):
     model = models.build_tiny_policy(tiny_tokenizer, seed=0)
     batch = ragged_batch(tiny_tokenizer, 2, 0)
     single = data.collate_responses([{"prompt": [5, 6], "responses": [[7, 0]]}], tiny_tokenizer.pad_token_id)
-    assert not train_offline.shared_prefix_usable(model, single)  # one response: nothing to share
+    assert not usable(model, single)  # one response: nothing to share
     batch.input_ids[6, 0] = batch.input_ids[0, 0] + 1  # rejected row 0 no longer repeats chosen row 0's prompt
-    assert not train_offline.shared_prefix_usable(model, batch)
+    assert not usable(model, batch)
     # HF drops the KV cache in training then (transformers 5 renamed the switch)
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    assert not train_offline.shared_prefix_usable(model, ragged_batch(tiny_tokenizer, 2, 0))
+    assert not usable(model, ragged_batch(tiny_tokenizer, 2, 0))
 
 
 def test_dpo_run_with_shared_prefix_equals_the_plain_run(tmp_path, datasets, tiny_policy_dir, monkeypatch):  # noqa: F811
     kw = dict(loss_type="dpo", max_steps=3, learning_rate=2e-3)
     shared_calls = []
-    real = train_offline.shared_prefix_logits
+    real = generation.shared_prefix_logits
 
-    def counted(model, batch):
-        out = real(model, batch)
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
         shared_calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(train_offline, "shared_prefix_logits", counted)
+    monkeypatch.setattr(generation, "shared_prefix_logits", counted)
     on = train_offline.main(make_cfg(tmp_path / "on", tiny_policy_dir, datasets["pairs12"], shared_prefix=True, **kw))
     # 3 steps x 2 micro-batches x (policy + live reference), all on the shared path
     assert shared_calls == [True] * 12

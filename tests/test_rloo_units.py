@@ -413,8 +413,9 @@ def assert_same_run(a, b):
         torch.testing.assert_close(wb, wa, rtol=1e-5, atol=1e-6)
 
 
+# shared_prefix off: these compare one speed path at a time (the shared prompt pass: test_rloo_shared_prefix.py)
 FUSABLE = dict(rloo_k=2, global_batch_size=4, num_mini_batches=1, per_device_train_batch_size=2, num_ppo_epochs=1,
-               learning_rate=3e-3, temperature=0.7, kl_ref_every=1)
+               learning_rate=3e-3, temperature=0.7, kl_ref_every=1, shared_prefix=False)
 
 
 @pytest.mark.parametrize("kw", [dict(regularizer="kl", kl_coef=0.5),
