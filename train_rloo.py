@@ -15,12 +15,17 @@ One iteration, numbered below exactly like this; each step is a function over th
   5. RLOO leave-one-out advantages over the k samples of each prompt (optional whitening) `rloo_row_advantages`
   6. update: num_ppo_epochs x num_mini_batches clipped policy-gradient steps (grad accumulation,
      clipping, lr decay)                                                                   `update`
-  7. kl_prev: log-probs of the same samples after the update (KL between consecutive policies) `policy_logprobs`
+  7. kl_prev: log-probs of the same samples after the update (KL between consecutive policies;
+     all of them, or `kl_prev_per_prompt` of each prompt)                                  `kl_prev_logprobs`
   8. log, sample, checkpoint                                                              `iteration_metrics`
-Speed (same values up to float rounding; tests/test_rloo_units.py compares every metric): step 1 cuts the
-padded responses to the longest real row (`cut_to_longest`), so every later forward is as short as the
-batch allows; with one PPO epoch of one mini-batch (the bench and TRL 1.16 default) steps 3-6 run fused
+Speed (same values up to float rounding; tests/test_rloo_units.py and test_rloo_shared_prefix.py compare
+every metric): step 1 cuts the padded responses to the longest real row (`cut_to_longest`), so every later
+forward is as short as the batch allows; every forward runs each prompt once for its rloo_k completions
+and repeats its KV cache (`shared_prefix`, off by itself under FSDP / ZeRO-3 / gradient checkpointing);
+with one PPO epoch of one mini-batch (the bench and TRL 1.16 default) steps 3-6 run fused
 (`fused_update`): the update's forward is the old-policy forward, one policy forward fewer per iteration.
+Step 7 is work TRL does not do (~1/6 of an iteration at the bench's sizes); `kl_prev_per_prompt: 1`
+runs it on one completion per prompt (1/rloo_k of its cost, unbiased, noisier).
 Around the loop: the win rate of greedy summaries against references (`maxent_rlhf.evaluation`, the
 machinery of evaluate_judge.py) at iteration 0, every `eval_steps` and at the end when `judge` is set,
 as eval/* records in metrics.jsonl (a judge outage logs `eval/missing: 1` and training goes on); at the
@@ -51,7 +56,9 @@ Decisions (documented here once):
   `objective/kl_prev_reverse` (+ `_k3`) is KL(pi_{t-1} || pi_t), which needs no weight. They agree to second
   order while the update is small and part when the policy drifts. `objective/kl_prev_ess` is the effective
   sample fraction of the weights over the global batch (1: reliable; near 1/batch: kl_prev rests on a few
-  sequences).
+  sequences). `kl_prev_per_prompt` = m > 0 computes them all on the first m completions of each prompt
+  (`objective/kl_prev_samples` says how many sequences; a subset of i.i.d. samples is still a sample of
+  pi_{t-1}, so nothing is biased, only noisier by about sqrt(k / m)).
 - `objective/entropy` is the batch mean of the unweighted sequence quantity -log pi(y|x) = sum_t -log
   pi(y_t | x, y_<t) over real response tokens at the training temperature (a one-sample estimate of the
   sequence entropy, Fig. 1), logged for every regulariser and coefficient; `objective/entropy_per_token`
@@ -159,6 +166,11 @@ class RLOOConfig(EvalArgs, TrainConfig):
     kl_ref_every: int = cfg(
         1, "non-kl regularisers: compute objective/kl_ref every N iterations (0: never); kl computes it every iteration"
     )
+    kl_prev_per_prompt: int = cfg(
+        0, "completions per prompt whose post-update log-probs estimate objective/kl_prev* (0: all rloo_k; m in "
+        "1..rloo_k: the first m of each prompt): step 7's forward costs m / rloo_k, the estimate stays unbiased "
+        "but rests on prompts x m sequences (objective/kl_prev_samples)"
+    )
     # logging
     sample_every: int = cfg(10, "write completions to samples.jsonl every N iterations (0: never)")
     num_samples: int = cfg(4, "completions written per sample_every")
@@ -221,6 +233,8 @@ def _validate(c: RLOOConfig) -> None:
         (c.cliprange > 0, f"`cliprange` = {c.cliprange} must be > 0"),
         (c.learning_rate >= 0, f"`learning_rate` = {c.learning_rate} must be >= 0"),
         (c.kl_ref_every >= 0, f"`kl_ref_every` = {c.kl_ref_every} must be >= 0"),
+        (0 <= c.kl_prev_per_prompt <= c.rloo_k,
+         f"`kl_prev_per_prompt` = {c.kl_prev_per_prompt} must be in 0..rloo_k = {c.rloo_k} (0: every completion)"),
         (not (c.min_entropy and c.regularizer != "entropy"), "`min_entropy: true` needs `regularizer: entropy`"),
         (not (c.min_entropy and c.entropy_coef < 0), "`min_entropy: true` with a negative `entropy_coef` would flip the sign twice; give a positive coefficient"),
     ]
@@ -349,7 +363,8 @@ class Rollout:
     rewards: Optional[torch.Tensor] = None  # [n] step 4: the RLHF reward r + non_score_reward
     non_score_reward: Optional[torch.Tensor] = None  # [n] step 4: the regulariser's term
     advantages: Optional[torch.Tensor] = None  # [n] step 5
-    new_logprobs: Optional[torch.Tensor] = None  # [n, T] step 7: the same tokens after the update
+    new_logprobs: Optional[torch.Tensor] = None  # [len(kl_prev_rows), T] step 7: those rows' tokens after the update
+    kl_prev_rows: Optional[torch.Tensor] = None  # step 7: the rows it ran on (all, or the first m of each prompt)
 
     def __post_init__(self):
         self.query_responses = torch.cat([self.query_ids, self.responses], 1)
@@ -441,25 +456,44 @@ def score(c: RLOOConfig, m: Models, ro: Rollout) -> torch.Tensor:
     return objectives.missing_eos_penalty(scores, ro.contains_eos, c.missing_eos_penalty)
 
 
-def policy_logprobs(c: RLOOConfig, m: Models, ro: Rollout, model=None, return_entropy: bool = False):
+def policy_logprobs(c: RLOOConfig, m: Models, ro: Rollout, model=None, return_entropy: bool = False,
+                    rows: Optional[torch.Tensor] = None, per_prompt: Optional[int] = None):
     """No-grad log-probs of the sampled tokens from logits / T, in chunks (the policy unless `model`).
 
     The forwards go through the prepared model, so sharded engines gather their parameters. Step 7 calls
-    it after the update (new log-probs of the same samples: the KL between consecutive policies).
+    it after the update on `rows` (`kl_prev_rows`: `per_prompt` completions of each prompt) for the KL
+    between consecutive policies.
     """
     model = m.policy if model is None else model
     model.eval()
+    ids, mask = (ro.query_responses, ro.attention_mask) if rows is None else (ro.query_responses[rows], ro.attention_mask[rows])
+    share = (c.rloo_k if per_prompt is None else per_prompt) if c.shared_prefix else 1
     lps, ents = [], []
     with torch.no_grad(), m.accelerator.autocast():
-        for s in _chunks(len(ro), c.local_rollout_forward_batch_size):
-            out = generation.response_logprobs(model, ro.query_responses[s], ro.attention_mask[s], ro.context_length,
-                                               c.temperature, return_entropy=return_entropy, shared_prefix_k=c.prefix_k())
+        for s in _chunks(ids.shape[0], c.local_rollout_forward_batch_size):
+            out = generation.response_logprobs(model, ids[s], mask[s], ro.context_length, c.temperature,
+                                               return_entropy=return_entropy, shared_prefix_k=share)
             if return_entropy:
                 lps.append(out[0].float())
                 ents.append(out[1].float())
             else:
                 lps.append(out.float())
     return (torch.cat(lps), torch.cat(ents)) if return_entropy else torch.cat(lps)
+
+
+def kl_prev_rows(c: RLOOConfig, n: int, device=None) -> tuple[torch.Tensor, int]:
+    """Step 7's rows: the first m = `kl_prev_per_prompt` completions of each prompt (rows p * k + j, j < m;
+    all when 0), and m. Any fixed subset of a prompt's i.i.d. samples is a sample of pi_{t-1} too, so the
+    estimates stay unbiased; their variance grows by about k / m."""
+    per_prompt = c.kl_prev_per_prompt or c.rloo_k
+    rows = torch.arange(n, device=device).view(-1, c.rloo_k)[:, :per_prompt].reshape(-1)
+    return rows, per_prompt
+
+
+def kl_prev_logprobs(c: RLOOConfig, m: Models, ro: Rollout) -> torch.Tensor:
+    """Step 7: log-probs of the `kl_prev_rows` samples under the updated policy (fills ro.kl_prev_rows)."""
+    ro.kl_prev_rows, per_prompt = kl_prev_rows(c, len(ro), ro.responses.device)
+    return policy_logprobs(c, m, ro, rows=ro.kl_prev_rows, per_prompt=per_prompt)
 
 
 def rollout_logprobs(c: RLOOConfig, m: Models, ro: Rollout, needs_ref: bool):
@@ -644,7 +678,9 @@ def iteration_metrics(c: RLOOConfig, ro: Rollout, stats: dict,
         metrics["objective/kl_ref"] = gmean(seq_sum(objectives.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k1")))
         metrics["objective/kl_ref_k3"] = gmean(seq_sum(objectives.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k3")))
     metrics["objective/kl_ref_every"] = c.kl_ref_interval()
-    metrics.update(kl_prev_metrics(ro.old_logprobs, ro.new_logprobs, ro.response_mask, gather))
+    kl_rows = ro.kl_prev_rows if ro.kl_prev_rows is not None else slice(None)
+    metrics.update(kl_prev_metrics(ro.old_logprobs[kl_rows], ro.new_logprobs, ro.response_mask[kl_rows], gather))
+    metrics["objective/kl_prev_samples"] = c.global_batch_size // c.rloo_k * (c.kl_prev_per_prompt or c.rloo_k)
     metrics["policy/entropy"] = float(gather(seq_sum(ro.token_entropy)).sum()) / max(tokens_global, 1.0)
     for key, name in (("clipfrac", "policy/clipfrac"), ("approxkl", "policy/approxkl"), ("ratio", "val/ratio"), ("loss", "loss/policy")):
         metrics[name] = gmean(torch.stack(stats[key]).mean())
@@ -770,8 +806,8 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
             check_finite("reward-model score", ro.scores, it, run_dir)
         stats = learn(c, m, plan, ro, optimizer, scheduler, c.needs_ref(it), timings,  # 3.-6.
                       check=lambda name, v: check_finite(name, v, it, run_dir))
-        with _timed(timings, "kl_prev"):  # 7. the same samples under the updated policy
-            ro.new_logprobs = policy_logprobs(c, m, ro)
+        with _timed(timings, "kl_prev"):  # 7. the same samples (all, or kl_prev_per_prompt of each prompt) after the update
+            ro.new_logprobs = kl_prev_logprobs(c, m, ro)
 
         # 8. log, sample, checkpoint (metrics are means over the global batch: gathered from every process)
         metrics = iteration_metrics(c, ro, stats, gather)

@@ -39,7 +39,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sidebyside import REPO, Side, add_side_by_side_args, load_average, load_script, measure, parse_ours, print_table, require_trl  # noqa: E402
+from sidebyside import (REPO, Side, add_side_by_side_args, apply_config_overrides, load_average, load_script,  # noqa: E402
+                        measure, parse_ours, print_table, require_trl)
 
 SIZES = {"0.87M": (128, 4, 4), "25.5M": (512, 8, 8)}  # (hidden, layers, heads), vocabulary 300
 VOCAB_WORDS = 297
@@ -80,7 +81,7 @@ def worker_ours(root: Path, steps: int, precompute: bool, script: str = "train_o
         warmup_ratio=0.0, lr_scheduler_type="linear", beta=BETA, max_prompt_length=64, max_completion_length=32,
         precompute_ref_logprobs=precompute, save_steps=0,
     )
-    recs = [m for m in read_metrics(train_offline.main(c)) if "train/loss" in m or "loss" in m]
+    recs = [m for m in read_metrics(train_offline.main(apply_config_overrides(c))) if "train/loss" in m or "loss" in m]
     last = recs[-1] if recs else {}
     return {"metrics": {k: v for k, v in last.items() if k.startswith(("train/", "rewards/", "perf/"))}}
 

@@ -57,7 +57,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sidebyside import REPO, Side, add_side_by_side_args, load_average, load_script, measure, parse_ours, print_table, require_trl  # noqa: E402
+from sidebyside import (REPO, Side, add_side_by_side_args, apply_config_overrides, load_average, load_script,  # noqa: E402
+                        measure, parse_ours, print_table, require_trl)
 
 SIZES = {  # name: (hidden, layers, heads); vocabulary 300 -> 0.87M and 25.5M parameters
     "0.87M": (128, 4, 4),
@@ -105,7 +106,7 @@ def worker_ours(root: Path, iterations: int, script: str) -> dict:
     mod = load_script(script)
     from maxent_rlhf.runs import read_metrics
 
-    recs = read_metrics(mod.main(ours_config(mod, root, iterations)))
+    recs = read_metrics(mod.main(apply_config_overrides(ours_config(mod, root, iterations))))
     last = recs[-1]
     return {"phases_s": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("time/")},
             "metrics": {k: last[k] for k in ("objective/kl_ref", "objective/kl_prev", "policy/entropy",

@@ -52,7 +52,9 @@ def add_side_by_side_args(ap, trainer: str, unit: str, default_long: str, script
     ap.add_argument("--trl-python", default=sys.executable,
                     help="python of a scratch venv where trl 1.16 is installed (default: this python)")
     ap.add_argument("--ours", action="append", default=None, metavar="LABEL=SCRIPT[:VAR=VALUE,...]",
-                    help=f"our trainer(s) to time (repeatable; default ours={script}); VAR=VALUE go to its environment")
+                    help=f"our trainer(s) to time (repeatable; default ours={script}); VAR=VALUE: an upper-case VAR "
+                    "goes to its environment, a lower-case one overrides that field of its config (e.g. "
+                    "shared_prefix=false, kl_prev_per_prompt=1)")
     ap.add_argument("--repeats", type=int, default=3, help="repeats per side, interleaved (median, min, max reported)")
     ap.add_argument("--short", type=int, default=2, help=f"{unit} of the short run (its time is subtracted)")
     ap.add_argument("--long", type=int, default=0, help=f"{unit} of the long run (0: {default_long})")
@@ -190,8 +192,30 @@ def load_script(path: str):
     return mod
 
 
+OVERRIDES_ENV = "BENCH_CONFIG_OVERRIDES"  # lower-case VAR=VALUE of --ours, as JSON, for the worker
+
+
+def apply_config_overrides(config):
+    """The worker's config with the --ours row's lower-case VAR=VALUE fields replaced (typed like the field)."""
+    import dataclasses
+
+    overrides = json.loads(os.environ.get(OVERRIDES_ENV, "{}"))
+    fields = {f.name for f in dataclasses.fields(config)}
+    typed = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            sys.exit(f"--ours: {key} is not a field of {type(config).__name__}")
+        current = getattr(config, key)
+        if isinstance(current, bool):
+            typed[key] = value.lower() in ("1", "true", "yes")
+        else:
+            typed[key] = type(current)(value) if current is not None else value
+    return dataclasses.replace(config, **typed)
+
+
 def parse_ours(specs: list[str]) -> list[tuple[str, str, dict]]:
-    """LABEL=SCRIPT[:VAR=VALUE[,VAR=VALUE]] -> (label, script, env)."""
+    """LABEL=SCRIPT[:VAR=VALUE[,VAR=VALUE]] -> (label, script, env); lower-case VARs are config overrides,
+    passed in the environment as JSON (`apply_config_overrides`)."""
     out = []
     for spec in specs:
         if "=" not in spec:
@@ -208,5 +232,9 @@ def parse_ours(specs: list[str]) -> list[tuple[str, str, dict]]:
                 env[last] = value
             elif last is not None:
                 env[last] += "," + part
+        overrides = {k: v for k, v in env.items() if k.islower()}
+        env = {k: v for k, v in env.items() if not k.islower()}
+        if overrides:
+            env[OVERRIDES_ENV] = json.dumps(overrides)
         out.append((label, script, env))
     return out

@@ -42,6 +42,8 @@ CASES = [
     ("rloo_stray_argument", RLOO, "configs/maxent_1b.yaml", 2, ["unexpected argument 'configs/maxent_1b.yaml'"]),
     ("rloo_min_entropy_with_kl", RLOO, "--min_entropy", 2, ["`min_entropy: true` needs `regularizer: entropy`"]),
     ("rloo_negative_save_steps", RLOO, "--save_steps -1", 2, ["`save_steps` = -1"]),
+    ("rloo_kl_prev_per_prompt_above_k", RLOO, "--rloo_k 2 --kl_prev_per_prompt 3", 2,
+     ["`kl_prev_per_prompt` = 3", "rloo_k = 2"]),
     ("rloo_bad_reward_fn", RLOO, "--reward_fn nosuchmodule:score", 2, ["`reward_fn` = 'nosuchmodule:score'"]),
     # ---- YAML files ----------------------------------------------------------------------------------
     ("yaml_malformed", RLOO, "--config {d}/malformed.yaml", 2, ["malformed.yaml, line 3, column", "not valid YAML"]),

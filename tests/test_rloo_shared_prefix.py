@@ -1,8 +1,9 @@
-"""The shared prompt pass in train_rloo.py's row layout (completion j of prompt p at row p * k + j, the
+"""The cheaper forwards of train_rloo.py. The shared prompt pass in its row layout (completion j of prompt p at row p * k + j, the
 "grouped" layout of generation.shared_prefix_*): each prompt runs once, its KV cache is repeated k times.
 Checked against the plain forwards: same log-probs, entropies, gradients, reward scores and samples, and a
 whole fused RLOO iteration with it equals one without. The "tiled" layout (train_offline.py) is tested in
-test_offline_shared_prefix.py."""
+test_offline_shared_prefix.py. And `kl_prev_per_prompt`: step 7 on a subset of each prompt's completions
+gives exactly the full-batch estimators restricted to those rows."""
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -138,3 +139,34 @@ def test_rloo_iteration_with_shared_prefix_equals_the_plain_one(kw, accelerator,
     # moves by up to lr whatever its size; rounding-level gradient differences stay well below 1e-4 here
     for a, b in zip(w_s, w_p, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+
+
+def test_kl_prev_rows_are_the_first_m_completions_of_each_prompt():
+    c = train_rloo.RLOOConfig(rloo_k=4, global_batch_size=12)
+    assert train_rloo.kl_prev_rows(c, 12)[0].tolist() == list(range(12))  # 0: every completion
+    assert train_rloo.kl_prev_rows(replace(c, kl_prev_per_prompt=1), 12)[0].tolist() == [0, 4, 8]
+    rows, m = train_rloo.kl_prev_rows(replace(c, kl_prev_per_prompt=2), 12)
+    assert (rows.tolist(), m) == ([0, 1, 4, 5, 8, 9], 2)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_kl_prev_on_one_completion_per_prompt_is_the_full_estimate_on_those_rows(shared, accelerator, tiny_tokenizer,
+                                                                                 tiny_policy_dir, tiny_reward_dir):
+    """kl_prev_per_prompt 1 (k 2) runs step 7 on rows 0 and 2 only: its kl_prev* metrics equal kl_prev_metrics
+    of the full run's post-update log-probs restricted to those rows, and no other metric changes."""
+    c = train_rloo.RLOOConfig(**dict(FUSABLE, shared_prefix=shared), regularizer="kl", kl_coef=0.5)
+    full_ro, cheap_ro = hand_rollout(tiny_tokenizer), hand_rollout(tiny_tokenizer)
+    full, _ = steps_2_to_8(c, accelerator, tiny_policy_dir, tiny_reward_dir, full_ro)
+    cheap, _ = steps_2_to_8(replace(c, kl_prev_per_prompt=1), accelerator, tiny_policy_dir, tiny_reward_dir, cheap_ro)
+    assert full_ro.kl_prev_rows.tolist() == [0, 1, 2, 3] and cheap_ro.kl_prev_rows.tolist() == [0, 2]
+    assert (full["objective/kl_prev_samples"], cheap["objective/kl_prev_samples"]) == (4, 2)
+    torch.testing.assert_close(cheap_ro.new_logprobs, full_ro.new_logprobs[[0, 2]], rtol=0, atol=1e-5)
+    rows = [0, 2]
+    expected = train_rloo.kl_prev_metrics(full_ro.old_logprobs[rows], full_ro.new_logprobs[rows],
+                                          full_ro.response_mask[rows])
+    assert full["objective/kl_prev"] > 1e-4 and expected["objective/kl_prev"] != pytest.approx(full["objective/kl_prev"])
+    for key, value in expected.items():
+        assert cheap[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    for key in full:
+        if not key.startswith(("objective/kl_prev", "time/")):
+            assert cheap[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key

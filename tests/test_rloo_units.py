@@ -400,7 +400,7 @@ def steps_2_to_8(c, accelerator, policy_dir, reward_dir, ro):
     sched = build_lr_scheduler(opt, "linear", 4, 0.0)
     ro.scores = train_rloo.score(c, m, ro)
     stats = train_rloo.learn(c, m, plan, ro, opt, sched, needs_ref=True, timings={})
-    ro.new_logprobs = train_rloo.policy_logprobs(c, m, ro)
+    ro.new_logprobs = train_rloo.kl_prev_logprobs(c, m, ro)
     return train_rloo.iteration_metrics(c, ro, stats), [p.detach().clone() for p in m.policy.parameters()]
 
 
