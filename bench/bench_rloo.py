@@ -3,7 +3,8 @@
     python bench/bench_rloo.py                                           # ours only
     python bench/bench_rloo.py --trl --trl-python /tmp/venvs/trl116/bin/python      # + TRL 1.16 (table 1)
     python bench/bench_rloo.py --trl --trl-python ... --trl011-path /tmp/trl011     # + TRL 0.11 (table 2)
-    python bench/bench_rloo.py --ours fast=bench/proto/train_rloo_proto.py:PROTO=all   # extra "ours" rows
+    python bench/bench_rloo.py --ours ours=train_rloo.py --ours cheap=train_rloo.py:kl_prev_per_prompt=1   # extra rows
+    python bench/bench_rloo.py --ours before=/tmp/train_rloo_before.py --ours after=train_rloo.py  # another copy
 
 Nothing is installed: without `--trl-python` (or with a python that lacks trl 1.16) `--trl` prints how
 to put TRL 1.16 in a scratch venv. TRL 0.11 (the paper-era PPO-style trainer) is read from a
@@ -21,8 +22,12 @@ Equal work, per iteration (both sides, every size):
   = 4) as 4 micro-batches of 16 with grad, one AdamW step (lr 3e-6, linear decay, clip 1.0, eps 0.2).
 - KL: beta 0.05, sequence-level k1 sum subtracted from the reward on both sides.
 Differences that remain (by design, each side's own):
-- ours runs one more policy forward per iteration (no grad): the post-update pass for
-  objective/kl_prev, KL(pi_old || pi_new) on the iteration's samples; TRL logs no such metric.
+- ours runs one more policy forward per iteration (no grad): the post-update pass for objective/kl_prev*
+  (KL between consecutive policies, both directions, and the ESS) on the iteration's samples; TRL logs no
+  such metric. `--ours cheap=train_rloo.py:kl_prev_per_prompt=1` times it on one completion per prompt.
+- ours runs each prompt once per forward for its 4 completions (generation prefill, reward model, reference,
+  update, kl_prev: `shared_prefix`, same values), its KV cache repeated; TRL runs every row's prompt.
+  `--ours plain=train_rloo.py:shared_prefix=false` times the plain path.
 - ours scores the reward model at the last real token (EOS) from token ids; TRL decodes and re-tokenises
   prompt + completion text and pools at the last non-pad token. Ours subtracts the EOS penalty
   (missing_eos_penalty 1.0, a vector op); TRL 1.16 has none.

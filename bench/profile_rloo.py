@@ -2,7 +2,8 @@
 
     python bench/profile_rloo.py --size 0.87M                       # phase table (time/* metrics)
     python bench/profile_rloo.py --size 25.5M --cprofile 25         # + the 25 costliest functions
-    python bench/profile_rloo.py --script bench/proto/train_rloo_proto.py --env PROTO=all
+    python bench/profile_rloo.py --set shared_prefix=false --set kl_prev_per_prompt=1   # config fields
+    python bench/profile_rloo.py --script /tmp/train_rloo_before.py                      # another copy
 
 Runs `--iterations` iterations in this process (models built as in bench_rloo.py) and prints, per phase,
 the median wall and the share of the iteration over iterations 2..N (the first pays warm-up). With
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import os
 import pstats
 import statistics
@@ -25,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_rloo  # noqa: E402
-from sidebyside import REPO, load_average  # noqa: E402
+from sidebyside import OVERRIDES_ENV, REPO, apply_config_overrides, load_average  # noqa: E402
 
 
 def decode_step_cost(root: Path, batch: int, prompt: int, new: int, threads: int) -> dict:
@@ -64,12 +66,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--script", default="train_rloo.py")
     ap.add_argument("--env", action="append", default=[], help="VAR=VALUE set before the script is imported")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a field of the script's RLOOConfig (repeatable), e.g. kl_prev_per_prompt=1")
     ap.add_argument("--cprofile", type=int, default=0, help="profile and print this many functions (0: no profile)")
     ap.add_argument("--decode", action="store_true", help="also time HF generate vs bare cached forwards")
     args = ap.parse_args()
     for kv in args.env:
         k, v = kv.split("=", 1)
         os.environ[k] = v
+    os.environ[OVERRIDES_ENV] = json.dumps(dict(kv.split("=", 1) for kv in args.set))
     import torch
 
     torch.set_num_threads(args.threads)
@@ -77,7 +82,7 @@ def main() -> None:
         root = Path(d)
         info = bench_rloo.build(args.size, root)
         print(f"{args.size}: {info['params'] / 1e6:.2f}M params, {args.iterations} iterations, {args.threads} threads, "
-              f"script {args.script} {' '.join(args.env)}; load average {load_average()}")
+              f"script {args.script} {' '.join(args.env + args.set)}; load average {load_average()}")
         prof = cProfile.Profile() if args.cprofile else None
         cpu0, t0 = time.process_time(), time.perf_counter()
         if prof:
@@ -85,7 +90,7 @@ def main() -> None:
         mod = bench_rloo.load_script(args.script)
         from maxent_rlhf.runs import read_metrics
 
-        recs = read_metrics(mod.main(bench_rloo.ours_config(mod, root, args.iterations)))
+        recs = read_metrics(mod.main(apply_config_overrides(bench_rloo.ours_config(mod, root, args.iterations))))
         if prof:
             prof.disable()
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
