@@ -354,6 +354,10 @@ def main(c: OfflineConfig) -> str:
     total_steps = c.max_steps if c.max_steps > 0 else max(1, int(c.num_train_epochs * steps_per_epoch))
 
     # ---- models ----
+    # prompt + response must fit the model's positions: checked from its config.json, before any weights load
+    models.check_context_length(
+        models.load_model_config(c.model_name_or_path, "model", c.trust_remote_code, c.model_revision),
+        c.max_prompt_length, c.max_completion_length, "max_prompt_length", "max_completion_length")
     if c.loss_type == "reward":
         model = models.load_reward_model_for_training(
             c.model_name_or_path, torch.float32, c.trust_remote_code, c.model_revision
@@ -361,10 +365,8 @@ def main(c: OfflineConfig) -> str:
     else:
         model = models.load_policy(c.model_name_or_path, torch.float32, c.trust_remote_code, revision=c.model_revision)
     model.config.pad_token_id = pad_id
-    if c.gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-        model.config.use_cache = False
-    models.check_context_length(model, c.max_prompt_length, c.max_completion_length, "max_prompt_length", "max_completion_length")
+    if c.gradient_checkpointing:
+        models.enable_activation_checkpointing(model)
     ref_model, ref_train, ref_eval = None, None, None
     if c.loss_type in REFERENCE_LOSSES:
         with distributed.frozen_model_loading(accelerator):

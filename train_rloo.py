@@ -93,7 +93,8 @@ from maxent_rlhf import distributed, generation, objectives, plotting
 from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, TrainConfig, cfg, derive_batch_sizes, parse_config
 from maxent_rlhf.data import PromptStream, load_any_dataset, require_columns, tokenize_prompts
 from maxent_rlhf.evaluation import EvalArgs, TrainingEvaluator
-from maxent_rlhf.models import check_context_length, load_policy, load_reward_model, load_tokenizer, resolve_dtype
+from maxent_rlhf.models import (check_context_length, load_model_config, load_policy, load_reward_model, load_tokenizer,
+                                 resolve_dtype)
 from maxent_rlhf.schedules import build_lr_scheduler
 from maxent_rlhf.story import run_story
 from maxent_rlhf.runs import (
@@ -755,8 +756,10 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         accelerator.init_trackers(c.tracker_project_name, config={k: v for k, v in vars(c).items() if isinstance(v, (int, float, str, bool))})
 
     # ---- models, optimizer ----
+    # prompt + response must fit the policy's positions: checked from its config.json, before any weights load
+    check_context_length(load_model_config(c.model_name_or_path, trust_remote_code=c.trust_remote_code),
+                         c.max_prompt_length, c.response_length, "max_prompt_length", "response_length")
     m = load_models(c, accelerator, reward_fn)
-    check_context_length(m.policy, c.max_prompt_length, c.response_length, "max_prompt_length", "response_length")
     optimizer = torch.optim.AdamW(m.policy.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
                                   eps=c.adam_epsilon, weight_decay=c.weight_decay)
     # one scheduler step per iteration: linear gives lr_t = lr * (1 - t / num_iterations) without warmup

@@ -324,7 +324,7 @@ def reward_model_scores(reward_model, input_ids: Tensor, attention_mask: Tensor,
 # Every forward over k responses per prompt (RLOO's rloo_k completions; DPO's chosen and rejected) runs the
 # prompt k times when done plainly. Here the prompt runs once, its KV cache is repeated k times, and the
 # responses run on it: (k - 1) / k of the prompt tokens' compute and activations saved (most of a forward
-# when prompts are long: TL;DR prompts are ~10x the summary), the same values up to float rounding, and
+# when prompts are long: a TL;DR prompt is several times its summary), the same values up to float rounding, and
 # under grad the backward flows into the one prompt pass. It costs a second call of the model (both through
 # the wrapper's forward, so DDP's hooks see them) and the repeated cache (the same K/V the plain pass keeps).
 # Two row layouts: "grouped" (row p * k + j, train_rloo.py) and "tiled" (row j * B + p, data.collate_responses).
@@ -367,6 +367,8 @@ def shared_prefix_usable(model, input_ids: Tensor, attention_mask: Tensor, conte
     - gradient checkpointing: HF turns the KV cache off in training then, and a recomputed prompt pass
       would not be shared anyway;
     - an encoder-decoder model, or rows that do not repeat each prompt k times in `layout`."""
+    if layout not in PREFIX_LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {PREFIX_LAYOUTS}")
     hf = distributed.hf_model(model)
     checkpointing = getattr(hf, "is_activation_checkpointing", None)  # transformers 5 name; 4.x: the old one
     if checkpointing is None:

@@ -59,10 +59,20 @@ def from_pretrained_or_error(load, name_or_path: str, what: str, *args, **kwargs
         raise ConfigError(f"{what} {name_or_path!r} cannot be loaded: {lines[0] if lines else type(e).__name__}") from e
 
 
+def load_model_config(name_or_path: str, what: str = "policy", trust_remote_code: bool = False, revision=None):
+    """The model's config alone (config.json: no weights), for checks that should fail before a large model loads."""
+    from transformers import AutoConfig
+
+    name_or_path = check_model_location(name_or_path, what)
+    return from_pretrained_or_error(AutoConfig.from_pretrained, name_or_path, what, trust_remote_code=trust_remote_code,
+                                    revision=revision)
+
+
 def check_context_length(model, prompt_length: int, response_length: int, prompt_field: str, response_field: str) -> None:
     """ConfigError when a prompt of `prompt_length` plus a response of `response_length` tokens do not fit
-    the model's positions (`max_position_embeddings`): names both fields and the model's limit."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    the model's positions (`max_position_embeddings`): names both fields and the model's limit. `model`: a
+    model or its config (`load_model_config`, to check before loading the weights)."""
+    limit = getattr(getattr(model, "config", model), "max_position_embeddings", None)
     if isinstance(limit, int) and prompt_length + response_length > limit:
         raise ConfigError(
             f"`{prompt_field}` + `{response_field}` = {prompt_length} + {response_length} = "
@@ -118,9 +128,15 @@ def load_policy(
         dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, revision=revision,
     )
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        enable_activation_checkpointing(model)
     return model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute activations in backward; transformers 5 renamed the switch (4.x has only the old name, which
+    5.x still takes with a deprecation warning). HF then drops the KV cache in training."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    model.config.use_cache = False
 
 
 def load_reward_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, revision=None):

@@ -357,3 +357,21 @@ def test_scripts_run_alone_not_as_ranks_of_the_callers_launch(monkeypatch):
     env = scripts.clean_env()
     assert "WORLD_SIZE" not in env and "ACCELERATE_USE_CPU" not in env and env["HF_HUB_OFFLINE"] == "1"
     assert env["OMP_NUM_THREADS"] == "1"
+
+
+def test_a_logged_run_writes_its_output_to_the_log_and_a_failure_shows_its_last_lines(tmp_path, capsys):
+    """Artifact builds send a script's output (progress bars, its closing summary) to a log file, so the
+    caller's own output stays readable; a failure still shows the end of that output and names the log."""
+    from maxent_rlhf.toylab import scripts
+
+    log = tmp_path / "sub" / "train.log"
+    # the text is assembled at run time, so the command line the caller prints does not contain it
+    scripts.run_subprocess([sys.executable, "-c", "print('step', 1); print('summary:', 'verdict n/a')"], "build", log)
+    out = capsys.readouterr().out
+    assert "summary: verdict n/a" not in out and "step 1" not in out and "build done" in out
+    assert log.read_text().splitlines() == ["step 1", "summary: verdict n/a"]
+    failing = [sys.executable, "-c", "import sys; print('\\n'.join(f'line {i}' for i in range(40))); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match=f"exit status 3; its output is in {log}"):
+        scripts.run_subprocess(failing, "build", log)
+    err = capsys.readouterr().err
+    assert "line 39" in err and "line 20" in err and "line 19" not in err  # the last 20 lines

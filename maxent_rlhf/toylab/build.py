@@ -195,7 +195,7 @@ def _run_offline(out: Path, values: dict) -> Path:
 
     run_dir = out / "run"
     common = {k: v for k, v in OFFLINE_COMMON.items() if k not in values}
-    run_script("train_offline.py", **values, **common, output_dir=str(run_dir), report_to="none")
+    run_script("train_offline.py", log=out / "train.log", **values, **common, output_dir=str(run_dir), report_to="none")
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise RuntimeError(f"train_offline wrote no checkpoint under {run_dir}")

@@ -90,13 +90,24 @@ def clean_env(threads: Optional[int] = 1) -> dict:
     return env
 
 
-def run_subprocess(cmd: list[str], what: str) -> None:
-    """Run `cmd` in a clean environment (`clean_env`), its output going to ours; an error names the command."""
-    print(f"[toylab] {what}: {shlex.join(cmd)}", flush=True)
+def run_subprocess(cmd: list[str], what: str, log: Optional[Path] = None) -> None:
+    """Run `cmd` in a clean environment (`clean_env`), its output going to ours, or to the file `log`
+    (artifact builds: their progress bars and closing summaries would bury the caller's own output;
+    on a failure the log's last lines are printed); an error names the command."""
+    print(f"[toylab] {what}: {shlex.join(cmd)}" + (f"  (output: {log})" if log else ""), flush=True)
     t0 = time.time()
-    rc = subprocess.run(cmd, env=clean_env()).returncode
+    if log is None:
+        rc = subprocess.run(cmd, env=clean_env()).returncode
+    else:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, env=clean_env(), stdout=f, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            tail = Path(log).read_text(errors="replace").splitlines()[-20:]
+            print("\n".join(tail), file=sys.stderr, flush=True)
     if rc != 0:
-        raise RuntimeError(f"toy lab: {what} failed (exit status {rc}; its output is above): {shlex.join(cmd)}")
+        where = f"its output is in {log}, last lines above" if log else "its output is above"
+        raise RuntimeError(f"toy lab: {what} failed (exit status {rc}; {where}): {shlex.join(cmd)}")
     print(f"[toylab] {what} done in {time.time() - t0:.0f}s", flush=True)
 
 
@@ -112,5 +123,6 @@ def script_command(script: str, config: Optional[Path] = None, **options) -> lis
     return cmd
 
 
-def run_script(script: str, config: Optional[Path] = None, **options) -> None:
-    run_subprocess(script_command(script, config, **options), script)
+def run_script(script: str, config: Optional[Path] = None, log: Optional[Path] = None, **options) -> None:
+    """`script_command` run by `run_subprocess` (output to ours, or to the file `log`)."""
+    run_subprocess(script_command(script, config, **options), script, log)
