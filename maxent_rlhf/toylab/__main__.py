@@ -1,7 +1,7 @@
 """python -m maxent_rlhf.toylab {build,sweep,report,check}
 
     build [NAME ...] [--cache-dir DIR]     build (or verify) artifacts; default: all of the profile
-    sweep [--out runs/toylab] [--seeds 1,2,3] [--lrs 2e-4,1e-3] [--regularizers kl,maxent,entropy,minent,none]
+    sweep [--out runs/toylab] [--seeds 1,2,3] [--lrs 1e-4,1e-3] [--regularizers kl,maxent,entropy,minent,none]
           [--iterations N] [--no-offline] [--no-rloo] [--shard I/N]
                                            run the sweep through the scripts, then write the report
     report [--out runs/toylab] [--report-dir report]   figures + report.md from a sweep directory
@@ -39,25 +39,31 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build or verify artifacts")
     b.add_argument("names", nargs="*", help="artifact names (NAME or PROFILE/NAME); default: all")
-    b.add_argument("--cache-dir", default=None)
+    b.add_argument("--cache-dir", default=None,
+                   help="artifact cache (default: $MAXENT_RLHF_CACHE, else ~/.cache/maxent_rlhf/toylab)")
     s = sub.add_parser("sweep", help="run the regulariser x lr x seed sweep and the offline runs, then report")
-    s.add_argument("--out", default="runs/toylab")
-    s.add_argument("--report-dir", default="report")
-    s.add_argument("--seeds", type=_ints, default=None)
-    s.add_argument("--lrs", type=_floats, default=None)
-    s.add_argument("--regularizers", default=None)
-    s.add_argument("--iterations", type=int, default=None)
+    s.add_argument("--out", default="runs/toylab",
+                   help="sweep directory: sweep.json (the plan), rloo/ and offline/ run directories; finished runs "
+                        "(DONE.json) are skipped, so rerunning the command continues a cut-short sweep")
+    s.add_argument("--report-dir", default="report", help="where the report (report.md + figures) is written")
+    s.add_argument("--seeds", type=_ints, default=None, help="comma-separated seeds (default: 1,2,3)")
+    s.add_argument("--lrs", type=_floats, default=None,
+                   help="comma-separated RLOO learning rates (default: 1e-4,1e-3; the low-lr runs at 2e-5 are added)")
+    s.add_argument("--regularizers", default=None,
+                   help="comma-separated subset of kl,maxent,entropy,minent,none (each is configs/toy/NAME.yaml)")
+    s.add_argument("--iterations", type=int, default=None, help="RLOO iterations per run (default: the toy configs')")
     s.add_argument("--no-offline", action="store_true", help="skip the offline (DPO, SimPO) runs")
     s.add_argument("--no-rloo", action="store_true", help="skip the online (RLOO) runs")
     s.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                    help="run every N-th run starting at I (0-based), e.g. 0/2 and 1/2 in two processes; a shard "
                         "writes no report: a plain `sweep` afterwards skips the finished runs and writes it")
-    s.add_argument("--eval-n", type=int, default=None)
+    s.add_argument("--eval-n", type=int, default=None,
+                   help="test posts judged per checkpoint (toy-gold and the proxy reward model; default: 200)")
     s.add_argument("--extra", action="store_true",
                    help="add runs (e.g. another --lrs) to an existing sweep directory without rewriting sweep.json")
     r = sub.add_parser("report", help="figures and report.md from a sweep directory")
-    r.add_argument("--out", default="runs/toylab")
-    r.add_argument("--report-dir", default="report")
+    r.add_argument("--out", default="runs/toylab", help="the sweep directory (`sweep --out`)")
+    r.add_argument("--report-dir", default="report", help="where report.md and its figures are written")
     a = p.parse_args(argv)
 
     if a.cmd == "build":
