@@ -24,7 +24,7 @@ forward is as short as the batch allows; every forward runs each prompt once for
 and repeats its KV cache (`shared_prefix`, off by itself under FSDP / ZeRO-3 / gradient checkpointing);
 with one PPO epoch of one mini-batch (the bench and TRL 1.16 default) steps 3-6 run fused
 (`fused_update`): the update's forward is the old-policy forward, one policy forward fewer per iteration.
-Step 7 is work TRL does not do (~1/6 of an iteration at the bench's sizes); `kl_prev_per_prompt: 1`
+Step 7 is work TRL does not do (10-11% of an iteration at the bench's sizes); `kl_prev_per_prompt: 1`
 runs it on one completion per prompt (1/rloo_k of its cost, unbiased, noisier).
 Around the loop: the win rate of greedy summaries against references (`maxent_rlhf.evaluation`, the
 machinery of evaluate_judge.py) at iteration 0, every `eval_steps` and at the end when `judge` is set,
