@@ -83,17 +83,18 @@ def test_sample_with_a_shared_prefill_draws_the_same_tokens(tiny_tokenizer):
     model = build_tiny_policy(tok, seed=0).eval()
     ids, mask, ctx = grouped_rows(tok, k, seed=5, prompts=6)
     q, q_mask = ids[:, :ctx], mask[:, :ctx]
-    batch_sizes = []
-    model.register_forward_pre_hook(lambda mod, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]),
+    shapes = []
+    model.register_forward_pre_hook(lambda mod, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
                                     with_kwargs=True)
     out = {}
     for share in (1, k):
-        batch_sizes.clear()
+        shapes.clear()
         torch.manual_seed(11)
         out[share] = generation.sample(model, q, q_mask, 10, tok.eos_token_id, tok.pad_token_id, temperature=0.9,
                                        shared_prefix_k=share)
-        out[share, "prefill"] = batch_sizes[0]
-    assert (out[1, "prefill"], out[k, "prefill"]) == (24, 6)  # the shared prefill ran each prompt once
+        out[share, "calls"] = shapes[:2]
+    # the shared prefill ran each prompt once and decoding went on from its repeated cache (no plain re-prefill)
+    assert out[1, "calls"] == [(24, ctx), (24, 1)] and out[k, "calls"] == [(6, ctx), (24, 1)]
     assert torch.equal(out[k], out[1])
     assert len({tuple(r) for r in out[1].tolist()}) > 12  # the k samples of a prompt differ: real sampling
 
@@ -120,11 +121,16 @@ def test_rloo_iteration_with_shared_prefix_equals_the_plain_one(kw, accelerator,
     calls = []
     for name in ("shared_prefix_logits", "shared_prefix_reward_scores"):
         real = getattr(generation, name)
-        monkeypatch.setattr(generation, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+        def counted(*a, _real=real, _name=name, **kw):
+            out = _real(*a, **kw)
+            calls.append(_name if out is not None else _name + " fell back")
+            return out
+
+        monkeypatch.setattr(generation, name, counted)
     c = train_rloo.RLOOConfig(**dict(FUSABLE, shared_prefix=True), **kw)
     shared = steps_2_to_8(c, accelerator, tiny_policy_dir, tiny_reward_dir, hand_rollout(tiny_tokenizer))
-    # score, reference, 2 fused micro-batches, kl_prev: each through the shared pass
-    assert calls.count("shared_prefix_reward_scores") == 1 and calls.count("shared_prefix_logits") == 4
+    # score, reference, 2 fused micro-batches, kl_prev: each through the shared pass (none fell back)
+    assert sorted(calls) == ["shared_prefix_logits"] * 4 + ["shared_prefix_reward_scores"]
     calls.clear()
     plain = steps_2_to_8(replace(c, shared_prefix=False), accelerator, tiny_policy_dir, tiny_reward_dir,
                          hand_rollout(tiny_tokenizer))
