@@ -1,24 +1,26 @@
-"""The toy-lab report's verdict rules (maxent_rlhf/toylab/claims.py) on small synthetic series: for each
-rule a case that should agree, one that should not, and the n/a cases; then the claim table that wires
-the rules to a sweep's run statistics."""
+"""The toy-lab report's verdict rules (maxent_rlhf/toylab/claims.py, thresholds in rules.py) on small
+synthetic series: for each rule a series for every verdict it can give (agrees, partly, disagrees, not
+testable here, n/a); then the claim table that wires the rules to a sweep's run statistics."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from maxent_rlhf.toylab import claims
-from maxent_rlhf.toylab.claims import AGREES, DISAGREES, NA, PARTLY, Outcome
+from maxent_rlhf.toylab import claims, rules
+from maxent_rlhf.toylab.claims import AGREES, DISAGREES, NA, NOT_TESTABLE, PARTLY, Outcome
 
 
-def run(sft, peak, final, name="r"):
-    return Outcome(name, sft, peak, final)
+def run(sft, peak, final, name="r", proxy=(1.0, 1.3)):
+    """A run; by default its proxy rises from the gold peak to the end (the overoptimisation signature)."""
+    return Outcome(name, sft, peak, final, *proxy)
 
 
 STABLE = run(0.30, 0.85, 0.84)  # gains 54 points, keeps them
 DECLINES = run(0.30, 0.85, 0.60)  # peaks, falls 25 points, still 30 above SFT
 COLLAPSES = run(0.30, 0.85, 0.02)  # peaks, loses everything
 FLAT = run(0.30, 0.33, 0.31)  # never gains
+CEILING = 0.85
 
 
 @pytest.mark.parametrize("o, kind", [(STABLE, "stable"), (DECLINES, "improves, then declines"),
@@ -36,11 +38,16 @@ def test_trajectory_boundaries_are_exact_at_ten_points():
     assert run(0.30, 0.80, 0.39).trajectory == "collapses"  # 9 above SFT after a drop
 
 
-def test_overoptimised_counts_a_drop_or_ending_below_sft():
-    assert COLLAPSES.overoptimised and DECLINES.overoptimised
-    assert not STABLE.overoptimised
-    assert run(0.30, 0.31, 0.25).overoptimised  # below SFT without a 10-point drop
-    assert not FLAT.overoptimised
+def test_one_definition_of_overoptimised_for_tables_and_rules():
+    assert COLLAPSES.overoptimised and DECLINES.overoptimised and not STABLE.overoptimised
+    # the proxy falls with the gold win rate: a collapse, not overoptimisation (the run table said so, now the rules too)
+    assert run(0.30, 0.85, 0.02, proxy=(1.05, 0.85)).overoptimised is False
+    # ends below SFT by less than DROP: not overoptimised (no threshold-free "below SFT" any more)
+    assert not run(0.30, 0.31, 0.25).overoptimised
+    # never gains, but falls >= DROP below SFT while the proxy rises: overoptimised from the start
+    assert run(0.32, 0.32, 0.0).overoptimised and not FLAT.overoptimised
+    assert run(0.30, 0.85, 0.02, proxy=(None, None)).overoptimised is None  # unknown without a proxy
+    assert rules.overoptimised(0.85, 0.75, 1.0, 1.1) and not rules.overoptimised(0.85, 0.751, 1.0, 1.1)
 
 
 def test_stable_and_improving_scale():
@@ -58,7 +65,11 @@ def test_all_overoptimise():
     assert claims.rule_all_overoptimise([COLLAPSES, DECLINES]).level == AGREES
     assert claims.rule_all_overoptimise([COLLAPSES, STABLE]).level == PARTLY
     assert claims.rule_all_overoptimise([STABLE, FLAT]).level == DISAGREES
+    # SimPO at a high lr that never gained and whose proxy fell: not counted (point: "ends below SFT" had no threshold)
+    assert claims.rule_all_overoptimise([run(0.32, 0.40, 0.0, proxy=(0.2, -1.0))]).level == DISAGREES
     assert claims.rule_all_overoptimise([]).level == NA
+    v = claims.rule_all_overoptimise([run(0.3, 0.85, 0.0, proxy=(None, None))])
+    assert v.level == NA and "proxy" in v.reason
 
 
 def test_coefficient_rule_needs_a_real_coefficient_sweep():
@@ -75,83 +86,121 @@ def test_coefficient_rule_needs_a_real_coefficient_sweep():
     assert v.level == AGREES and "control coef 0: 0/1" in v.evidence
     sweep[0.1] = [STABLE, STABLE]  # the smallest coefficient is stable: not "regardless of the coefficient"
     v = claims.rule_overoptimise_regardless_of_coef(sweep)
-    assert v.level == PARTLY and "2/3 coefficients" in v.reason
+    assert v.level == PARTLY and "2/4 runs" in v.reason
+    # the issue's maxent_c1_lr1e-3_s2: gold falls but the proxy falls too -> not overoptimised
+    sweep[0.1] = [COLLAPSES, run(0.32, 0.73, 0.0, proxy=(1.05, 0.85))]
+    assert claims.rule_overoptimise_regardless_of_coef(sweep).level == PARTLY
     calm = {c: [STABLE] for c in (0.0, 0.1, 0.5, 1.0)}
     assert claims.rule_overoptimise_regardless_of_coef(calm).level == DISAGREES
+    unknown = {c: [run(0.3, 0.8, 0.0, proxy=(None, None))] for c in (0.0, 0.1, 0.5, 1.0)}
+    assert claims.rule_overoptimise_regardless_of_coef(unknown).level == NA
 
 
 def test_gain_attribution_is_tested_only_where_entropy_runs_keep_gains():
     # lr 1e-4: entropy runs collapse (no gain to attribute); lr 2e-5: they keep it and coefficient 0 matches
-    by_lr = {1e-4: ([COLLAPSES] * 3, [run(0.30, 0.85, 0.64)]), 2e-5: ([STABLE] * 2, [run(0.30, 0.85, 0.80)])}
-    v = claims.rule_gain_not_from_entropy(by_lr)
+    by_lr = {1e-4: ([COLLAPSES] * 3, [run(0.30, 0.85, 0.64)]), 2e-5: ([run(0.3, 0.7, 0.7)] * 2, [run(0.30, 0.72, 0.68)])}
+    v = claims.rule_gain_not_from_entropy(by_lr, CEILING)
     assert v.level == AGREES and "lr 2e-05" in v.evidence and "lr 0.0001" not in v.evidence
-    # the entropy term helps: coefficient 0 ends 40 points lower where the entropy runs keep their gain
-    by_lr[2e-5] = ([STABLE] * 2, [run(0.30, 0.60, 0.44)])
-    assert claims.rule_gain_not_from_entropy(by_lr).level == DISAGREES
+    # the entropy term helps: coefficient 0 ends 26 points lower where the entropy runs keep their gain
+    by_lr[2e-5] = ([run(0.3, 0.7, 0.7)] * 2, [run(0.30, 0.60, 0.44)])
+    assert claims.rule_gain_not_from_entropy(by_lr, CEILING).level == DISAGREES
+    # one rate each way
+    both = {2e-5: by_lr[2e-5], 5e-5: ([run(0.3, 0.7, 0.7)], [run(0.3, 0.7, 0.69)])}
+    assert claims.rule_gain_not_from_entropy(both, CEILING).level == PARTLY
     # no lr where entropy runs keep a gain -> n/a, even though coefficient 0 beats them at 1e-4
-    v = claims.rule_gain_not_from_entropy({1e-4: by_lr[1e-4]})
+    v = claims.rule_gain_not_from_entropy({1e-4: by_lr[1e-4]}, CEILING)
     assert v.level == NA and "no gain to attribute" in v.reason and "-28 points" in v.evidence
     # a gain without coefficient-0 runs beside it cannot be attributed either
     assert claims.rule_gain_not_from_entropy({2e-5: ([STABLE], [])}).level == NA
+    # both at the task's ceiling (the old sweep's 84-85%): could not have disagreed -> not testable here
+    v = claims.rule_gain_not_from_entropy({2e-5: ([STABLE] * 2, [run(0.3, 0.85, 0.85)])}, CEILING)
+    assert v.level == NOT_TESTABLE and "ceiling" in v.reason
 
 
 def test_entropy_trend():
-    assert claims.rule_entropy_trend([-0.01, -0.02], [0.2, 0.3]).level == AGREES
-    assert claims.rule_entropy_trend([0.01, 0.02], [-0.2, -0.3]).level == DISAGREES
-    assert claims.rule_entropy_trend([-0.01, 0.02], [0.2, 0.3]).level == PARTLY
+    assert claims.rule_entropy_trend([-0.05, -0.02], [0.2, 0.3]).level == AGREES
+    assert claims.rule_entropy_trend([0.05, 0.02], [-0.2, -0.3]).level == DISAGREES
+    # the old sweep's case: the stable half 0/6 (flat), the overoptimised half 18/18 -> disagrees, not partly
+    assert claims.rule_entropy_trend([0.001] * 6, [0.3] * 18).level == DISAGREES
     v = claims.rule_entropy_trend([], [0.2, 0.3])
     assert v.level == PARTLY and "only half" in v.reason
+    assert claims.rule_entropy_trend([], [-0.2]).level == DISAGREES
     assert claims.rule_entropy_trend([], []).level == NA
 
 
 def test_kl_ref_bounded():
-    assert claims.rule_kl_ref_bounded([1.0, 2.0], [30.0]).level == AGREES
-    assert claims.rule_kl_ref_bounded([30.0], [1.0, 2.0]).level == DISAGREES
+    assert claims.rule_kl_ref_bounded([1.0, 1.1], [2.0], [1.0], [30.0]).level == AGREES
+    v = claims.rule_kl_ref_bounded([1.0], [1.05])  # the entropy runs' KL_ref stops growing (a collapsed policy)
+    assert v.level == PARTLY and "stops growing" in v.reason
+    assert claims.rule_kl_ref_bounded([2.0], [3.0]).level == PARTLY  # both drift
+    assert claims.rule_kl_ref_bounded([2.0], [1.0]).level == DISAGREES
     assert claims.rule_kl_ref_bounded([], [1.0]).level == NA
 
 
-def test_kl_prev_growth():
-    assert claims.rule_kl_prev_growth([0.2, 1.0], [4.0]).level == AGREES
-    assert claims.rule_kl_prev_growth([1.0], [0.4]).level == DISAGREES  # entropy runs' updates shrink
-    assert claims.rule_kl_prev_growth([5.0], [2.0]).level == PARTLY
-    assert claims.rule_kl_prev_growth([1.0], []).level == NA
+def _est(growth: float, **other) -> dict:
+    out = {n: [growth] for n in rules.KL_PREV_ESTIMATES}
+    out.update({n: [g] for n, g in other.items()})
+    return out
 
 
-def test_ref_logratio_band_sign_and_width():
-    negative_narrow = [-0.1 + 0.05 * math.sin(i) for i in range(40)]
+def test_kl_prev_growth_under_every_estimate_and_the_ess():
+    assert claims.rule_kl_prev_growth(_est(0.2), _est(4.0), ess=0.9).level == AGREES
+    assert claims.rule_kl_prev_growth(_est(1.0), _est(0.4), ess=0.9).level == DISAGREES  # entropy updates shrink
+    v = claims.rule_kl_prev_growth(_est(5.0), _est(2.0), ess=0.9)
+    assert v.level == PARTLY and "as much" in v.reason
+    assert claims.rule_kl_prev_growth({}, _est(2.0)).level == NA
+    # high ESS: the verdict rests on the paper's direction (k1)
+    v = claims.rule_kl_prev_growth(_est(0.2), _est(4.0), ess=0.9)
+    assert "KL(pi_t||pi_t-1) k1: KL 0.20, entropy 4.00 (verdict rests on this)" in v.evidence
+    # low ESS: on the reverse direction's k3; here it does not grow -> disagrees, whatever the weighted one says
+    ent = _est(4.0, **{"KL(pi_t-1||pi_t) k3": 0.8})
+    v = claims.rule_kl_prev_growth(_est(0.2), ent, ess=0.12)
+    assert v.level == DISAGREES and "KL(pi_t-1||pi_t) k3: KL 0.20, entropy 0.80 (verdict rests on this)" in v.evidence
+    # the primary agrees, another estimate does not: partly, naming it
+    v = claims.rule_kl_prev_growth(_est(0.2), ent, ess=0.9)
+    assert v.level == PARTLY and "other estimates: disagrees" in v.reason
+
+
+def test_ref_logratio_band_sign_and_width_per_example():
+    negative_narrow = [-0.1 + 0.02 * math.sin(i) for i in range(40)]  # batch sd 0.014 -> per example 0.08
     v = claims.rule_ref_logratio_band(negative_narrow, 32)
     assert v.level == AGREES and "0% of batches above 0" in v.evidence
-    # the issue's case: mean slightly positive, sd 0.56 -> narrow but not "typically negative"
-    positive = [0.06 + 0.56 * (1 if i % 2 else -1) * (0.5 + (i % 3) / 2) for i in range(60)]
+    # the old sweep's case: batch sd 0.53 of 32-example means = ~3 nats per example: not narrow, not negative
+    positive = [0.06 + 0.53 * (1 if i % 2 else -1) for i in range(60)]
     v = claims.rule_ref_logratio_band(positive, 32)
-    assert v.level == PARTLY and "not typically negative" in v.reason
-    wide_negative = [2.5 if i % 4 == 0 else -2.0 for i in range(40)]  # sd 1.95
-    assert claims.rule_ref_logratio_band(wide_negative, 32).level == PARTLY  # mostly < 0, but wide
-    wide_positive = [-2.5 if i % 4 == 0 else 2.0 for i in range(40)]
-    assert claims.rule_ref_logratio_band(wide_positive, 32).level == DISAGREES
+    assert v.level == DISAGREES and "per-example sd 3.0" in v.evidence
+    v = claims.rule_ref_logratio_band(positive, 32, per_example_sd=0.4)  # a logged per-example sd wins
+    assert v.level == PARTLY and "not typically negative" in v.reason and "(logged)" in v.evidence
+    wide_negative = [-0.2 + 0.5 * (1 if i % 3 == 0 else -0.5) for i in range(40)]
+    v = claims.rule_ref_logratio_band(wide_negative, 32)
+    assert v.level == PARTLY and "not narrow" in v.reason
     assert claims.rule_ref_logratio_band([-0.1] * 5, 32).level == NA
 
 
-def test_ref_logratio_width_is_judged_at_a_fixed_batch_size():
-    # sd 0.6 of 8-example batch means is sd 0.3 at the rule's batch of 32; of 128-example means, 1.2 (wide)
-    series = [-0.2 + 0.6 * math.sqrt(1.5) * (i % 3 - 1) for i in range(42)]  # sd 0.6, 2/3 below 0
-    assert claims.rule_ref_logratio_band(series, 8).level == AGREES
-    v = claims.rule_ref_logratio_band(series, 128)
-    assert v.level == PARTLY and "not narrow" in v.reason and "at batch 32: 1.20" in v.evidence
+def test_ref_logratio_width_scales_with_the_batch_size():
+    series = [-0.2 + 0.15 * (i % 3 - 1) for i in range(42)]  # batch sd 0.12, 2/3 below 0
+    assert claims.rule_ref_logratio_band(series, 8).level == AGREES  # 0.35 per example
+    v = claims.rule_ref_logratio_band(series, 128)  # 1.4 per example
+    assert v.level == PARTLY and "not narrow" in v.reason
 
 
-def test_margin_helps():
-    assert claims.rule_margin_helps(0.70, {0.5: 0.78, 1.0: 0.60}).level == AGREES
-    assert claims.rule_margin_helps(0.73, {0.5: 0.66, 2.0: 0.52}).level == DISAGREES
-    assert claims.rule_margin_helps(0.70, {0.5: 0.72}).level == PARTLY
+def test_margin_helps_on_the_peak():
+    assert claims.rule_margin_helps(0.70, {0.5: 0.78, 1.0: 0.60}, CEILING).level == AGREES
+    assert claims.rule_margin_helps(0.73, {0.5: 0.66, 2.0: 0.52}, CEILING).level == DISAGREES
+    assert claims.rule_margin_helps(0.70, {0.5: 0.72}, CEILING).level == PARTLY
     assert claims.rule_margin_helps(None, {0.5: 0.72}).level == NA
+    v = claims.rule_margin_helps(0.85, {0.5: 0.85}, CEILING)  # every gamma peaks at the ceiling
+    assert v.level == NOT_TESTABLE and "ceiling" in v.reason
 
 
-def test_larger_margin_worse():
+def test_larger_margin_worse_on_the_drop():
     worse = {0.0: run(0.3, 0.85, 0.73), 1.0: run(0.3, 0.85, 0.61), 2.0: run(0.3, 0.85, 0.52)}
-    assert claims.rule_larger_margin_worse(worse).level == AGREES
+    v = claims.rule_larger_margin_worse(worse)
+    assert v.level == AGREES and "0: 12 points" in v.evidence
     better = {0.0: run(0.3, 0.85, 0.52), 2.0: run(0.3, 0.85, 0.73)}
     assert claims.rule_larger_margin_worse(better).level == DISAGREES
+    same = {0.0: run(0.3, 0.85, 0.70), 2.0: run(0.3, 0.83, 0.66)}
+    assert claims.rule_larger_margin_worse(same).level == PARTLY
     zeros = {0.0: run(0.3, 0.40, 0.0), 2.0: run(0.3, 0.35, 0.01)}
     v = claims.rule_larger_margin_worse(zeros)
     assert v.level == NA and "~0" in v.reason
@@ -160,12 +209,63 @@ def test_larger_margin_worse():
     assert claims.rule_larger_margin_worse({1.0: worse[1.0], 2.0: worse[2.0]}).level == NA  # no gamma 0
 
 
+def test_claims_12_and_13_read_different_observations():
+    """The old rules read one number (the final win rate) with opposite signs; now 12 reads the peak and 13
+    the drop, so a margin that lifts the peak and loses more afterwards agrees with both."""
+    g = {0.0: run(0.3, 0.70, 0.65), 1.0: run(0.3, 0.80, 0.62)}
+    assert claims.rule_margin_helps(g[0.0].peak, {1.0: g[1.0].peak}, CEILING).level == AGREES
+    assert claims.rule_larger_margin_worse(g).level == AGREES
+
+
+def test_entropy_exacerbates():
+    by_lr = {1e-4: ([run(0.3, 0.85, 0.12)] * 2, [run(0.3, 0.85, 0.58)]), 1e-3: ([COLLAPSES], [COLLAPSES])}
+    v = claims.rule_entropy_exacerbates(by_lr)
+    assert v.level == AGREES and "lr 0.0001: final win entropy 12%" in v.evidence
+    assert claims.rule_entropy_exacerbates({1e-3: ([COLLAPSES], [COLLAPSES])}).level == DISAGREES
+    assert claims.rule_entropy_exacerbates({1e-3: ([COLLAPSES], [])}).level == NA
+
+
+def test_length_normalisation_curbs_length_growth_online():
+    rule = claims.rule_length_normalisation_curbs
+    assert rule([4.0, 5.0], [0.5, 1.0], 0.8, 0.4).level == AGREES
+    assert rule([3.0], [3.5], 0.8, 0.4).level == DISAGREES
+    v = rule([3.0], [2.5], 0.8, 0.4)
+    assert v.level == PARTLY and "within a token" in v.reason
+    v = rule([4.0], [0.0], 0.45, 0.40)  # the proxy has no length channel: nothing to exploit
+    assert v.level == NOT_TESTABLE and "no length channel" in v.reason
+    v = rule([0.2], [0.1], 0.8, 0.4)  # nobody grows length
+    assert v.level == NOT_TESTABLE and "do not grow length" in v.reason
+    assert rule([], [1.0], 0.8, 0.4).level == NA
+    assert rule([4.0], [0.0], None, None).level == NOT_TESTABLE
+
+
+def test_simpo_length_exploitation_without_normalisation():
+    rule = claims.rule_simpo_length_exploitation
+    assert rule([0.2], [3.0], 0.8, 0.4).level == AGREES
+    assert rule([2.0], [1.5], 0.8, 0.4).level == DISAGREES
+    v = rule([0.2], [0.7], 0.8, 0.4)
+    assert v.level == PARTLY
+    assert rule([0.2], [3.0], 0.41, 0.40).level == NOT_TESTABLE
+    assert rule([0.2], [], 0.8, 0.4).level == NA
+
+
+def test_every_rule_text_says_what_would_make_it_disagree():
+    texts = [v for k, v in vars(claims).items() if k.endswith("_RULE") and isinstance(v, str)]
+    assert len(texts) == 13 and all("disagree" in t for t in texts)
+
+
+def test_claim_2_is_decided_at_a_rate_fixed_by_rule():
+    assert rules.low_lr(1e-3) == pytest.approx(1e-4)
+    assert rules.low_lr() == pytest.approx(rules.HIGH_LR / 10)
+
+
 # --------------------------------------------------------------------------------------------------
 # the claim table wires the rules to run statistics
 # --------------------------------------------------------------------------------------------------
 def _stat(variant, lr, seed, o: Outcome, coef=None, default=True, **extra):
     return {"name": f"{variant}_lr{lr:g}_s{seed}", "variant": variant, "lr": lr, "coef": coef, "default_coef": default,
-            "sft": o.sft, "peak": o.peak, "final": o.final, "drop": o.drop, **extra}
+            "sft": o.sft, "peak": o.peak, "final": o.final, "drop": o.drop, "proxy_at_peak": o.proxy_at_peak,
+            "proxy_final": o.proxy_final, "overoptimised": o.overoptimised, **extra}
 
 
 def _verdicts(lines):
@@ -181,18 +281,23 @@ def test_claim_table_marks_claim_1_na_without_a_coefficient_sweep_and_tests_it_w
     stats += [_stat("kl", 1e-3, s, STABLE) for s in (1, 2)]
     stats += [_stat("maxent", 1e-4, s, COLLAPSES, coef=0.5) for s in (1, 2)]
     stats += [_stat("none", 1e-4, s, DECLINES, coef=0.0) for s in (1, 2)]
-    v = dict(_verdicts(claims_table(stats, {}, [1e-4, 1e-3])))
+    v = dict(_verdicts(claims_table(stats, {}, [1e-4, 1e-3], ceiling=CEILING)))
     assert v["1"].startswith("n/a (the sweep has no coefficient sweep")
     assert v["2"] == "disagrees" and v["5"] == "agrees"
     assert v["3"].startswith("n/a (at no learning rate")
+    assert v["14"] == "agrees"  # at 1e-4 the entropy runs end 58 points below coefficient 0
 
     stats += [_stat("maxent", 1e-3, s, COLLAPSES, coef=c, default=False) for c in (0.1, 1.0) for s in (1, 2)]
     stats += [_stat("maxent", 2e-5, s, STABLE, coef=0.5) for s in (1, 2)]
     stats += [_stat("none", 2e-5, s, STABLE, coef=0.0) for s in (1, 2)]
-    v = _verdicts(claims_table(stats, {}, [1e-4, 1e-3], extra_lrs=[2e-5]))
+    v = _verdicts(claims_table(stats, {}, [1e-4, 1e-3], extra_lrs=[2e-5], ceiling=CEILING))
     d = dict(v)
-    assert d["1"] == "agrees" and d["3"] == "agrees"
-    assert [x for k, x in v if k == "2"] == ["agrees", "disagrees"]  # lr 2e-5, then 1e-4
+    assert d["1"] == "agrees"
+    assert d["3"].startswith("not testable here (both groups end at the task's ceiling")  # 84% vs 84%, ceiling 85%
+    # claim 2: the pre-registered rate (1e-3 / 10) decides; 2e-5 is reported beside and decides nothing
+    assert [x for k, x in v if k == "2"] == ["disagrees", "agrees (reported beside the pre-registered rate; decides nothing)"]
+    # without a ceiling claim 3 is compared as before
+    assert dict(_verdicts(claims_table(stats, {}, [1e-4, 1e-3], extra_lrs=[2e-5])))["3"] == "agrees"
 
 
 def _fake_run(root, name, config: dict, win: list, metrics=None, info=None):

@@ -57,6 +57,15 @@ PROFILES: dict[str, dict] = {
         "reward": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "seed": 0},
     },
 }
+# the length channel: the default task, SFT policy and prompts, but pairs labelled by raters who add
+# 0.25 gold points per token (a 4-token longer summary is worth one key fact to them), sampled with room
+# to be long (24 new tokens): the proxy learns a preference for length that the gold judge does not share
+PROFILES["length"] = {
+    **copy.deepcopy(PROFILES["default"]),
+    "pairs": {**PROFILES["default"]["pairs"], "max_new_tokens": 24, "label_length_bias": 0.25},
+}
+# artifacts a profile takes from another profile (same recipe): the length channel changes only the labels
+SHARED = {"length": {"tokenizer": "default", "sft_data": "default", "prompts": "default", "sft": "default"}}
 
 DEPENDENCIES = {
     "tokenizer": [],
@@ -90,7 +99,13 @@ def split_name(name: str) -> tuple[str, str]:
     return profile, art
 
 
+def owner(profile: str, art: str) -> str:
+    """The profile whose cache holds `art` for `profile` (itself unless it shares the artifact: SHARED)."""
+    return SHARED.get(profile, {}).get(art, profile)
+
+
 def recipe_of(profile: str, art: str) -> dict:
+    profile = owner(profile, art)
     prof = PROFILES[profile]
     recipe = {"artifact": art, "build_version": BUILD_VERSION}
     recipe.update({k: copy.deepcopy(prof[k]) for k in RECIPE_KEYS[art]})
@@ -99,7 +114,7 @@ def recipe_of(profile: str, art: str) -> dict:
 
 
 def recipe_hash(profile: str, art: str) -> str:
-    return task.stable_hash(recipe_of(profile, art))
+    return task.stable_hash(recipe_of(owner(profile, art), art))
 
 
 def ensure_artifact(name: str, cache_dir: Optional[str | Path] = None) -> Path:
@@ -112,6 +127,8 @@ def ensure_artifact(name: str, cache_dir: Optional[str | Path] = None) -> Path:
     random streams, and a file lock lets one process build while the others wait."""
     profile, art = split_name(name)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if owner(profile, art) != profile:
+        return ensure_artifact(f"{owner(profile, art)}/{art}", root)
     profile_dir = root / profile
     deps = {d: ensure_artifact(f"{profile}/{d}", root) for d in DEPENDENCIES[art]}
     recipe = recipe_of(profile, art)
@@ -259,13 +276,18 @@ def build_pairs(out: Path, prof: dict, deps: dict) -> None:
         a, b = sample(), sample()
     rng = random.Random(p["seed"])
     rows, ties, flipped = [], 0, 0
+    bias = p.get("label_length_bias", 0.0)  # the labeller's taste for length (0: the labeller is the gold judge)
+    longer = 0
     for post, x, y in zip(posts, a, b):
         gx, gy = task.gold_score(x, post.prompt, post.facts), task.gold_score(y, post.prompt, post.facts)
-        if abs(gx - gy) < 1e-9:
+        lx, ly = (task.labeller_score(s, post.prompt, post.facts, bias) for s in (x, y))
+        if abs(lx - ly) < 1e-9:
             ties += 1
             continue
-        x_wins = task.bt_label(gx, gy, rng, p["bt_temperature"])
-        flipped += int(x_wins != (gx > gy))
+        x_wins = task.bt_label(lx, ly, rng, p["bt_temperature"])
+        flipped += int(abs(gx - gy) > 1e-9 and x_wins != (gx > gy))
+        nx, ny = len(x.split()), len(y.split())
+        longer += int(nx != ny and x_wins == (nx > ny))
         chosen, rejected = (x, y) if x_wins else (y, x)
         rows.append({"id": post.id, "prompt": post.prompt, "chosen": " " + chosen, "rejected": " " + rejected,
                      "gold_chosen": gx if x_wins else gy, "gold_rejected": gy if x_wins else gx})
@@ -277,6 +299,8 @@ def build_pairs(out: Path, prof: dict, deps: dict) -> None:
     write_jsonl(out / "test.jsonl", rows[n - n_test :])
     stats = {"pairs": n, "gold_ties_dropped": ties, "labels_against_gold": flipped,
              "label_gold_agreement": 1 - flipped / max(n, 1)}
+    if bias:  # only the length profile: the default's stats.json stays as it was
+        stats.update(label_length_bias=bias, labels_prefer_longer=longer / max(n, 1))
     (out / "stats.json").write_text(json.dumps(stats, indent=1))
     print(f"[toylab] pairs: {stats}", flush=True)
 
@@ -338,4 +362,11 @@ def pair_accuracy(reward_dir: str | Path, pairs_file: str | Path) -> dict:
     n = len(rows)
     acc_labels = sum(a > b for a, b in zip(c, j)) / max(n, 1)
     acc_gold = sum((a > b) == (r["gold_chosen"] > r["gold_rejected"]) for a, b, r in zip(c, j, rows)) / max(n, 1)
-    return {"n": n, "accuracy_vs_labels": acc_labels, "accuracy_vs_gold": acc_gold}
+    # the length channel: of the pairs whose summaries differ in length, how often each side prefers the longer
+    diff = [(a, b, r) for a, b, r in zip(c, j, rows) if len(r["chosen"].split()) != len(r["rejected"].split())]
+    chosen_longer = [len(r["chosen"].split()) > len(r["rejected"].split()) for _, _, r in diff]
+    rm_longer = sum((a > b) == cl for (a, b, _), cl in zip(diff, chosen_longer)) / max(len(diff), 1)
+    gold_longer = sum((r["gold_chosen"] > r["gold_rejected"]) == cl for (_, _, r), cl in zip(diff, chosen_longer)
+                      if abs(r["gold_chosen"] - r["gold_rejected"]) > 1e-9) / max(len(diff), 1)
+    return {"n": n, "accuracy_vs_labels": acc_labels, "accuracy_vs_gold": acc_gold, "n_length_differs": len(diff),
+            "rm_prefers_longer": rm_longer, "gold_prefers_longer": gold_longer}

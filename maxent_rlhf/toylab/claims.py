@@ -1,38 +1,39 @@
 """The verdict rules of the report's claim table: one small, pure function per claim of the paper.
 
-Every rule takes plain numbers (win rates as fractions, metric values in nats) and returns a `Verdict`
-on one scale, so that each can be unit-tested on synthetic series (tests/test_report_rules.py) and
-each could come out either way on real data:
+Every rule takes plain numbers (win rates as fractions, metric values in nats, lengths in tokens) and
+returns a `Verdict` on one scale, so that each is unit-tested on synthetic series for every verdict it can
+give (tests/test_report_rules.py):
 
-    agrees     the toy shows what the claim says, by the rule stated in the row
-    partly     part of the claim holds (e.g. the runs improve, then decline, but do not collapse)
-    disagrees  the toy shows the opposite
-    n/a        the data cannot test the claim; the reason says which data is missing and why
+    agrees             the toy shows what the claim says, by the rule stated in the row
+    partly             part of the claim holds (the rule text says which part)
+    disagrees          the toy shows the opposite
+    not testable here  the data exist but cannot come out the other way on this toy (e.g. every run sits
+                       at the task's win-rate ceiling, or the proxy has no length channel)
+    n/a                the sweep lacks the data; the reason says which
 
-Thresholds are fixed here, once, before looking at any particular sweep:
-  GAIN  a run "improves on SFT" when its gold win rate is >= 10 points above the SFT policy's;
-  DROP  a run "declines" when its final win rate is >= 10 points below its in-run peak.
-With 200 test posts a win rate near 50% has a standard error of ~3.5 points, so 10 points is ~3 SE.
+Thresholds, terms (gain, overoptimised, trajectory) and run selections are in `rules.py`, fixed before the
+sweep. Each rule's text says what would have made it disagree.
 """
 from __future__ import annotations
 
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
-from ..story import OVEROPTIMISATION_DROP as DROP  # the runs' closing summaries use the same 10 points
+from . import rules as R
+from .rules import DROP, GAIN, NOISE
 
-GAIN = 0.10
-AGREES, PARTLY, DISAGREES, NA = "agrees", "partly", "disagrees", "n/a"
+AGREES, PARTLY, DISAGREES, NA, NOT_TESTABLE = "agrees", "partly", "disagrees", "n/a", "not testable here"
+LEVELS = (AGREES, PARTLY, DISAGREES, NOT_TESTABLE, NA)
 
 
 @dataclass(frozen=True)
 class Verdict:
-    level: str  # AGREES, PARTLY, DISAGREES or NA
+    level: str  # one of LEVELS
     evidence: str  # the numbers the rule looked at
-    rule: str  # the rule, in words
-    reason: str = ""  # why n/a (required then), or what made it partly
+    rule: str  # the rule, in words, including what would have made it disagree
+    reason: str = ""  # why n/a or not testable (required then), or what made it partly
 
     def cell(self) -> str:
         return f"{self.level} ({self.reason})" if self.reason else self.level
@@ -40,36 +41,32 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Outcome:
-    """One run's gold win-rate trajectory: SFT (step 0), in-run peak, final checkpoint."""
+    """One run's gold win-rate trajectory (SFT = step 0, in-run peak, final checkpoint) and the proxy
+    reward at the gold peak and at the end (None where not measured)."""
 
     name: str
     sft: float
     peak: float
     final: float
+    proxy_at_peak: Optional[float] = None
+    proxy_final: Optional[float] = None
 
     @property
     def drop(self) -> float:
         return self.peak - self.final
 
     @property
-    def overoptimised(self) -> bool:
-        """Falls >= DROP below its peak, or ends below SFT (claims 1 and 10)."""
-        return self.drop >= DROP - 1e-9 or self.final < self.sft
+    def trajectory(self) -> str:
+        return R.trajectory(self.sft, self.peak, self.final)
 
     @property
-    def trajectory(self) -> str:
-        """'no gain' (never >= GAIN above SFT), 'stable' (no DROP from the peak), 'improves, then
-        declines' (drops >= DROP but still ends >= GAIN above SFT) or 'collapses' (loses the gain)."""
-        if self.peak < self.sft + GAIN - 1e-9:
-            return "no gain"
-        if self.drop < DROP - 1e-9:
-            return "stable"
-        if self.final >= self.sft + GAIN - 1e-9:
-            return "improves, then declines"
-        return "collapses"
+    def overoptimised(self) -> Optional[bool]:
+        return R.overoptimised(self.peak, self.final, self.proxy_at_peak, self.proxy_final)
 
     def describe(self) -> str:
-        return f"{self.name}: {self.sft:.0%}->peak {self.peak:.0%}->final {self.final:.0%}"
+        proxy = (f", proxy {self.proxy_at_peak:.2f}->{self.proxy_final:.2f}"
+                 if self.proxy_at_peak is not None and self.proxy_final is not None else "")
+        return f"{self.name}: {self.sft:.0%}->peak {self.peak:.0%}->final {self.final:.0%}{proxy}"
 
 
 def _count(items, pred) -> int:
@@ -85,14 +82,13 @@ def _trajectory_counts(outcomes: Sequence[Outcome]) -> str:
 # --------------------------------------------------------------------------------------------------
 # shared scales
 # --------------------------------------------------------------------------------------------------
-TRAJECTORY_RULE = ("agrees if every run is stable (ends >= 10 points above SFT, no 10-point drop from its peak); "
-                   "disagrees if more than half collapse (lose the gain) or never gain; partly otherwise, "
-                   "e.g. runs that improve, then decline but stay >= 10 points above SFT")
+TRAJECTORY_RULE = ("trajectory per run (rules.py: gain >= 10 points over SFT, decline >= 10 points from the peak); "
+                   "agrees if every run is stable; disagrees if more than half collapse or never gain; partly otherwise "
+                   "(e.g. runs that improve, then decline but stay >= 10 points above SFT)")
 
 
 def rule_stable_and_improving(outcomes: Sequence[Outcome]) -> Verdict:
-    """Claims 2, 5, 8, 11: 'X is stable and improves on SFT', separating 'improves, then declines'
-    (partly) from 'collapses' (disagrees)."""
+    """Claims 2, 5, 8, 11: 'X is stable and improves on SFT'."""
     if not outcomes:
         return Verdict(NA, "", TRAJECTORY_RULE, "no runs of this configuration in the sweep")
     ev = "; ".join(o.describe() for o in outcomes) + f" ({_trajectory_counts(outcomes)})"
@@ -102,28 +98,38 @@ def rule_stable_and_improving(outcomes: Sequence[Outcome]) -> Verdict:
         return Verdict(AGREES, ev, TRAJECTORY_RULE)
     if failed > len(outcomes) / 2:
         return Verdict(DISAGREES, ev, TRAJECTORY_RULE)
-    return Verdict(PARTLY, ev, TRAJECTORY_RULE, f"{stable}/{len(outcomes)} stable, {failed} collapse")
+    return Verdict(PARTLY, ev, TRAJECTORY_RULE, f"{stable}/{len(outcomes)} stable, {failed} collapse or never gain")
 
 
-OVEROPT_RULE = "each run overoptimises if it ends >= 10 points below its peak or below SFT; agrees if all do, partly if some, disagrees if none"
+OVEROPT_RULE = ("overoptimised per run (rules.py: gold ends >= 10 points below its peak, SFT included, while the "
+                "proxy ends above its value there); agrees if every run is, partly if some, disagrees if none; "
+                "n/a if the proxy was not measured")
+
+
+def _known(outcomes: Sequence[Outcome]) -> list[Outcome]:
+    return [o for o in outcomes if o.overoptimised is not None]
 
 
 def rule_all_overoptimise(outcomes: Sequence[Outcome]) -> Verdict:
     """Claim 10 (and claim 1 per coefficient): every run of the configuration overoptimises."""
     if not outcomes:
         return Verdict(NA, "", OVEROPT_RULE, "no runs of this configuration in the sweep")
-    n = _count(outcomes, lambda o: o.overoptimised)
+    known = _known(outcomes)
+    if len(known) < len(outcomes):
+        return Verdict(NA, "; ".join(o.describe() for o in outcomes), OVEROPT_RULE,
+                       f"{len(outcomes) - len(known)} run(s) without a proxy series")
+    n = _count(known, lambda o: o.overoptimised)
     ev = "; ".join(o.describe() for o in outcomes) + f" ({n}/{len(outcomes)} overoptimise)"
     level = AGREES if n == len(outcomes) else PARTLY if n else DISAGREES
-    return Verdict(level, ev, OVEROPT_RULE)
+    return Verdict(level, ev, OVEROPT_RULE, "" if level != PARTLY else f"{n}/{len(outcomes)} overoptimise")
 
 
 # --------------------------------------------------------------------------------------------------
 # one rule per claim
 # --------------------------------------------------------------------------------------------------
-COEF_RULE = ("needs >= 3 entropy coefficients > 0 spanning >= 10x, plus coefficient 0, at the high lr; "
-             "agrees if every run at every coefficient > 0 overoptimises, partly if at some coefficients, "
-             "disagrees if at none (coefficient 0 is shown as the control)")
+COEF_RULE = ("needs >= 3 entropy coefficients > 0 spanning >= 10x, plus coefficient 0, at the high lr; agrees if "
+             "every run at every coefficient > 0 is overoptimised (rules.py), partly if some are, disagrees if none "
+             "is (coefficient 0 is shown as the control)")
 
 
 def rule_overoptimise_regardless_of_coef(by_coef: Mapping[float, Sequence[Outcome]]) -> Verdict:
@@ -132,29 +138,33 @@ def rule_overoptimise_regardless_of_coef(by_coef: Mapping[float, Sequence[Outcom
     have_zero = bool(by_coef.get(0.0))
     if len(coefs) < 3 or coefs[-1] < 10 * coefs[0] - 1e-12 or not have_zero:
         got = ", ".join(f"{c:g}" for c in sorted(c for c, r in by_coef.items() if r)) or "none"
-        return Verdict(NA, f"coefficients in the sweep: {got}", COEF_RULE,
-                       "the sweep has no coefficient sweep at the high lr")
-    per = {c: rule_all_overoptimise(by_coef[c]) for c in coefs}
-    over = {c: _count(by_coef[c], lambda o: o.overoptimised) for c in coefs}
-    ev = "; ".join(f"coef {c:g}: {over[c]}/{len(by_coef[c])} overoptimise (finals "
-                   + ", ".join(f"{o.final:.0%}" for o in by_coef[c]) + ")" for c in coefs)
-    zero = by_coef[0.0]
-    ev += (f"; control coef 0: {_count(zero, lambda o: o.overoptimised)}/{len(zero)} overoptimise (finals "
-           + ", ".join(f"{o.final:.0%}" for o in zero) + ")")
-    n_all = sum(1 for v in per.values() if v.level == AGREES)
-    level = AGREES if n_all == len(coefs) else PARTLY if any(over.values()) else DISAGREES
-    return Verdict(level, ev, COEF_RULE, "" if level == AGREES else f"{n_all}/{len(coefs)} coefficients overoptimise in every run")
+        return Verdict(NA, f"coefficients in the sweep: {got}", COEF_RULE, "the sweep has no coefficient sweep at the high lr")
+    runs = [o for c in coefs for o in by_coef[c]]
+    if len(_known(runs)) < len(runs):
+        return Verdict(NA, "", COEF_RULE, "runs without a proxy series")
+
+    def part(c, rs):
+        return (f"coef {c:g}: {_count(rs, lambda o: o.overoptimised)}/{len(rs)} overoptimise (trajectories "
+                + ", ".join(o.trajectory for o in rs) + ")")
+
+    ev = "; ".join(part(c, by_coef[c]) for c in coefs) + "; control " + part(0.0, by_coef[0.0])
+    n = _count(runs, lambda o: o.overoptimised)
+    level = AGREES if n == len(runs) else PARTLY if n else DISAGREES
+    return Verdict(level, ev, COEF_RULE, "" if level == AGREES else f"{n}/{len(runs)} runs overoptimise")
 
 
-GAIN_ATTRIBUTION_RULE = ("tested only at learning rates where the entropy runs keep a gain (mean final >= 10 points "
-                         "above SFT); agrees if there coefficient 0 ends within 10 points of them or higher, "
-                         "disagrees if the entropy runs end > 10 points higher (the entropy term helped)")
+GAIN_ATTRIBUTION_RULE = ("tested at every lr below the high one where the entropy runs keep a gain (mean final >= 10 "
+                         "points above SFT); there agrees if coefficient 0 ends no more than 10 points below them, "
+                         "disagrees if the entropy runs end > 10 points higher (the entropy term helped); not testable "
+                         "here where both groups end within 5 points of the task's win-rate ceiling (no room for a "
+                         "difference)")
 
 
-def rule_gain_not_from_entropy(by_lr: Mapping[float, tuple[Sequence[Outcome], Sequence[Outcome]]]) -> Verdict:
+def rule_gain_not_from_entropy(by_lr: Mapping[float, tuple[Sequence[Outcome], Sequence[Outcome]]],
+                               ceiling: Optional[float] = None) -> Verdict:
     """Claim 3: the low-lr gains are not due to the entropy term (coefficient 0 does as well).
-    by_lr: lr -> (entropy-regularised runs, coefficient-0 runs)."""
-    kept, tested = [], []
+    by_lr: lr -> (entropy-regularised runs, coefficient-0 runs); ceiling: the best win rate the task allows."""
+    kept, tested, capped = [], [], []
     for lr in sorted(by_lr):
         ent, zero = by_lr[lr]
         if not ent:
@@ -163,91 +173,128 @@ def rule_gain_not_from_entropy(by_lr: Mapping[float, tuple[Sequence[Outcome], Se
         kept.append(f"lr {lr:g}: entropy runs end {gain * 100:+.0f} points vs SFT")
         if gain >= GAIN - 1e-9 and zero:
             fe, fz = statistics.mean(o.final for o in ent), statistics.mean(o.final for o in zero)
-            tested.append((lr, fe, fz, len(ent), len(zero)))
-    if not tested:
+            at_cap = ceiling is not None and min(fe, fz) >= ceiling - R.CEILING_MARGIN - 1e-9
+            (capped if at_cap else tested).append((lr, fe, fz, len(ent), len(zero)))
+    ev_of = lambda rows: "; ".join(f"lr {lr:g}: final win entropy {fe:.0%} (n={ne}) vs coefficient 0 {fz:.0%} (n={nz})"  # noqa: E731
+                                   for lr, fe, fz, ne, nz in rows)
+    if not tested and not capped:
         return Verdict(NA, "; ".join(kept), GAIN_ATTRIBUTION_RULE,
-                       "at no learning rate of the sweep do the entropy runs keep a gain over SFT (with coefficient-0 "
+                       "at no learning rate below the high one do the entropy runs keep a gain over SFT (with coefficient-0 "
                        "runs beside them): there is no gain to attribute")
-    ev = "; ".join(f"lr {lr:g}: final win entropy {fe:.0%} (n={ne}) vs coefficient 0 {fz:.0%} (n={nz})"
-                   for lr, fe, fz, ne, nz in tested)
+    if not tested:
+        return Verdict(NOT_TESTABLE, ev_of(capped) + f"; ceiling {ceiling:.0%}", GAIN_ATTRIBUTION_RULE,
+                       "both groups end at the task's ceiling: the entropy term has no room to add anything")
+    ev = ev_of(tested) + (f"; at the ceiling ({ceiling:.0%}), not compared: {ev_of(capped)}" if capped else "")
     ok = [fz >= fe - GAIN + 1e-9 for _, fe, fz, _, _ in tested]
     level = AGREES if all(ok) else DISAGREES if not any(ok) else PARTLY
     return Verdict(level, ev, GAIN_ATTRIBUTION_RULE)
 
 
-TREND_RULE = ("the entropy-bonus trend is the mean of the last third minus the first third; agrees if every stable "
-              "run's trend is < 0 and every overoptimised run's > 0, disagrees if fewer than half of the runs "
-              "follow that pattern, partly otherwise or when one of the two groups is empty")
+TREND_RULE = ("the entropy-bonus trend is the mean of the last third minus the first third (|trend| < 0.01 nats: flat); "
+              "each half of the claim holds when more than half of its runs follow it: stable runs decay (< 0), "
+              "overoptimised runs increase (> 0); agrees if both halves hold, disagrees if a half with runs fails, "
+              "partly if one half holds and the other has no runs")
 
 
 def rule_entropy_trend(stable_trends: Sequence[float], overopt_trends: Sequence[float]) -> Verdict:
     """Claim 4: stable runs show decaying entropy bonuses, overoptimised runs increasing ones."""
-    n = len(stable_trends) + len(overopt_trends)
-    if not n:
+    if not stable_trends and not overopt_trends:
         return Verdict(NA, "", TREND_RULE, "no entropy-regularised runs with an entropy-bonus series")
-    ok_s = _count(stable_trends, lambda t: t < 0)
-    ok_o = _count(overopt_trends, lambda t: t > 0)
+    ok_s = _count(stable_trends, lambda t: t < -R.TREND_FLAT)
+    ok_o = _count(overopt_trends, lambda t: t > R.TREND_FLAT)
+    flat = _count(list(stable_trends) + list(overopt_trends), lambda t: abs(t) <= R.TREND_FLAT)
     ev = (f"stable runs with a decaying bonus {ok_s}/{len(stable_trends)}; overoptimised runs with an increasing "
-          f"bonus {ok_o}/{len(overopt_trends)}")
-    if ok_s + ok_o < n / 2:
+          f"bonus {ok_o}/{len(overopt_trends)}; flat {flat}")
+    halves = [(name, ok, len(ts)) for name, ok, ts in (("stable", ok_s, stable_trends), ("overoptimised", ok_o, overopt_trends))]
+    failed = [name for name, ok, n in halves if n and ok <= n / 2]
+    if failed:
         return Verdict(DISAGREES, ev, TREND_RULE)
-    if not stable_trends or not overopt_trends:
-        return Verdict(PARTLY, ev, TREND_RULE, f"no {'stable' if not stable_trends else 'overoptimised'} runs: only half the claim is testable")
-    if ok_s + ok_o == n:
-        return Verdict(AGREES, ev, TREND_RULE)
-    return Verdict(PARTLY, ev, TREND_RULE)
+    empty = [name for name, _, n in halves if not n]
+    if empty:
+        return Verdict(PARTLY, ev, TREND_RULE, f"no {empty[0]} runs: only half the claim is testable")
+    return Verdict(AGREES, ev, TREND_RULE)
 
 
-KL_REF_RULE = "agrees if the KL-constrained runs' mean late KL(pi || pi_ref) is below the entropy runs' at the same lr"
+KL_REF_RULE = (f"growth of KL(pi||pi_ref) = mean of the last third / mean of the middle third of the run; bounded if "
+               f"<= {R.BOUND_RATIO}; agrees if the KL runs' growth is bounded and the entropy runs' is not (they keep "
+               "drifting), partly if only one of the two holds, disagrees if the KL runs keep growing and the entropy "
+               "runs are bounded")
 
 
-def rule_kl_ref_bounded(kl_late: Sequence[float], entropy_late: Sequence[float]) -> Verdict:
-    """Claim 6: KL-constrained runs keep KL(pi || pi_ref) bounded; reference-free runs drift further."""
-    if not kl_late or not entropy_late:
-        return Verdict(NA, "", KL_REF_RULE, "needs KL-constrained and entropy runs with a KL_ref series at one lr")
-    k, e = statistics.mean(kl_late), statistics.mean(entropy_late)
-    ev = f"late KL_ref, mean: KL runs {k:.2f} (n={len(kl_late)}), entropy runs {e:.2f} (n={len(entropy_late)})"
-    return Verdict(AGREES if k < e else DISAGREES, ev, KL_REF_RULE)
-
-
-KL_PREV_RULE = ("growth = late / early mean KL between consecutive policies (thirds of the run); agrees if the entropy "
-                "runs' growth > 1 and above the KL runs', partly if both grow and KL's grows as much, disagrees if the "
-                "entropy runs' does not grow")
-
-
-def rule_kl_prev_growth(kl_growth: Sequence[float], entropy_growth: Sequence[float]) -> Verdict:
-    """Claim 7: KL between consecutive policies stays bounded under KL, grows under MaxEnt."""
+def rule_kl_ref_bounded(kl_growth: Sequence[float], entropy_growth: Sequence[float],
+                        kl_late: Sequence[float] = (), entropy_late: Sequence[float] = ()) -> Verdict:
+    """Claim 6: KL-constrained runs keep KL(pi || pi_ref) bounded; reference-free runs drift further.
+    *_growth: per run, last-third / middle-third mean; *_late: the last-third means (evidence only)."""
     if not kl_growth or not entropy_growth:
-        return Verdict(NA, "", KL_PREV_RULE, "needs KL-constrained and entropy runs with a consecutive-policy KL series")
+        return Verdict(NA, "", KL_REF_RULE, "needs KL-constrained and entropy runs with a KL_ref series at one lr")
     gk, ge = statistics.mean(kl_growth), statistics.mean(entropy_growth)
-    ev = f"late/early ratio, mean over runs: KL {gk:.2f}, entropy runs {ge:.2f}"
-    if ge <= 1:
-        return Verdict(DISAGREES, ev, KL_PREV_RULE)
-    if ge > gk:
-        return Verdict(AGREES, ev, KL_PREV_RULE)
-    return Verdict(PARTLY, ev, KL_PREV_RULE, "the KL runs' updates grow as much")
+    ev = f"last/middle third, mean over runs: KL runs {gk:.2f} (n={len(kl_growth)}), entropy runs {ge:.2f} (n={len(entropy_growth)})"
+    if kl_late and entropy_late:
+        ev += f"; late KL_ref: KL runs {statistics.mean(kl_late):.2f}, entropy runs {statistics.mean(entropy_late):.2f}"
+    bounded, drifts = gk <= R.BOUND_RATIO, ge > R.BOUND_RATIO
+    if bounded and drifts:
+        return Verdict(AGREES, ev, KL_REF_RULE)
+    if not bounded and not drifts:
+        return Verdict(DISAGREES, ev, KL_REF_RULE)
+    return Verdict(PARTLY, ev, KL_REF_RULE, "KL runs bounded, but the entropy runs' KL_ref stops growing" if bounded
+                   else "entropy runs drift, but so do the KL runs")
 
 
-BAND_BATCH = 32  # the rule's fixed batch size (the toy's DPO global batch)
-BAND_RULE = (f"narrow: the sd of {BAND_BATCH}-example batch means < 1 nat (a run with batch size B is rescaled by "
-             f"sqrt(B/{BAND_BATCH}), treating examples as independent); sign: 'typically negative' holds when more than "
-             "half of the batch means are < 0; agrees if both hold, partly if one, disagrees if neither")
+KL_PREV_RULE = (f"growth = mean of the last third / mean of the first third of KL between consecutive policies, under "
+                f"each of five estimates; the verdict rests on the paper's direction KL(pi_t||pi_t-1) k1 when its median "
+                f"effective sample fraction is >= {R.ESS_MIN}, else on KL(pi_t-1||pi_t) k3 (no weights); agrees if the "
+                "entropy runs' growth is > 1 and above the KL runs', partly if both grow and KL's grows as much, or if "
+                "another estimate gives a different verdict; disagrees if the entropy runs' does not grow")
 
 
-def rule_ref_logratio_band(batch_means: Sequence[float], batch_size: int) -> Verdict:
+def _kl_prev_level(gk: float, ge: float) -> str:
+    return DISAGREES if ge <= 1 else AGREES if ge > gk else PARTLY
+
+
+def rule_kl_prev_growth(kl_growth: Mapping[str, Sequence[float]], entropy_growth: Mapping[str, Sequence[float]],
+                        ess: Optional[float] = None) -> Verdict:
+    """Claim 7: KL between consecutive policies stays bounded under KL, grows under MaxEnt.
+    *_growth: estimate name (rules.KL_PREV_ESTIMATES) -> per-run growth; ess: median of objective/kl_prev_ess
+    over the runs' compared windows (None: not logged)."""
+    names = [n for n in R.KL_PREV_ESTIMATES if kl_growth.get(n) and entropy_growth.get(n)]
+    if not names:
+        return Verdict(NA, "", KL_PREV_RULE, "needs KL-constrained and entropy runs with a consecutive-policy KL series")
+    primary = R.KL_PREV_PRIMARY if ess is not None and ess >= R.ESS_MIN else R.KL_PREV_FALLBACK
+    if primary not in names:
+        primary = names[0]
+    levels = {n: _kl_prev_level(statistics.mean(kl_growth[n]), statistics.mean(entropy_growth[n])) for n in names}
+    ev = "; ".join(f"{n}: KL {statistics.mean(kl_growth[n]):.2f}, entropy {statistics.mean(entropy_growth[n]):.2f}"
+                   + (" (verdict rests on this)" if n == primary else "") for n in names)
+    ev = "late/early ratio, mean over runs: " + ev + (f"; median ESS {ess:.2f}" if ess is not None else "; ESS not logged")
+    level = levels[primary]
+    others = sorted({lv for n, lv in levels.items() if n != primary and n != "policy/approxkl"} - {level})
+    if level == AGREES and others:
+        return Verdict(PARTLY, ev, KL_PREV_RULE, f"{primary} agrees, other estimates: {', '.join(others)}")
+    reason = "the KL runs' updates grow as much" if level == PARTLY else ""
+    return Verdict(level, ev, KL_PREV_RULE, reason)
+
+
+BAND_RULE = (f"narrow: the per-example sd of the reference log-ratio is < {R.NARROW_SD} nat (per-example values when "
+             "logged, else the sd of batch means x sqrt(batch size), which treats examples as independent); sign: "
+             "'typically negative' holds when more than half of the batch means are < 0; agrees if both hold, partly "
+             "if one, disagrees if neither")
+
+
+def rule_ref_logratio_band(batch_means: Sequence[float], batch_size: int,
+                           per_example_sd: Optional[float] = None) -> Verdict:
     """Claim 9 (Sec. 4.3, Fig. 4): the DPO reference log-ratio log pi_ref(y_w)/pi_ref(y_l) is 'typically
-    negative but small' and lies in a narrow range. The sd of a batch mean shrinks like 1/sqrt(B), so the
-    width is judged at a fixed batch size; per example the sd is estimated as sd_batch * sqrt(B)."""
+    negative but small' and lies in a narrow range (judged per example: a batch mean's sd shrinks like
+    1/sqrt(B) whatever the spread of the margins a pair actually gets)."""
     if len(batch_means) < 10 or batch_size < 1:
         return Verdict(NA, f"{len(batch_means)} batches", BAND_RULE, "fewer than 10 logged batches of the DPO run")
     sd = statistics.pstdev(batch_means)
-    sd_ref = sd * math.sqrt(batch_size / BAND_BATCH)
+    est = per_example_sd if per_example_sd is not None else sd * math.sqrt(batch_size)
     below = _count(batch_means, lambda v: v < 0) / len(batch_means)
     above = _count(batch_means, lambda v: v > 0) / len(batch_means)
-    narrow, negative = sd_ref < 1.0, below > 0.5
-    ev = (f"{len(batch_means)} batches of {batch_size}: mean {statistics.mean(batch_means):+.2f} nats, sd {sd:.2f} "
-          f"(at batch {BAND_BATCH}: {sd_ref:.2f}; per example ~{sd * math.sqrt(batch_size):.1f}), range "
-          f"[{min(batch_means):.2f}, {max(batch_means):.2f}]; {above:.0%} of batches above 0, {below:.0%} below")
+    narrow, negative = est < R.NARROW_SD, below > 0.5
+    ev = (f"{len(batch_means)} batches of {batch_size}: mean {statistics.mean(batch_means):+.2f} nats, batch sd {sd:.2f}, "
+          f"per-example sd {est:.1f} ({'logged' if per_example_sd is not None else 'batch sd x sqrt(batch)'}), range of "
+          f"batch means [{min(batch_means):.2f}, {max(batch_means):.2f}]; {above:.0%} of batches above 0, {below:.0%} below")
     if narrow and negative:
         return Verdict(AGREES, ev, BAND_RULE)
     if narrow or negative:
@@ -255,22 +302,29 @@ def rule_ref_logratio_band(batch_means: Sequence[float], batch_size: int) -> Ver
     return Verdict(DISAGREES, ev, BAND_RULE)
 
 
-MARGIN_RULE = "agrees if the best gamma > 0 ends >= 5 points above gamma 0, disagrees if no gamma > 0 ends above gamma 0, partly in between (within noise)"
+MARGIN_RULE = ("on the PEAK gold win rate (what the margin buys): agrees if the best gamma > 0 peaks >= 5 points above "
+               "gamma 0, disagrees if no gamma > 0 peaks above gamma 0, partly in between; not testable here when gamma "
+               "0 already peaks within 5 points of the task's ceiling")
 
 
-def rule_margin_helps(final_gamma0: float, finals_positive: Mapping[float, float]) -> Verdict:
+def rule_margin_helps(peak_gamma0: Optional[float], peaks_positive: Mapping[float, float],
+                      ceiling: Optional[float] = None) -> Verdict:
     """Claim 12: an appropriate margin gamma > 0 improves on gamma = 0 (at a low lr)."""
-    if final_gamma0 is None or not finals_positive:
+    if peak_gamma0 is None or not peaks_positive:
         return Verdict(NA, "", MARGIN_RULE, "needs SimPO runs with gamma 0 and some gamma > 0 at one lr")
-    g, best = max(finals_positive.items(), key=lambda kv: kv[1])
-    ev = f"final win: gamma 0 {final_gamma0:.1%}, best gamma > 0 ({g:g}) {best:.1%}"
-    diff = best - final_gamma0
-    level = AGREES if diff >= 0.05 - 1e-9 else DISAGREES if diff <= 0 else PARTLY
+    g, best = max(peaks_positive.items(), key=lambda kv: kv[1])
+    ev = f"peak win: gamma 0 {peak_gamma0:.1%}, best gamma > 0 ({g:g}) {best:.1%}"
+    if ceiling is not None and peak_gamma0 >= ceiling - R.CEILING_MARGIN - 1e-9:
+        return Verdict(NOT_TESTABLE, ev + f"; ceiling {ceiling:.0%}", MARGIN_RULE,
+                       "gamma 0 already peaks at the task's ceiling: no room for a margin to improve on it")
+    diff = best - peak_gamma0
+    level = AGREES if diff >= NOISE - 1e-9 else DISAGREES if diff <= 0 else PARTLY
     return Verdict(level, ev, MARGIN_RULE, "better, but within noise" if level == PARTLY else "")
 
 
-LARGER_MARGIN_RULE = ("tested where some gamma drops >= 10 points from its peak; agrees if the largest gamma ends >= 5 "
-                      "points below gamma 0, disagrees otherwise")
+LARGER_MARGIN_RULE = ("on the DROP from the peak (how much is lost): tested where some gamma drops >= 10 points; agrees "
+                      "if the largest gamma drops >= 5 points more than gamma 0, disagrees if it drops >= 5 points less, "
+                      "partly (within noise) otherwise; n/a where every gamma ends at ~0")
 
 
 def rule_larger_margin_worse(outcomes_by_gamma: Mapping[float, Outcome]) -> Verdict:
@@ -278,10 +332,88 @@ def rule_larger_margin_worse(outcomes_by_gamma: Mapping[float, Outcome]) -> Verd
     gammas = sorted(outcomes_by_gamma)
     if len(gammas) < 2 or gammas[0] != 0.0:
         return Verdict(NA, "", LARGER_MARGIN_RULE, "needs gamma 0 and at least one gamma > 0")
-    finals = [outcomes_by_gamma[g].final for g in gammas]
-    ev = "final win by gamma: " + ", ".join(f"{g:g}: {f:.0%}" for g, f in zip(gammas, finals))
-    if not any(outcomes_by_gamma[g].drop >= DROP - 1e-9 for g in gammas):
+    drops = [outcomes_by_gamma[g].drop for g in gammas]
+    ev = "drop from the peak by gamma: " + ", ".join(f"{g:g}: {d * 100:.0f} points" for g, d in zip(gammas, drops))
+    if max(drops) < DROP - 1e-9:
         return Verdict(NA, ev, LARGER_MARGIN_RULE, "no gamma overoptimises at this lr: nothing to make worse")
-    if max(finals) < 0.05:
+    if max(outcomes_by_gamma[g].final for g in gammas) < 0.05:
         return Verdict(NA, ev, LARGER_MARGIN_RULE, "every gamma ends at ~0: no order to compare")
-    return Verdict(AGREES if finals[-1] <= finals[0] - 0.05 + 1e-9 else DISAGREES, ev, LARGER_MARGIN_RULE)
+    diff = drops[-1] - drops[0]
+    level = AGREES if diff >= NOISE - 1e-9 else DISAGREES if diff <= -NOISE + 1e-9 else PARTLY
+    return Verdict(level, ev, LARGER_MARGIN_RULE, "within noise" if level == PARTLY else "")
+
+
+EXACERBATE_RULE = ("at each lr with entropy and coefficient-0 runs: the entropy runs' mean final gold win rate minus "
+                   "coefficient 0's; agrees if at some lr the entropy runs end >= 10 points lower ('may, in some cases, "
+                   "exacerbate it'), disagrees if at no lr they do")
+
+
+def rule_entropy_exacerbates(by_lr: Mapping[float, tuple[Sequence[Outcome], Sequence[Outcome]]]) -> Verdict:
+    """Claim 14 (abstract, Sec. 1): entropy regularisation may, in some cases, exacerbate overoptimisation."""
+    rows = [(lr, statistics.mean(o.final for o in e), statistics.mean(o.final for o in z), len(e), len(z))
+            for lr, (e, z) in sorted(by_lr.items()) if e and z]
+    if not rows:
+        return Verdict(NA, "", EXACERBATE_RULE, "needs entropy and coefficient-0 runs at one lr")
+    ev = "; ".join(f"lr {lr:g}: final win entropy {fe:.0%} (n={ne}) vs coefficient 0 {fz:.0%} (n={nz})"
+                   for lr, fe, fz, ne, nz in rows)
+    worse = [lr for lr, fe, fz, _, _ in rows if fe <= fz - GAIN + 1e-9]
+    return Verdict(AGREES if worse else DISAGREES, ev, EXACERBATE_RULE)
+
+
+def _length_channel(proxy_longer: Optional[float], gold_longer: Optional[float]) -> Optional[str]:
+    """Why the length claims cannot be tested (None when the proxy has a length channel)."""
+    if proxy_longer is None or gold_longer is None:
+        return "the proxy's length preference was not measured"
+    if proxy_longer < gold_longer + R.PROXY_LENGTH_BIAS_MIN - 1e-9:
+        return (f"the proxy prefers the longer summary in {proxy_longer:.0%} of held-out pairs, the gold judge in "
+                f"{gold_longer:.0%}: no length channel to exploit")
+    return None
+
+
+LENGTH_ONLINE_RULE = (f"length growth = greedy summary length at the final checkpoint minus SFT's (tokens), mean over "
+                      f"seeds, on the length-channel toy; not testable here unless the proxy prefers longer summaries >= "
+                      f"{R.PROXY_LENGTH_BIAS_MIN:.0%} more often than gold and Eq. 6 grows length by >= {R.LEN_GROWTH:g} "
+                      f"token; then agrees if Eq. 7 grows >= {R.LEN_MARGIN:g} token less than Eq. 6, disagrees if it grows "
+                      "as much or more, partly in between")
+
+
+def rule_length_normalisation_curbs(growth_eq6: Sequence[float], growth_eq7: Sequence[float],
+                                    proxy_longer: Optional[float], gold_longer: Optional[float]) -> Verdict:
+    """Claim 15 (Sec. 3.3, Eq. 7): length normalisation of the entropy term prevents length exploitation online."""
+    if not growth_eq6 or not growth_eq7:
+        return Verdict(NA, "", LENGTH_ONLINE_RULE, "needs length-channel runs of Eq. 6 and Eq. 7")
+    g6, g7 = statistics.mean(growth_eq6), statistics.mean(growth_eq7)
+    ev = f"length growth (tokens), mean: Eq. 6 {g6:+.1f} (n={len(growth_eq6)}), Eq. 7 {g7:+.1f} (n={len(growth_eq7)})"
+    if proxy_longer is not None and gold_longer is not None:
+        ev += f"; proxy prefers the longer summary {proxy_longer:.0%}, gold {gold_longer:.0%}"
+    why = _length_channel(proxy_longer, gold_longer)
+    if why:
+        return Verdict(NOT_TESTABLE, ev, LENGTH_ONLINE_RULE, why)
+    if g6 < R.LEN_GROWTH - 1e-9:
+        return Verdict(NOT_TESTABLE, ev, LENGTH_ONLINE_RULE, "the unnormalised entropy runs do not grow length either")
+    diff = g6 - g7
+    level = AGREES if diff >= R.LEN_MARGIN - 1e-9 else DISAGREES if diff <= 0 else PARTLY
+    return Verdict(level, ev, LENGTH_ONLINE_RULE, "less growth, but within a token" if level == PARTLY else "")
+
+
+LENGTH_SIMPO_RULE = (f"length growth as for the online rule, SimPO runs of the length-channel toy; not testable here "
+                     f"without the proxy's length channel (the labels carry it); agrees if SimPO without length "
+                     f"normalisation grows length by >= {R.LEN_GROWTH:g} token and >= {R.LEN_MARGIN:g} token more than "
+                     "with it, disagrees if it grows no more than with it, partly in between")
+
+
+def rule_simpo_length_exploitation(growth_norm: Sequence[float], growth_plain: Sequence[float],
+                                   proxy_longer: Optional[float], gold_longer: Optional[float]) -> Verdict:
+    """Claim 16 (Sec. 3.2): SimPO without length normalisation is prone to severe length exploitation."""
+    if not growth_norm or not growth_plain:
+        return Verdict(NA, "", LENGTH_SIMPO_RULE, "needs length-channel SimPO runs with and without length normalisation")
+    gn, gp = statistics.mean(growth_norm), statistics.mean(growth_plain)
+    ev = f"length growth (tokens): normalised {gn:+.1f} (n={len(growth_norm)}), unnormalised {gp:+.1f} (n={len(growth_plain)})"
+    why = _length_channel(proxy_longer, gold_longer)
+    if why:
+        return Verdict(NOT_TESTABLE, ev, LENGTH_SIMPO_RULE, why)
+    if gp >= R.LEN_GROWTH - 1e-9 and gp - gn >= R.LEN_MARGIN - 1e-9:
+        return Verdict(AGREES, ev, LENGTH_SIMPO_RULE)
+    if gp <= gn:
+        return Verdict(DISAGREES, ev, LENGTH_SIMPO_RULE)
+    return Verdict(PARTLY, ev, LENGTH_SIMPO_RULE, "longer without normalisation, but by less than the thresholds")

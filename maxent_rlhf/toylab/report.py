@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Optional
 
 from .. import plotting
-from . import claims
+from ..config import ConfigError
+from . import claims, rules
 from .claims import DROP  # "falls at least 10 points below its in-run peak"
 from .sweep import REGULARIZER_LABELS
 
 # train_rloo metrics behind the KL claims (6, 7) and the run table: "objective/<key>"
 KL_REF = "kl_ref_k3"
 KL_PREV = "kl_prev_k3"
+ENV_ALLOW_MIXED = "MAXENT_RLHF_TOYLAB_ALLOW_MIXED_CODE"  # 1: report runs of different code or rules together
 
 
 def _reg_key(run: plotting.Run) -> str:
@@ -49,7 +51,20 @@ def _lr(run: plotting.Run) -> float:
     return float(run.config.get("learning_rate", run.info.get("learning_rate", float("nan"))))
 
 
+def _thirds(v: list) -> tuple[list, list, list]:
+    third = max(1, len(v) // 3)
+    return v[:third], v[third:len(v) - third] or v[:third], v[-third:]
+
+
+def _lengths(run: plotting.Run) -> tuple[Optional[float], Optional[float]]:
+    """Mean token length of the greedy summaries: SFT baseline and final checkpoint (eval_gold)."""
+    xs, ys = plotting._curve(run.gold, "mean_policy_tokens", include_baseline=True)
+    return (ys[0] if xs and xs[0] == 0 else None), (ys[-1] if ys else None)
+
+
 def analyse(run: plotting.Run) -> dict:
+    """One run's numbers for the tables and the claim rules: the gold and proxy trajectories (terms from
+    rules.py), KL statistics under every estimate, the entropy-bonus trend, greedy summary lengths."""
     xs, ys = run.winrate_curve(include_baseline=True)
     px, py = run.proxy_curve(include_baseline=True)
     out = {"name": run.name, "lr": _lr(run), "steps": xs, "win": ys, "proxy": dict(zip(px, py)), "variant": _reg_key(run),
@@ -61,7 +76,8 @@ def analyse(run: plotting.Run) -> dict:
                final_step=xs[-1], drop=ys[i_peak] - ys[-1])
     p_peak, p_final = out["proxy"].get(xs[i_peak]), out["proxy"].get(xs[-1])
     out.update(proxy_at_peak=p_peak, proxy_final=p_final)
-    out["overoptimised"] = bool(out["drop"] >= DROP - 1e-9 and p_peak is not None and p_final is not None and p_final > p_peak)
+    out["overoptimised"] = rules.overoptimised(out["peak"], out["final"], p_peak, p_final)
+    out["len_sft"], out["len_final"] = _lengths(run)
     eb = run.series("objective/entropy_bonus")[1]
     if len(eb) >= 6:
         third = len(eb) // 3
@@ -69,10 +85,53 @@ def analyse(run: plotting.Run) -> dict:
     for key in (KL_REF, KL_PREV):
         v = run.series("objective/" + key)[1]
         if v:
-            third = max(1, len(v) // 3)
-            out[key + "_early"] = statistics.mean(v[:third])
-            out[key + "_late"] = statistics.mean(v[-third:])
+            early, _, late = _thirds(v)
+            out[key + "_early"] = statistics.mean(early)
+            out[key + "_late"] = statistics.mean(late)
+    # claim 6: growth of KL_ref from the middle to the last third (the first third starts at 0 for every run)
+    v = run.series(rules.KL_REF_KEYS[rules.KL_REF_PRIMARY])[1]
+    if len(v) >= 3:
+        _, mid, late = _thirds(v)
+        out["kl_ref_growth"] = statistics.mean(late) / max(statistics.mean(mid), 1e-8)
+    # claim 7: late / early growth under every estimate, and the ESS of the importance weights in those windows
+    out["kl_prev_growth"] = {}
+    for name, key in rules.KL_PREV_ESTIMATES.items():
+        v = run.series(key)[1]
+        if len(v) >= 3:
+            early, _, late = _thirds(v)
+            out["kl_prev_growth"][name] = statistics.mean(late) / max(statistics.mean(early), 1e-8)
+    ess = run.series(rules.KL_PREV_ESS)[1]
+    if len(ess) >= 3:
+        early, _, late = _thirds(ess)
+        out["kl_prev_ess"] = statistics.median(early + late)
     return out
+
+
+def provenance_lines(runs, allow_mixed: Optional[bool] = None) -> list[str]:
+    """Which code and which rules made the runs (DONE.json, `sweep.provenance`). Runs of different code or
+    rules are refused (ConfigError) unless allow_mixed (default: $MAXENT_RLHF_TOYLAB_ALLOW_MIXED_CODE=1);
+    then the report says so, naming the groups."""
+    import os
+
+    if allow_mixed is None:
+        allow_mixed = os.environ.get(ENV_ALLOW_MIXED, "") == "1"
+    groups: dict = {}
+    for r in runs:
+        key = (r.info.get("code_commit") or "unrecorded", bool(r.info.get("code_dirty")), r.info.get("rules_sha256") or "unrecorded")
+        groups.setdefault(key, []).append(r.name)
+    here = rules.rules_sha256()
+    desc = lambda k: (f"code {k[0][:10]}{' + uncommitted changes' if k[1] else ''}, rules "  # noqa: E731
+                      f"{k[2][:12]}{' (this checkout)' if k[2] == here else ''}")
+    if len(groups) <= 1:
+        k = next(iter(groups), ("unrecorded", False, "unrecorded"))
+        return [f"Provenance: every run was made by {desc(k)}; the verdicts below apply the rules of this checkout "
+                f"(`maxent_rlhf/toylab/rules.py`, sha256 {here[:12]})"
+                + ("" if k[2] in (here, "unrecorded") else " -- NOT the rules the runs were registered under") + ".\n"]
+    listing = "; ".join(f"{desc(k)}: {len(v)} runs ({', '.join(v[:4])}{', ...' if len(v) > 4 else ''})" for k, v in groups.items())
+    if not allow_mixed:
+        raise ConfigError(f"the sweep mixes runs of {len(groups)} code/rules versions ({listing}); rerun the odd ones, or "
+                          f"set {ENV_ALLOW_MIXED}=1 to report them together (the report then says so)")
+    return [f"**Mixed provenance** (reported together on request, {ENV_ALLOW_MIXED}=1): {listing}.\n"]
 
 
 def _fmt(x, spec=".0%"):
@@ -86,12 +145,20 @@ def _mean(vals):
     return statistics.mean(vals) if vals else None
 
 
-def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Path:
+def _load(folder: Path) -> list[plotting.Run]:
+    return [plotting.load_run(d) for d in sorted(folder.glob("*")) if (d / "DONE.json").exists()]
+
+
+def write_report(sweep_dir: str | Path, report_dir: str | Path = "report", allow_mixed_code: Optional[bool] = None) -> Path:
+    """report.md and its figures. Runs of different code or rules are refused unless allow_mixed_code
+    (default: $MAXENT_RLHF_TOYLAB_ALLOW_MIXED_CODE=1), and the report then says so."""
     sweep_dir, report_dir = Path(sweep_dir), Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
     meta = json.loads((sweep_dir / "sweep.json").read_text()) if (sweep_dir / "sweep.json").exists() else {}
-    rloo = [plotting.load_run(d) for d in sorted((sweep_dir / "rloo").glob("*")) if (d / "DONE.json").exists()]
-    offline = {d.name: plotting.load_run(d) for d in sorted((sweep_dir / "offline").glob("*")) if (d / "DONE.json").exists()}
+    rloo = _load(sweep_dir / "rloo")
+    offline = {r.name: r for r in _load(sweep_dir / "offline")}
+    length = {"rloo": _load(sweep_dir / "length" / "rloo"), "offline": _load(sweep_dir / "length" / "offline")}
+    provenance = provenance_lines(list(rloo) + list(offline.values()) + length["rloo"] + length["offline"], allow_mixed_code)
+    report_dir.mkdir(parents=True, exist_ok=True)
     stats = [analyse(r) for r in rloo]
     lrs = sorted({_lr(r) for r in rloo})
     figs = {}
@@ -111,10 +178,13 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
     for i, lr in enumerate(lrs):
         rs = [r for r in rloo if _lr(r) == lr]
         key = f"kl_{i}"
-        figs[key] = plotting.plot_kl(rs, report_dir / f"fig3_kl_lr{lr:g}.png", title=f"KL metrics, lr {lr:g}", group=_label)
-        captions.append((key, f"Figure 3 analogue, lr {lr:g}: KL(pi_t || pi_ref) (top, k3) and KL(pi_t || pi_t-1) "
-                              "between consecutive policies (bottom, the paper's direction: `objective/kl_prev`, "
-                              "importance-weighted from pi_t-1's samples), symlog scale."))
+        figs[key] = plot_kl_estimates(rs, report_dir / f"fig3_kl_lr{lr:g}.png", title=f"KL metrics, lr {lr:g}")
+        captions.append((key, f"Figure 3 analogue, lr {lr:g}: KL(pi_t || pi_ref) under k1 and k3, KL between "
+                              "consecutive policies in both directions (the paper's KL(pi_t || pi_t-1) is importance-"
+                              "weighted from pi_t-1's samples), `policy/approxkl`, and the effective sample fraction of "
+                              "those weights (`objective/kl_prev_ess`). Thin lines: each seed as logged, no smoothing; "
+                              "thick: the median over seeds at each logged iteration; symlog scale."
+                              + spike_note(rs)))
     if rloo:
         figs["overopt"] = plotting.plot_winrate_per_checkpoint(
             rloo, report_dir / "fig_overopt_gold_vs_proxy.png", label=_label, panel=lambda r: f"lr {_lr(r):g}",
@@ -137,11 +207,16 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
     main_lrs = sorted(meta.get("lrs") or lrs)
     kl_by_lr = {lr: _group_final(stats, "kl", lr) for lr in main_lrs}
     overopt = [s for s in stats if s.get("overoptimised")]
+    ceiling = task_ceiling(cache)
+    length_cache = _artifact_dir("length")
+    length_rm = _read_json(length_cache / "reward" / "heldout_accuracy.json") if length_cache else None
+    length_pairs = _read_json(length_cache / "pairs" / "stats.json") if length_cache else None
     best_overopt = max(overopt, key=lambda s: s["drop"], default=None)
     rloo_secs = [r.info.get("seconds") for r in rloo if r.info.get("seconds")]
 
     L = []
     L.append("# Toy lab report\n")
+    L += provenance
     # the sweep folder by its name only: a machine's absolute path means nothing to a reader of the report
     L.append("Generated by `python -m maxent_rlhf.toylab report` from the run directories of the sweep folder "
              f"`{Path(sweep_dir).name}` (`--out`). Every number below is computed from `metrics.jsonl` and the `evaluate_judge.py` "
@@ -178,6 +253,15 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
                  f"{s['final']:.0%}, proxy {s['proxy_at_peak']:.2f} -> {s['proxy_final']:.2f} | yes |")
     else:
         L.append("| overoptimisation: proxy up while gold falls >= 10 points below its in-run peak | >= 1 config | none | NO |")
+    if ceiling is not None:
+        L.append(f"| the task's win-rate ceiling (the ideal summary against the references) | - | {ceiling:.1%} | - |")
+    if length_rm:
+        a = length_rm["accuracy_vs_labels"]
+        L.append(f"| length channel: proxy RM held-out accuracy (n={length_rm['n']}) | 0.65-0.90 | {a:.3f} "
+                 f"(vs noiseless gold: {length_rm['accuracy_vs_gold']:.3f}) | {'yes' if 0.65 <= a <= 0.9 else 'NO'} |")
+        L.append(f"| length channel: proxy prefers the longer summary more often than gold (held-out pairs) | >= +10 points | "
+                 f"{_fmt(length_rm.get('rm_prefers_longer'))} vs {_fmt(length_rm.get('gold_prefers_longer'))} | "
+                 f"{'yes' if claims._length_channel(length_rm.get('rm_prefers_longer'), length_rm.get('gold_prefers_longer')) is None else 'NO'} |")
     if build_s is not None:
         L.append(f"| first-use build of all artifacts | <= 5 min | {build_s:.0f} s | {'yes' if build_s <= 300 else 'NO'} |")
     if rloo_secs:
@@ -204,7 +288,7 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
             continue
         L.append(f"| {s['name']} | {s['lr']:g} | {_fmt(s.get('sft'))} | {_fmt(s['peak'])} ({s['peak_step']}) | {_fmt(s['final'])} | "
                  f"{s['drop'] * 100:.0f} | {_trajectory(s)} | {_fmt(s.get('proxy_at_peak'), '.2f')} -> {_fmt(s.get('proxy_final'), '.2f')} | "
-                 f"{'yes' if s.get('overoptimised') else 'no'} | {_fmt(s.get(KL_REF + '_late'), '.2f')} | "
+                 f"{_yes(s.get('overoptimised'))} | {_fmt(s.get(KL_REF + '_late'), '.2f')} | "
                  f"{_fmt(s.get(KL_PREV + '_early'), '.3f')} -> {_fmt(s.get(KL_PREV + '_late'), '.3f')} | "
                  f"{_fmt(s.get('entropy_bonus_trend'), '+.3f')} |")
     L.append("")
@@ -220,7 +304,9 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
         if key in figs:
             L.append(f"![{key}]({Path(figs[key]).name})\n\n{caption}\n")
 
-    L += claims_table(stats, offline, main_lrs, extra_lrs=[lr for lr in lrs if lr not in main_lrs])
+    L += length_section(length, length_rm, length_pairs)
+    L += claims_table(stats, offline, main_lrs, extra_lrs=[lr for lr in lrs if lr not in main_lrs], ceiling=ceiling,
+                      length=length, length_rm=length_rm)
     notes = report_dir / "notes.md"
     if notes.exists():
         L.append("## Notes (written by whoever ran the sweep; not generated)\n")
@@ -231,7 +317,7 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report") -> Pa
 
 
 def _trajectory(s: dict) -> str:
-    return claims.Outcome(s["name"], s["sft"], s["peak"], s["final"]).trajectory if s.get("sft") is not None else "-"
+    return rules.trajectory(s["sft"], s["peak"], s["final"]) if s.get("sft") is not None else "-"
 
 
 def cost_lines(rloo, offline: dict, build_s, meta: dict) -> list[str]:
@@ -316,12 +402,15 @@ def offline_table(offline: dict) -> list[str]:
     rows = [x for x in rows if "final" in x]
     if not rows:
         return []
-    L = ["## Every offline run\n", "Gold win rate against the references per checkpoint of DPO and SimPO (step 0 = SFT).\n",
-         "| run | loss | lr | beta | gamma | SFT | peak (step) | final | drop | trajectory |", "|---|---|---|---|---|---|---|---|---|---|"]
+    L = ["## Every offline run\n", "Gold win rate against the references per checkpoint of DPO and SimPO (step 0 = SFT), and the proxy "
+         "reward of the same greedy summaries (overoptimised: rules.py, as for the RLOO runs).\n",
+         "| run | loss | lr | beta | gamma | SFT | peak (step) | final | drop | trajectory | proxy peak -> final | overoptimised |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in rows:
         c = x["run"].config
         L.append(f"| {x['name']} | {x['loss']} | {x['lr']:g} | {c.get('beta', '-')} | {_fmt(x['gamma'], 'g')} | {_fmt(x['sft'])} | "
-                 f"{_fmt(x['peak'])} ({x['peak_step']}) | {_fmt(x['final'])} | {x['drop'] * 100:.0f} | {_trajectory(x)} |")
+                 f"{_fmt(x['peak'])} ({x['peak_step']}) | {_fmt(x['final'])} | {x['drop'] * 100:.0f} | {_trajectory(x)} | "
+                 f"{_fmt(x.get('proxy_at_peak'), '.2f')} -> {_fmt(x.get('proxy_final'), '.2f')} | {_yes(x.get('overoptimised'))} |")
     L.append("")
     return L
 
@@ -332,34 +421,39 @@ def _group_final(stats, variant, lr, default_coef_only=True):
             and s.get("sft") is not None and (s.get("default_coef", True) or not default_coef_only)]
 
 
-def _outcomes(sel) -> list[claims.Outcome]:
-    return [claims.Outcome(s["name"], s["sft"], s["peak"], s["final"]) for s in sel]
-
-
 ENTROPY_VARIANTS = ("maxent", "entropy")  # the reference-free maximum-entropy objectives (Eqs. 7 and 6)
 
 
-def claims_table(stats: list, offline: dict, lrs: list, extra_lrs=()) -> list[str]:
-    """The claim table: each row's verdict is one rule of `claims` applied to numbers of the sweep."""
-    L = ["## Claims of the paper (Sections 4.2-4.3, Appendix B) against the toy lab\n",
-         "Each verdict is a rule of `maxent_rlhf/toylab/claims.py` (listed below the table, unit-tested in "
-         "`tests/test_report_rules.py`) on the runs of the tables above: **agrees**, **partly** (e.g. runs that "
-         "improve, then decline without collapsing), **disagrees**, or **n/a** with the reason (the sweep lacks "
-         "the data that would test the claim). A run improves on SFT when it ends >= 10 points above it, and "
-         "declines when it ends >= 10 points below its peak (~3 standard errors at 200 test posts). A toy model "
-         "on a synthetic task is not Pythia on TL;DR: agreement shows the mechanism can appear, disagreement "
-         "that it is not universal.\n",
+def _outcomes(sel) -> list[claims.Outcome]:
+    return [claims.Outcome(s["name"], s["sft"], s["peak"], s["final"], s.get("proxy_at_peak"), s.get("proxy_final"))
+            for s in sel]
+
+
+def claims_table(stats: list, offline: dict, lrs: list, extra_lrs=(), ceiling: Optional[float] = None,
+                 length: Optional[dict] = None, length_rm: Optional[dict] = None) -> list[str]:
+    """The claim table: each row's verdict is one rule of `claims` applied to numbers of the sweep, with
+    the runs, metric and estimator that rules.py registers for it."""
+    L = ["## Claims of the paper (Sections 3-4, Appendix B) against the toy lab\n",
+         "Each verdict is a rule of `maxent_rlhf/toylab/claims.py` with the thresholds, terms and run selections of "
+         "`maxent_rlhf/toylab/rules.py`, both fixed before the sweep (provenance above), each rule unit-tested in "
+         "`tests/test_report_rules.py` on synthetic series for every verdict it can give: **agrees**, **partly**, "
+         "**disagrees**, **not testable here** (the data exist but could not have come out the other way on this toy), "
+         "or **n/a** (the sweep lacks the data). The rules, below the table, say what would have made each disagree. "
+         "A toy model on a synthetic task is not Pythia on TL;DR: agreement shows the mechanism can appear, "
+         "disagreement that it is not universal.\n",
          "| # | paper claim | toy-lab evidence | rule | verdict |", "|---|---|---|---|---|"]
-    rules: list[str] = []  # each distinct rule once, below the table
+    rules_seen: list[str] = []  # each distinct rule once, below the table
     all_lrs = sorted(set(lrs) | set(extra_lrs))
     hi = lrs[-1] if lrs else None
+    low = rules.low_lr(hi) if hi is not None else None
 
     def row(i, claim, v: claims.Verdict):
-        if v.rule not in rules:
-            rules.append(v.rule)
-        L.append(f"| {i} | {claim} | {v.evidence or '-'} | R{rules.index(v.rule) + 1} | {v.cell()} |")
+        if v.rule not in rules_seen:
+            rules_seen.append(v.rule)
+        L.append(f"| {i} | {claim} | {v.evidence or '-'} | R{rules_seen.index(v.rule) + 1} | {v.cell()} |")
 
     ent = lambda lr, default=True: [s for p in ENTROPY_VARIANTS for s in _group_final(stats, p, lr, default)]  # noqa: E731
+    below = [lr for lr in all_lrs if hi is not None and lr < hi]
     # 1. MaxEnt overoptimises at the high lr for every coefficient (coefficient 0 = the no-regulariser runs)
     if hi is not None:
         by_coef: dict = {}
@@ -369,39 +463,45 @@ def claims_table(stats: list, offline: dict, lrs: list, extra_lrs=()) -> list[st
         row(1, f"4.2: at the lr where KL works ({hi:g}), MaxEnt (Eq. 7) runs rapidly overoptimise regardless of the "
                "entropy coefficient", claims.rule_overoptimise_regardless_of_coef(
                    {c: _outcomes(v) for c, v in by_coef.items()}))
-    # 2. lower lrs stabilise MaxEnt and improve on SFT (one row per lr below the high one)
-    for lr in [x for x in all_lrs if hi is not None and x < hi]:
+    # 2. a lower lr stabilises MaxEnt: decided at rules.low_lr() (the KL lr / 10); other rates reported beside
+    for lr in sorted(below, key=lambda x: (abs(x - low) > 1e-12 * max(low, 1e-30), -x)):
         sel = ent(lr)
-        if sel:
-            row(2, f"4.2: a lower lr ({lr:g}) stabilises MaxEnt and improves on SFT (1B)",
-                claims.rule_stable_and_improving(_outcomes(sel)))
+        decides = abs(lr - low) <= 1e-12 * low
+        if sel or decides:
+            v = claims.rule_stable_and_improving(_outcomes(sel))
+            if not decides:  # reported, never a verdict: the rate was not fixed by rule before the sweep
+                v = claims.Verdict(v.level, v.evidence, v.rule, "reported beside the pre-registered rate; decides nothing")
+            row(2, f"4.2: a lower lr ({lr:g}{', = the KL lr / 10, pre-registered' if decides else ''}) stabilises MaxEnt "
+                   "and improves on SFT (1B)", v)
     # 3. the gains are not due to the entropy term
     row(3, "4.2: the low-lr gains are not due to the entropy term: coefficient 0 does as well",
         claims.rule_gain_not_from_entropy({lr: (_outcomes(ent(lr)), _outcomes(_group_final(stats, "none", lr)))
-                                          for lr in all_lrs if hi is None or lr < hi}))
+                                          for lr in below}, ceiling))
     # 4. entropy bonus decays in stable runs, grows in overoptimised ones (every entropy run, every coefficient)
     e4 = [s for lr in all_lrs for s in ent(lr, default=False) if "entropy_bonus_trend" in s]
-    o4 = {s["name"]: o for s, o in zip(e4, _outcomes(e4))}
     row(4, "4.2: stable runs show decaying entropy bonuses, overoptimised runs increasing ones",
-        claims.rule_entropy_trend([s["entropy_bonus_trend"] for s in e4 if not o4[s["name"]].overoptimised],
-                                  [s["entropy_bonus_trend"] for s in e4 if o4[s["name"]].overoptimised]))
+        claims.rule_entropy_trend([s["entropy_bonus_trend"] for s in e4 if _trajectory(s) == "stable"],
+                                  [s["entropy_bonus_trend"] for s in e4 if s.get("overoptimised")]))
     # 5. KL stable and effective at the high lr
     if hi is not None:
         row(5, f"4.2: KL-constrained RLHF stays stable and effective at the higher lr ({hi:g})",
             claims.rule_stable_and_improving(_outcomes(_group_final(stats, "kl", hi))))
-    # 6. KL budget: KL runs keep KL_ref small, MaxEnt runs drift further; 7. KL between consecutive policies
-    # grows for MaxEnt, stays bounded for KL (one row per lr with both kinds of runs)
+    # 6. KL budget; 7. KL between consecutive policies (one row per lr with both kinds of runs)
     pairs = [(lr, _group_final(stats, "kl", lr), ent(lr)) for lr in all_lrs]
     pairs = [(lr, k, e) for lr, k, e in pairs if k and e]
     for lr, k, e in pairs:
-        row(6, f"4.2: KL-constrained runs keep KL(pi||pi_ref) bounded; reference-free runs drift further (lr {lr:g})",
-            claims.rule_kl_ref_bounded([s[KL_REF + "_late"] for s in k if KL_REF + "_late" in s],
+        row(6, f"4.2: KL-constrained runs keep KL(pi||pi_ref) bounded; reference-free runs drift further (lr {lr:g}, "
+               f"{rules.KL_REF_PRIMARY})",
+            claims.rule_kl_ref_bounded([s["kl_ref_growth"] for s in k if "kl_ref_growth" in s],
+                                       [s["kl_ref_growth"] for s in e if "kl_ref_growth" in s],
+                                       [s[KL_REF + "_late"] for s in k if KL_REF + "_late" in s],
                                        [s[KL_REF + "_late"] for s in e if KL_REF + "_late" in s]))
-    growth = lambda sel: [s[KL_PREV + "_late"] / max(s[KL_PREV + "_early"], 1e-8) for s in sel  # noqa: E731
-                          if KL_PREV + "_late" in s]
+    growth = lambda sel: {n: [s["kl_prev_growth"][n] for s in sel if n in s.get("kl_prev_growth", {})]  # noqa: E731
+                          for n in rules.KL_PREV_ESTIMATES}
     for lr, k, e in pairs:
+        ess = [s["kl_prev_ess"] for s in k + e if "kl_prev_ess" in s]
         row(7, f"4.2: KL(pi_t||pi_t-1) between consecutive policies stays bounded under KL but grows over training "
-               f"under MaxEnt (lr {lr:g})", claims.rule_kl_prev_growth(growth(k), growth(e)))
+               f"under MaxEnt (lr {lr:g})", claims.rule_kl_prev_growth(growth(k), growth(e), statistics.median(ess) if ess else None))
     # 8. minimum entropy prevents overoptimisation at the KL lr
     if hi is not None:
         row(8, f"4.2.1: minimum entropy prevents overoptimisation at the KL learning rate ({hi:g}) (1B)",
@@ -409,15 +509,18 @@ def claims_table(stats: list, offline: dict, lrs: list, extra_lrs=()) -> list[st
     # 9. DPO reference log-ratio: typically negative but small, in a narrow range
     dpo = offline.get("dpo")
     if dpo is not None:
+        sd = dpo.series("ref/logratio_std")[1]  # per-example spread, where the trainer logs it
         row(9, "4.3: during DPO the reference log-ratio log pi_ref(y_w)/pi_ref(y_l) is typically negative but small and "
                "stays in a narrow range, like a fixed margin",
-            claims.rule_ref_logratio_band(dpo.series("ref/logratio")[1], int(dpo.config.get("global_batch_size") or 0)))
+            claims.rule_ref_logratio_band(dpo.series("ref/logratio")[1], int(dpo.config.get("global_batch_size") or 0),
+                                          statistics.median(sd) if sd else None))
     # 10-13. SimPO
     simpo = [s for s in (analyse_offline(r) for n, r in offline.items() if n.startswith("simpo"))
              if "final" in s and s.get("sft") is not None]
     slrs = sorted({s["lr"] for s in simpo})
     at = lambda lr: sorted((s for s in simpo if s["lr"] == lr), key=lambda s: s["gamma"] or 0.0)  # noqa: E731
-    so = lambda sel: [claims.Outcome(f"gamma {s['gamma']:g}", s["sft"], s["peak"], s["final"]) for s in sel]  # noqa: E731
+    so = lambda sel: [claims.Outcome(f"gamma {s['gamma']:g}", s["sft"], s["peak"], s["final"],  # noqa: E731
+                                     s.get("proxy_at_peak"), s.get("proxy_final")) for s in sel]
     if len(slrs) > 1:
         row(10, f"App. B: at the high lr ({slrs[-1]:g}) every SimPO gamma overoptimises", claims.rule_all_overoptimise(so(at(slrs[-1]))))
     for lr in slrs[:-1] if len(slrs) > 1 else slrs:
@@ -425,16 +528,154 @@ def claims_table(stats: list, offline: dict, lrs: list, extra_lrs=()) -> list[st
             claims.rule_stable_and_improving(so(at(lr))))
     if slrs:
         sel = at(slrs[0])
-        g0 = [s["final"] for s in sel if not s["gamma"]]
+        g0 = [s["peak"] for s in sel if not s["gamma"]]
         row(12, f"App. B: an appropriate margin gamma > 0 improves on gamma = 0 (lowest lr, {slrs[0]:g})",
-            claims.rule_margin_helps(g0[0] if g0 else None, {float(s["gamma"]): s["final"] for s in sel if s["gamma"]}))
+            claims.rule_margin_helps(g0[0] if g0 else None, {float(s["gamma"]): s["peak"] for s in sel if s["gamma"]}, ceiling))
     for lr in slrs:
         row(13, f"App. B: a larger margin makes SimPO's overoptimisation worse (lr {lr:g})",
             claims.rule_larger_margin_worse({float(s["gamma"] or 0.0): o for s, o in zip(at(lr), so(at(lr)))}))
-    L.append("\nRules:\n")
-    L += [f"- R{i + 1}: {r}" for i, r in enumerate(rules)]
+    # 14. entropy regularisation may exacerbate overoptimisation
+    row(14, "Abstract, Sec. 5: entropy regularisation does not reliably prevent reward hacking and may, in some cases, "
+            "exacerbate it", claims.rule_entropy_exacerbates(
+                {lr: (_outcomes(ent(lr)), _outcomes(_group_final(stats, "none", lr))) for lr in all_lrs}))
+    # 15-16. the length channel
+    length = length or {}
+    rm = length_rm or {}
+    lg = lambda rs: [s["len_final"] - s["len_sft"] for s in rs if s.get("len_final") is not None  # noqa: E731
+                     and s.get("len_sft") is not None]
+    ls = [analyse(r) for r in length.get("rloo", [])]
+    lo = [analyse_offline(r) | {"length_normalize": r.config.get("length_normalize", True)} for r in length.get("offline", [])]
+    row(15, "3.3 (Eq. 7): length normalisation of the entropy term prevents length exploitation (online, length-channel toy)",
+        claims.rule_length_normalisation_curbs(lg([s for s in ls if s["variant"] == "length_entropy"]),
+                                               lg([s for s in ls if s["variant"] == "length_maxent"]),
+                                               rm.get("rm_prefers_longer"), rm.get("gold_prefers_longer")))
+    row(16, "3.2: SimPO is prone to severe length exploitation without length normalisation (offline, length-channel toy)",
+        claims.rule_simpo_length_exploitation(lg([s for s in lo if s["length_normalize"]]),
+                                              lg([s for s in lo if not s["length_normalize"]]),
+                                              rm.get("rm_prefers_longer"), rm.get("gold_prefers_longer")))
+    L.append("\nRules (thresholds: `rules.py`; what would have made each disagree is in its text):\n")
+    L += [f"- R{i + 1}: {r}" for i, r in enumerate(rules_seen)]
+    L.append("\nRuns, metric and estimator of each claim (`rules.CLAIM_INPUTS`):\n")
+    L += [f"- {i}: {runs}; {metric}; {est}" for i, (runs, metric, est) in rules.CLAIM_INPUTS.items()]
     L.append("")
     return L
+
+
+def task_ceiling(cache: Optional[Path]) -> Optional[float]:
+    """The best gold win rate against the references the task allows: the ideal summary (every key fact,
+    nothing else) against each test post's reference (ties count 1/2)."""
+    from . import task
+    from .build import read_jsonl
+
+    if cache is None or not (cache / "prompts" / "test.jsonl").exists():
+        return None
+    rows = read_jsonl(cache / "prompts" / "test.jsonl")
+    prefs = [task.gold_preference(task.key_summary(r["facts"]), r["completion"], r["prompt"]) for r in rows]
+    return sum(prefs) / len(prefs) if prefs else None
+
+
+KL_PANELS = (  # (metric key, y label) of the robust Figure 3 analogue
+    (rules.KL_REF_KEYS["k1"], "KL(pi_t||pi_ref) k1"), (rules.KL_REF_KEYS["k3"], "KL(pi_t||pi_ref) k3"),
+    *((key, name) for name, key in rules.KL_PREV_ESTIMATES.items()), (rules.KL_PREV_ESS, "ESS fraction (kl_prev)"),
+)
+
+
+def _seed_lines(runs, key: str) -> tuple[list[tuple[list, list]], tuple[list, list]]:
+    """Each run's logged series of `key`, and the median over runs at the iterations every run logged."""
+    curves = [r.series(key) for r in runs]
+    curves = [c for c in curves if c[0]]
+    if not curves:
+        return [], ([], [])
+    common = sorted(set.intersection(*(set(xs) for xs, _ in curves)))
+    med = [statistics.median(ys[xs.index(s)] for xs, ys in curves) for s in common]
+    return curves, (common, med)
+
+
+def plot_kl_estimates(runs, path: Path, title: str = "") -> Path:
+    """Figure 3 analogue without averaging artefacts: per panel one estimate, per regulariser a thin line
+    per seed (no smoothing) and a thick median over seeds."""
+    plt = plotting._plt()
+    fig, axes = plt.subplots(4, 2, figsize=(11, 11), sharex=True)
+    groups = sorted(plotting._groups(runs, _label).items())
+    for ax, (key, ylabel) in zip(axes.flat, KL_PANELS):
+        for g, (name, rs) in enumerate(groups):
+            curves, (xs, med) = _seed_lines(rs, key)
+            for cx, cy in curves:
+                ax.plot(cx, cy, color=f"C{g}", lw=0.6, alpha=0.35)
+            if xs:
+                ax.plot(xs, med, color=f"C{g}", lw=2, label=name)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.grid(alpha=0.3)
+        if key != rules.KL_PREV_ESS:
+            ax.set_yscale("symlog", linthresh=1e-3)
+    for ax in axes.flat[len(KL_PANELS):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    for ax in axes[-1]:
+        ax.set_xlabel("iteration")
+    if title:
+        fig.suptitle(title + " (thin: seeds as logged; thick: median over seeds)", fontsize=10)
+    return plotting._save(fig, path)
+
+
+def kl_spikes(runs, key: str = rules.KL_REF_KEYS["k3"], factor: float = 10.0, window: int = 5) -> list[tuple]:
+    """(run, iteration, value, median of its +-window neighbours, k1 at that iteration) for each logged
+    value > factor x its neighbours' median and > 1 nat: single-batch outliers of the estimate."""
+    out = []
+    for r in runs:
+        xs, ys = r.series(key)
+        k1 = dict(zip(*r.series(rules.KL_REF_KEYS["k1"])))
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            nb = ys[max(0, i - window):i] + ys[i + 1:i + 1 + window]
+            if nb and y > 1.0 and y > factor * max(statistics.median(nb), 1e-8):
+                out.append((r.name, x, y, statistics.median(nb), k1.get(x)))
+    return out
+
+
+def spike_note(runs) -> str:
+    sp = kl_spikes(runs)
+    every = sorted({int(r.metrics[-1].get("objective/kl_ref_every", 1)) for r in runs if r.metrics})
+    note = f" KL_ref is logged every {', '.join(map(str, every)) or '?'} iteration(s)."
+    if not sp:
+        return note + " No single-batch k3 outlier (> 10x the median of its 5 neighbours on each side)."
+    shown = "; ".join(f"{n} it {x}: k3 {y:.1f} vs {m:.2f} around it (k1 {_fmt(k, '.2f')})" for n, x, y, m, k in sp[:8])
+    return note + (f" Single-batch k3 outliers (> 10x the median of their neighbours): {shown}"
+                   + (f"; {len(sp) - 8} more" if len(sp) > 8 else "") + ". A moving mean would spread each over "
+                   "its window as a flat plateau; the median over seeds does not.")
+
+
+def length_section(length: dict, rm: Optional[dict], pair_stats: Optional[dict]) -> list[str]:
+    """The length-channel toy: its requirements and every run's greedy summary length."""
+    L = ["## The length channel\n",
+         "Build profile `length`: the main toy's SFT policy and prompts, but preference pairs labelled by raters who "
+         "add 0.25 gold points per summary token (a taste the gold judge does not share: it is neutral to length up "
+         "to 12 tokens and takes 0.5 per token beyond), so the proxy reward model learns to prefer longer summaries; "
+         "the length runs may write up to 24 tokens (16 in the main toy).\n"]
+    if rm:
+        L.append(f"Proxy of the length channel: held-out accuracy {rm['accuracy_vs_labels']:.3f} against its labels "
+                 f"({'within' if 0.65 <= rm['accuracy_vs_labels'] <= 0.9 else 'OUTSIDE'} 0.65-0.90), "
+                 f"{rm['accuracy_vs_gold']:.3f} against the noiseless gold preference; of {rm.get('n_length_differs', '?')} "
+                 f"held-out pairs of different lengths it prefers the longer summary in {_fmt(rm.get('rm_prefers_longer'), '.0%')}, "
+                 f"the gold judge in {_fmt(rm.get('gold_prefers_longer'), '.0%')}"
+                 + (f"; its labels prefer the longer in {pair_stats['labels_prefer_longer']:.0%}" if pair_stats and
+                    "labels_prefer_longer" in pair_stats else "") + ".\n")
+    rows = [(analyse(r), r) for r in length.get("rloo", [])] + [(analyse_offline(r), r) for r in length.get("offline", [])]
+    rows = [(s, r) for s, r in rows if "final" in s]
+    if rows:
+        L += ["| run | lr | SFT | peak (step) | final | trajectory | proxy peak -> final | overoptimised | length SFT -> final (tokens) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        for s, r in rows:
+            oo = rules.overoptimised(s["peak"], s["final"], s.get("proxy_at_peak"), s.get("proxy_final"))
+            L.append(f"| {s['name']} | {s['lr']:g} | {_fmt(s.get('sft'))} | {_fmt(s['peak'])} ({s['peak_step']}) | "
+                     f"{_fmt(s['final'])} | {_trajectory(s)} | {_fmt(s.get('proxy_at_peak'), '.2f')} -> "
+                     f"{_fmt(s.get('proxy_final'), '.2f')} | {_yes(oo)} | {_fmt(s.get('len_sft'), '.1f')} -> "
+                     f"{_fmt(s.get('len_final'), '.1f')} |")
+        L.append("")
+    return L
+
+
+def _yes(x: Optional[bool]) -> str:
+    return "-" if x is None else "yes" if x else "no"
 
 
 def exploit_section(sweep_dir: Path, s: dict) -> list[str]:
@@ -480,11 +721,15 @@ def exploit_section(sweep_dir: Path, s: dict) -> list[str]:
 
 def analyse_offline(run: plotting.Run) -> dict:
     xs, ys = run.winrate_curve(include_baseline=True)
+    proxy = dict(zip(*run.proxy_curve(include_baseline=True)))
     loss = run.config.get("loss_type")
     out = {"name": run.name, "lr": _lr(run), "loss": loss, "gamma": run.config.get("simpo_gamma") if loss == "simpo" else None}
     if ys:
         i = max(range(len(ys)), key=lambda k: ys[k])
-        out.update(sft=ys[0] if xs[0] == 0 else None, peak=ys[i], peak_step=xs[i], final=ys[-1], drop=ys[i] - ys[-1])
+        out.update(sft=ys[0] if xs[0] == 0 else None, peak=ys[i], peak_step=xs[i], final=ys[-1], drop=ys[i] - ys[-1],
+                   proxy_at_peak=proxy.get(xs[i]), proxy_final=proxy.get(xs[-1]))
+        out["overoptimised"] = rules.overoptimised(out["peak"], out["final"], out["proxy_at_peak"], out["proxy_final"])
+        out["len_sft"], out["len_final"] = _lengths(run)
     return out
 
 
@@ -495,10 +740,10 @@ def _read_json(p: Path, default=None):
         return default
 
 
-def _artifact_dir() -> Optional[Path]:
+def _artifact_dir(profile: Optional[str] = None) -> Optional[Path]:
     import os
 
     from .cache import default_cache_dir
 
-    d = default_cache_dir() / os.environ.get("MAXENT_RLHF_TOYLAB_PROFILE", "default")
+    d = default_cache_dir() / (profile or os.environ.get("MAXENT_RLHF_TOYLAB_PROFILE", "default"))
     return d if d.is_dir() else None

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from ..config import load_yaml
-from .scripts import run_script, toy_config
+from . import rules
+from .scripts import run_script, scripts_dir, toy_config
 
 # regulariser name = its config, configs/toy/NAME.yaml (coefficients chosen on the toy)
 REGULARIZERS = ("kl", "maxent", "entropy", "minent", "none")
@@ -42,7 +45,10 @@ REGULARIZER_LABELS = {
 }
 LEARNING_RATES = (1e-4, 1e-3)  # toy analogues of the paper's low "reference-free" lr (1e-7) and the "KL works" lr (1e-6)
 SEEDS = (1, 2, 3)
-LOW_LR = 2e-5  # where the entropy runs keep their gains for 80 iterations (claims 2-3 need such runs)
+# claim 2 is judged at rules.low_lr() = 1e-3 / 10 = 1e-4 (in the grid above), fixed by rule before any run;
+# LOW_LR (rules.LOW_LR_SCAN) is one more rate below it, reported beside, never deciding a verdict; claim 3 is
+# tested at every rate where the entropy runs keep a gain (a rule of claims.py, computed from the runs)
+LOW_LR = rules.LOW_LR_SCAN[0]
 LOW_LR_REGULARIZERS = ("maxent", "entropy", "none")
 # extra entropy coefficients at the high lr: with configs/toy/maxent.yaml's 0.5 and coefficient 0 ("none"),
 # 0.1-1.0 spans 10x
@@ -51,6 +57,105 @@ SIMPO_GAMMAS = (0.0, 0.5, 1.0, 2.0)
 SIMPO_LRS = (1e-4, 3e-4, 3e-3)  # gradual to aggressive (the paper's 2e-7 and 1e-6 roles)
 DPO = {"learning_rate": 1e-3, "beta": 0.1}
 EVAL_N = 200
+
+
+# --------------------------------------------------------------------------------------------------
+# further conditions: the length channel, and hooks for conditions whose configs other work adds
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Condition:
+    """A set of runs beyond the main grid: `config` (configs/toy/CONFIG.yaml) through `kind`'s script
+    ("rloo": train_rloo.py, "offline": train_offline.py) at each lr and seed, with `options` on top; the
+    runs go to OUT/<folder>/<kind>/<name>_lr<lr>_s<seed>. Evaluated with configs/toy/eval.yaml plus
+    `eval_options`. A condition whose config file does not exist yet is skipped and listed as disabled."""
+
+    name: str
+    kind: str
+    config: str
+    lrs: tuple
+    seeds: tuple
+    options: dict = field(default_factory=dict)
+    eval_options: dict = field(default_factory=dict)
+    folder: str = "extra"
+    minutes: float = 0.0  # CPU minutes per run (training + evaluation), for the cost estimate
+
+    def enabled(self) -> bool:
+        try:
+            toy_config(self.config)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def runs(self) -> list[tuple[str, float, int]]:
+        return [(f"{self.name}_lr{lr_tag(lr)}_s{seed}", lr, seed) for seed in self.seeds for lr in self.lrs]
+
+
+# the length-channel toy (build profile `length`): its proxy learned a taste for long summaries; the
+# summaries get room to grow (24 tokens where the main toy's budget is 16); the gold judge is unchanged
+LENGTH_TOKENS = 24
+LENGTH_EVAL = {"sft_model_name_or_path": "toylab://length/sft", "dataset_name": "toylab://length/prompts",
+               "max_new_tokens": LENGTH_TOKENS, "reward_model_name_or_path": "toylab://length/reward"}
+LENGTH_OFFLINE = {"model_name_or_path": "toylab://length/sft", "dataset_name": "toylab://length/pairs",
+                  "judge_dataset_name": "toylab://length/prompts", "max_new_tokens": LENGTH_TOKENS,
+                  "max_completion_length": 32, "simpo_gamma": 0.5}
+# SimPO's beta scales the length-normalised log-prob; without normalisation the summed log-prob is |y|
+# times larger, so beta is divided by the SFT summaries' typical length (8 tokens): 2.0 -> 0.25
+CONDITIONS = (
+    Condition("length_maxent", "rloo", "length_maxent", (rules.LENGTH_LR,), SEEDS, eval_options=LENGTH_EVAL,
+              folder="length", minutes=4.4),
+    Condition("length_entropy", "rloo", "length_entropy", (rules.LENGTH_LR,), SEEDS, eval_options=LENGTH_EVAL,
+              folder="length", minutes=4.4),
+    Condition("length_simpo_norm", "offline", "simpo", (rules.LENGTH_SIMPO_LR,), SEEDS,
+              {**LENGTH_OFFLINE, "beta": 2.0, "length_normalize": True}, LENGTH_EVAL, "length", 1.8),
+    Condition("length_simpo_plain", "offline", "simpo", (rules.LENGTH_SIMPO_LR,), SEEDS,
+              {**LENGTH_OFFLINE, "beta": 0.25, "length_normalize": False}, LENGTH_EVAL, "length", 1.8),
+    # hooks, disabled until their configs exist: LoRA rank 2 (the main grid's KL and MaxEnt at the high lr)
+    # and the online SimPO / DPO objectives; their budget is in the estimate below
+    Condition("lora_r2_kl", "rloo", "lora_r2_kl", (rules.HIGH_LR,), (1,), minutes=3.4),
+    Condition("lora_r2_maxent", "rloo", "lora_r2_maxent", (rules.HIGH_LR,), (1,), minutes=3.4),
+    Condition("online_simpo", "rloo", "online_simpo", (rules.LENGTH_LR,), (1,), minutes=3.4),
+    Condition("online_dpo", "rloo", "online_dpo", (rules.LENGTH_LR,), (1,), minutes=3.4),
+)
+
+# CPU minutes per run, from the last sweep's DONE.json records (training + evaluation, 58 runs on a 2-core
+# machine, partly under load 7-8): RLOO median 188 s + ~16 s evaluation; offline ~85 s + evaluation;
+# artifacts 92 s per profile. Length-channel RLOO runs decode 24 tokens instead of 16 (x1.3).
+MINUTES = {"rloo": 3.4, "offline": 1.6, "artifacts": 1.5}
+BUDGET_MINUTES = 240  # the whole sweep: 4 CPU-hours, i.e. ~2 h of wall clock in two shards on 2 cores
+
+
+def estimate_minutes(n_rloo: int, n_offline: int, conditions=CONDITIONS, enabled_only: bool = False) -> dict:
+    """The sweep's CPU cost by part (minutes): the main grid, each condition (hooks too, unless
+    enabled_only), the artifact builds (default + length profiles)."""
+    parts = {"main RLOO grid": n_rloo * MINUTES["rloo"], "offline (DPO, SimPO)": n_offline * MINUTES["offline"],
+             "artifacts (2 profiles)": 2 * MINUTES["artifacts"]}
+    for c in conditions:
+        if c.enabled() or not enabled_only:
+            parts[c.name + ("" if c.enabled() else " (hook, disabled)")] = len(c.runs()) * c.minutes
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+# --------------------------------------------------------------------------------------------------
+# provenance: which code and which rules made a run
+# --------------------------------------------------------------------------------------------------
+def _git(*args) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "-C", str(scripts_dir()), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance() -> dict:
+    """The code commit (with a dirty flag: uncommitted changes to tracked files), the rules file's sha256
+    and the commit that last changed it. Recorded in every run's DONE.json and in sweep.json."""
+    rel = rules.rules_file().resolve().relative_to(scripts_dir().resolve()).as_posix() \
+        if rules.rules_file().resolve().is_relative_to(scripts_dir().resolve()) else None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"code_commit": _git("rev-parse", "HEAD"), "code_dirty": bool(status) if status is not None else None,
+            "rules_sha256": rules.rules_sha256(),
+            "rules_commit": (_git("log", "-1", "--format=%H", "--", rel) or None) if rel else None}
 
 
 def lr_tag(lr: float) -> str:
@@ -96,15 +201,17 @@ def _run_once(out: Path, script: str, config: Path, options: dict, record: dict)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
     run_script(script, config, **options)
-    _mark_done(out, {**record, "seconds": time.time() - t0})
+    _mark_done(out, {**record, "seconds": time.time() - t0, **provenance()})
     return out
 
 
-def evaluate_run(run_dir: Path, n: int = EVAL_N, proxy: bool = True) -> dict:
+def evaluate_run(run_dir: Path, n: int = EVAL_N, proxy: bool = True, options: Optional[dict] = None) -> dict:
     """Gold win rate (toy-gold, both orders) and proxy reward (reward-model judge) of every checkpoint + the
-    SFT baseline."""
+    SFT baseline; `options` on top of configs/toy/eval.yaml (the length channel's artifacts and budget)."""
     gold_dir, proxy_dir = run_dir / "eval_gold", run_dir / "eval_proxy"
-    common = dict(checkpoints=[str(run_dir)], n=n, per_device_eval_batch_size=n, plot=True)
+    options = dict(options or {})
+    reward = options.pop("reward_model_name_or_path", "toylab://reward")
+    common = dict(checkpoints=[str(run_dir)], n=n, per_device_eval_batch_size=n, plot=True, **options)
     out, t0 = {}, time.time()
     ran = not (gold_dir / "summary.json").exists() or (proxy and not (proxy_dir / "summary.json").exists())
     if not (gold_dir / "summary.json").exists():
@@ -118,7 +225,7 @@ def evaluate_run(run_dir: Path, n: int = EVAL_N, proxy: bool = True) -> dict:
             if (gold_dir / "generations").is_dir() and not (proxy_dir / "generations").exists():
                 shutil.copytree(gold_dir / "generations", proxy_dir / "generations")  # same greedy decodes
             run_script("evaluate_judge.py", toy_config("eval"), output_dir=str(proxy_dir), judge="reward-model",
-                       reward_model_name_or_path="toylab://reward", judge_batch_size=n, **common)
+                       reward_model_name_or_path=reward, judge_batch_size=n, **common)
         out["proxy"] = json.loads((proxy_dir / "summary.json").read_text())
     if ran and _done(run_dir):  # the report adds these up into the sweep's one-process cost
         info = json.loads((run_dir / "DONE.json").read_text())
@@ -180,10 +287,13 @@ def sweep(
     low_lr: Optional[float] = LOW_LR,
     coef_sweep: Optional[dict] = None,
     shard: tuple[int, int] = (0, 1),
+    conditions=CONDITIONS,
 ) -> Path:
     """Run (or complete: finished runs are skipped) the sweep into `out`. shard=(i, n) runs every n-th
     run starting at i (online and offline lists alike), so n processes split one sweep. sweep.json (the
-    plan) is written first; write_meta=False adds runs to an existing sweep without changing it."""
+    plan, with the code and rules provenance) is written first; write_meta=False adds runs to an existing
+    sweep without changing it. `conditions`: the further conditions (CONDITIONS; those without a config
+    are skipped and listed in sweep.json as disabled)."""
     from .build import ensure_artifact
 
     out = Path(out)
@@ -191,10 +301,12 @@ def sweep(
     i_shard, n_shards = shard
     mine = lambda items: shard_items(items, shard)  # noqa: E731
     t0 = time.time()
-    for name in ("reward", "prompts"):
+    active = [c for c in conditions if c.enabled()]
+    for name in ("reward", "prompts") + (("length/reward", "length/prompts") if any(c.folder == "length" for c in active) else ()):
         ensure_artifact(name)
     plan = rloo_plan(regularizers, lrs, seeds, low_lr, coef_sweep)
     off = offline_plan(simpo_gammas, simpo_lrs)
+    extra_jobs = [("condition", (c, name, lr, seed)) for c in active for name, lr, seed in c.runs()]
     if write_meta:  # the plan, written first: a report made before the sweep ends lists what is missing
         meta = {
             "regularizers": list(regularizers), "lrs": list(lrs), "seeds": list(seeds), "iterations": iterations,
@@ -202,6 +314,12 @@ def sweep(
             "coef_sweep": {k: list(v) for k, v in (COEF_SWEEP if coef_sweep is None else coef_sweep).items()},
             "rloo_runs": [rloo_run_name(*p) for p in plan], "offline_runs": [p[0] for p in off],
             "simpo_gammas": list(simpo_gammas), "simpo_lrs": list(simpo_lrs), "eval_n": eval_n,
+            "conditions": {c.name: {"kind": c.kind, "config": c.config, "folder": c.folder, "lrs": list(c.lrs),
+                                    "seeds": list(c.seeds), "options": c.options, "runs": [r[0] for r in c.runs()]}
+                           for c in active},
+            "disabled_conditions": [c.name for c in conditions if not c.enabled()],
+            "estimate_minutes": estimate_minutes(len(plan), len(off), conditions),
+            **provenance(),
         }
         tmp = out / f".sweep.json.{i_shard}"
         tmp.write_text(json.dumps(meta, indent=1))
@@ -210,7 +328,9 @@ def sweep(
     # cut short still tests every claim, at fewer seeds); shards take every n-th job of that one list
     first = [("rloo", p) for p in plan if p[2] == plan[0][2]] if plan else []
     jobs = ([j for j in first if online] + [("offline", o) for o in off if offline]
-            + [("rloo", p) for p in plan if online and ("rloo", p) not in first])
+            + [j for j in extra_jobs if j[1][3] == min(j[1][3] for j in extra_jobs)]
+            + [("rloo", p) for p in plan if online and ("rloo", p) not in first]
+            + [j for j in extra_jobs if j[1][3] != min(j[1][3] for j in extra_jobs)])
     todo = mine(jobs)
     for i, (kind, job) in enumerate(todo):
         t = time.time()
@@ -220,11 +340,21 @@ def sweep(
             print(f"[toylab sweep] ({i + 1}/{len(todo)}) RLOO {run.name} -> {run}", flush=True)
             run_rloo(run, reg, lr, seed, iterations, extra=None if coef is None else {"entropy_coef": coef})
             evaluate_run(run, eval_n)
-        else:
+        elif kind == "offline":
             name, config, lr, extra = job
             run = out / "offline" / name
             print(f"[toylab sweep] ({i + 1}/{len(todo)}) offline {name} -> {run}", flush=True)
-            evaluate_run(run_offline(run, config, lr, extra=extra), eval_n, proxy=False)
+            # the proxy too: "overoptimised" (rules.py) needs it for every run, offline ones included
+            evaluate_run(run_offline(run, config, lr, extra=extra), eval_n)
+        else:
+            c, name, lr, seed = job
+            run = out / c.folder / c.kind / name
+            print(f"[toylab sweep] ({i + 1}/{len(todo)}) {c.kind} {name} -> {run}", flush=True)
+            if c.kind == "rloo":
+                run_rloo(run, c.config, lr, seed, iterations, extra=c.options)
+            else:
+                run_offline(run, c.config, lr, seed, extra=c.options)
+            evaluate_run(run, eval_n, options=c.eval_options)
         print(f"[toylab sweep] done in {time.time() - t:.0f}s (total {time.time() - t0:.0f}s)", flush=True)
     print(f"[toylab sweep] finished in {time.time() - t0:.0f}s: {out}", flush=True)
     return out

@@ -253,6 +253,17 @@ def gold_score(summary: str, prompt: str, facts: Optional[dict] = None) -> float
     return gold_breakdown(summary, prompt, facts).score
 
 
+def labeller_score(summary: str, prompt: str, facts: Optional[dict] = None, length_bias: float = 0.0) -> float:
+    """What the pair labeller scores: gold quality plus `length_bias` per token of the summary.
+
+    With length_bias = 0 (every profile but `length`) this is the gold score. A positive bias is the
+    length channel: labellers who, like human TL;DR raters, lean towards longer summaries, a preference
+    the gold judge does not share (it scores length as neutral up to BUDGET tokens and negative beyond).
+    The proxy reward model trained on such labels learns it, and a policy can grow its summaries into the
+    room the response budget leaves."""
+    return gold_score(summary, prompt, facts) + length_bias * len(summary.split())
+
+
 def gold_preference(summary_a: str, summary_b: str, prompt: str) -> float:
     """1.0 if A is better, 0.0 if B is better, 0.5 for a tie (equal gold scores)."""
     facts = extract_facts(prompt)
