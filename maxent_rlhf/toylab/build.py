@@ -59,10 +59,12 @@ PROFILES: dict[str, dict] = {
 }
 # the length channel: the default task, SFT policy and prompts, but pairs labelled by raters who add
 # 0.25 gold points per token (a 4-token longer summary is worth one key fact to them), sampled with room
-# to be long (24 new tokens): the proxy learns a preference for length that the gold judge does not share
+# to be long (24 new tokens): the proxy learns a preference for length that the gold judge does not share.
+# The bias widens the label margins, so the raters are noisier (Bradley-Terry temperature 0.75, not 0.5):
+# with 0.5 the proxy's held-out accuracy was 0.915, above the lab's 0.65-0.90
 PROFILES["length"] = {
     **copy.deepcopy(PROFILES["default"]),
-    "pairs": {**PROFILES["default"]["pairs"], "max_new_tokens": 24, "label_length_bias": 0.25},
+    "pairs": {**PROFILES["default"]["pairs"], "max_new_tokens": 24, "label_length_bias": 0.25, "bt_temperature": 0.75},
 }
 # artifacts a profile takes from another profile (same recipe): the length channel changes only the labels
 SHARED = {"length": {"tokenizer": "default", "sft_data": "default", "prompts": "default", "sft": "default"}}
@@ -277,7 +279,7 @@ def build_pairs(out: Path, prof: dict, deps: dict) -> None:
     rng = random.Random(p["seed"])
     rows, ties, flipped = [], 0, 0
     bias = p.get("label_length_bias", 0.0)  # the labeller's taste for length (0: the labeller is the gold judge)
-    longer = 0
+    longer = strict = 0
     for post, x, y in zip(posts, a, b):
         gx, gy = task.gold_score(x, post.prompt, post.facts), task.gold_score(y, post.prompt, post.facts)
         lx, ly = (task.labeller_score(s, post.prompt, post.facts, bias) for s in (x, y))
@@ -285,6 +287,7 @@ def build_pairs(out: Path, prof: dict, deps: dict) -> None:
             ties += 1
             continue
         x_wins = task.bt_label(lx, ly, rng, p["bt_temperature"])
+        strict += int(abs(gx - gy) > 1e-9)  # gold ties kept only when the labeller's length taste breaks them
         flipped += int(abs(gx - gy) > 1e-9 and x_wins != (gx > gy))
         nx, ny = len(x.split()), len(y.split())
         longer += int(nx != ny and x_wins == (nx > ny))
@@ -298,7 +301,7 @@ def build_pairs(out: Path, prof: dict, deps: dict) -> None:
     write_jsonl(out / "validation.jsonl", rows[n - n_val - n_test : n - n_test])
     write_jsonl(out / "test.jsonl", rows[n - n_test :])
     stats = {"pairs": n, "gold_ties_dropped": ties, "labels_against_gold": flipped,
-             "label_gold_agreement": 1 - flipped / max(n, 1)}
+             "label_gold_agreement": 1 - flipped / max(strict, 1)}
     if bias:  # only the length profile: the default's stats.json stays as it was
         stats.update(label_length_bias=bias, labels_prefer_longer=longer / max(n, 1))
     (out / "stats.json").write_text(json.dumps(stats, indent=1))

@@ -292,7 +292,7 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report", allow
                  f"{_fmt(s.get(KL_PREV + '_early'), '.3f')} -> {_fmt(s.get(KL_PREV + '_late'), '.3f')} | "
                  f"{_fmt(s.get('entropy_bonus_trend'), '+.3f')} |")
     L.append("")
-    L += main_job_lines(rloo)
+    L += main_job_lines(rloo + length["rloo"])
     L += offline_table(offline)
 
     L.append("## Figures\n")

@@ -12,10 +12,16 @@ Online runs: `python train_rloo.py --config configs/toy/REG.yaml --learning_rate
   3. an entropy-coefficient sweep at the high lr (COEF_SWEEP, `--entropy_coef C`, beside the config's
      coefficient and the no-regulariser runs as coefficient 0), so "regardless of the entropy
      coefficient" is tested (claim 1).
+  4. further conditions (CONDITIONS): the length channel (configs/toy/length_{maxent,entropy}.yaml, and
+     SimPO with and without length normalisation on the `length` build profile's pairs), and hooks for
+     conditions whose configs do not exist yet (LoRA rank 2, online SimPO / DPO), skipped until they do.
+Every run's DONE.json records the code commit and the sha256 of the pre-registered rules (`rules.py`);
+the report refuses to mix runs whose code or rules differ. The cost of the whole plan, hooks included, is
+estimated from the last sweep's per-run timings (`estimate_minutes`, written into sweep.json).
 Offline runs: DPO (Figure 4's reference log-ratio) and SimPO for several gamma at several learning
 rates (Figure 6), `python train_offline.py --config configs/toy/{dpo,simpo}.yaml ...`. Every checkpoint
 of every run (and the SFT baseline) is decoded greedily and judged by the gold judge in both orders,
-and scored by the proxy reward model, with `python evaluate_judge.py --config configs/toy/eval.yaml
+and scored by the proxy reward model (offline runs too: "overoptimised" needs the proxy), with `python evaluate_judge.py --config configs/toy/eval.yaml
 --judge {toy-gold,reward-model} ...`. Each command is printed before it runs (`scripts.py`); a finished
 stage is skipped on rerun; DONE.json records each run's training and evaluation seconds, from which the
 report adds up the sweep's cost in one process.
@@ -120,7 +126,7 @@ CONDITIONS = (
 # CPU minutes per run, from the last sweep's DONE.json records (training + evaluation, 58 runs on a 2-core
 # machine, partly under load 7-8): RLOO median 188 s + ~16 s evaluation; offline ~85 s + evaluation;
 # artifacts 92 s per profile. Length-channel RLOO runs decode 24 tokens instead of 16 (x1.3).
-MINUTES = {"rloo": 3.4, "offline": 1.6, "artifacts": 1.5}
+MINUTES = {"rloo": 3.4, "offline": 1.8, "artifacts": 1.5}  # offline: + ~0.2 min for the proxy evaluation
 BUDGET_MINUTES = 240  # the whole sweep: 4 CPU-hours, i.e. ~2 h of wall clock in two shards on 2 cores
 
 
