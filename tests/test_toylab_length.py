@@ -215,3 +215,9 @@ def test_the_length_conditions_command_lines_parse_into_the_scripts_configs():
         cmd = scripts.script_command("evaluate_judge.py", scripts.toy_config("eval"), output_dir="/tmp/x", **opts)
         ev = parse_config(evaluate_judge.EvalConfig, cmd[2:])
         assert all(getattr(ev, k) == v for k, v in opts.items())
+
+
+def test_length_growth_counts_only_the_excess_over_the_ideal_summary():
+    assert len(task.key_summary(POST.facts).split()) == rules.IDEAL_TOKENS
+    assert rules.length_growth(5.0, 9.0) == 0.0  # SFT's short form -> the ideal: a gain gold shares
+    assert rules.length_growth(5.0, 14.0) == 5.0 and rules.length_growth(11.0, 12.0) == 1.0

@@ -370,8 +370,8 @@ def _length_channel(proxy_longer: Optional[float], gold_longer: Optional[float])
     return None
 
 
-LENGTH_ONLINE_RULE = (f"length growth = greedy summary length at the final checkpoint minus SFT's (tokens), mean over "
-                      f"seeds, on the length-channel toy; not testable here unless the proxy prefers longer summaries >= "
+LENGTH_ONLINE_RULE = (f"length growth = greedy summary length at the final checkpoint minus the longer of SFT's and the "
+                      f"ideal summary's ({R.IDEAL_TOKENS} tokens), mean over seeds, on the length-channel toy; not testable here unless the proxy prefers longer summaries >= "
                       f"{R.PROXY_LENGTH_BIAS_MIN:.0%} more often than gold and Eq. 6 grows length by >= {R.LEN_GROWTH:g} "
                       f"token; then agrees if Eq. 7 grows >= {R.LEN_MARGIN:g} token less than Eq. 6, disagrees if it grows "
                       "as much or more, partly in between")

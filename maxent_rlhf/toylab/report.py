@@ -157,7 +157,9 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report", allow
     rloo = _load(sweep_dir / "rloo")
     offline = {r.name: r for r in _load(sweep_dir / "offline")}
     length = {"rloo": _load(sweep_dir / "length" / "rloo"), "offline": _load(sweep_dir / "length" / "offline")}
-    provenance = provenance_lines(list(rloo) + list(offline.values()) + length["rloo"] + length["offline"], allow_mixed_code)
+    main_job = _load(sweep_dir / "main" / "rloo")  # the README main job, a run of no claim
+    provenance = provenance_lines(list(rloo) + list(offline.values()) + length["rloo"] + length["offline"] + main_job,
+                                  allow_mixed_code)
     report_dir.mkdir(parents=True, exist_ok=True)
     stats = [analyse(r) for r in rloo]
     lrs = sorted({_lr(r) for r in rloo})
@@ -292,7 +294,7 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report", allow
                  f"{_fmt(s.get(KL_PREV + '_early'), '.3f')} -> {_fmt(s.get(KL_PREV + '_late'), '.3f')} | "
                  f"{_fmt(s.get('entropy_bonus_trend'), '+.3f')} |")
     L.append("")
-    L += main_job_lines(rloo + length["rloo"])
+    L += main_job_lines(rloo + length["rloo"] + main_job)
     L += offline_table(offline)
 
     L.append("## Figures\n")
@@ -541,7 +543,7 @@ def claims_table(stats: list, offline: dict, lrs: list, extra_lrs=(), ceiling: O
     # 15-16. the length channel
     length = length or {}
     rm = length_rm or {}
-    lg = lambda rs: [s["len_final"] - s["len_sft"] for s in rs if s.get("len_final") is not None  # noqa: E731
+    lg = lambda rs: [rules.length_growth(s["len_sft"], s["len_final"]) for s in rs if s.get("len_final") is not None  # noqa: E731
                      and s.get("len_sft") is not None]
     ls = [analyse(r) for r in length.get("rloo", [])]
     lo = [analyse_offline(r) | {"length_normalize": r.config.get("length_normalize", True)} for r in length.get("offline", [])]

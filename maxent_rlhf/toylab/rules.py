@@ -36,7 +36,11 @@ TREND_FLAT = 0.01  # an entropy-bonus trend within +-0.01 nats is flat (neither 
 BOUND_RATIO = 1.25  # a KL series is bounded when its last-third mean is <= 1.25 x its middle-third mean
 ESS_MIN = 0.5  # the importance-weighted KL_prev is trusted when its median effective sample fraction >= 0.5
 NARROW_SD = 1.0  # nats: the per-example sd of the DPO reference log-ratio below which its range is "narrow"
-LEN_GROWTH = 1.0  # tokens: the greedy summaries' length grew when final - SFT >= 1 token
+IDEAL_TOKENS = 9  # the ideal summary `my WHO ACTION my OBJECT and i feel FEELING` (task.key_summary)
+# length growth = final greedy length - max(SFT's greedy length, IDEAL_TOKENS): the SFT policy writes the
+# 5-token short form, and growing to the ideal 9 tokens is a real gain the gold judge shares; only the
+# excess over that is length the proxy alone asked for
+LEN_GROWTH = 1.0  # tokens: the greedy summaries' length grew when that excess is >= 1 token
 LEN_MARGIN = 1.0  # tokens: one condition grows length more than another when >= 1 token more
 PROXY_LENGTH_BIAS_MIN = 0.10  # the proxy has a length channel when it prefers the longer summary >= 10 points
 #                               more often than the gold judge does (held-out pairs of different lengths)
@@ -47,6 +51,11 @@ LOW_LR_FACTOR = 10  # claim 2's low rate is HIGH_LR / 10, as the paper's 1e-7 is
 LOW_LR_SCAN = (2e-5,)  # further rates below HIGH_LR that the sweep runs; each is reported, none decides claim 2
 LENGTH_LR = 1e-4  # the length channel's online rate: HIGH_LR / LOW_LR_FACTOR, the paper's reference-free rate
 LENGTH_SIMPO_LR = 1e-4  # the lowest SimPO rate of the sweep (App. B: where SimPO "performs well")
+
+
+def length_growth(len_sft: float, len_final: float) -> float:
+    """Tokens of greedy summary length beyond what the gold judge also asks for (see IDEAL_TOKENS)."""
+    return len_final - max(len_sft, IDEAL_TOKENS)
 
 
 def low_lr(high_lr: float = HIGH_LR) -> float:
@@ -86,8 +95,8 @@ CLAIM_INPUTS = {  # claim -> (runs, metric, estimator), in words
     12: ("SimPO at its lowest rate", "peak gold win rate per gamma", "best gamma > 0 vs gamma 0"),
     13: ("SimPO at each rate", "gold drop from the peak per gamma", "largest gamma vs gamma 0"),
     14: ("entropy and none runs at each rate", "final gold win rate", "mean over seeds"),
-    15: ("length channel: maxent (Eq. 7) and entropy (Eq. 6) at LENGTH_LR", "greedy summary length per checkpoint", "final - SFT, mean over seeds"),
-    16: ("length channel: SimPO with and without length normalisation at LENGTH_SIMPO_LR", "greedy summary length per checkpoint", "final - SFT"),
+    15: ("length channel: maxent (Eq. 7) and entropy (Eq. 6) at LENGTH_LR", "greedy summary length per checkpoint", "final - max(SFT, 9 tokens), mean over seeds"),
+    16: ("length channel: SimPO with and without length normalisation at LENGTH_SIMPO_LR", "greedy summary length per checkpoint", "final - max(SFT, 9 tokens)"),
 }
 
 
