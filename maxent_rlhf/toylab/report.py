@@ -14,7 +14,6 @@ from typing import Optional
 from .. import plotting
 from ..config import ConfigError
 from . import claims, rules
-from .claims import DROP  # "falls at least 10 points below its in-run peak"
 from .sweep import REGULARIZER_LABELS
 
 # train_rloo metrics behind the KL claims (6, 7) and the run table: "objective/<key>"
@@ -213,6 +212,8 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report", allow
     length_cache = _artifact_dir("length")
     length_rm = _read_json(length_cache / "reward" / "heldout_accuracy.json") if length_cache else None
     length_pairs = _read_json(length_cache / "pairs" / "stats.json") if length_cache else None
+    if build_s is not None and length_cache:  # the length profile builds only its own pairs and reward model
+        build_s += sum(_read_json(length_cache / n / "MANIFEST.json", {}).get("build_seconds", 0.0) for n in ("pairs", "reward"))
     best_overopt = max(overopt, key=lambda s: s["drop"], default=None)
     rloo_secs = [r.info.get("seconds") for r in rloo if r.info.get("seconds")]
 
@@ -231,7 +232,7 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report", allow
                  + (f"coefficient sweep: {coef} (beside the default and coefficient 0 = no regulariser); " if coef else "")
                  + f"iterations {meta.get('iterations') or 'as configs/toy'}, {meta.get('eval_n')} test posts per checkpoint; "
                  f"DPO; SimPO gammas {meta.get('simpo_gammas')} at lrs {meta.get('simpo_lrs')}.\n")
-    L += cost_lines(rloo, offline, build_s, meta)
+    L += cost_lines(rloo, offline, build_s, meta, length["rloo"] + length["offline"] + main_job)
     L.append("## What the lab must exhibit\n")
     L.append("| requirement | target | measured | holds |")
     L.append("|---|---|---|---|")
@@ -265,7 +266,7 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report", allow
                  f"{_fmt(length_rm.get('rm_prefers_longer'))} vs {_fmt(length_rm.get('gold_prefers_longer'))} | "
                  f"{'yes' if claims._length_channel(length_rm.get('rm_prefers_longer'), length_rm.get('gold_prefers_longer')) is None else 'NO'} |")
     if build_s is not None:
-        L.append(f"| first-use build of all artifacts | <= 5 min | {build_s:.0f} s | {'yes' if build_s <= 300 else 'NO'} |")
+        L.append(f"| first-use build of all artifacts (main and length profiles) | <= 5 min | {build_s:.0f} s | {'yes' if build_s <= 300 else 'NO'} |")
     if rloo_secs:
         L.append(f"| one toy RLOO run (incl. model loading; sweep runs) | <= 5 min | median {statistics.median(rloo_secs):.0f} s | "
                  f"{'yes' if statistics.median(rloo_secs) <= 300 else 'NO'} |")
@@ -322,11 +323,13 @@ def _trajectory(s: dict) -> str:
     return rules.trajectory(s["sft"], s["peak"], s["final"]) if s.get("sft") is not None else "-"
 
 
-def cost_lines(rloo, offline: dict, build_s, meta: dict) -> list[str]:
+def cost_lines(rloo, offline: dict, build_s, meta: dict, extra=()) -> list[str]:
     """The sweep's cost in one process on this machine: the artifact build plus every run's training and
-    evaluation seconds (DONE.json), whatever number of processes actually ran them."""
+    evaluation seconds (DONE.json), whatever number of processes actually ran them; `extra`: the runs of
+    the further conditions (sweep.CONDITIONS), beside the estimate written into sweep.json before the sweep."""
     names = set(meta.get("rloo_runs") or [r.name for r in rloo]) | set(meta.get("offline_runs") or offline)
-    runs = [r for r in list(rloo) + list(offline.values()) if r.name in names]
+    names |= {n for c in (meta.get("conditions") or {}).values() for n in c.get("runs", [])}
+    runs = [r for r in list(rloo) + list(offline.values()) + list(extra) if r.name in names]
     outside = [r.name for r in rloo if r.name not in names]
     train = sum(r.info.get("seconds", 0.0) for r in runs)
     ev = sum(r.info.get("eval_seconds", 0.0) for r in runs)
@@ -340,6 +343,12 @@ def cost_lines(rloo, offline: dict, build_s, meta: dict) -> list[str]:
            + (f"; {no_eval} run(s) have no evaluation time recorded" if no_eval else "")
            + (f". Runs in the directory outside the sweep, also in the tables: {', '.join(outside)}" if outside else "")
            + ".\n"]
+    est = meta.get("estimate_minutes")
+    if est:
+        out.append(f"Estimated before the sweep (`sweep.estimate_minutes`, from the previous sweep's per-run times): "
+                   f"{est['total']:.0f} min, of which " + ", ".join(f"{k} {v:.0f}" for k, v in est.items() if k != "total")
+                   + (f"; disabled conditions (no config yet): {', '.join(meta.get('disabled_conditions'))}"
+                      if meta.get("disabled_conditions") else "") + ".\n")
     if missing:
         out.append(f"**Not finished** ({len(missing)} planned runs, absent from every table): {', '.join(missing)}.\n")
     return out
