@@ -296,6 +296,11 @@ def test_claim_table_marks_claim_1_na_without_a_coefficient_sweep_and_tests_it_w
     assert d["3"].startswith("not testable here (both groups end at the task's ceiling")  # 84% vs 84%, ceiling 85%
     # claim 2: the pre-registered rate (1e-3 / 10) decides; 2e-5 is reported beside and decides nothing
     assert [x for k, x in v if k == "2"] == ["disagrees", "agrees (reported beside the pre-registered rate; decides nothing)"]
+    # a sweep without the pre-registered rate says so instead of promoting another rate
+    no_low = [x for x in stats if x["lr"] != 1e-4]
+    rows2 = [x for k, x in _verdicts(claims_table(no_low, {}, [1e-3], extra_lrs=[2e-5])) if k == "2"]
+    assert rows2 == ["agrees (reported beside the pre-registered rate; decides nothing)",
+                     "n/a (no runs of this configuration in the sweep)"]
     # without a ceiling claim 3 is compared as before
     assert dict(_verdicts(claims_table(stats, {}, [1e-4, 1e-3], extra_lrs=[2e-5])))["3"] == "agrees"
 

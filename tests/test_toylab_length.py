@@ -221,3 +221,18 @@ def test_length_growth_counts_only_the_excess_over_the_ideal_summary():
     assert len(task.key_summary(POST.facts).split()) == rules.IDEAL_TOKENS
     assert rules.length_growth(5.0, 9.0) == 0.0  # SFT's short form -> the ideal: a gain gold shares
     assert rules.length_growth(5.0, 14.0) == 5.0 and rules.length_growth(11.0, 12.0) == 1.0
+
+
+def test_the_job_list_holds_every_run_once_and_shards_split_it():
+    plan, off = sweep.rloo_plan(), sweep.offline_plan()
+    extra = sweep.condition_jobs()
+    jobs = sweep.job_list(plan, off, extra)
+    assert len(jobs) == len(plan) + len(off) + len(extra) and len({repr(j) for j in jobs}) == len(jobs)
+    names = [j[1][1] for j in jobs if j[0] == "condition"]
+    assert {"length_maxent_lr1e-4_s1", "length_simpo_plain_lr1e-4_s3", "main_job_lr2e-4_s1"} <= set(names)
+    # the first seed of everything comes before any later seed of the main grid
+    first_later = next(i for i, j in enumerate(jobs) if j[0] == "rloo" and j[1][2] != 1)
+    assert all(j[1][3] == 1 for j in jobs[:first_later] if j[0] == "condition")
+    shards = [sweep.shard_items(jobs, (i, 2)) for i in range(2)]
+    assert len(shards[0]) + len(shards[1]) == len(jobs)
+    assert [j for j in sweep.condition_jobs(online=False) if j[1][0].kind == "rloo"] == []

@@ -484,6 +484,9 @@ def claims_table(stats: list, offline: dict, lrs: list, extra_lrs=(), ceiling: O
                 v = claims.Verdict(v.level, v.evidence, v.rule, "reported beside the pre-registered rate; decides nothing")
             row(2, f"4.2: a lower lr ({lr:g}{', = the KL lr / 10, pre-registered' if decides else ''}) stabilises MaxEnt "
                    "and improves on SFT (1B)", v)
+    if low is not None and not any(abs(lr - low) <= 1e-12 * low for lr in below):
+        row(2, f"4.2: a lower lr ({low:g}, = the KL lr / 10, pre-registered) stabilises MaxEnt and improves on SFT (1B)",
+            claims.rule_stable_and_improving([]))
     # 3. the gains are not due to the entropy term
     row(3, "4.2: the low-lr gains are not due to the entropy term: coefficient 0 does as well",
         claims.rule_gain_not_from_entropy({lr: (_outcomes(ent(lr)), _outcomes(_group_final(stats, "none", lr)))

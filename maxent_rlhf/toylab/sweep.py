@@ -281,6 +281,24 @@ def shard_items(items: list, shard: tuple[int, int]) -> list:
     return [x for k, x in enumerate(items) if k % n == i]
 
 
+def job_list(plan: list, off: list, extra_jobs: list, online: bool = True, offline: bool = True) -> list[tuple]:
+    """The sweep's one ordered list of jobs: every online configuration at the first seed, the offline
+    runs, the further conditions' first seed, then the other seeds of both (a sweep cut short still tests
+    every claim, at fewer seeds); shards take every n-th job of it."""
+    first = [("rloo", p) for p in plan if p[2] == plan[0][2]] if plan else []
+    seed0 = min((j[1][3] for j in extra_jobs), default=None)
+    return ([j for j in first if online] + [("offline", o) for o in off if offline]
+            + [j for j in extra_jobs if j[1][3] == seed0]
+            + [("rloo", p) for p in plan if online and ("rloo", p) not in first]
+            + [j for j in extra_jobs if j[1][3] != seed0])
+
+
+def condition_jobs(conditions=CONDITIONS, online: bool = True, offline: bool = True) -> list[tuple]:
+    """("condition", (condition, run name, lr, seed)) for every run of the enabled conditions."""
+    return [("condition", (c, name, lr, seed)) for c in conditions if c.enabled() for name, lr, seed in c.runs()
+            if (online if c.kind == "rloo" else offline)]
+
+
 def sweep(
     out: str | Path = "runs/toylab",
     regularizers=REGULARIZERS,
@@ -315,7 +333,7 @@ def sweep(
         ensure_artifact(name)
     plan = rloo_plan(regularizers, lrs, seeds, low_lr, coef_sweep)
     off = offline_plan(simpo_gammas, simpo_lrs)
-    extra_jobs = [("condition", (c, name, lr, seed)) for c in active for name, lr, seed in c.runs()]
+    extra_jobs = condition_jobs(active, online, offline)
     if write_meta:  # the plan, written first: a report made before the sweep ends lists what is missing
         meta = {
             "regularizers": list(regularizers), "lrs": list(lrs), "seeds": list(seeds), "iterations": iterations,
@@ -333,14 +351,7 @@ def sweep(
         tmp = out / f".sweep.json.{i_shard}"
         tmp.write_text(json.dumps(meta, indent=1))
         tmp.replace(out / "sweep.json")  # atomic: shards writing the same plan at once leave one whole file
-    # order: every online configuration at the first seed, then the offline runs, then the other seeds (a sweep
-    # cut short still tests every claim, at fewer seeds); shards take every n-th job of that one list
-    first = [("rloo", p) for p in plan if p[2] == plan[0][2]] if plan else []
-    jobs = ([j for j in first if online] + [("offline", o) for o in off if offline]
-            + [j for j in extra_jobs if j[1][3] == min(j[1][3] for j in extra_jobs)]
-            + [("rloo", p) for p in plan if online and ("rloo", p) not in first]
-            + [j for j in extra_jobs if j[1][3] != min(j[1][3] for j in extra_jobs)])
-    todo = mine(jobs)
+    todo = mine(job_list(plan, off, extra_jobs, online, offline))
     for i, (kind, job) in enumerate(todo):
         t = time.time()
         if kind == "rloo":
