@@ -161,6 +161,14 @@ def test_the_report_judges_the_length_channel_from_run_directories(tmp_path, mon
     text = "\n".join(report.length_section(length, rm, {"labels_prefer_longer": 0.9}))
     assert "| length_entropy_lr1e-4_s1 | 0.0001 | 30% | 80% (10) | 50% | improves, then declines | 1.00 -> 1.50 | yes | 9.0 -> 15.0 |" in text
     assert "prefers the longer summary in 90%, the gold judge in 60%; its labels prefer the longer in 90%" in text
+    # the whole report: the length runs' SFT baseline in the requirements table, their rows, claims 15-16
+    monkeypatch.setenv("MAXENT_RLHF_CACHE", str(tmp_path / "no-cache"))
+    for d in (sw / "length" / "rloo").iterdir():
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        (d / "config.yaml").write_text(yaml.safe_dump({**cfg, "max_new_tokens": 24}))
+    text = report.write_report(sw, tmp_path / "report").read_text()
+    assert "| length channel: SFT policy gold win rate (24 new tokens) | 15-50% | 30.0% | yes |" in text
+    assert "## The length channel" in text and "| 15 | 3.3 (Eq. 7)" in text
 
 
 def test_kl_outliers_are_found_and_named_with_k1_beside():

@@ -1,7 +1,11 @@
 """report.md and its figures from a sweep directory (`python -m maxent_rlhf.toylab report`).
 
 Everything in the report is computed from the run directories (metrics.jsonl, eval_*/summary.json,
-DONE.json) and the cached artifacts' build records; the claim table's verdicts follow stated rules.
+DONE.json) and the cached artifacts' build records; the claim table's verdicts follow the rules of
+claims.py with the thresholds, terms and run selections pre-registered in rules.py. The runs' DONE.json
+name the code commit and the rules' sha256; runs of different code or rules are refused unless
+allowed ($MAXENT_RLHF_TOYLAB_ALLOW_MIXED_CODE=1, or write_report(allow_mixed_code=True)), and the report
+then says so at the top.
 """
 from __future__ import annotations
 
@@ -258,6 +262,10 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report", allow
         L.append("| overoptimisation: proxy up while gold falls >= 10 points below its in-run peak | >= 1 config | none | NO |")
     if ceiling is not None:
         L.append(f"| the task's win-rate ceiling (the ideal summary against the references) | - | {ceiling:.1%} | - |")
+    length_sft = _mean([analyse(r).get("sft") for r in length["rloo"]])
+    if length_sft is not None:
+        L.append(f"| length channel: SFT policy gold win rate ({length['rloo'][0].config.get('max_new_tokens', '?')} new tokens) "
+                 f"| 15-50% | {length_sft:.1%} | {'yes' if 0.15 <= length_sft <= 0.5 else 'NO'} |")
     if length_rm:
         a = length_rm["accuracy_vs_labels"]
         L.append(f"| length channel: proxy RM held-out accuracy (n={length_rm['n']}) | 0.65-0.90 | {a:.3f} "
