@@ -576,6 +576,8 @@ def update(c: RLOOConfig, m: Models, plan: BatchPlan, ro: Rollout, optimizer, sc
     acc, policy, device = m.accelerator, m.policy, m.accelerator.device
     n, micro = len(ro), c.per_device_train_batch_size
     fused = ro.old_logprobs is None
+    if fused and not can_fuse(c):  # a later epoch or mini-batch would run on moved weights
+        raise ValueError("update: old log-probs missing, and they can come from its own forward only when can_fuse")
     policy.train()
     stats = {"clipfrac": [], "approxkl": [], "ratio": [], "loss": [], "grad_norm": []}
     computed = []  # fused: each micro-batch's OldPolicyValues, in row order

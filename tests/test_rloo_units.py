@@ -410,13 +410,13 @@ def steps_2_to_8(c, accelerator, policy_dir, reward_dir, ro):
     return train_rloo.iteration_metrics(c, ro, stats), [p.detach().clone() for p in m.policy.parameters()]
 
 
-def assert_same_run(a, b):
+def assert_same_run(a, b, weights_atol=1e-6):
     (metrics_a, weights_a), (metrics_b, weights_b) = a, b
     assert metrics_a.keys() == metrics_b.keys()
     for key in metrics_a:
         assert metrics_b[key] == pytest.approx(metrics_a[key], rel=1e-5, abs=1e-6), key
     for wa, wb in zip(weights_a, weights_b, strict=True):
-        torch.testing.assert_close(wb, wa, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(wb, wa, rtol=1e-5, atol=weights_atol)
 
 
 # shared_prefix off: these compare one speed path at a time (the shared prompt pass: test_rloo_shared_prefix.py)
@@ -426,8 +426,8 @@ FUSABLE = dict(rloo_k=2, global_batch_size=4, num_mini_batches=1, per_device_tra
 
 @pytest.mark.parametrize("kw", [dict(regularizer="kl", kl_coef=0.5),
                                 dict(regularizer="entropy", entropy_coef=0.3, length_normalize=True)])
-def test_fused_update_gives_the_metrics_and_weights_of_the_separate_old_logprob_pass(kw, accelerator, tiny_tokenizer,
-                                                                                     tiny_policy_dir, tiny_reward_dir):
+def test_update_with_old_logprobs_from_its_own_forward_equals_a_separate_old_logprob_pass(
+        kw, accelerator, tiny_tokenizer, tiny_policy_dir, tiny_reward_dir):
     c = train_rloo.RLOOConfig(**FUSABLE, **kw)
     assert train_rloo.can_fuse(c) and not train_rloo.can_fuse(replace(c, fused_old_logprobs=False))
     assert not train_rloo.can_fuse(replace(c, num_ppo_epochs=2)) and not train_rloo.can_fuse(replace(c, whiten_advantages=True))
@@ -447,5 +447,8 @@ def test_cutting_the_pad_tail_changes_no_metric(accelerator, tiny_tokenizer, tin
     assert cut_ids.shape[1] == int(base.response_mask.sum(1).max()) == 3
     cut = train_rloo.Rollout(base.query_ids, base.query_mask, cut_ids, cut_mask, base.contains_eos)
     c = train_rloo.RLOOConfig(**dict(FUSABLE, num_ppo_epochs=2, per_device_train_batch_size=1), regularizer="kl")
+    # other tensor shapes, other float rounding: Adam divides by |g|, so a parameter with a near-zero gradient
+    # moves by up to lr (3e-3) whatever its size, and two steps of rounding-level gradient differences show
+    # in the weights at ~1e-5 (every metric still agrees to 1e-5)
     assert_same_run(steps_2_to_8(c, accelerator, tiny_policy_dir, tiny_reward_dir, padded),
-                    steps_2_to_8(c, accelerator, tiny_policy_dir, tiny_reward_dir, cut))
+                    steps_2_to_8(c, accelerator, tiny_policy_dir, tiny_reward_dir, cut), weights_atol=2e-5)
