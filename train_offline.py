@@ -167,8 +167,9 @@ def response_logps(model, batch: data.ResponseBatch, shared_prefix: bool = True)
     """Summed response log-probs S and lengths |y|, both [B, K] (column 0 = chosen / best).
     `shared_prefix`: one prompt pass for the K responses (rows k * B + b share example b's prompt) where
     `generation.shared_prefix_usable` says it is valid (not under FSDP / ZeRO-3 / gradient checkpointing)."""
+    share = shared_prefix and generation.shared_prefix_supported(model)
     logits = generation.response_logits(model, batch.input_ids, batch.attention_mask, batch.context_length,
-                                        shared_prefix_k=batch.num_responses if shared_prefix else 1, layout="tiled")
+                                        shared_prefix_k=batch.num_responses if share else 1, layout="tiled")
     seq = objectives.sequence_logprobs(logits, batch.labels, batch.response_mask)
     lengths = batch.response_mask.sum(-1).to(seq.dtype)
     k = batch.num_responses

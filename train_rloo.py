@@ -3,27 +3,29 @@
     accelerate launch train_rloo.py --config configs/maxent_1b.yaml [--key value ...]
     python train_rloo.py --config configs/kl_1b.yaml --output_dir runs/kl_1b --resume latest
 
-One iteration, numbered below exactly like this; each step is a function over the iteration's
-`Rollout` record (this process's rows), so `main` reads as the list and a step can be tested alone:
+One iteration, numbered below exactly like this; each step is a function of the iteration's `Rollout`
+record (this process's rows) that returns its values, which `main` (steps 3-6: `learn`) assigns to the
+record, so `main` reads as the list and a step can be tested alone:
   1. generate: `rloo_k` completions per prompt (KV-cached sampling at `temperature`, top_k 0 / top_p 1,
      `generation.sample`: HF generate's tokens under the same RNG, without its per-token machinery),
      each truncated after its first EOS (EOS kept), the rest padded                      `generate`
   2. score: prompt + completion with the reward model at the last real token; missing-EOS penalty  `score`
-  3. log-probs of the sampled tokens under the policy (old) and the reference, from logits / T   `rollout_logprobs`
+  3. log-probs of the sampled tokens under the policy (old) and the reference, from logits / T   `policy_logprobs`
   4. regularised sequence reward: kl (beta), entropy (alpha, Eq. 6; Eq. 7 with length_normalize), none
                                                                                           `regularised_reward`
   5. RLOO leave-one-out advantages over the k samples of each prompt (optional whitening) `rloo_row_advantages`
   6. update: num_ppo_epochs x num_mini_batches clipped policy-gradient steps (grad accumulation,
-     clipping, lr decay)                                                                   `update`
+     clipping, lr decay); with one epoch of one mini-batch it also does 3 (policy part)-5    `update`
   7. kl_prev: log-probs of the same samples after the update (KL between consecutive policies;
      all of them, or `kl_prev_per_prompt` of each prompt)                                  `kl_prev_logprobs`
   8. log, sample, checkpoint                                                              `iteration_metrics`
 Speed (same values up to float rounding; tests/test_rloo_units.py and test_rloo_shared_prefix.py compare
 every metric): step 1 cuts the padded responses to the longest real row (`cut_to_longest`), so every later
 forward is as short as the batch allows; every forward runs each prompt once for its rloo_k completions
-and repeats its KV cache (`shared_prefix`, off by itself under FSDP / ZeRO-3 / gradient checkpointing);
-with one PPO epoch of one mini-batch (the bench and TRL 1.16 default) steps 3-6 run fused
-(`fused_update`): the update's forward is the old-policy forward, one policy forward fewer per iteration.
+and repeats its KV cache (`shared_prefix`; `prompt_sharing` decides it once per run and forward: plain
+under FSDP / ZeRO-3 / gradient checkpointing or for chunks that cut prompt groups);
+with one PPO epoch of one mini-batch (the bench and TRL 1.16 default, `can_fuse`) the update takes the old
+log-probs from its own first forward (steps 3-6 in one pass, one policy forward fewer per iteration).
 Step 7 is work TRL does not do (10-11% of an iteration at the bench's sizes); `kl_prev_per_prompt: 1`
 runs it on one completion per prompt (1/rloo_k of its cost, unbiased, noisier).
 Around the loop: the win rate of greedy summaries against references (`maxent_rlhf.evaluation`, the
@@ -66,8 +68,7 @@ Decisions (documented here once):
   weighted contribution to the reward (-alpha log pi(y|x), / |y| with length_normalize); it is 0 for the kl
   and none regularisers. `policy/entropy` is the true token entropy of softmax(logits / T), averaged over
   real response tokens.
-- Minimum entropy: a negative `entropy_coef`, or `min_entropy: true`, which flips the sign of a
-  positive `entropy_coef` (same thing, clearer in a config).
+- Minimum entropy: a negative `entropy_coef` (the entropy term with the opposite sign).
 - The reference model is needed for the kl regulariser's reward every iteration, otherwise only for
   kl_ref every `kl_ref_every` iterations: `RLOOConfig.needs_ref(iteration)` decides it, in one place.
 - Dropout is switched off in the policy (old and new log-probs must come from the same function).
@@ -83,14 +84,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 import maxent_rlhf.toylab  # noqa: F401  (registers the toylab:// locations and the toy-gold judge)
 from maxent_rlhf import distributed, generation, objectives, plotting
-from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, TrainConfig, cfg, derive_batch_sizes, parse_config
+from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, TrainConfig, cfg, derive_batch_sizes
 from maxent_rlhf.data import PromptStream, load_any_dataset, require_columns, tokenize_prompts
 from maxent_rlhf.evaluation import EvalArgs, TrainingEvaluator
 from maxent_rlhf.models import (check_context_length, load_model_config, load_policy, load_reward_model, load_tokenizer,
@@ -163,7 +164,6 @@ class RLOOConfig(EvalArgs, TrainConfig):
     kl_coef: float = cfg(0.05, "beta of the KL-regularised reward r - beta * sum_t (log pi - log pi_ref)")
     entropy_coef: float = cfg(0.0, "alpha of r - alpha * log pi(y|x); negative = minimum entropy")
     length_normalize: bool = cfg(False, "entropy term / |y| (Eq. 7, what the paper trains)")
-    min_entropy: bool = cfg(False, "minimum-entropy variant: flips the sign of a positive entropy_coef")
     kl_ref_every: int = cfg(
         1, "non-kl regularisers: compute objective/kl_ref every N iterations (0: never); kl computes it every iteration"
     )
@@ -176,9 +176,19 @@ class RLOOConfig(EvalArgs, TrainConfig):
     sample_every: int = cfg(10, "write completions to samples.jsonl every N iterations (0: never)")
     num_samples: int = cfg(4, "completions written per sample_every")
 
-    def prefix_k(self) -> int:
-        """Rows sharing one prompt in every forward (`shared_prefix`): rloo_k, or 1 for the plain path."""
-        return self.rloo_k if self.shared_prefix else 1
+    def range_checks(self) -> list:
+        """Value ranges (config.check_ranges, at construction); the batch arithmetic is `_batch_plan`'s."""
+        return super().range_checks() + [
+            (self.response_length >= 1, f"`response_length` = {self.response_length} must be >= 1"),
+            (self.temperature > 0, f"`temperature` = {self.temperature} must be > 0"),
+            (self.num_ppo_epochs >= 1, f"`num_ppo_epochs` = {self.num_ppo_epochs} must be >= 1"),
+            (self.local_rollout_forward_batch_size >= 1,
+             f"`local_rollout_forward_batch_size` = {self.local_rollout_forward_batch_size} must be >= 1"),
+            (self.cliprange > 0, f"`cliprange` = {self.cliprange} must be > 0"),
+            (self.kl_ref_every >= 0, f"`kl_ref_every` = {self.kl_ref_every} must be >= 0"),
+            (0 <= self.kl_prev_per_prompt <= self.rloo_k,
+             f"`kl_prev_per_prompt` = {self.kl_prev_per_prompt} must be in 0..rloo_k = {self.rloo_k} (0: every completion)"),
+        ]
 
     def kl_ref_interval(self) -> int:
         """Iterations between reference forwards: 1 for `kl` (its reward needs pi_ref), else `kl_ref_every`."""
@@ -224,31 +234,12 @@ def _batch_plan(c: RLOOConfig, num_processes: int) -> BatchPlan:
     return BatchPlan(gbs // c.rloo_k, rows_local // c.rloo_k, rows_local, mini_local, accum, n_iter)
 
 
-def _validate(c: RLOOConfig) -> None:
-    checks = [
-        (c.response_length >= 1, f"`response_length` = {c.response_length} must be >= 1"),
-        (c.temperature > 0, f"`temperature` = {c.temperature} must be > 0"),
-        (c.max_prompt_length >= 1, f"`max_prompt_length` = {c.max_prompt_length} must be >= 1"),
-        (c.num_ppo_epochs >= 1, f"`num_ppo_epochs` = {c.num_ppo_epochs} must be >= 1"),
-        (c.local_rollout_forward_batch_size >= 1, "`local_rollout_forward_batch_size` must be >= 1"),
-        (c.cliprange > 0, f"`cliprange` = {c.cliprange} must be > 0"),
-        (c.learning_rate >= 0, f"`learning_rate` = {c.learning_rate} must be >= 0"),
-        (c.kl_ref_every >= 0, f"`kl_ref_every` = {c.kl_ref_every} must be >= 0"),
-        (0 <= c.kl_prev_per_prompt <= c.rloo_k,
-         f"`kl_prev_per_prompt` = {c.kl_prev_per_prompt} must be in 0..rloo_k = {c.rloo_k} (0: every completion)"),
-        (not (c.min_entropy and c.regularizer != "entropy"), "`min_entropy: true` needs `regularizer: entropy`"),
-        (not (c.min_entropy and c.entropy_coef < 0), "`min_entropy: true` with a negative `entropy_coef` would flip the sign twice; give a positive coefficient"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
-
 
 def _regularizer_coef(c: RLOOConfig) -> float:
     if c.regularizer == "kl":
         return c.kl_coef
     if c.regularizer == "entropy":
-        return -abs(c.entropy_coef) if c.min_entropy else c.entropy_coef
+        return c.entropy_coef  # negative: minimum entropy
     return 0.0
 
 
@@ -330,6 +321,19 @@ def _timed(timings: dict, key: str):
 # ----------------------------------------------------------------------------------------------------
 # the iteration's record and its steps
 # ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PromptSharing:
+    """Rows per shared prompt pass in each forward of an iteration (`shared_prefix`; 1: the plain pass), fixed
+    once per run by `prompt_sharing`; a `generation` call that cannot honour its number raises."""
+
+    sample: int = 1  # step 1: the policy's prefill
+    score: int = 1  # step 2: the reward model (1 when it reads re-tokenised text)
+    old: int = 1  # step 3: the policy's no-grad forward
+    ref: int = 1  # step 3: the reference
+    update: int = 1  # step 6 when fused (the other updates run shuffled rows: 1)
+    kl_prev: int = 1  # step 7: kl_prev_per_prompt rows of each prompt
+
+
 @dataclass
 class Models:
     """What the steps run on: the accelerator, the (prepared) policy, the frozen models, the tokenizers."""
@@ -342,13 +346,15 @@ class Models:
     reward_tokenizer: object = None
     retokenize: bool = False  # the reward model reads its own tokens (other vocabulary)
     reward_fn: Optional[Callable] = None
+    sharing: PromptSharing = field(default_factory=PromptSharing)  # main: `prompt_sharing` once the models are prepared
 
 
 @dataclass
 class Rollout:
     """One iteration's batch on this process: completion j of local prompt p sits at row p * k + j.
 
-    Steps 1-2 fill the sample, steps 3-7 the fields below it; every tensor has n = prompts x rloo_k rows.
+    Step 1 builds it; `main` / `learn` assign each later step's returned values to the fields below the
+    sample (no step writes into the record itself); every tensor has n = prompts x rloo_k rows.
     """
 
     query_ids: torch.Tensor  # [n, ctx] left-padded prompt tokens, each prompt repeated rloo_k times
@@ -377,6 +383,47 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]
+
+
+class OldPolicyValues(NamedTuple):
+    """Steps 3-5's values of every row: what the update trains against (`update` returns them)."""
+
+    old_logprobs: torch.Tensor
+    token_entropy: torch.Tensor
+    rewards: torch.Tensor
+    non_score_reward: torch.Tensor
+    advantages: torch.Tensor
+
+
+def can_fuse(c: RLOOConfig) -> bool:
+    """Steps 3-5 inside the update's forward (`update`): one PPO epoch of one mini-batch, no whitening,
+    micro-batches of whole prompt groups, and `fused_old_logprobs` on."""
+    return (c.fused_old_logprobs and c.num_ppo_epochs == 1 and c.num_mini_batches == 1 and not c.whiten_advantages
+            and c.per_device_train_batch_size % c.rloo_k == 0)
+
+
+def prompt_sharing(c: RLOOConfig, m: Models, plan: BatchPlan) -> PromptSharing:
+    """`shared_prefix`, decided once per run for each forward: its rows share each prompt's pass when the model
+    can (`generation.shared_prefix_supported`: not under FSDP / ZeRO-3 / gradient checkpointing) and every chunk
+    holds whole prompt groups (its size a multiple of the group, or the whole batch); otherwise that forward
+    runs plain for the whole run. Call it on the prepared models (preparing is what shards them)."""
+    if not c.shared_prefix:
+        return PromptSharing()
+
+    def rows_per_pass(model, group: int, rows: int, chunk: int = c.local_rollout_forward_batch_size) -> int:
+        whole_groups = chunk >= rows or chunk % group == 0
+        return group if model is not None and whole_groups and generation.shared_prefix_supported(model) else 1
+
+    per_prompt = c.kl_prev_per_prompt or c.rloo_k
+    k, rows = c.rloo_k, plan.rows_local
+    return PromptSharing(
+        sample=rows_per_pass(m.policy, k, rows),
+        score=1 if m.retokenize else rows_per_pass(m.reward_model, k, rows),
+        old=rows_per_pass(m.policy, k, rows),
+        ref=rows_per_pass(m.ref_policy, k, rows),
+        update=rows_per_pass(m.policy, k, rows, c.per_device_train_batch_size) if can_fuse(c) else 1,
+        kl_prev=rows_per_pass(m.policy, per_prompt, plan.prompts_local * per_prompt),
+    )
 
 
 def prompt_texts(tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor) -> list[str]:
@@ -410,7 +457,8 @@ def generate(c: RLOOConfig, m: Models, query_ids: torch.Tensor, query_mask: torc
                 # generation.sample: generate's tokens without its per-token overhead (sharded: generate itself)
                 raw.append(generation.sample(gen_model, query_ids[s], query_mask[s], c.response_length, tok.eos_token_id,
                                              tok.pad_token_id, temperature=c.temperature,
-                                             synced_gpus=distributed.needs_synced_gpus(acc), shared_prefix_k=c.prefix_k()))
+                                             synced_gpus=distributed.needs_synced_gpus(acc),
+                                             shared_prefix_k=m.sharing.sample))
     responses, response_mask, contains_eos = generation.truncate_after_eos(torch.cat(raw), tok.eos_token_id, tok.pad_token_id)
     responses, response_mask = cut_to_longest(responses, response_mask)
     return Rollout(query_ids, query_mask, responses, response_mask, contains_eos)
@@ -429,46 +477,40 @@ def cut_to_longest(responses: torch.Tensor, response_mask: torch.Tensor) -> tupl
     return responses[:, :longest], response_mask[:, :longest]
 
 
-def score(c: RLOOConfig, m: Models, ro: Rollout) -> torch.Tensor:
-    """Step 2: one score per completion (reward model at the last real token, or `reward_fn`), minus the
-    missing-EOS penalty. Also fills `ro.completions` (the decoded responses)."""
+def score(c: RLOOConfig, m: Models, ro: Rollout) -> tuple[list[str], torch.Tensor]:
+    """Step 2: the decoded completions, and one score per completion (reward model at the last real token, or
+    `reward_fn`) minus the missing-EOS penalty."""
     n, device = len(ro), m.accelerator.device
-    ro.completions = m.tokenizer.batch_decode(ro.responses, skip_special_tokens=True)  # padded after EOS already
+    completions = m.tokenizer.batch_decode(ro.responses, skip_special_tokens=True)  # padded after EOS already
     if m.reward_fn is not None:
         scores = torch.as_tensor(
-            m.reward_fn(prompts=prompt_texts(m.tokenizer, ro.query_ids, ro.query_mask), completions=ro.completions,
+            m.reward_fn(prompts=prompt_texts(m.tokenizer, ro.query_ids, ro.query_mask), completions=completions,
                         response_ids=ro.responses, response_mask=ro.response_mask),
             dtype=torch.float32, device=device,
         ).reshape(-1)
         if scores.shape[0] != n:
             raise ValueError(f"reward_fn returned {scores.shape[0]} scores for {n} completions")
     else:
-        if m.retokenize:
+        if m.retokenize:  # other tokens: no shared prompt columns (m.sharing.score is 1)
             rm_ids, rm_mask = retokenize_for_reward(m.tokenizer, m.reward_tokenizer, ro.query_ids, ro.query_mask,
                                                     ro.responses, ro.response_mask, ro.contains_eos)
-            rm_ids, rm_mask = rm_ids.to(device), rm_mask.to(device)
-            context_length, k = None, 1  # other tokens: no shared prompt columns
+            rm_ids, rm_mask, context_length = rm_ids.to(device), rm_mask.to(device), None
         else:
-            rm_ids, rm_mask = ro.query_responses, ro.attention_mask
-            context_length, k = ro.context_length, c.prefix_k()
+            rm_ids, rm_mask, context_length = ro.query_responses, ro.attention_mask, ro.context_length
         with m.accelerator.autocast():
-            scores = torch.cat([generation.reward_model_scores(m.reward_model, rm_ids[s], rm_mask[s], context_length, k)
+            scores = torch.cat([generation.reward_model_scores(m.reward_model, rm_ids[s], rm_mask[s], context_length,
+                                                               m.sharing.score)
                                 for s in _chunks(n, c.local_rollout_forward_batch_size)])
-    return objectives.missing_eos_penalty(scores, ro.contains_eos, c.missing_eos_penalty)
+    return completions, objectives.missing_eos_penalty(scores, ro.contains_eos, c.missing_eos_penalty)
 
 
-def policy_logprobs(c: RLOOConfig, m: Models, ro: Rollout, model=None, return_entropy: bool = False,
-                    rows: Optional[torch.Tensor] = None, per_prompt: Optional[int] = None):
-    """No-grad log-probs of the sampled tokens from logits / T, in chunks (the policy unless `model`).
-
-    The forwards go through the prepared model, so sharded engines gather their parameters. Step 7 calls
-    it after the update on `rows` (`kl_prev_rows`: `per_prompt` completions of each prompt) for the KL
-    between consecutive policies.
-    """
-    model = m.policy if model is None else model
+def policy_logprobs(c: RLOOConfig, m: Models, ro: Rollout, model, share: int, return_entropy: bool = False,
+                    rows: Optional[torch.Tensor] = None):
+    """No-grad log-probs of the sampled tokens under `model` from logits / T, in chunks (`share` rows per
+    prompt pass: a `PromptSharing` field). The forwards go through the prepared model, so sharded engines
+    gather their parameters. Step 7 calls it after the update on `rows` (`kl_prev_rows`)."""
     model.eval()
     ids, mask = (ro.query_responses, ro.attention_mask) if rows is None else (ro.query_responses[rows], ro.attention_mask[rows])
-    share = (c.rloo_k if per_prompt is None else per_prompt) if c.shared_prefix else 1
     lps, ents = [], []
     with torch.no_grad(), m.accelerator.autocast():
         for s in _chunks(ids.shape[0], c.local_rollout_forward_batch_size):
@@ -491,46 +533,56 @@ def kl_prev_rows(c: RLOOConfig, n: int, device=None) -> tuple[torch.Tensor, int]
     return rows, per_prompt
 
 
-def kl_prev_logprobs(c: RLOOConfig, m: Models, ro: Rollout) -> torch.Tensor:
-    """Step 7: log-probs of the `kl_prev_rows` samples under the updated policy (fills ro.kl_prev_rows)."""
-    ro.kl_prev_rows, per_prompt = kl_prev_rows(c, len(ro), ro.responses.device)
-    return policy_logprobs(c, m, ro, rows=ro.kl_prev_rows, per_prompt=per_prompt)
-
-
-def rollout_logprobs(c: RLOOConfig, m: Models, ro: Rollout, needs_ref: bool):
-    """Step 3: old log-probs and token entropies under the policy, and reference log-probs when needed.
-
-    With `can_fuse(c)` the policy part is skipped (old log-probs and entropies come from `fused_update`).
-    """
-    if can_fuse(c):
-        return None, None, policy_logprobs(c, m, ro, model=m.ref_policy) if needs_ref else None
-    old_logprobs, token_entropy = policy_logprobs(c, m, ro, return_entropy=True)
-    ref_logprobs = policy_logprobs(c, m, ro, model=m.ref_policy) if needs_ref else None
-    return old_logprobs, token_entropy, ref_logprobs
+def kl_prev_logprobs(c: RLOOConfig, m: Models, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 7: the `kl_prev_rows` and their samples' log-probs under the updated policy."""
+    rows, _ = kl_prev_rows(c, len(ro), ro.responses.device)
+    return rows, policy_logprobs(c, m, ro, m.policy, m.sharing.kl_prev, rows=rows)
 
 
 def regularised_reward(c: RLOOConfig, ro: Rollout, rows=slice(None), old_logprobs: Optional[torch.Tensor] = None
                        ) -> objectives.RegularizedReward:
     """Step 4: the sequence reward RLOO maximises (objectives.regularized_reward: kl / Eq. 6 / Eq. 7 / none).
 
-    `rows` / `old_logprobs`: the same for a subset of rows whose old log-probs are given (`fused_update`)."""
+    `rows` / `old_logprobs`: the same for a subset of rows whose old log-probs are given (the fused update)."""
     old_logprobs = ro.old_logprobs if old_logprobs is None else old_logprobs
     ref = ro.ref_logprobs[rows] if ro.ref_logprobs is not None else None
     return objectives.regularized_reward(ro.scores[rows], old_logprobs, ro.response_mask[rows], c.regularizer,
                                          _regularizer_coef(c), ref_logprobs=ref, length_normalize=c.length_normalize)
 
 
+def rewards_and_advantages(c: RLOOConfig, ro: Rollout, old_logprobs: torch.Tensor, rows=slice(None), accelerator=None,
+                           check: Callable[[str, torch.Tensor], None] = lambda name, value: None):
+    """Steps 4-5 on `rows` (whole prompt groups) from their old log-probs: (rewards, non_score_reward,
+    advantages); whitening, when on, over the global batch."""
+    reg = regularised_reward(c, ro, rows, old_logprobs)
+    check("regularised reward", reg.rewards)
+    return reg.rewards, reg.non_score_reward, rloo_row_advantages(reg.rewards, c.rloo_k, c.whiten_advantages, accelerator)
+
+
 def update(c: RLOOConfig, m: Models, plan: BatchPlan, ro: Rollout, optimizer, scheduler,
-           check: Callable[[str, torch.Tensor], None] = lambda name, value: None) -> dict:
-    """Step 6: num_ppo_epochs x num_mini_batches clipped policy-gradient steps on the rollout, one
-    scheduler step. Returns the per-micro-batch statistics (lists of tensors) and the learning rate used.
-    `check(name, loss)` runs on every micro-batch loss (main: stop on a non-finite loss)."""
+           check: Callable[[str, torch.Tensor], None] = lambda name, value: None) -> tuple[dict, OldPolicyValues]:
+    """Step 6: num_ppo_epochs x num_mini_batches clipped policy-gradient steps on the rollout, one scheduler
+    step. Returns the per-micro-batch statistics (lists of tensors) with the learning rate used, and the
+    steps 3-5 values it trained against.
+
+    Old log-probs: `ro.old_logprobs` (with the rewards and advantages of steps 4-5), or, when they are None
+    (`can_fuse`: one epoch of one mini-batch), each micro-batch's own forward. That forward runs on the
+    pre-update weights, so it IS the old-policy forward: its log-probs, detached, are the old log-probs
+    (ratio 1, as a separate pass up to rounding), its logits give the token entropy, and steps 4-5 run on
+    its rows' whole prompt groups. One policy forward fewer per iteration; the cost: micro-batches run over
+    prompt groups in row order instead of shuffled (their gradients sum into one optimizer step anyway).
+    `check(name, value)` runs on every micro-batch loss (and, fused, its regularised rewards).
+    """
     acc, policy, device = m.accelerator, m.policy, m.accelerator.device
     n, micro = len(ro), c.per_device_train_batch_size
+    fused = ro.old_logprobs is None
+    if fused and not can_fuse(c):  # a later epoch or mini-batch would run on moved weights
+        raise ValueError("update: old log-probs missing, and they can come from its own forward only when can_fuse")
     policy.train()
     stats = {"clipfrac": [], "approxkl": [], "ratio": [], "loss": [], "grad_norm": []}
+    computed = []  # fused: each micro-batch's OldPolicyValues, in row order
     for _epoch in range(c.num_ppo_epochs):
-        order = torch.randperm(n).to(device)
+        order = torch.arange(n, device=device) if fused else torch.randperm(n).to(device)
         for mb_start in range(0, n, plan.mini_local):
             mb = order[mb_start : mb_start + plan.mini_local]
             for a in range(plan.grad_accum):
@@ -538,14 +590,23 @@ def update(c: RLOOConfig, m: Models, plan: BatchPlan, ro: Rollout, optimizer, sc
                 sync = a == plan.grad_accum - 1
                 # DDP/FSDP: all-reduce on the last micro-batch only; DeepSpeed: the engine steps there
                 with distributed.micro_step(acc, policy, sync), acc.autocast():
-                    new_lp = generation.response_logprobs(policy, ro.query_responses[rows], ro.attention_mask[rows],
-                                                          ro.context_length, c.temperature).float()
-                    out = objectives.ppo_clipped_policy_loss(new_lp, ro.old_logprobs[rows], ro.advantages[rows],
-                                                             ro.response_mask[rows], c.cliprange, level=c.loss_level)
-                    acc.backward(out.loss / plan.grad_accum)
-                check("policy loss", out.loss)
+                    out = generation.response_logprobs(policy, ro.query_responses[rows], ro.attention_mask[rows],
+                                                       ro.context_length, c.temperature, return_entropy=fused,
+                                                       shared_prefix_k=m.sharing.update if fused else 1)
+                    if fused:  # steps 3-5 on these rows from this very forward
+                        new_lp = out[0].float()
+                        old_lp = new_lp.detach()
+                        computed.append(OldPolicyValues(old_lp, out[1].float(),
+                                                        *rewards_and_advantages(c, ro, old_lp, rows, check=check)))
+                        adv = computed[-1].advantages
+                    else:
+                        new_lp, old_lp, adv = out.float(), ro.old_logprobs[rows], ro.advantages[rows]
+                    pg = objectives.ppo_clipped_policy_loss(new_lp, old_lp, adv, ro.response_mask[rows], c.cliprange,
+                                                            level=c.loss_level)
+                    acc.backward(pg.loss / plan.grad_accum)
+                check("policy loss", pg.loss)
                 for key in ("clipfrac", "approxkl", "ratio", "loss"):
-                    stats[key].append(getattr(out, key).detach().float())
+                    stats[key].append(getattr(pg, key).detach().float())
             if c.max_grad_norm > 0:
                 gn = acc.clip_grad_norm_(policy.parameters(), c.max_grad_norm)
                 # float(): under FSDP2 the norm is a DTensor, which the metric gather cannot take
@@ -554,80 +615,28 @@ def update(c: RLOOConfig, m: Models, plan: BatchPlan, ro: Rollout, optimizer, sc
             optimizer.zero_grad(set_to_none=True)
     stats["lr"] = scheduler.get_last_lr()[0]
     scheduler.step()
-    return stats
-
-
-def can_fuse(c: RLOOConfig) -> bool:
-    """Steps 3-6 fused (`fused_update`): one PPO epoch of one mini-batch, no whitening, micro-batches of whole
-    prompt groups, and `fused_old_logprobs` on."""
-    return (c.fused_old_logprobs and c.num_ppo_epochs == 1 and c.num_mini_batches == 1 and not c.whiten_advantages
-            and c.per_device_train_batch_size % c.rloo_k == 0)
-
-
-def fused_update(c: RLOOConfig, m: Models, plan: BatchPlan, ro: Rollout, optimizer, scheduler,
-                 check: Callable[[str, torch.Tensor], None] = lambda name, value: None) -> dict:
-    """Steps 3 (policy part), 4, 5 and 6 in one pass when `can_fuse(c)`: the same result as
-    `rollout_logprobs` + `regularised_reward` + `rloo_row_advantages` + `update`, up to float rounding.
-
-    Why: with one epoch of one mini-batch every micro-batch's forward (with grad) runs on the pre-update
-    weights, so it IS the old-policy forward: its log-probs, detached, are the old log-probs (ratio 1, as in
-    the unfused path up to rounding) and its logits give the token entropy. That drops one policy forward
-    per iteration. Cost: the micro-batches run over whole prompt groups in row order instead of a random
-    order (irrelevant: their gradients are summed into one optimizer step), and each computes its rows'
-    regularised rewards and leave-one-out advantages itself (a group never spans two micro-batches).
-    Fills ro.old_logprobs, token_entropy, rewards, non_score_reward, advantages; returns `update`'s stats.
-    `check(name, value)` runs on every micro-batch's regularised reward and loss.
-    """
-    acc, policy, device = m.accelerator, m.policy, m.accelerator.device
-    micro = c.per_device_train_batch_size
-    policy.train()
-    stats = {"clipfrac": [], "approxkl": [], "ratio": [], "loss": [], "grad_norm": []}
-    parts = {"old_logprobs": [], "token_entropy": [], "rewards": [], "non_score_reward": [], "advantages": []}
-    for a in range(plan.grad_accum):
-        rows = slice(a * micro, (a + 1) * micro)
-        with distributed.micro_step(acc, policy, a == plan.grad_accum - 1), acc.autocast():
-            new_lp, entropy = generation.response_logprobs(policy, ro.query_responses[rows], ro.attention_mask[rows],
-                                                           ro.context_length, c.temperature, return_entropy=True,
-                                                           shared_prefix_k=c.prefix_k())
-            new_lp = new_lp.float()
-            old_lp = new_lp.detach()
-            reg = regularised_reward(c, ro, rows, old_logprobs=old_lp)  # step 4 on these rows
-            check("regularised reward", reg.rewards)
-            adv = rloo_row_advantages(reg.rewards, c.rloo_k)  # step 5 on these rows' whole groups
-            out = objectives.ppo_clipped_policy_loss(new_lp, old_lp, adv, ro.response_mask[rows], c.cliprange,
-                                                     level=c.loss_level)
-            acc.backward(out.loss / plan.grad_accum)
-        check("policy loss", out.loss)
-        for key in ("clipfrac", "approxkl", "ratio", "loss"):
-            stats[key].append(getattr(out, key).detach().float())
-        for key, value in zip(parts, (old_lp, entropy.float(), reg.rewards, reg.non_score_reward, adv)):
-            parts[key].append(value.detach())
-    if c.max_grad_norm > 0:
-        gn = acc.clip_grad_norm_(policy.parameters(), c.max_grad_norm)
-        stats["grad_norm"].append(torch.tensor(float(gn), device=device))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    for key, values in parts.items():
-        setattr(ro, key, torch.cat(values))
-    stats["lr"] = scheduler.get_last_lr()[0]
-    scheduler.step()
-    return stats
+    if fused:
+        return stats, OldPolicyValues(*(torch.cat(parts) for parts in zip(*computed)))
+    return stats, OldPolicyValues(ro.old_logprobs, ro.token_entropy, ro.rewards, ro.non_score_reward, ro.advantages)
 
 
 def learn(c: RLOOConfig, m: Models, plan: BatchPlan, ro: Rollout, optimizer, scheduler, needs_ref: bool, timings: dict,
           check: Callable[[str, torch.Tensor], None] = lambda name, value: None) -> dict:
-    """Steps 3-6 on a scored rollout (fills it; returns `update`'s stats); `timings` gets their phases."""
-    with _timed(timings, "logprobs"):  # 3. old and reference log-probs from logits / T (fused: reference only)
-        ro.old_logprobs, ro.token_entropy, ro.ref_logprobs = rollout_logprobs(c, m, ro, needs_ref)
-    if can_fuse(c):  # 3-6 in one pass: the update's forward gives the old log-probs (fused_update)
-        with _timed(timings, "update"):
-            return fused_update(c, m, plan, ro, optimizer, scheduler, check=check)
-    reg = regularised_reward(c, ro)  # 4. regularised sequence reward
-    ro.rewards, ro.non_score_reward = reg.rewards, reg.non_score_reward
-    check("regularised reward", ro.rewards)
-    ro.advantages = rloo_row_advantages(ro.rewards, c.rloo_k, c.whiten_advantages, m.accelerator)  # 5. RLOO
+    """Steps 3-6 on a scored rollout: assigns the rollout's steps 3-5 fields from what the steps return and
+    returns the update's statistics; `timings` gets their phases. With `can_fuse(c)` the policy part of step 3
+    and steps 4-5 run inside the update's forward (`update`)."""
+    fused = can_fuse(c)
+    with _timed(timings, "logprobs"):  # 3. reference log-probs; the old ones here unless the update's forward gives them
+        ro.ref_logprobs = policy_logprobs(c, m, ro, m.ref_policy, m.sharing.ref) if needs_ref else None
+        if not fused:
+            ro.old_logprobs, ro.token_entropy = policy_logprobs(c, m, ro, m.policy, m.sharing.old, return_entropy=True)
+    if not fused:  # 4.-5. regularised sequence reward, RLOO advantages
+        ro.rewards, ro.non_score_reward, ro.advantages = rewards_and_advantages(c, ro, ro.old_logprobs,
+                                                                                accelerator=m.accelerator, check=check)
     with _timed(timings, "update"):  # 6. clipped policy-gradient updates
-        return update(c, m, plan, ro, optimizer, scheduler, check=check)
+        stats, old = update(c, m, plan, ro, optimizer, scheduler, check=check)
+    ro.old_logprobs, ro.token_entropy, ro.rewards, ro.non_score_reward, ro.advantages = old
+    return stats
 
 
 def kl_prev_metrics(old_logprobs: torch.Tensor, new_logprobs: torch.Tensor, response_mask: torch.Tensor,
@@ -734,7 +743,6 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     """Train; returns the run directory. `reward_fn` (optional) replaces the reward model (see docstring)."""
     from accelerate import Accelerator
 
-    _validate(c)
     trackers = resolve_trackers(c.report_to)
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(c.mixed_precision),
@@ -766,6 +774,7 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     scheduler = build_lr_scheduler(optimizer, c.lr_scheduler_type, plan.num_iterations, c.warmup_ratio)
     distributed.configure_deepspeed(accelerator, c.per_device_train_batch_size, c.max_grad_norm)  # no-op without DeepSpeed
     m.policy, optimizer = accelerator.prepare(m.policy, optimizer)
+    m.sharing = prompt_sharing(c, m, plan)  # shared prompt pass or plain, per forward, for the whole run
 
     # ---- data ----
     dataset = load_any_dataset(c.dataset_name, c.dataset_train_split)
@@ -805,12 +814,12 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         with _timed(timings, "generate"):  # 1. sample rloo_k completions per prompt, cut after EOS
             ro = generate(c, m, query_ids, query_mask, it, first_row=rank * plan.rows_local)
         with _timed(timings, "score"):  # 2. reward-model score; missing-EOS penalty
-            ro.scores = score(c, m, ro)
+            ro.completions, ro.scores = score(c, m, ro)
             check_finite("reward-model score", ro.scores, it, run_dir)
         stats = learn(c, m, plan, ro, optimizer, scheduler, c.needs_ref(it), timings,  # 3.-6.
                       check=lambda name, v: check_finite(name, v, it, run_dir))
         with _timed(timings, "kl_prev"):  # 7. the same samples (all, or kl_prev_per_prompt of each prompt) after the update
-            ro.new_logprobs = kl_prev_logprobs(c, m, ro)
+            ro.kl_prev_rows, ro.new_logprobs = kl_prev_logprobs(c, m, ro)
 
         # 8. log, sample, checkpoint (metrics are means over the global batch: gathered from every process)
         metrics = iteration_metrics(c, ro, stats, gather)

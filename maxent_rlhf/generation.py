@@ -134,10 +134,13 @@ def sample(
 
     `synced_gpus` (ZeRO-3 / FSDP: a forward is a collective, every process must keep stepping until all
     have finished): handed to `generate`, which implements that protocol.
-    `shared_prefix_k`: rows p * k + j repeat prompt p (RLOO's layout); the prefill then runs each prompt
-    once and repeats its KV cache k times (`shared_prefix_usable`; other rows: the plain prefill).
+    `shared_prefix_k` > 1: rows p * k + j repeat prompt p (RLOO's layout); the prefill runs each prompt
+    once and repeats its KV cache k times. The caller decided that the rows and the model allow it
+    (`shared_prefix_usable`); a call where they do not raises (there is no quiet plain prefill).
     """
     if synced_gpus:
+        if shared_prefix_k > 1:
+            raise ValueError("sample: a shared prefill needs whole parameters; with synced_gpus pass shared_prefix_k=1")
         return generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
                         temperature=temperature, synced_gpus=True)
     from transformers import DynamicCache
@@ -154,15 +157,14 @@ def sample(
     unfinished = torch.ones(rows, dtype=torch.long, device=device)
     ones = mask.new_ones(rows, 1)
     k = shared_prefix_k
-    share = k > 1 and shared_prefix_usable(model, input_ids, mask, input_ids.shape[1], k)
+    if k > 1:
+        _require_shared(model, input_ids, mask, input_ids.shape[1], k, "grouped")
     for t in range(max_new_tokens):
-        logits = None
-        if t == 0 and share:  # prefill each prompt once (1/k of the prompt FLOPs), then repeat its cache
+        if t == 0 and k > 1:  # prefill each prompt once (1/k of the prompt FLOPs), then repeat its cache
             logits = model(input_ids=input_ids[::k], attention_mask=mask[::k], position_ids=position[::k],
                            use_cache=True, logits_to_keep=1, **{cache_kw: cache}).logits.repeat_interleave(k, 0)
-            if not _repeat_cache(cache, k, "grouped"):  # a cache we cannot repeat: the plain prefill after all
-                cache, logits = DynamicCache(config=model.config), None
-        if logits is None:
+            _repeat_cache(cache, k, "grouped")
+        else:
             logits = model(input_ids=step_ids, attention_mask=mask, position_ids=position, use_cache=True,
                            logits_to_keep=1, **{cache_kw: cache}).logits
         probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1)
@@ -226,14 +228,11 @@ def response_logits(model, query_responses: Tensor, attention_mask: Tensor, cont
     """Logits predicting each response token: [B, T_resp, V], from one forward pass.
 
     Only the response positions' logits are computed (`logits_to_keep`), so a 512-token prompt costs
-    no [B, 512, V] logits tensor. `shared_prefix_k` > 1: rows repeat each prompt k times in `layout`, and
-    where `shared_prefix_usable` allows it the prompt runs once (`shared_prefix_logits`, same values).
+    no [B, 512, V] logits tensor. `shared_prefix_k` > 1: rows repeat each prompt k times in `layout` and
+    the prompt runs once (`shared_prefix_logits`, same values); it raises where that cannot be done.
     """
-    if shared_prefix_k > 1 and shared_prefix_usable(model, query_responses, attention_mask, context_length,
-                                                    shared_prefix_k, layout):
-        logits = shared_prefix_logits(model, query_responses, attention_mask, context_length, shared_prefix_k, layout)
-        if logits is not None:
-            return logits
+    if shared_prefix_k > 1:
+        return shared_prefix_logits(model, query_responses, attention_mask, context_length, shared_prefix_k, layout)
     resp_len = query_responses.shape[1] - context_length
     kwargs = dict(
         input_ids=query_responses,
@@ -309,12 +308,12 @@ def reward_model_scores(reward_model, input_ids: Tensor, attention_mask: Tensor,
     """`reward_model_scores_with_grad` without autograd, as float32 (scoring rollouts, judging).
 
     `shared_prefix_k` > 1 with `context_length`: rows p * k + j share prompt p (the first `context_length`
-    columns), which then runs once where `shared_prefix_usable` allows it (`shared_prefix_reward_scores`)."""
-    if shared_prefix_k > 1 and context_length is not None and shared_prefix_usable(
-            reward_model, input_ids, attention_mask, context_length, shared_prefix_k):
-        scores = shared_prefix_reward_scores(reward_model, input_ids, attention_mask, context_length, shared_prefix_k)
-        if scores is not None:
-            return scores.float()
+    columns), which runs once (`shared_prefix_reward_scores`; it raises where that cannot be done)."""
+    if shared_prefix_k > 1:
+        if context_length is None:
+            raise ValueError("reward_model_scores: shared_prefix_k > 1 needs the prompt's context_length")
+        return shared_prefix_reward_scores(reward_model, input_ids, attention_mask, context_length,
+                                           shared_prefix_k).float()
     return reward_model_scores_with_grad(reward_model, input_ids, attention_mask).float()
 
 
@@ -347,54 +346,67 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(distributed.hf_model(model).forward).parameters else "past_key_values"
 
 
-def _repeat_cache(cache, k: int, layout: str) -> bool:
-    """Repeat every layer's keys and values k times in place; False when `cache` is not a DynamicCache of
-    transformers >= 4.56 (nothing we know how to repeat)."""
+def _repeat_cache(cache, k: int, layout: str) -> None:
+    """Repeat every layer's keys and values k times in place (a DynamicCache of transformers >= 4.56)."""
     layers = getattr(cache, "layers", None)
     if not layers or not all(hasattr(layer, "keys") and torch.is_tensor(layer.keys) for layer in layers):
-        return False
+        raise TypeError(f"shared prompt pass: cannot repeat a {type(cache).__name__} (needs transformers >= 4.56's "
+                        "DynamicCache); set shared_prefix: false")
     for layer in layers:
         layer.keys, layer.values = _repeat_rows(layer.keys, k, layout), _repeat_rows(layer.values, k, layout)
-    return True
 
 
-def shared_prefix_usable(model, input_ids: Tensor, attention_mask: Tensor, context_length: int, k: int,
-                         layout: str = "grouped") -> bool:
-    """Whether the prompt may run once for its k rows (`shared_prefix_logits` / `_reward_scores`, the
-    prefill of `sample`). The plain path (it costs the prompt's k - 1 repeated passes, nothing else) when:
+def shared_prefix_supported(model) -> bool:
+    """Whether this model can run a prompt once for several rows at all: a run decides it once per model
+    (train_rloo.prompt_sharing), and every forward of the run then takes the shared or the plain path.
+    The plain path (it costs the prompt's k - 1 repeated passes, nothing else) when:
     - parameters are sharded (FSDP, ZeRO-3): every forward all-gathers them, so two forwards gather twice,
       which eats the saving, and their backward prefetch / reshard expects one forward;
     - gradient checkpointing: HF turns the KV cache off in training then, and a recomputed prompt pass
       would not be shared anyway;
-    - an encoder-decoder model, or rows that do not repeat each prompt k times in `layout`."""
-    if layout not in PREFIX_LAYOUTS:
-        raise ValueError(f"layout {layout!r}: expected one of {PREFIX_LAYOUTS}")
+    - an encoder-decoder model."""
     hf = distributed.hf_model(model)
     checkpointing = getattr(hf, "is_activation_checkpointing", None)  # transformers 5 name; 4.x: the old one
     if checkpointing is None:
         checkpointing = getattr(hf, "is_gradient_checkpointing", False)
+    return not (checkpointing or getattr(hf.config, "is_encoder_decoder", False) or distributed.parameters_sharded(model))
+
+
+def shared_prefix_usable(model, input_ids: Tensor, attention_mask: Tensor, context_length: int, k: int,
+                         layout: str = "grouped") -> bool:
+    """Whether the prompt may run once for these k-row groups: k >= 2, the model allows it
+    (`shared_prefix_supported`) and the rows repeat each prompt k times in `layout`."""
+    if layout not in PREFIX_LAYOUTS:
+        raise ValueError(f"layout {layout!r}: expected one of {PREFIX_LAYOUTS}")
     rows = input_ids.shape[0]
-    if k < 2 or rows % k or rows == 0 or checkpointing or getattr(hf.config, "is_encoder_decoder", False):
-        return False
-    if distributed.parameters_sharded(model):
+    if k < 2 or rows % k or rows == 0 or not shared_prefix_supported(model):
         return False
     sel = _prompt_rows(rows, k, layout)
     return all(torch.equal(_repeat_rows(x[sel, :context_length], k, layout), x[:, :context_length])
                for x in (input_ids, attention_mask))
 
 
+def _require_shared(model, input_ids: Tensor, attention_mask: Tensor, context_length: int, k: int, layout: str) -> None:
+    """A shared prompt pass was asked for: refuse (rather than quietly run the plain one) where it cannot be."""
+    if not shared_prefix_usable(model, input_ids, attention_mask, context_length, k, layout):
+        raise ValueError(
+            f"shared prompt pass asked for {input_ids.shape[0]} rows in groups of k = {k} ({layout}), but the rows do "
+            "not repeat each prompt k times or the model cannot share a prompt pass (sharded parameters, gradient "
+            "checkpointing, encoder-decoder): decide with shared_prefix_supported and pass shared_prefix_k=1"
+        )
+
+
 def _shared_prefix_forward(module, input_ids: Tensor, attention_mask: Tensor, context_length: int, k: int,
                            layout: str, prompt_kw: dict, rest_kw: dict):
     """Prompt pass over each prompt once (fills the KV cache), the cache repeated k times, then the pass over
-    every row's continuation. Returns both outputs, or None when the cache cannot be repeated."""
+    every row's continuation (the caller ran `_require_shared`). Returns both outputs."""
     p = context_length
     sel = _prompt_rows(input_ids.shape[0], k, layout)
     q_ids, q_mask = input_ids[sel, :p], attention_mask[sel, :p]
     first = module(input_ids=q_ids, attention_mask=q_mask, position_ids=position_ids_from_mask(q_mask),
                    use_cache=True, **prompt_kw)
     cache = getattr(first, "cache", None) or first.past_key_values  # transformers 5.x renamed the output
-    if not _repeat_cache(cache, k, layout):
-        return None
+    _repeat_cache(cache, k, layout)
     position = position_ids_from_mask(attention_mask)[:, p:]
     rest = module(input_ids=input_ids[:, p:], attention_mask=attention_mask, position_ids=position, use_cache=True,
                   **{_cache_argument(module): cache}, **rest_kw)
@@ -402,36 +414,33 @@ def _shared_prefix_forward(module, input_ids: Tensor, attention_mask: Tensor, co
 
 
 def shared_prefix_logits(model, query_responses: Tensor, attention_mask: Tensor, context_length: int, k: int,
-                         layout: str = "grouped") -> Optional[Tensor]:
-    """`response_logits` with each prompt run once for its k rows (the caller checked
-    `shared_prefix_usable`): the prompt pass's last position predicts the first response token, the
-    response pass the rest. None when the model cannot do it (the caller falls back to the plain path)."""
+                         layout: str = "grouped") -> Tensor:
+    """`response_logits` with each prompt run once for its k rows: the prompt pass's last position predicts
+    the first response token, the response pass the rest. Raises where the rows or the model do not allow it."""
     if "logits_to_keep" not in inspect.signature(distributed.hf_model(model).forward).parameters:
-        return None
+        raise TypeError(f"shared prompt pass: {type(distributed.hf_model(model)).__name__}.forward takes no "
+                        "logits_to_keep; set shared_prefix: false")
+    _require_shared(model, query_responses, attention_mask, context_length, k, layout)
     resp_len = query_responses.shape[1] - context_length
     keep = torch.arange(0, resp_len - 1, device=query_responses.device)  # the last response token predicts nothing
-    out = _shared_prefix_forward(model, query_responses, attention_mask, context_length, k, layout,
-                                 dict(logits_to_keep=1), dict(logits_to_keep=keep))
-    if out is None:
-        return None
-    first, rest = out
+    first, rest = _shared_prefix_forward(model, query_responses, attention_mask, context_length, k, layout,
+                                         dict(logits_to_keep=1), dict(logits_to_keep=keep))
     return torch.cat([_repeat_rows(first.logits[:, -1:], k, layout), rest.logits[:, : resp_len - 1]], 1)
 
 
 def shared_prefix_reward_scores(reward_model, input_ids: Tensor, attention_mask: Tensor, context_length: int, k: int,
-                                layout: str = "grouped") -> Optional[Tensor]:
-    """`reward_model_scores_with_grad` with each prompt run once for its k rows (the caller checked
-    `shared_prefix_usable`): the score head at the last real token, which lies in the continuation. None
-    when a row has no continuation token or the cache cannot be repeated."""
+                                layout: str = "grouped") -> Tensor:
+    """`reward_model_scores_with_grad` with each prompt run once for its k rows: the score head at the last
+    real token, which lies in the continuation (every row needs one: RLOO's responses start with a real
+    token). Raises where the rows or the model do not allow it."""
     rest_mask = attention_mask[:, context_length:]
     if rest_mask.shape[1] == 0 or not bool(rest_mask[:, 0].all()):
-        return None
+        raise ValueError("shared prompt pass: a row has no response token to read the score at; score it plainly")
+    _require_shared(reward_model, input_ids, attention_mask, context_length, k, layout)
     hf = distributed.hf_model(reward_model)
-    out = _shared_prefix_forward(getattr(hf, hf.base_model_prefix), input_ids, attention_mask, context_length, k,
-                                 layout, {}, {})
-    if out is None:
-        return None
-    hidden = out[1].last_hidden_state
+    _, rest = _shared_prefix_forward(getattr(hf, hf.base_model_prefix), input_ids, attention_mask, context_length,
+                                     k, layout, {}, {})
+    hidden = rest.last_hidden_state
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(rest_mask)]
     return hf.score(picked).squeeze(-1)
 

@@ -40,7 +40,7 @@ CASES = [
     ("rloo_bad_type", RLOO, "--num_ppo_epochs two", 2, ["`num_ppo_epochs` expects int", "'two'"]),
     ("rloo_option_without_value", RLOO, "--global_batch_size", 2, ["--global_batch_size", "expected one argument"]),
     ("rloo_stray_argument", RLOO, "configs/maxent_1b.yaml", 2, ["unexpected argument 'configs/maxent_1b.yaml'"]),
-    ("rloo_min_entropy_with_kl", RLOO, "--min_entropy", 2, ["`min_entropy: true` needs `regularizer: entropy`"]),
+    ("rloo_kl_ref_every_negative", RLOO, "--kl_ref_every -1", 2, ["`kl_ref_every` = -1 must be >= 0"]),
     ("rloo_negative_save_steps", RLOO, "--save_steps -1", 2, ["`save_steps` = -1"]),
     ("rloo_kl_prev_per_prompt_above_k", RLOO, "--rloo_k 2 --kl_prev_per_prompt 3", 2,
      ["`kl_prev_per_prompt` = 3", "rloo_k = 2"]),

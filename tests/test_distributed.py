@@ -123,7 +123,7 @@ def _launch(d, tiny_tokenizer):
     # the in-training win rate (maxent_rlhf.evaluation): generation split over processes, judged on the main one
     winrate = dict(offline, save_steps=0, eval_steps=2, judge="reward-model", judge_reward_model_name_or_path=tiny_reward_dir,
                    judge_dataset_name=str(d / "refs"), judge_max_samples=0, max_new_tokens=6, per_device_eval_batch_size=2)
-    # (rloo: one epoch of one mini-batch, so train_rloo.fused_update runs; maxent: two epochs, the plain update)
+    # (rloo: one epoch of one mini-batch, so train_rloo.update takes the old log-probs from its own forward; maxent: two epochs, the plain update)
     maxent = dict(rloo, regularizer="entropy", entropy_coef=0.1, length_normalize=True, whiten_advantages=True,
                   kl_ref_every=2, save_steps=0, sample_every=0, num_ppo_epochs=2)
 

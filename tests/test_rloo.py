@@ -72,7 +72,7 @@ def token_reward(tokenizer, word="cat"):
     [
         dict(regularizer="kl", kl_coef=0.05),
         dict(regularizer="entropy", entropy_coef=0.1, length_normalize=True, whiten_advantages=True),
-        dict(regularizer="entropy", entropy_coef=0.1, min_entropy=True, loss_level="token", cliprange=1e-4),
+        dict(regularizer="entropy", entropy_coef=-0.1, loss_level="token", cliprange=1e-4),  # minimum entropy
         dict(regularizer="entropy", entropy_coef=0.0),
         dict(regularizer="none", kl_ref_every=2),
     ],
@@ -97,7 +97,7 @@ def test_each_regularizer_runs_two_iterations_and_logs_every_metric(base, tmp_pa
         assert r["objective/entropy"] > 0 and 0 < r["objective/entropy_per_token"] <= r["objective/entropy"]
         if overrides["regularizer"] == "entropy":  # the bonus is the coefficient times it (Eq. 7: per token)
             per = "objective/entropy_per_token" if overrides.get("length_normalize") else "objective/entropy"
-            coef = -abs(overrides["entropy_coef"]) if overrides.get("min_entropy") else overrides["entropy_coef"]
+            coef = overrides["entropy_coef"]
             assert r["objective/entropy_bonus"] == pytest.approx(coef * r[per], rel=1e-4, abs=1e-7)
         assert 1 <= r["response/length"] <= c.response_length
         assert abs(r["objective/rlhf_reward"] - r["objective/scores"] - r["objective/non_score_reward"]) < 1e-5
@@ -105,7 +105,7 @@ def test_each_regularizer_runs_two_iterations_and_logs_every_metric(base, tmp_pa
     if overrides["regularizer"] == "entropy":
         assert first["objective/entropy_bonus"] == pytest.approx(first["objective/non_score_reward"])
         # -alpha log pi > 0 for max-entropy; the minimum-entropy variant flips the sign
-        assert (first["objective/entropy_bonus"] < 0) == bool(overrides.get("min_entropy"))
+        assert (first["objective/entropy_bonus"] < 0) == (overrides["entropy_coef"] < 0)
     else:
         assert first["objective/entropy_bonus"] == 0.0
     if overrides["regularizer"] == "kl":  # iteration 1 samples from pi_ref itself: the KL term is exactly 0

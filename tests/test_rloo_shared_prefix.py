@@ -1,7 +1,8 @@
 """The cheaper forwards of train_rloo.py. The shared prompt pass in its row layout (completion j of prompt p at row p * k + j, the
 "grouped" layout of generation.shared_prefix_*): each prompt runs once, its KV cache is repeated k times.
 Checked against the plain forwards: same log-probs, entropies, gradients, reward scores and samples, and a
-whole fused RLOO iteration with it equals one without. The "tiled" layout (train_offline.py) is tested in
+whole fused RLOO iteration with it equals one without. The run decides shared or plain once
+(`train_rloo.prompt_sharing`); a forward asked to share where it cannot raises instead of running plain. The "tiled" layout (train_offline.py) is tested in
 test_offline_shared_prefix.py. And `kl_prev_per_prompt`: step 7 on a subset of each prompt's completions
 gives exactly the full-batch estimators restricted to those rows."""
 import sys
@@ -43,8 +44,6 @@ def test_grouped_logprobs_entropy_and_gradients_equal_the_plain_forward(tiny_tok
     model = build_tiny_policy(tiny_tokenizer, seed=seed)
     ids, mask, ctx = grouped_rows(tiny_tokenizer, k, seed)
     assert generation.shared_prefix_usable(model, ids, mask, ctx, k)
-    with torch.no_grad():  # the shared path really runs (no silent fallback to the plain one)
-        assert generation.shared_prefix_logits(model, ids, mask, ctx, k) is not None
     results = []
     for share in (k, 1):
         model.zero_grad(set_to_none=True)
@@ -66,16 +65,14 @@ def test_grouped_reward_scores_equal_the_plain_ones(tiny_tokenizer, k):
     rm = build_tiny_reward_model(tiny_tokenizer, seed=3).eval()
     ids, mask, ctx = grouped_rows(tiny_tokenizer, k, seed=k)
     plain = generation.reward_model_scores(rm, ids, mask)
-    assert generation.shared_prefix_reward_scores(rm, ids, mask, ctx, k) is not None
     shared = generation.reward_model_scores(rm, ids, mask, ctx, shared_prefix_k=k)
     assert plain.std() > 1e-3  # scores differ between rows: a real comparison
     torch.testing.assert_close(shared, plain, rtol=0, atol=1e-5)
-    # a row without any response token cannot be read in the continuation: the plain path answers
+    # a row without any response token cannot be read in the continuation: refused, not scored plainly
     empty = mask.clone()
     empty[0, ctx:] = 0
-    assert generation.shared_prefix_reward_scores(rm, ids, empty, ctx, k) is None
-    torch.testing.assert_close(generation.reward_model_scores(rm, ids, empty, ctx, shared_prefix_k=k),
-                               generation.reward_model_scores(rm, ids, empty), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="no response token"):
+        generation.reward_model_scores(rm, ids, empty, ctx, shared_prefix_k=k)
 
 
 def test_sample_with_a_shared_prefill_draws_the_same_tokens(tiny_tokenizer):
@@ -109,8 +106,53 @@ def test_usable_only_where_rows_repeat_their_prompt(tiny_tokenizer):
     other = ids.clone()
     other[3, ctx - 1] = other[2, ctx - 1] + 1  # row 3 no longer repeats row 2's prompt
     assert not generation.shared_prefix_usable(model, other, mask, ctx, 2)
+    assert generation.shared_prefix_supported(model)
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    assert not generation.shared_prefix_usable(model, ids, mask, ctx, 2)  # HF drops the KV cache then
+    assert not generation.shared_prefix_supported(model)  # HF drops the KV cache then
+    assert not generation.shared_prefix_usable(model, ids, mask, ctx, 2)
+
+
+def test_a_forward_asked_to_share_where_it_cannot_raises(tiny_tokenizer):
+    """No quiet plain pass: a shared pass asked for rows that do not repeat their prompt, a model that cannot
+    share, or a sharded sampler raises (the run decided once, so such a call is a bug)."""
+    model = build_tiny_policy(tiny_tokenizer, seed=0)
+    rm = build_tiny_reward_model(tiny_tokenizer, seed=3)
+    ids, mask, ctx = grouped_rows(tiny_tokenizer, 2, seed=0)
+    tok = tiny_tokenizer
+    with pytest.raises(ValueError, match="do not repeat each prompt"):
+        generation.response_logprobs(model, ids[:-1], mask[:-1], ctx, shared_prefix_k=2)  # a group cut in two
+    with pytest.raises(ValueError, match="do not repeat each prompt"):
+        generation.sample(model, ids[:-1, :ctx], mask[:-1, :ctx], 2, tok.eos_token_id, tok.pad_token_id, shared_prefix_k=2)
+    with pytest.raises(ValueError, match="synced_gpus"):
+        generation.sample(model, ids[:, :ctx], mask[:, :ctx], 2, tok.eos_token_id, tok.pad_token_id, synced_gpus=True,
+                          shared_prefix_k=2)
+    other = ids.clone()
+    other[3, ctx - 1] = other[2, ctx - 1] + 1
+    with pytest.raises(ValueError, match="do not repeat each prompt"):
+        generation.reward_model_scores(rm, other, mask, ctx, shared_prefix_k=2)
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        generation.response_logprobs(model, ids, mask, ctx, shared_prefix_k=2)
+
+
+def test_the_run_decides_shared_or_plain_once_per_forward(accelerator, tiny_tokenizer, tiny_policy_dir, tiny_reward_dir):
+    c = train_rloo.RLOOConfig(**dict(FUSABLE, shared_prefix=True), model_name_or_path=tiny_policy_dir,
+                              reward_model_name_or_path=tiny_reward_dir, kl_prev_per_prompt=1)
+    m = train_rloo.load_models(c, accelerator, reward_fn=None)
+    plan = train_rloo._batch_plan(c, num_processes=1)
+    share = train_rloo.prompt_sharing(c, m, plan)
+    assert share == train_rloo.PromptSharing(sample=2, score=2, old=2, ref=2, update=2, kl_prev=1)  # m = 1: nothing to share
+    assert train_rloo.prompt_sharing(replace(c, shared_prefix=False), m, plan) == train_rloo.PromptSharing()
+    # chunks of 3 rows would cut a prompt group of 2: those forwards run plain all run long (the update's
+    # micro-batches of 2 still share); a chunk covering the whole batch shares
+    assert train_rloo.prompt_sharing(replace(c, local_rollout_forward_batch_size=3), m, plan) == train_rloo.PromptSharing(
+        update=2)
+    assert train_rloo.prompt_sharing(replace(c, local_rollout_forward_batch_size=8), m, plan) == share
+    assert train_rloo.prompt_sharing(replace(c, num_ppo_epochs=2), m, plan).update == 1  # shuffled micro-batches
+    m.retokenize = True  # the reward model reads other tokens: no shared prompt columns
+    assert train_rloo.prompt_sharing(c, m, plan).score == 1
+    (getattr(m.policy, "activation_checkpointing_enable", None) or m.policy.gradient_checkpointing_enable)()
+    assert train_rloo.prompt_sharing(c, m, plan) == train_rloo.PromptSharing(ref=2)  # only the frozen reference shares
 
 
 @pytest.mark.parametrize("kw", [dict(regularizer="kl", kl_coef=0.5),
@@ -122,14 +164,13 @@ def test_rloo_iteration_with_shared_prefix_equals_the_plain_one(kw, accelerator,
     for name in ("shared_prefix_logits", "shared_prefix_reward_scores"):
         real = getattr(generation, name)
         def counted(*a, _real=real, _name=name, **kw):
-            out = _real(*a, **kw)
-            calls.append(_name if out is not None else _name + " fell back")
-            return out
+            calls.append(_name)
+            return _real(*a, **kw)
 
         monkeypatch.setattr(generation, name, counted)
     c = train_rloo.RLOOConfig(**dict(FUSABLE, shared_prefix=True), **kw)
     shared = steps_2_to_8(c, accelerator, tiny_policy_dir, tiny_reward_dir, hand_rollout(tiny_tokenizer))
-    # score, reference, 2 fused micro-batches, kl_prev: each through the shared pass (none fell back)
+    # score, reference, 2 fused micro-batches, kl_prev: each through the shared pass
     assert sorted(calls) == ["shared_prefix_logits"] * 4 + ["shared_prefix_reward_scores"]
     calls.clear()
     plain = steps_2_to_8(replace(c, shared_prefix=False), accelerator, tiny_policy_dir, tiny_reward_dir,
