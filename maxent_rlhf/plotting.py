@@ -100,7 +100,7 @@ def regularizer_of(run: Run) -> str:
     reg = c.get("regularizer", "?")
     if reg == "entropy":
         coef = float(c.get("entropy_coef", 0.0))
-        if c.get("min_entropy") or coef < 0:
+        if coef < 0:  # a negative entropy_coef is minimum entropy
             return "minimum entropy"
         return "entropy, length-normalised" if c.get("length_normalize") else "entropy"
     return {"kl": "KL", "none": "none"}.get(reg, reg)

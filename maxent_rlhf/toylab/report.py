@@ -398,7 +398,7 @@ def main_job_lines(rloo) -> list[str]:
         want = {k: v for k, v in (load_yaml(f) or {}).items() if k != "output_dir" and k not in evaluation_only}
         if "regularizer" not in want:
             continue
-        # a sweep regulariser's config must also be the one the run was made from (minent = maxent + min_entropy)
+        # a sweep regulariser's config must also be the one the run was made from (minent = maxent with a negative entropy_coef)
         match = [r.name for r in rloo if all(_same(r.config.get(k), v) for k, v in want.items())
                  and (f.stem not in REGULARIZERS or _reg_key(r) == f.stem)]
         rows.append(f"| configs/toy/{f.name} | {', '.join(match) if match else 'not in this sweep'} |")
