@@ -88,7 +88,6 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-import maxent_rlhf.toylab  # noqa: F401  (registers the toylab:// locations and the toy-gold judge)
 from maxent_rlhf import distributed, generation, objectives, plotting
 from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, TrainConfig, cfg, derive_batch_sizes, parse_config
 from maxent_rlhf.data import PromptStream, load_any_dataset, require_columns, tokenize_prompts
