@@ -8,8 +8,6 @@ reference per checkpoint.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 from maxent_rlhf.judges import Judge, JudgeSettings, Judgment, Pair
 
 from . import task
