@@ -116,7 +116,7 @@ class EvalArgs(JudgeArgs):
 
     def range_checks(self) -> list:
         return super().range_checks() + [
-            (self.eval_steps >= 0, f"`eval_steps` = {self.eval_steps} must be >= 0 (0: evaluate at the end only)"),
+            (self.eval_steps >= 0, f"`eval_steps` = {self.eval_steps} must be >= 0 (0: no periodic evaluation, only at the end)"),
             (self.judge_max_samples >= 0, f"`judge_max_samples` = {self.judge_max_samples} must be >= 0 (0: all)"),
         ]
 

@@ -226,7 +226,7 @@ class JudgeSettings:
     seed: int
     device: Optional[str] = None
     options: dict = field(default_factory=dict)
-    _read: set = field(default_factory=set, repr=False)
+    _read: set = field(default_factory=set, init=False, repr=False, compare=False)
 
     def option(self, name: str, default=None):
         """The `judge_kwargs` option `name` (or `default`); an option no factory reads is an error."""
