@@ -8,7 +8,7 @@
    batched, left-padded, truncated after EOS) into <out>/generations/<label>.jsonl; a rerun generates
    only what is missing.
 2. Judging: each (policy, reference) pair goes to a judge from `maxent_rlhf.judges` (openai,
-   reward-model, or a registered one such as the toy lab's toy-gold). A/B order comes from a hash of
+   reward-model, or a plugin's such as the toy lab's toy-gold). A/B order comes from a hash of
    (seed, example id); with --both_orders every pair is judged in both orders, each counting half a
    judgment, and the position statistics of the judge are reported. Judgments are appended and flushed
    to a JSONL cache as they complete, keyed by
@@ -32,27 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import maxent_rlhf.toylab  # noqa: F401  (registers the toylab:// locations and the toy-gold judge)
-from maxent_rlhf.config import BaseConfig, ConfigError, cfg, parse_config, save_config
-from maxent_rlhf.evaluation import (  # noqa: F401  (re-exported: the script's names of PR history and tests)
-    JUDGE_OPTIONS,
-    METRIC_PATH,
-    SHARED_SETTINGS,
-    Example,
-    JudgeArgs,
-    JudgingPlan,
-    examples_hash,
-    generation_record,
-    judge_arguments,
-    judge_decoding,
-    judge_plan,
-    policy_first,
-    print_table,
-    summarise,
-)
-from maxent_rlhf.evaluation import load_examples as _load_examples
-from maxent_rlhf.evaluation import prompt_hash as _prompt_hash
-from maxent_rlhf.judges import TEMPLATE_VERSION, JudgeError, JudgmentCache, get_judge
+from maxent_rlhf.config import BaseConfig, ConfigError, cfg, save_config
+from maxent_rlhf.evaluation import (Example, JudgeArgs, JudgingPlan, examples_hash, generate_records, judge_decoding,
+                                    judge_plan, judge_settings, load_reference_examples, print_table, prompt_hash,
+                                    summarise)
+from maxent_rlhf.judges import TEMPLATE_VERSION, JudgmentCache, get_judge
 
 
 @dataclass
@@ -76,9 +60,10 @@ class EvalConfig(JudgeArgs, BaseConfig):
     n: int = cfg(500, "number of examples (the first n of the split; 0: all)")
     prompt_column: str = cfg("prompt", "column with the policy prompt (`SUBREDDIT: ... TL;DR:`)")
     max_prompt_length: int = cfg(512, "prompts longer than this many tokens keep their last tokens")
-    judge: str = cfg("openai", "judge: 'openai', 'reward-model', or a registered one (e.g. 'toy-gold')")
+    judge: str = cfg("openai", "judge: 'openai', 'reward-model', or a plugin's (e.g. 'toy-gold')")
     reward_model_name_or_path: Optional[str] = cfg(None, "reward model (hub id or dir) for --judge reward-model")
-    cache_path: Optional[str] = cfg(None, "judgment cache (JSONL); default <output_dir>/judgments.jsonl")
+    cache_path: Optional[str] = cfg(
+        None, "judgment cache (JSONL file; an existing directory: judgments.jsonl in it); default <output_dir>/judgments.jsonl")
     dry_run: bool = cfg(False, "generate, then print the number of judge requests and the token estimate, and stop")
     plot: bool = cfg(True, "write win_rate.png (win rate against training step)")
 
@@ -141,9 +126,10 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._")
 
 
-def load_examples(config: EvalConfig) -> list[Example]:
-    return _load_examples(config.dataset_name, config.dataset_test_split, config.n, config.prompt_column,
-                          config.reference_column, config.id_column, config.dataset_revision)
+def cache_file(config: EvalConfig) -> Path:
+    """The judgment cache: --cache_path (judgments.jsonl inside it when it is a directory), else <output_dir>/judgments.jsonl."""
+    path = Path(config.cache_path) if config.cache_path else Path(config.output_dir) / "judgments.jsonl"
+    return path / "judgments.jsonl" if path.is_dir() else path
 
 
 def dataset_revision(config: EvalConfig) -> Optional[str]:
@@ -168,7 +154,7 @@ def read_generations(path: Path, examples: list[Example], config: EvalConfig) ->
         ex = by_id.get(rec.get("id"))
         if ex is None:
             continue  # from a larger --n: harmless
-        if rec.get("prompt_sha") != _prompt_hash(ex.prompt) or rec.get("max_new_tokens") != config.max_new_tokens:
+        if rec.get("prompt_sha") != prompt_hash(ex.prompt) or rec.get("max_new_tokens") != config.max_new_tokens:
             raise ConfigError(
                 f"{path}, line {lineno}: generation of example {ex.id!r} was made for another prompt or "
                 f"max_new_tokens ({rec.get('max_new_tokens')} vs {config.max_new_tokens}); use another "
@@ -181,9 +167,7 @@ def read_generations(path: Path, examples: list[Example], config: EvalConfig) ->
 def generate_missing(target: Target, examples: list[Example], config: EvalConfig, state, out_dir: Path) -> None:
     """Greedy generations for the examples of `target` not yet in its file (split over processes)."""
     import torch
-    from tqdm.auto import tqdm
 
-    from maxent_rlhf.generation import complete_prompts
     from maxent_rlhf.models import load_policy, load_tokenizer, resolve_dtype
     from maxent_rlhf.runs import open_jsonl_for_append
 
@@ -194,42 +178,17 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
         if state.is_main_process:
             print(f"[evaluate_judge] {path} complete ({len(existing)} generations): skipping generation")
         return
-    mine = missing[state.process_index :: state.num_processes]
-    device = state.device
     tok = load_tokenizer(config.tokenizer_name_or_path or target.path, padding_side="left", trust_remote_code=config.trust_remote_code)
     model = load_policy(
-        target.path, dtype=resolve_dtype(config.mixed_precision, device), trust_remote_code=config.trust_remote_code
-    ).to(device).eval()
-    records = []
-    sink = open_jsonl_for_append(path) if state.num_processes == 1 else None
-    bar = tqdm(total=len(missing), desc=f"generate {target.label}", disable=not state.is_main_process)
-    batches = complete_prompts(model, tok, [e.prompt for e in mine], config.max_new_tokens,
-                               config.per_device_eval_batch_size, max_prompt_length=config.max_prompt_length, device=device)
-    try:
-        for s, completions in zip(range(0, len(mine), config.per_device_eval_batch_size), batches):
-            batch = mine[s : s + config.per_device_eval_batch_size]
-            for e, completion in zip(batch, completions):
-                rec = generation_record(e, completion, tok, config.max_new_tokens, target.path)
-                if sink is not None:
-                    sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                else:
-                    records.append(rec)
-            if sink is not None:
-                sink.flush()
-            bar.update(len(batch) * state.num_processes)
-    finally:
-        bar.close()
-        if sink is not None:
-            sink.close()
-    if state.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        gathered = gather_object(records)
-        if state.is_main_process:
-            with open_jsonl_for_append(path) as f:
-                for rec in gathered:
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        state.wait_for_everyone()
+        target.path, dtype=resolve_dtype(config.mixed_precision, state.device), trust_remote_code=config.trust_remote_code
+    ).to(state.device).eval()
+    # each process holds the whole model (no sharding): no synced_gpus
+    records = generate_records(model, tok, missing, config, target.path, state, progress=f"generate {target.label}")
+    if state.is_main_process:
+        with open_jsonl_for_append(path) as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    state.wait_for_everyone()
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -261,11 +220,12 @@ def main(config: EvalConfig) -> dict:
     state.wait_for_everyone()
 
     targets = resolve_targets(config)
-    examples = load_examples(config)
+    examples = load_reference_examples(config.dataset_name, config.dataset_test_split, config.n, config.prompt_column,
+                                       config.reference_column, config.id_column, config.dataset_revision)
     # the judge is built first, so a missing key or model fails before any generation work
     if state.is_main_process:
-        options, context = judge_arguments(config)
-        judge = get_judge(config.judge, context=context, **options)
+        judge = get_judge(config.judge, judge_settings(config, config.reward_model_name_or_path,
+                                                       config.tokenizer_name_or_path))
     for target in targets:
         generate_missing(target, examples, config, state, out_dir)
     state.wait_for_everyone()
@@ -273,7 +233,10 @@ def main(config: EvalConfig) -> dict:
         return {}  # judging and statistics run on the main process only
 
     # ---- pairs, cache look-up, pre-flight --------------------------------------------------------
-    cache = JudgmentCache(config.cache_path or out_dir / "judgments.jsonl") if judge.cacheable else None
+    cache = None
+    if judge.cacheable:
+        cache = JudgmentCache(cache_file(config))
+        print(f"[evaluate_judge] judgment cache: {cache.path}")
     gens = {t.label: read_generations(out_dir / "generations" / f"{t.label}.jsonl", examples, config) for t in targets}
     plan = JudgingPlan(judge, examples, gens, config.seed, config.both_orders, cache)
     line, send, tokens = plan.preflight(config.max_requests)

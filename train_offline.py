@@ -42,7 +42,6 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-import maxent_rlhf.toylab  # noqa: F401  (registers the toylab:// locations and the toy-gold judge)
 from maxent_rlhf import data, distributed, generation, models, objectives, plotting, runs
 from maxent_rlhf.config import ConfigError, TrainConfig, cfg, config_to_dict, derive_batch_sizes, parse_config
 from maxent_rlhf.evaluation import EvalArgs, TrainingEvaluator
@@ -102,8 +101,8 @@ class OfflineConfig(EvalArgs, TrainConfig):
     learning_rate: float = cfg(1e-6, "peak learning rate of AdamW")
     warmup_ratio: float = cfg(0.1, "fraction of the steps spent warming the learning rate up from 0")
     eval_steps: int = cfg(
-        0, "evaluate every N steps: the loss-based eval on dataset_test_split (eval/loss, eval/accuracy; 0: only at the "
-        "end) and, when `judge` is set, the win rate on judge_dataset_name (also at step 0 and the end; 0: none)")
+        0, "evaluate every N steps (0: at the end only): the loss-based eval on dataset_test_split (eval/loss, "
+        "eval/accuracy) and, when `judge` is set, the win rate on judge_dataset_name (also at step 0)")
     # loss hyper-parameters
     beta: float = cfg(0.1, "inverse temperature of dpo/ipo/chipo/simpo/simpo_pl/cpo (SimPO: beta of beta*A)")
     simpo_gamma: float = cfg(0.5, "SimPO / SimPO-PL target margin, absolute (TRL's simpo_gamma, not the ratio gamma/beta)")
@@ -134,7 +133,7 @@ def validate(c: OfflineConfig) -> None:
             raise ConfigError(f"`{name}` must be >= 1, got {getattr(c, name)}")
     if c.max_steps <= 0 and c.num_train_epochs <= 0:
         raise ConfigError("set `max_steps` > 0 or `num_train_epochs` > 0")
-    if c.judge and c.eval_steps > 0 and c.loss_type == "reward":
+    if c.judge and c.loss_type == "reward":
         raise ConfigError("`judge`: a win rate needs a policy that generates, and loss_type `reward` trains a reward "
                           "model; set judge: null (the loss-based eval on dataset_test_split still runs)")
 

@@ -89,7 +89,6 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from tqdm.auto import tqdm
 
-import maxent_rlhf.toylab  # noqa: F401  (registers the toylab:// locations and the toy-gold judge)
 from maxent_rlhf import distributed, generation, objectives, plotting
 from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, TrainConfig, cfg, derive_batch_sizes
 from maxent_rlhf.data import PromptStream, load_any_dataset, require_columns, tokenize_prompts

@@ -1,21 +1,21 @@
 """Win rates against reference summaries: the machinery of `evaluate_judge.py` and of in-training evaluation.
 
 One implementation, two callers:
-- `evaluate_judge.py` (checkpoints on disk): `load_examples`, `generation_record`, `JudgingPlan`,
-  `judge_plan`, `summarise`, `print_table`;
+- `evaluate_judge.py` (checkpoints on disk): `load_reference_examples`, `generate_records`,
+  `judge_settings`, `JudgingPlan`, `judge_plan`, `summarise`, `print_table`;
 - the training scripts: `TrainingEvaluator(config, accelerator, run_dir, total_steps)`, whose
   `.evaluate(model, tokenizer, step)` generates greedily with the policy's current weights and returns
   the `eval/*` metrics that `maxent_rlhf.story.run_story` reads.
 
-Protocol (both callers): greedy decoding of the prompts (`generation.complete_prompts`); each (policy,
+Protocol (both callers): greedy decoding of the prompts, split over processes (`generate_records`); each (policy,
 reference) pair goes to a judge from `judges.get_judge` with the policy shown as A or B from a hash of
 (seed, example id) (`--both_orders`: both orders, half a judgment each); judgments go to the
 crash-safe `judges.JudgmentCache` keyed by (judge, template version, post, both summaries, order), so
 nothing judged is sent twice; the win rate and its Wilson interval come from metrics/win_rate.
 
-In training (the config mixes in `EvalArgs`): evaluation runs when `judge` is set and `eval_steps` > 0,
-at step 0 (the initial policy, the "SFT" point of the closing summary), every `eval_steps` and at the
-end. A paid judge prints its planned request count and token estimate once at the start;
+In training (the config mixes in `EvalArgs`): evaluation runs when `judge` is set, at step 0 (the
+initial policy, the "SFT" point of the closing summary), every `eval_steps` (0: none in between) and at
+the end. A paid judge prints its planned request count and token estimate once at the start;
 `max_requests` caps the requests over the whole run (the cache in <run>/eval/judgments.jsonl counts
 toward it on resume, and a resumed run re-sends nothing). An evaluation the cap cannot afford, or one
 the judge fails (outage after its retries, network error), is logged as `eval/missing: 1` with a
@@ -24,7 +24,6 @@ one-line warning, and training goes on.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -34,7 +33,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import ConfigError, cfg
-from .judges import TEMPLATE_VERSION, JudgeError, JudgmentCache, Pair, Verdict, cache_key, get_judge, post_from_prompt
+from .judges import (TEMPLATE_VERSION, JudgeError, Judgment, JudgmentCache, JudgeSettings, Pair, cache_key, get_judge,
+                     post_from_prompt)
 
 # the local `evaluate` metric (Wilson interval, both-orders weighting): the one place the statistics live
 METRIC_PATH = Path(__file__).resolve().parent.parent / "metrics" / "win_rate"
@@ -45,26 +45,28 @@ METRIC_PATH = Path(__file__).resolve().parent.parent / "metrics" / "win_rate"
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class JudgeArgs:
-    """Judge options shared by evaluate_judge.py's EvalConfig and the training configs (via EvalArgs).
-    The names of the judge options are the judges' constructor parameters (see JUDGE_OPTIONS)."""
+    """Judge options shared by evaluate_judge.py's EvalConfig and the training configs (via EvalArgs);
+    `judge_settings` hands them to the judge's factory."""
 
     reference_column: str = cfg("completion", "column with the reference summary the policy is compared with")
     id_column: str = cfg("id", "column with a stable example id (falls back to the row index when absent)")
     max_new_tokens: int = cfg(53, "greedy decoding length limit of the judged generations (the TL;DR recipe's 53)")
     per_device_eval_batch_size: int = cfg(16, "prompts per generation batch on one process")
-    judge_model: str = cfg("gpt-4o-mini", "model name sent to the OpenAI-compatible server")
+    judge_model: str = cfg("gpt-4o-mini", "openai judge: model name sent to the OpenAI-compatible server")
     base_url: Optional[str] = cfg(
-        None, "OpenAI-compatible server URL (e.g. http://localhost:8000/v1 for vLLM); key only from OPENAI_API_KEY"
+        None, "openai judge: OpenAI-compatible server URL (e.g. http://localhost:8000/v1 for vLLM); key only from "
+        "OPENAI_API_KEY"
     )
-    concurrency: int = cfg(8, "judge requests in flight at most")
+    concurrency: int = cfg(8, "openai judge: requests in flight at most")
     request_timeout: float = cfg(60.0, "seconds before one judge request times out (then it is retried)")
     max_retries: int = cfg(6, "retries of a request on 429/5xx/timeouts/connection errors before giving up")
     backoff_base: float = cfg(1.0, "first retry delay in seconds (doubled per retry, with jitter), unless the server sends Retry-After")
     backoff_max: float = cfg(60.0, "longest back-off delay in seconds")
     parse_retries: int = cfg(2, "re-asks after an answer without `Preferred: A|B`; then the pair counts as invalid")
     logprobs: bool = cfg(False, "also read P(A), P(B) from the answer token's top logprobs: a soft win rate")
-    judge_kwargs: str = cfg("", "extra keyword arguments for the judge, as a JSON object (e.g. for a registered judge)")
-    judge_batch_size: int = cfg(16, "batch size of local judges (reward-model)")
+    judge_kwargs: str = cfg(
+        "", "options of a plugin judge, as a JSON object (its factory reads them; one it does not read is an error)")
+    judge_batch_size: int = cfg(16, "reward-model judge: texts per scoring batch")
     both_orders: bool = cfg(
         False, "judge every pair twice, policy shown as A and as B; each order counts half a judgment (debiases the "
         "judge's position preference) and the table adds position consistency and first-position preference; "
@@ -94,17 +96,16 @@ class JudgeArgs:
 
 @dataclass
 class EvalArgs(JudgeArgs):
-    """Win-rate evaluation during training (mixed into a training config). Off unless `judge` is set and
-    `eval_steps` > 0. The judged data are their own fields (`judge_dataset_*`): they are prompts with
+    """Win-rate evaluation during training (mixed into a training config): on when `judge` is set. The judged data are their own fields (`judge_dataset_*`): they are prompts with
     reference summaries, not the training data; `reward_model_name_or_path` of a training config (RLOO's
     proxy) is never the judge: the reward-model judge reads `judge_reward_model_name_or_path`."""
 
     eval_steps: int = cfg(
-        0, "win-rate evaluation (when `judge` is set) at step 0, every N steps/iterations and at the end "
-        "(0: no win-rate evaluation)")
+        0, "evaluate every N steps/iterations (TRL's eval_steps): the win rate, when `judge` is set, runs at step 0, "
+        "every N and at the end (0: at step 0 and the end only)")
     judge: Optional[str] = cfg(
         None, "judge of the in-training win rate: null (no win-rate evaluation), 'toy-gold', 'reward-model', "
-        "'openai' (paid: see max_requests) or another registered one")
+        "'openai' (paid: see max_requests) or a plugin's")
     judge_dataset_name: str = cfg(
         "trl-lib/tldr", "prompts with reference summaries for the win rate: hub id, local file/dir, or toylab://NAME")
     judge_dataset_test_split: str = cfg("test", "split of judge_dataset_name to evaluate the win rate on")
@@ -115,62 +116,31 @@ class EvalArgs(JudgeArgs):
 
     def range_checks(self) -> list:
         return super().range_checks() + [
-            (self.eval_steps >= 0, f"`eval_steps` = {self.eval_steps} must be >= 0 (0: no win-rate evaluation)"),
+            (self.eval_steps >= 0, f"`eval_steps` = {self.eval_steps} must be >= 0 (0: no periodic evaluation, only at the end)"),
             (self.judge_max_samples >= 0, f"`judge_max_samples` = {self.judge_max_samples} must be >= 0 (0: all)"),
         ]
 
 
-# Options of the judges (EvalConfig / EvalArgs field names = the judges' constructor parameters): those
-# set away from their defaults go to the judge, which must take them (an error names the option and the
-# judge otherwise); unset ones are offered with their defaults, like the settings shared with generation.
-JUDGE_OPTIONS = ("judge_model", "base_url", "concurrency", "request_timeout", "max_retries", "backoff_base",
-                 "backoff_max", "parse_retries", "logprobs", "reward_model_name_or_path", "judge_batch_size")
-SHARED_SETTINGS = ("tokenizer_name_or_path", "max_prompt_length", "mixed_precision", "trust_remote_code", "seed",
-                   "dataset_name", "dataset_test_split")
-# training configs name two of them differently (their own names mean the training data / the proxy RM)
-TRAINING_NAMES = {"reward_model_name_or_path": "judge_reward_model_name_or_path",
-                  "dataset_name": "judge_dataset_name", "dataset_test_split": "judge_dataset_test_split",
-                  "tokenizer_name_or_path": None}
-
-
-def judge_arguments(config, names: Optional[dict] = None, extra_context: Optional[dict] = None) -> tuple[dict, dict]:
-    """(options, context) for `judges.get_judge`: the judge options the user set plus the judge_kwargs
-    JSON object (the judge must take every one), and everything else it may take. `names` maps a judge
-    parameter to the config field holding it (None: not offered)."""
-    names = names or {}
-    defaults = {}
-    for f in dataclasses.fields(config):
-        if f.default is not dataclasses.MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            defaults[f.name] = f.default_factory()
-
-    def field_of(param):
-        return names.get(param, param)
-
-    options, context = {}, dict(extra_context or {})
-    for param in JUDGE_OPTIONS:
-        name = field_of(param)
-        if name is None or not hasattr(config, name):
-            continue
-        value = getattr(config, name)
-        if value != defaults.get(name):
-            options[param] = value
-        else:
-            context[param] = value
-    for param in SHARED_SETTINGS:
-        name = field_of(param)
-        if name is not None and hasattr(config, name) and param not in options:
-            context[param] = getattr(config, name)
-    if config.judge_kwargs:
+def judge_settings(c, reward_model_name_or_path: Optional[str], tokenizer_name_or_path: Optional[str] = None,
+                   device: Optional[str] = None) -> JudgeSettings:
+    """The judge options of config `c` (JudgeArgs and the run's shared settings) for the judge's factory.
+    The reward-model judge's model and tokenizer are passed by the caller: a training config's own
+    `reward_model_name_or_path` is RLOO's proxy, never the judge."""
+    options = {}
+    if c.judge_kwargs:
         try:
-            extra = json.loads(config.judge_kwargs)
+            options = json.loads(c.judge_kwargs)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"judge_kwargs: not valid JSON ({e}): {config.judge_kwargs!r}") from None
-        if not isinstance(extra, dict):
-            raise ConfigError(f"judge_kwargs: expected a JSON object, got {config.judge_kwargs!r}")
-        options.update(extra)
-    return options, context
+            raise ConfigError(f"judge_kwargs: not valid JSON ({e}): {c.judge_kwargs!r}") from None
+        if not isinstance(options, dict):
+            raise ConfigError(f"judge_kwargs: expected a JSON object, got {c.judge_kwargs!r}")
+    return JudgeSettings(
+        judge_model=c.judge_model, base_url=c.base_url, concurrency=c.concurrency, request_timeout=c.request_timeout,
+        max_retries=c.max_retries, backoff_base=c.backoff_base, backoff_max=c.backoff_max,
+        parse_retries=c.parse_retries, logprobs=c.logprobs, reward_model_name_or_path=reward_model_name_or_path,
+        tokenizer_name_or_path=tokenizer_name_or_path, judge_batch_size=c.judge_batch_size,
+        max_prompt_length=c.max_prompt_length, mixed_precision=c.mixed_precision,
+        trust_remote_code=c.trust_remote_code, seed=c.seed, device=device, options=options)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,7 +153,7 @@ class Example:
     reference: str
 
 
-def load_examples(dataset_name: str, split: str, n: int, prompt_column: str = "prompt",
+def load_reference_examples(dataset_name: str, split: str, n: int, prompt_column: str = "prompt",
                   reference_column: str = "completion", id_column: str = "id",
                   revision: Optional[str] = None) -> list[Example]:
     """The first `n` (0: all) rows of `dataset_name [split]` (at hub `revision`) as Examples; a repeated id
@@ -239,6 +209,47 @@ def generation_record(example: Example, completion, tokenizer, max_new_tokens: i
         "max_new_tokens": max_new_tokens,
         "model": model,
     }
+
+
+def generate_records(model, tokenizer, examples: Sequence[Example], c, model_name: str, processes=None,
+                     synced_gpus: bool = False, progress: Optional[str] = None) -> Optional[list[dict]]:
+    """Greedy generation records (`generation_record`) of `examples`, split over `processes` (an
+    Accelerator or PartialState; None: this process alone): the main process returns them in the order of
+    `examples`, the others None. Every process decodes every world-th example and runs the same number of
+    batches (padded with repeats of the first example, dropped): sharded forwards (ZeRO-3, FSDP2, with
+    `synced_gpus`) line up. `c` gives max_new_tokens, per_device_eval_batch_size, max_prompt_length;
+    `progress`: a progress-bar title on the main process."""
+    from tqdm.auto import tqdm
+
+    from .generation import complete_prompts
+
+    world = 1 if processes is None else processes.num_processes
+    rank = 0 if processes is None else processes.process_index
+    is_main = rank == 0
+    mine = list(examples[rank::world])
+    padded = mine + [examples[0]] * (math.ceil(len(examples) / world) - len(mine))
+    device = None if processes is None else processes.device
+    bar = tqdm(total=len(examples), desc=progress, disable=progress is None or not is_main)
+    records = []
+    try:
+        batches = complete_prompts(model, tokenizer, [e.prompt for e in padded], c.max_new_tokens,
+                                   c.per_device_eval_batch_size, max_prompt_length=c.max_prompt_length,
+                                   device=device, synced_gpus=synced_gpus)
+        for completions in batches:
+            for e, completion in zip(padded[len(records):], completions):
+                records.append(generation_record(e, completion, tokenizer, c.max_new_tokens, model_name))
+            bar.update(len(completions) * world)
+    finally:
+        bar.close()
+    records = records[: len(mine)]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        records = gather_object(records)
+    if not is_main:
+        return None
+    by_id = {r["id"]: r for r in records}
+    return [by_id[e.id] for e in examples]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,16 +308,16 @@ class JudgingPlan:
         return line, send, tokens
 
 
-def judge_plan(plan: JudgingPlan, send: Sequence[str], progress: bool = True, desc: str = "judge") -> dict[str, Verdict]:
+def judge_plan(plan: JudgingPlan, send: Sequence[str], progress: bool = True, desc: str = "judge") -> dict[str, Judgment]:
     """Judge the pairs `send` of `plan`; each verdict goes to the cache as soon as it is known. On a
     judge failure the error says how many judgments were saved (a rerun continues from them)."""
     from tqdm.auto import tqdm
 
-    fresh: dict[str, Verdict] = {}
+    fresh: dict[str, Judgment] = {}
     cache = plan.cache
     bar = tqdm(total=len(send), desc=desc, disable=not progress)
 
-    def on_result(i: int, verdict: Verdict) -> None:
+    def on_result(i: int, verdict: Judgment) -> None:
         key = send[i]
         fresh[key] = verdict
         if cache is not None:
@@ -327,7 +338,7 @@ def judge_plan(plan: JudgingPlan, send: Sequence[str], progress: bool = True, de
     return fresh
 
 
-def _outcome(verdict: Verdict, pol_first: bool) -> tuple[str, Optional[float]]:
+def _outcome(verdict: Judgment, pol_first: bool) -> tuple[str, Optional[float]]:
     """('policy' | 'reference' | 'tie' | 'invalid', P(policy preferred) or None)."""
     p_pol = None
     if verdict.p_a is not None:
@@ -351,7 +362,7 @@ def win_rate_metric():
     return _METRIC
 
 
-def summarise(plan: JudgingPlan, label: str, fresh: dict[str, Verdict], confidence_level: float = 0.95) -> dict:
+def summarise(plan: JudgingPlan, label: str, fresh: dict[str, Judgment], confidence_level: float = 0.95) -> dict:
     """One summary row of policy `label`: win rate, Wilson interval, n, invalid, ties, (soft win rate,
     position statistics), mean token lengths, mean judge scores, unjudged pairs (a request cap)."""
     preds, probs, scores_p, scores_r, unjudged, ids, shown_first = [], [], [], [], 0, [], []
@@ -446,11 +457,10 @@ OUTAGE_ERRORS = (JudgeError, ConnectionError, TimeoutError, OSError)
 
 
 def evaluation_steps(eval_steps: int, total_steps: int, start_step: int = 0) -> list[int]:
-    """Steps at which a run of `total_steps` evaluates: 0 (the initial policy), every `eval_steps`, and
-    the last step; those after `start_step` only on a resumed run (its earlier ones are logged)."""
-    if eval_steps <= 0:
-        return []
-    steps = sorted({0, *range(eval_steps, total_steps + 1, eval_steps), total_steps})
+    """Steps at which a run of `total_steps` evaluates: 0 (the initial policy), every `eval_steps` (0: none
+    in between), and the last step; those after `start_step` only on a resumed run (its earlier ones are logged)."""
+    periodic = range(eval_steps, total_steps + 1, eval_steps) if eval_steps > 0 else ()
+    steps = sorted({0, *periodic, total_steps})
     return [s for s in steps if s > start_step or (start_step == 0 and s == 0)]
 
 
@@ -471,31 +481,27 @@ class TrainingEvaluator:
     def __init__(self, config, accelerator, run_dir, total_steps: Optional[int] = None, start_step: int = 0,
                  log_prefix: str = "[eval]"):
         self.config, self.accelerator, self.log_prefix = config, accelerator, log_prefix
-        self.enabled = bool(getattr(config, "judge", None)) and getattr(config, "eval_steps", 0) > 0
+        self.enabled = bool(config.judge)
         self.total_steps = total_steps
         if not self.enabled:
-            if getattr(config, "judge", None) and (accelerator is None or accelerator.is_main_process):
-                print(f"{log_prefix} judge {config.judge!r} is set but eval_steps is 0: no win-rate evaluation")
             return
         self.run_root = Path(getattr(run_dir, "path", run_dir))
         self.dir = self.run_root / "eval"
         self.cache_path = self.dir / "judgments.jsonl"
         self.is_main = accelerator is None or accelerator.is_main_process
         c = config
-        self.examples = load_examples(c.judge_dataset_name, c.judge_dataset_test_split, c.judge_max_samples,
+        self.examples = load_reference_examples(c.judge_dataset_name, c.judge_dataset_test_split, c.judge_max_samples,
                                       c.judge_prompt_column or c.prompt_column, c.reference_column, c.id_column)
         self.judge = None
         self.requests_spent = 0
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            options, context = judge_arguments(c, TRAINING_NAMES, extra_context=self._device_context())
-            self.judge = get_judge(c.judge, context=context, **options)  # a bad key / model fails before training
+            device = None if accelerator is None else str(accelerator.device)
+            settings = judge_settings(c, c.judge_reward_model_name_or_path, device=device)
+            self.judge = get_judge(c.judge, settings)  # a bad key / model fails before training
             if self.judge.cacheable:
                 self.requests_spent = len(JudgmentCache(self.cache_path).records)  # earlier legs of this run
             self._announce(start_step)
-
-    def _device_context(self) -> dict:
-        return {} if self.accelerator is None else {"device": str(self.accelerator.device)}
 
     def _print(self, msg: str) -> None:
         if self.is_main:
@@ -506,7 +512,8 @@ class TrainingEvaluator:
         total = total_steps if total_steps is not None else self.total_steps
         if not self.enabled:
             return False
-        return step == 0 or step % self.config.eval_steps == 0 or (total is not None and step == total)
+        every = self.config.eval_steps
+        return step == 0 or (every > 0 and step % every == 0) or (total is not None and step == total)
 
     def _announce(self, start_step: int) -> None:
         """The cost guard, once at the start: planned evaluations, requests and tokens, and the cap."""
@@ -516,7 +523,7 @@ class TrainingEvaluator:
             steps = evaluation_steps(c.eval_steps, self.total_steps, start_step)
             count, where = len(steps), f"at steps {_steps_text(steps)}"
         else:
-            count, where = None, f"every {c.eval_steps} steps"
+            count, where = None, f"every {c.eval_steps} steps" if c.eval_steps else "at step 0 and the end"
         line = f"win rate by judge {self.judge.describe()} on {c.judge_dataset_name} [{c.judge_dataset_test_split}], " \
                f"{len(self.examples)} examples" + (" x 2 orders" if c.both_orders else "") + f", {where}"
         if self.judge.remote:
@@ -551,52 +558,29 @@ class TrainingEvaluator:
         """{example id: generation record} on the main process (None elsewhere); writes
         <run>/eval/generations/step_XXXXXXXX.jsonl."""
         from . import distributed
-        from .generation import complete_prompts
 
-        c, acc = self.config, self.accelerator
-        world = 1 if acc is None else acc.num_processes
-        rank = 0 if acc is None else acc.process_index
-        mine = self.examples[rank::world]
-        # every process runs the same number of batches (sharded forwards under FSDP2 line up): pad with
-        # repeats of the first example, dropped below
-        share = math.ceil(len(self.examples) / world)
-        padded = mine + [self.examples[0]] * (share - len(mine))
-        device = None if acc is None else acc.device
+        acc = self.accelerator
         was_training = model.training
         model.eval()
-        records = []
         try:
             synced = acc is not None and distributed.needs_synced_gpus(acc)
             with distributed.unwrap_for_generation(acc, model) as gen_model:
-                autocast = acc.autocast() if acc is not None else contextlib.nullcontext()
-                with autocast:
-                    batches = complete_prompts(gen_model, tokenizer, [e.prompt for e in padded], c.max_new_tokens,
-                                               c.per_device_eval_batch_size, max_prompt_length=c.max_prompt_length,
-                                               device=device, synced_gpus=synced)
-                    done = 0
-                    for completions in batches:
-                        for e, completion in zip(padded[done : done + len(completions)], completions):
-                            records.append(generation_record(e, completion, tokenizer, c.max_new_tokens, f"step {step}"))
-                        done += len(completions)
+                with acc.autocast() if acc is not None else contextlib.nullcontext():
+                    records = generate_records(gen_model, tokenizer, self.examples, self.config, f"step {step}", acc,
+                                               synced_gpus=synced)
         finally:
             if was_training:
                 model.train()
-        records = records[: len(mine)]
-        if world > 1:
-            from accelerate.utils import gather_object
-
-            records = gather_object(records)
         if not self.is_main:
             return None
-        by_id = {r["id"]: r for r in records}
         path = self.dir / "generations" / f"step_{step:08d}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".jsonl.tmp")
         with open(tmp, "w") as f:  # whole file: a resumed run regenerates a step (same weights, same text)
-            for e in self.examples:
-                f.write(json.dumps(by_id[e.id], ensure_ascii=False) + "\n")
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
-        return by_id
+        return {r["id"]: r for r in records}
 
     def _judge(self, generations: dict[str, dict], step: int) -> dict:
         c = self.config

@@ -1,33 +1,31 @@
 """Pairwise judges for win rates: one interface, a registry, an OpenAI-compatible LLM judge and a
 reward-model judge.
 
-A judge receives `Pair`s (the post and two summaries shown as A and B) and returns a `Verdict` per
+A judge receives `Pair`s (the post and two summaries shown as A and B) and returns a `Judgment` per
 pair: "A", "B", "tie" or "invalid" (an answer that could not be parsed after the retries; it is
 reported, never turned into a coin flip or a loss), optionally a soft preference `p_a` = P(A preferred).
 Mapping A/B back to policy/reference, caching and statistics live in `maxent_rlhf.evaluation` (used by
 evaluate_judge.py and by the training scripts' in-training win rate).
 
-Adding a judge (the toy lab's programmatic `toy-gold` judge does this, in maxent_rlhf/toylab/judge.py):
+A judge is made by a factory `factory(settings: JudgeSettings) -> Judge`: `settings` holds every judge
+option of the run's config, by name (`judge_model`, `reward_model_name_or_path`, ...), and the
+`judge_kwargs` options of a plugin judge, which the factory reads with `settings.option(name, default)`.
+`get_judge(name, settings)` finds the factory: registered in this process (`@register_judge("name")`),
+else the entry point `name` of the group `maxent_rlhf.judges` in an installed package's metadata, which
+is how the toy lab provides `toy-gold` (setup.cfg; maxent_rlhf/toylab/judge.py):
 
-    from maxent_rlhf.judges import Judge, Verdict, register_judge
+    [options.entry_points]
+    maxent_rlhf.judges =
+        toy-gold = maxent_rlhf.toylab.judge:toy_gold
 
-    @register_judge("toy-gold")
-    class ToyGoldJudge(Judge):
-        def __init__(self, tolerance: float = 1e-9): ...  # its options: the constructor's parameters
-        @property
-        def cache_id(self): return "toy-gold/v1"          # identity in the judgment cache key
-        def judge_pair(self, pair): return Verdict("A")   # or override judge_many for batching
-
-`get_judge(name, context, **options)` builds it: an option the judge does not take is an error; the
-shared `context` (tokenizer, mixed precision, seed, ...) reaches only the judges that name it. The module
-that registers a judge must be imported first (the scripts import the toy lab's).
+    def toy_gold(settings: JudgeSettings) -> Judge:
+        return ToyGoldJudge()                             # a Judge subclass: judge_pair, cache_id
 """
 from __future__ import annotations
 
 import asyncio
 import email.utils
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -139,7 +137,7 @@ class Pair:
 
 
 @dataclass
-class Verdict:
+class Judgment:
     preferred: str  # "A", "B", "tie" or "invalid"
     p_a: Optional[float] = None  # soft preference P(A preferred), when the judge gives one
     raw: str = ""  # the judge's answer (LLM judges), truncated
@@ -149,7 +147,7 @@ class Verdict:
 
     def __post_init__(self):
         if self.preferred not in ("A", "B", "tie", "invalid"):
-            raise ValueError(f"Verdict.preferred must be 'A', 'B', 'tie' or 'invalid', got {self.preferred!r}")
+            raise ValueError(f"Judgment.preferred must be 'A', 'B', 'tie' or 'invalid', got {self.preferred!r}")
 
     def to_json(self) -> dict:
         d = {"preferred": self.preferred, "p_a": self.p_a, "raw": self.raw[:500], "attempts": self.attempts}
@@ -160,7 +158,7 @@ class Verdict:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "Verdict":
+    def from_json(cls, d: dict) -> "Judgment":
         scores = d.get("scores")
         return cls(d["preferred"], d.get("p_a"), d.get("raw", ""), d.get("attempts", 1),
                    tuple(scores) if scores else None, d.get("error"))
@@ -188,10 +186,10 @@ class Judge:
         """Identity of the judge in the cache key (model name, version)."""
         return self.name
 
-    def judge_pair(self, pair: Pair) -> Verdict:
+    def judge_pair(self, pair: Pair) -> Judgment:
         raise NotImplementedError(f"{type(self).__name__} implements neither judge_pair nor judge_many")
 
-    def judge_many(self, pairs: Sequence[Pair], on_result: Callable[[int, Verdict], None]) -> None:
+    def judge_many(self, pairs: Sequence[Pair], on_result: Callable[[int, Judgment], None]) -> None:
         """Judge every pair; call `on_result(index, verdict)` as soon as each one is known."""
         for i, pair in enumerate(pairs):
             on_result(i, self.judge_pair(pair))
@@ -204,48 +202,79 @@ class Judge:
         return self.cache_id
 
 
-_REGISTRY: dict[str, Callable[..., Judge]] = {}
+@dataclass
+class JudgeSettings:
+    """What a judge factory receives: the judge options of the config, by name (each judge reads those it
+    uses; the config fields' help says which judge reads which), and `options`, the JSON object of
+    `judge_kwargs` for a plugin judge. `evaluation.judge_settings` builds it from a config."""
+
+    judge_model: str
+    base_url: Optional[str]
+    concurrency: int
+    request_timeout: float
+    max_retries: int
+    backoff_base: float
+    backoff_max: float
+    parse_retries: int
+    logprobs: bool
+    reward_model_name_or_path: Optional[str]
+    tokenizer_name_or_path: Optional[str]
+    judge_batch_size: int
+    max_prompt_length: int
+    mixed_precision: str
+    trust_remote_code: bool
+    seed: int
+    device: Optional[str] = None
+    options: dict = field(default_factory=dict)
+    _read: set = field(default_factory=set, init=False, repr=False, compare=False)
+
+    def option(self, name: str, default=None):
+        """The `judge_kwargs` option `name` (or `default`); an option no factory reads is an error."""
+        self._read.add(name)
+        return self.options.get(name, default)
+
+
+JUDGES_GROUP = "maxent_rlhf.judges"
+_REGISTRY: dict[str, Callable[[JudgeSettings], Judge]] = {}
 
 
 def register_judge(name: str):
-    """Class (or factory) decorator: make a judge available as `get_judge(name)` / `--judge name`.
+    """Decorator of a factory `f(settings: JudgeSettings) -> Judge`: `get_judge(name)` / `--judge name`
+    in this process. An installed plugin declares its factory as an entry point instead (module docstring)."""
 
-    The module that defines it must be imported before `get_judge` runs: the toy lab's `toy-gold`
-    registers when `maxent_rlhf.toylab` is imported (the scripts import it)."""
-
-    def deco(factory):
+    def deco(factory: Callable[[JudgeSettings], Judge]):
         _REGISTRY[name] = factory
-        if isinstance(factory, type) and factory.name == Judge.name:
-            factory.name = name
         return factory
 
     return deco
 
 
 def available_judges() -> list[str]:
-    return sorted(_REGISTRY)
+    """Judges registered in this process or declared by an installed plugin."""
+    from .artifacts import installed_plugin_names
+
+    return sorted(set(_REGISTRY) | installed_plugin_names(JUDGES_GROUP))
 
 
-def get_judge(name: str, context: Optional[dict] = None, **options) -> Judge:
-    """Instantiate judge `name` with `options`, every one of which it must take: an option it does not
-    take is an error naming the option and the judge (never silently dropped). `context` holds settings
-    shared with the rest of a run (tokenizer, max_prompt_length, mixed_precision, seed, ...): each judge
-    receives those its constructor names, and no error for the others."""
+def get_judge(name: str, settings: JudgeSettings) -> Judge:
+    """The judge `name` made by its factory from `settings`. A `judge_kwargs` option that the judge does
+    not read is an error naming it (never silently dropped)."""
+    from .artifacts import installed_plugin
     from .config import ConfigError
 
     if name not in _REGISTRY:
-        raise ConfigError(f"judge: unknown judge {name!r}; available: {', '.join(available_judges())}")
-    factory = _REGISTRY[name]
-    params = inspect.signature(factory).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    refused = [k for k in options if not takes_any and k not in params]
-    if refused:
-        raise ConfigError(
-            f"judge {name!r} takes no option {', '.join(refused)}: remove it from the command line / config "
-            f"(judge {name!r} takes: {', '.join(sorted(params)) or 'no options'})"
-        )
-    kw = {k: v for k, v in (context or {}).items() if takes_any or k in params}
-    return factory(**kw, **options)
+        factory = installed_plugin(JUDGES_GROUP, name)
+        if factory is None:
+            raise ConfigError(f"judge: unknown judge {name!r}; available: {', '.join(available_judges())} (a plugin "
+                              f"judge is an entry point of the group {JUDGES_GROUP}: see CONTRIBUTING.md)")
+        _REGISTRY[name] = factory
+    judge = _REGISTRY[name](settings)
+    unread = sorted(set(settings.options) - settings._read)
+    if unread:
+        raise ConfigError(f"judge_kwargs: judge {name!r} takes no option {', '.join(unread)}; remove it "
+                          f"(it reads: {', '.join(sorted(settings._read)) or 'no judge_kwargs options'})")
+    judge.name = name
+    return judge
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,7 +307,6 @@ def parse_retry_after(headers) -> Optional[float]:
     return max(0.0, when.timestamp() - time.time())
 
 
-@register_judge("openai")
 class OpenAIJudge(Judge):
     """Any OpenAI-compatible chat-completions server (OpenAI, vLLM, ...) through the `openai` package.
 
@@ -397,7 +425,7 @@ class OpenAIJudge(Judge):
             f"last error: {last}"
         )
 
-    async def _judge_one(self, client, pair: Pair) -> Verdict:
+    async def _judge_one(self, client, pair: Pair) -> Judgment:
         messages = [{"role": "user", "content": render_prompt(pair.post, pair.summary_a, pair.summary_b)}]
         text = ""
         for attempt in range(self.parse_retries + 1):
@@ -410,11 +438,11 @@ class OpenAIJudge(Judge):
                 p_a = None
                 if self.logprobs and choice is not None and choice.logprobs is not None:
                     p_a = soft_preference_from_logprobs(choice.logprobs.content)
-                return Verdict(pref, p_a=p_a, raw=text, attempts=attempt + 1)
+                return Judgment(pref, p_a=p_a, raw=text, attempts=attempt + 1)
             logger.warning("unparseable judge answer for example %s (attempt %d): %r", pair.example_id, attempt + 1, text[:200])
-        return Verdict("invalid", raw=text, attempts=self.parse_retries + 1, error="no 'Preferred: A|B' in the answer")
+        return Judgment("invalid", raw=text, attempts=self.parse_retries + 1, error="no 'Preferred: A|B' in the answer")
 
-    async def _run(self, pairs: Sequence[Pair], on_result: Callable[[int, Verdict], None]) -> None:
+    async def _run(self, pairs: Sequence[Pair], on_result: Callable[[int, Judgment], None]) -> None:
         client = self._client()
         sem = asyncio.Semaphore(self.concurrency)
 
@@ -433,9 +461,15 @@ class OpenAIJudge(Judge):
             await asyncio.gather(*tasks, return_exceptions=True)
             await client.close()
 
-    def judge_many(self, pairs: Sequence[Pair], on_result: Callable[[int, Verdict], None]) -> None:
+    def judge_many(self, pairs: Sequence[Pair], on_result: Callable[[int, Judgment], None]) -> None:
         if pairs:
             asyncio.run(self._run(pairs, on_result))
+
+
+@register_judge("openai")
+def openai_judge(s: JudgeSettings) -> OpenAIJudge:
+    return OpenAIJudge(s.judge_model, s.base_url, s.concurrency, s.request_timeout, s.max_retries, s.backoff_base,
+                       s.backoff_max, s.parse_retries, s.logprobs)
 
 
 def _short(e) -> str:
@@ -446,7 +480,6 @@ def _short(e) -> str:
 # --------------------------------------------------------------------------------------------------
 # reward-model judge
 # --------------------------------------------------------------------------------------------------
-@register_judge("reward-model")
 class RewardModelJudge(Judge):
     """Scores prompt + " " + summary + EOS with a reward model (`generation.score_completions`);
     the higher score wins, equal scores tie; p_a = sigmoid(score A - score B) (Bradley-Terry).
@@ -489,7 +522,7 @@ class RewardModelJudge(Judge):
         return score_completions(self.model, self.tokenizer, prompts, summaries, self.batch_size,
                                  max_prompt_length=self.max_prompt_length, device=self.device)
 
-    def judge_many(self, pairs: Sequence[Pair], on_result: Callable[[int, Verdict], None]) -> None:
+    def judge_many(self, pairs: Sequence[Pair], on_result: Callable[[int, Judgment], None]) -> None:
         import torch
 
         from .objectives import bradley_terry_probability
@@ -505,7 +538,13 @@ class RewardModelJudge(Judge):
             ).tolist()
             for j, (a, b) in enumerate(zip(sa, sb)):
                 pref = "A" if a > b else "B" if b > a else "tie"
-                on_result(s + j, Verdict(pref, p_a=p_as[j], scores=(a, b)))
+                on_result(s + j, Judgment(pref, p_a=p_as[j], scores=(a, b)))
+
+
+@register_judge("reward-model")
+def reward_model_judge(s: JudgeSettings) -> RewardModelJudge:
+    return RewardModelJudge(s.reward_model_name_or_path, s.tokenizer_name_or_path, s.judge_batch_size,
+                            s.max_prompt_length, s.mixed_precision, s.device, s.trust_remote_code)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -537,11 +576,11 @@ class JudgmentCache:
     def __contains__(self, key: str) -> bool:
         return key in self.records
 
-    def get(self, key: str) -> Optional[Verdict]:
+    def get(self, key: str) -> Optional[Judgment]:
         rec = self.records.get(key)
-        return Verdict.from_json(rec["verdict"]) if rec else None
+        return Judgment.from_json(rec["verdict"]) if rec else None
 
-    def put(self, key: str, verdict: Verdict, **meta) -> None:
+    def put(self, key: str, verdict: Judgment, **meta) -> None:
         rec = {"key": key, **meta, "verdict": verdict.to_json(), "time": time.time()}
         if self._file is None:
             from .runs import open_jsonl_for_append

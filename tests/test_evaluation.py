@@ -151,23 +151,25 @@ def test_resumed_run_resends_nothing_and_the_request_cap_holds_over_the_run(tmp_
 def test_evaluation_steps_and_disabled_evaluator(tmp_path):
     assert evaluation.evaluation_steps(2, 5) == [0, 2, 4, 5]
     assert evaluation.evaluation_steps(2, 6, start_step=2) == [4, 6]  # a resumed run: its earlier ones are logged
-    assert evaluation.evaluation_steps(0, 6) == []
-    c = train_offline.OfflineConfig(judge="toy-gold", eval_steps=0)
+    assert evaluation.evaluation_steps(0, 6) == [0, 6]  # eval_steps 0: none in between
+    c = train_offline.OfflineConfig(judge=None, eval_steps=2)  # no judge: no win rate
     ev = evaluation.TrainingEvaluator(c, None, tmp_path, total_steps=6)
     assert not ev.enabled and not ev.due(0) and ev.evaluate(None, None, 0) == {}
     assert not (tmp_path / "eval").exists()
 
 
-def test_training_judge_options_use_the_training_names():
+def test_training_judge_options_use_the_training_names(tmp_path, monkeypatch):
     """The reward-model judge reads judge_reward_model_name_or_path, never RLOO's proxy reward model field;
     the judge's data are judge_dataset_*, not the training data."""
     c = train_offline.OfflineConfig(judge="reward-model", judge_reward_model_name_or_path="rm/judge", eval_steps=5,
-                                    judge_dataset_name="judge/data", dataset_name="train/data")
-    options, context = evaluation.judge_arguments(c, evaluation.TRAINING_NAMES)
-    assert options == {"reward_model_name_or_path": "rm/judge"}
-    assert context["dataset_name"] == "judge/data" and "tokenizer_name_or_path" not in context
-    e = ej.EvalConfig(reward_model_name_or_path="rm/e")
-    assert evaluation.judge_arguments(e)[0] == {"reward_model_name_or_path": "rm/e"}
+                                    judge_dataset_name="judge/data", dataset_name="train/data", concurrency=3)
+    loaded, built = [], []
+    monkeypatch.setattr(evaluation, "load_reference_examples", lambda name, *a: loaded.append(name) or [])
+    monkeypatch.setattr(evaluation, "get_judge", lambda name, s: built.append((name, s)) or toy_judge())
+    evaluation.TrainingEvaluator(c, None, tmp_path, total_steps=5)
+    (name, s), = built
+    assert loaded == ["judge/data"] and name == "reward-model"
+    assert (s.reward_model_name_or_path, s.tokenizer_name_or_path, s.concurrency) == ("rm/judge", None, 3)
     # one definition of the shared fields: same defaults and help in both configs
     import dataclasses
 
@@ -175,6 +177,14 @@ def test_training_judge_options_use_the_training_names():
     for f in dataclasses.fields(evaluation.JudgeArgs):
         if f.name != "per_device_eval_batch_size":  # train_offline's also sizes its loss-based eval
             assert (ef[f.name].default, ef[f.name].metadata) == (f.default, f.metadata), f.name
+
+
+def toy_judge():
+    from maxent_rlhf import judges
+
+    j = judges.Judge()
+    j.cacheable = False
+    return j
 
 
 def test_reward_loss_with_a_judge_is_one_clear_error():

@@ -19,7 +19,7 @@ for _p in (str(ROOT), str(ROOT / "tests")):
 
 import evaluate_judge as ej  # noqa: E402
 from fake_openai_server import FakeJudgeServer  # noqa: E402
-from maxent_rlhf import judges  # noqa: E402
+from maxent_rlhf import evaluation, judges  # noqa: E402
 from maxent_rlhf.judges import JudgeUnavailableError, OpenAIJudge, Pair, parse_preference  # noqa: E402
 SECRET = "sk-test-SECRET-9f8e7d6c5b4a"
 MARKER = "good"
@@ -68,7 +68,7 @@ def write_generations(out: Path, label: str, data: Path, texts: dict, max_new_to
         for i, row in enumerate(rows):
             text = texts[i]
             f.write(json.dumps({"id": row["id"], "generation": text, "n_tokens": len(text.split()),
-                                "reference_tokens": 3, "prompt_sha": ej._prompt_hash(row["prompt"]),
+                                "reference_tokens": 3, "prompt_sha": evaluation.prompt_hash(row["prompt"]),
                                 "max_new_tokens": max_new_tokens}) + "\n")
 
 
@@ -129,7 +129,7 @@ def test_win_rate_metric_loads_offline_by_path(monkeypatch):
     import evaluate
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    m = evaluate.load(str(ej.METRIC_PATH))
+    m = evaluate.load(str(evaluation.METRIC_PATH))
     r = m.compute(predictions=["policy"] * 8 + ["reference"] * 2 + ["invalid"] * 3)
     assert (r["n"], r["wins"], r["losses"], r["invalid"], r["ci_method"]) == (10, 8, 2, 3, "wilson")
     assert r["win_rate"] == 0.8
@@ -139,40 +139,44 @@ def test_win_rate_metric_loads_offline_by_path(monkeypatch):
     assert m.compute(predictions=["invalid"])["win_rate"] is None
 
 
-def test_registry_options_must_be_taken_context_is_offered():
+def settings(**kw):
+    """The judge settings of an evaluate_judge config with `kw` set."""
+    return evaluation.judge_settings(ej.EvalConfig(**kw), None)
+
+
+def test_registry_factory_gets_the_settings_and_reads_its_options():
     @judges.register_judge("test-constant")
-    class Constant(judges.Judge):
-        def __init__(self, answer="A", seed=0):
-            self.answer, self.seed = answer, seed
+    def constant(s: judges.JudgeSettings) -> judges.Judge:
+        j = judges.Judge()
+        j.answer, j.seed = s.option("answer", "A"), s.seed
+        j.judge_pair = lambda pair: judges.Judgment(j.answer)
+        return j
 
-        def judge_pair(self, pair):
-            return judges.Verdict(self.answer)
-
-    # shared settings reach the judges that name them; the others are not offered them
-    j = judges.get_judge("test-constant", context={"seed": 3, "mixed_precision": "no"}, answer="B")
-    assert j.seed == 3
-    # an option the judge does not take is an error naming the option and the judge, never dropped
-    with pytest.raises(ValueError, match="judge 'test-constant' takes no option concurrency.*takes: answer, seed"):
-        judges.get_judge("test-constant", answer="B", concurrency=3)
+    j = judges.get_judge("test-constant", settings(seed=3, judge_kwargs='{"answer": "B"}'))
+    assert j.seed == 3 and j.answer == "B"
+    assert judges.get_judge("test-constant", settings()).answer == "A"
+    # a judge_kwargs option the judge does not read is an error naming the option and the judge, never dropped
+    with pytest.raises(ValueError, match="judge 'test-constant' takes no option colour.*reads: answer"):
+        judges.get_judge("test-constant", settings(judge_kwargs='{"answer": "B", "colour": 1}'))
     got = []
     j.judge_many([Pair("1", "p", "p", "a", "b")], lambda i, v: got.append((i, v.preferred)))
     assert got == [(0, "B")] and j.name == "test-constant"
     with pytest.raises(ValueError, match="unknown judge 'nope'.*openai.*reward-model"):
-        judges.get_judge("nope")
+        judges.get_judge("nope", settings())
     with pytest.raises(ValueError, match="preferred"):
-        judges.Verdict("coin-flip")
+        judges.Judgment("coin-flip")
 
 
 def test_cache_skips_torn_line_and_appends_cleanly(tmp_path):
     path = tmp_path / "c.jsonl"
     c = judges.JudgmentCache(path)
-    c.put("k1", judges.Verdict("A"))
+    c.put("k1", judges.Judgment("A"))
     c.close()
     with open(path, "a") as f:
         f.write('{"key": "k2", "verdi')  # killed mid-write
     c = judges.JudgmentCache(path)
     assert "k1" in c and "k2" not in c and c.torn_lines == 1
-    c.put("k2", judges.Verdict("B", p_a=0.1))
+    c.put("k2", judges.Judgment("B", p_a=0.1))
     c.close()
     c = judges.JudgmentCache(path)
     assert c.get("k2").preferred == "B" and c.get("k1").preferred == "A" and c.torn_lines == 1
@@ -208,14 +212,15 @@ def test_missing_key_fails_before_any_work(tmp_path, monkeypatch):
 
 
 def test_custom_judge_gets_judge_kwargs(tmp_path):
-    @judges.register_judge("test-longer")
     class Longer(judges.Judge):
-        def __init__(self, prefer_longer=True, dataset_name=None):  # a shared setting, offered as context
-            self.prefer_longer, self.dataset_name = prefer_longer, dataset_name
+        def __init__(self, prefer_longer: bool):
+            self.prefer_longer = prefer_longer
 
         def judge_pair(self, pair):
             la, lb = len(pair.summary_a.split()), len(pair.summary_b.split())
-            return judges.Verdict("tie" if la == lb else "A" if (la > lb) == self.prefer_longer else "B")
+            return judges.Judgment("tie" if la == lb else "A" if (la > lb) == self.prefer_longer else "B")
+
+    judges.register_judge("test-longer")(lambda s: Longer(s.option("prefer_longer", True)))
 
     n = 4
     data = make_dataset(tmp_path, n)
@@ -226,10 +231,6 @@ def test_custom_judge_gets_judge_kwargs(tmp_path):
     assert (r["wins"], r["ties"], r["losses"], r["win_rate"]) == (1, 1, 2, 1.5 / 4)
     with pytest.raises(ValueError, match="judge 'test-longer' takes no option colour"):
         ej.main(config(tmp_path, None, data, [run], judge="test-longer", judge_kwargs='{"colour": 1}'))
-    # an evaluate_judge option set for a judge that does not take it is an error, not dropped; options
-    # left at their defaults (which evaluate_judge offers every judge) are not
-    with pytest.raises(ValueError, match="judge 'test-longer' takes no option concurrency"):
-        ej.main(config(tmp_path, None, data, [run], judge="test-longer", concurrency=3))
 
 
 def test_non_retryable_error_is_reported_not_retried():
@@ -286,7 +287,7 @@ def test_exact_win_rates_with_faults_then_rerun_sends_nothing(tmp_path, server, 
 def judges_wilson(k, n):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("wr", ej.METRIC_PATH / "win_rate.py")
+    spec = importlib.util.spec_from_file_location("wr", evaluation.METRIC_PATH / "win_rate.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.wilson_interval(k, n)
@@ -300,7 +301,7 @@ def test_order_randomisation_maps_back(tmp_path, server):
     run = fake_run(tmp_path, [5])
     write_generations(tmp_path / "out", "step_00000005", data, with_marker(n, set(), neutral=True))
     for seed in (1, 2):
-        first = [ej.policy_first(seed, f"ex{i}") for i in range(n)]
+        first = [evaluation.policy_first(seed, f"ex{i}") for i in range(n)]
         assert 0 < sum(first) < n  # both positions used
         s = ej.main(config(tmp_path, server, data, [run], seed=seed, output_dir=str(tmp_path / "out"),
                            cache_path=str(tmp_path / f"cache{seed}.jsonl")))
@@ -431,7 +432,8 @@ def test_killed_midway_then_restarted_judges_each_pair_once(tmp_path, server):
     server.hold_after = 4  # the 5th request hangs: the process is killed with it in flight
     args = ["--output_dir", str(out), "--checkpoints", str(run), "--dataset_name", str(data), "--n", "0",
             "--judge_model", "fake-judge", "--base-url", server.base_url, "--concurrency", "1", "--plot", "false"]
-    code = "import sys, evaluate_judge as ej; ej.main(ej.parse_config(ej.EvalConfig, sys.argv[1:]))"
+    code = ("import sys, evaluate_judge as ej; from maxent_rlhf.config import parse_config; "
+            "ej.main(parse_config(ej.EvalConfig, sys.argv[1:]))")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_API_KEY": SECRET}
     proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -509,20 +511,31 @@ def test_greedy_generation_is_deterministic_and_reward_model_judge(tmp_path, tin
     assert again["checkpoints"][0]["win_rate"] == r["win_rate"]
 
 
-def test_only_the_judge_options_the_user_set_must_be_taken(tmp_path):
+def test_config_options_reach_the_judges_by_name(tmp_path):
+    """From a YAML file and the command line to the judge's factory, field by field."""
     from maxent_rlhf.config import parse_config
 
     f = tmp_path / "eval.yaml"
-    f.write_text("judge: reward-model\nconcurrency: 2\n")
-    c = parse_config(ej.EvalConfig, ["--config", str(f), "--request_timeout", "5"])
-    options, context = ej.judge_arguments(c)
-    assert options == {"concurrency": 2, "request_timeout": 5.0}  # from the YAML file and the command line
-    assert context["max_retries"] == 6 and context["max_prompt_length"] == 512 and "concurrency" not in context
-    with pytest.raises(ValueError, match="judge 'reward-model' takes no option concurrency, request_timeout"):
-        judges.get_judge(c.judge, context=context, **options)
-    # evaluate_judge's defaults alone (every option offered) are never an error
-    options, context = ej.judge_arguments(parse_config(ej.EvalConfig, ["--judge", "toy-gold"]))
-    assert options == {} and judges.get_judge("toy-gold", context=context, **options).cache_id.startswith("toy-gold")
+    f.write_text("judge: openai\nconcurrency: 2\nbase_url: http://127.0.0.1:9/v1\n")
+    c = parse_config(ej.EvalConfig, ["--config", str(f), "--request_timeout", "5", "--reward_model_name_or_path", "rm"])
+    s = evaluation.judge_settings(c, c.reward_model_name_or_path, c.tokenizer_name_or_path)
+    assert (s.concurrency, s.request_timeout, s.max_retries, s.reward_model_name_or_path) == (2, 5.0, 6, "rm")
+    j = judges.get_judge(c.judge, s)
+    assert (j.concurrency, j.timeout, j.max_retries, j.base_url) == (2, 5.0, 6, "http://127.0.0.1:9/v1")
+
+
+def test_cache_path_directory_holds_the_cache_and_says_where(tmp_path, server, capsys):
+    n = 2
+    data = make_dataset(tmp_path, n)
+    run = fake_run(tmp_path, [1])
+    write_generations(tmp_path / "out", "step_00000001", data, with_marker(n, {0}))
+    cache_dir = tmp_path / "caches"
+    cache_dir.mkdir()
+    s = ej.main(config(tmp_path, server, data, [run], cache_path=str(cache_dir)))
+    assert s["checkpoints"][0]["win_rate"] == 0.5
+    assert len((cache_dir / "judgments.jsonl").read_text().splitlines()) == n
+    assert f"judgment cache: {cache_dir / 'judgments.jsonl'}" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "judgments.jsonl").exists()
 
 
 def test_summary_records_the_hub_dataset_revision(tmp_path, server, monkeypatch):

@@ -17,7 +17,7 @@ for _p in (str(ROOT), str(ROOT / "tests")):
 
 import evaluate_judge as ej  # noqa: E402
 from fake_openai_server import FakeJudgeServer  # noqa: E402
-from maxent_rlhf import plotting, runs  # noqa: E402
+from maxent_rlhf import evaluation, plotting, runs  # noqa: E402
 from maxent_rlhf.config import ConfigError  # noqa: E402
 
 KEY = "sk-test-run-dirs"
@@ -170,7 +170,7 @@ def judge_setup(tmp_path, monkeypatch):
         for i, r in enumerate(rows):
             text = "the cat sat good" if i in WINNERS else "the cat sat bad"
             f.write(json.dumps({"id": r["id"], "generation": text, "n_tokens": 4, "reference_tokens": 3,
-                                "prompt_sha": ej._prompt_hash(r["prompt"]), "max_new_tokens": 53}) + "\n")
+                                "prompt_sha": evaluation.prompt_hash(r["prompt"]), "max_new_tokens": 53}) + "\n")
     return data, ckpt, out
 
 
@@ -228,7 +228,7 @@ def test_judge_refuses_outputs_made_for_other_prompts(judge_setup):
 def wilson_row(label, step, wins, n):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("win_rate_metric", ej.METRIC_PATH / "win_rate.py")
+    spec = importlib.util.spec_from_file_location("win_rate_metric", evaluation.METRIC_PATH / "win_rate.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     lo, hi = mod.wilson_interval(wins, n)

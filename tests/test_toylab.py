@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -62,11 +61,14 @@ def test_gold_preference_and_judge_registration():
     assert task.gold_preference("my girlfriend ignores my texts", PERFECT, POST) == 0.0
     assert task.gold_preference(PERFECT, "my girlfriend ignores my texts , i feel angry", POST) == 0.5  # equal scores
 
+    from evaluate_judge import EvalConfig
+    from maxent_rlhf.evaluation import judge_settings
     from maxent_rlhf.judges import Pair, get_judge, post_from_prompt
 
-    judge = get_judge("toy-gold", context={"seed": 3, "max_prompt_length": 100})  # shared settings it ignores
-    with pytest.raises(ValueError, match="judge 'toy-gold' takes no option judge_batch_size"):
-        get_judge("toy-gold", judge_batch_size=8)
+    # found through the toy lab's entry point: this module imports no toy-lab judge code
+    judge = get_judge("toy-gold", judge_settings(EvalConfig(seed=3, max_prompt_length=100), None))
+    with pytest.raises(ValueError, match="judge 'toy-gold' takes no option tolerance"):
+        get_judge("toy-gold", judge_settings(EvalConfig(judge_kwargs='{"tolerance": 0.1}'), None))
     pairs = [
         Pair("a", POST, post_from_prompt(POST), PERFECT, "my girlfriend ignores my texts"),
         Pair("b", POST, post_from_prompt(POST), "my roommate hates my phone", PERFECT),

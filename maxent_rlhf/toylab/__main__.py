@@ -1,4 +1,4 @@
-"""python -m maxent_rlhf.toylab {build,sweep,report,check}
+"""python -m maxent_rlhf.toylab {build,sweep,report}
 
     build [NAME ...] [--cache-dir DIR]     build (or verify) artifacts; default: all of the profile
     sweep [--out runs/toylab] [--seeds 1,2,3] [--lrs 1e-4,1e-3] [--regularizers kl,maxent,entropy,minent,none]

@@ -1,4 +1,5 @@
-"""The gold judge as a judge of evaluate_judge.py: `--judge toy-gold`.
+"""The gold judge as a judge of evaluate_judge.py and of the in-training win rate: `--judge toy-gold`,
+found through the entry point `toy-gold = maxent_rlhf.toylab.judge:toy_gold` (setup.cfg).
 
 It scores both summaries with `task.gold_score` against the facts recovered from the prompt; the
 higher score wins, equal scores tie (half a win). p_a is 1, 0 or 1/2 (a deterministic judge), and the
@@ -7,19 +8,13 @@ reference per checkpoint.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
-from maxent_rlhf.judges import Judge, Pair, Verdict, register_judge
+from maxent_rlhf.judges import Judge, JudgeSettings, Judgment, Pair
 
 from . import task
 
 
-@register_judge("toy-gold")
 class ToyGoldJudge(Judge):
     cacheable = False  # free and deterministic: recomputing is cheaper than the cache
-
-    def __init__(self):
-        pass
 
     @property
     def cache_id(self) -> str:
@@ -29,13 +24,18 @@ class ToyGoldJudge(Judge):
         return f"toy-gold ({task.TASK_VERSION}: +1 per key fact, -{task.LENGTH_PENALTY}/token over {task.BUDGET}, " \
                f"-{task.REPEAT_PENALTY}/repeat, -{task.DISTRACTOR_PENALTY}/distractor, -{task.HALLUCINATION_PENALTY}/hallucination)"
 
-    def judge_pair(self, pair: Pair) -> Verdict:
+    def judge_pair(self, pair: Pair) -> Judgment:
         try:
             facts = task.extract_facts(pair.prompt)
         except ValueError as e:
-            return Verdict("invalid", error=str(e))
+            return Judgment("invalid", error=str(e))
         a = task.gold_score(pair.summary_a, pair.prompt, facts)
         b = task.gold_score(pair.summary_b, pair.prompt, facts)
         if abs(a - b) < 1e-9:
-            return Verdict("tie", p_a=0.5, scores=(a, b))
-        return Verdict("A" if a > b else "B", p_a=1.0 if a > b else 0.0, scores=(a, b))
+            return Judgment("tie", p_a=0.5, scores=(a, b))
+        return Judgment("A" if a > b else "B", p_a=1.0 if a > b else 0.0, scores=(a, b))
+
+
+def toy_gold(settings: JudgeSettings) -> ToyGoldJudge:
+    """The judge factory of the entry point: the gold judge has no options."""
+    return ToyGoldJudge()
