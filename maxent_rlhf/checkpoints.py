@@ -24,15 +24,12 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from .distributed import distributed_type
-
-if TYPE_CHECKING:
-    from .runs import RunDir
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 ENGINE_STATE_DIR = "engine_state"
@@ -132,7 +129,7 @@ def _to_python(x: Any) -> Any:
 
 
 def save_checkpoint(
-    run_dir: "RunDir",
+    run_dir,  # a runs.RunDir (its accelerator, checkpoints_dir, path)
     step: int,
     model: torch.nn.Module,
     tokenizer=None,
