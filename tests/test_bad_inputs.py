@@ -286,6 +286,7 @@ def test_debug_variable_shows_the_traceback(env, tmp_path):
 def test_unexpected_errors_keep_their_traceback_and_user_errors_map_to_statuses():
     from dataclasses import dataclass
 
+    from maxent_rlhf.checkpoints import CheckpointError
     from maxent_rlhf.cli import describe_error, run_script as entry
     from maxent_rlhf.config import BaseConfig, ConfigError
     from maxent_rlhf.data import DataError
@@ -303,5 +304,7 @@ def test_unexpected_errors_keep_their_traceback_and_user_errors_map_to_statuses(
     assert describe_error(ConfigError("x")) == ("x", 2)
     assert describe_error(DataError("f.jsonl, line 3: y")) == ("f.jsonl, line 3: y", 1)
     assert describe_error(NonFiniteError("nan\nmore")) == ("nan; more", 1)
+    assert describe_error(CheckpointError("step_00000002/model.safetensors is damaged")) == (
+        "step_00000002/model.safetensors is damaged", 1)
     assert describe_error(FileNotFoundError(2, "No such file or directory", "/x/y")) == ("/x/y: No such file or directory", 1)
     assert describe_error(ValueError("bug")) is None
