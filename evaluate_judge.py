@@ -86,7 +86,7 @@ class Target:
 # what to evaluate
 # --------------------------------------------------------------------------------------------------
 def resolve_targets(config: EvalConfig) -> list[Target]:
-    from maxent_rlhf.runs import checkpoint_step, list_checkpoints
+    from maxent_rlhf.checkpoints import checkpoint_step, list_checkpoints
 
     found: list[tuple[str, Optional[int]]] = []
     for entry in config.checkpoints:

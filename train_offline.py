@@ -27,7 +27,7 @@ evaluate_judge.py: eval/win_rate with its Wilson interval, n, invalid, lengths; 
 Outputs (run directory = output_dir): config.yaml, metrics.jsonl, checkpoints/step_XXXXXXXX (HF
 safetensors weights + tokenizer + trainer state), eval/ (judged generations per step, judgment cache),
 curves.png (the paper's Fig. 7 layout); at the end the run's story (maxent_rlhf.story) is printed.
-`main(cfg)` returns the run directory; the final model is `runs.latest_checkpoint(run_dir)`.
+`main(cfg)` returns the run directory; the final model is `checkpoints.latest_checkpoint(run_dir)`.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from maxent_rlhf import data, distributed, generation, models, objectives, plotting, runs
+from maxent_rlhf import checkpoints, data, distributed, generation, models, objectives, plotting, runs
 from maxent_rlhf.config import ConfigError, TrainConfig, cfg, config_to_dict, derive_batch_sizes, parse_config
 from maxent_rlhf.evaluation import EvalArgs, TrainingEvaluator
 from maxent_rlhf.story import run_story
@@ -317,8 +317,8 @@ def main(c: OfflineConfig) -> str:
     validate(c)
     num_processes = distributed.process_state().num_processes
     per_process, grad_accum = derive_batch_sizes(c.global_batch_size, num_processes, c.per_device_train_batch_size)
-    trackers = runs.resolve_trackers(c.report_to)
-    accelerator = Accelerator(mixed_precision=runs.resolve_mixed_precision(c.mixed_precision), log_with=trackers or None, project_dir=c.output_dir)
+    trackers = distributed.resolve_trackers(c.report_to)
+    accelerator = Accelerator(mixed_precision=distributed.resolve_mixed_precision(c.mixed_precision), log_with=trackers or None, project_dir=c.output_dir)
     distributed.configure_deepspeed(accelerator, c.per_device_train_batch_size, c.max_grad_norm)  # no-op without DeepSpeed
     if c.loss_type == "reward" and c.normalize_reward and (distributed.zero_stage(accelerator) == 3 or distributed.fsdp_version(accelerator)):
         # the reward shift edits one bias of the HF model in place: under ZeRO-3 / FSDP that is a shard
@@ -327,7 +327,7 @@ def main(c: OfflineConfig) -> str:
     # refuses an output_dir holding another run unless --resume / --overwrite_output_dir (runs.open_run_dir)
     run_dir, resume_from = runs.open_run_dir(c.output_dir, c.resume, c.overwrite_output_dir, accelerator)
     run_dir.save_config(c)
-    runs.seed_everything(c.seed)
+    distributed.seed_everything(c.seed)
     device = accelerator.device
 
     # ---- tokenizer and data ----
@@ -404,7 +404,7 @@ def main(c: OfflineConfig) -> str:
 
     start_step = 0
     if resume_from is not None:
-        state = runs.load_checkpoint(resume_from, model=hf_model, optimizer=optimizer, scheduler=scheduler,
+        state = checkpoints.load_checkpoint(resume_from, model=hf_model, optimizer=optimizer, scheduler=scheduler,
                                      accelerator=accelerator)
         if state.get("num_examples") != num_examples or state.get("global_batch_size") != c.global_batch_size:
             raise ConfigError(
@@ -424,7 +424,7 @@ def main(c: OfflineConfig) -> str:
         )
 
     def save(step: int) -> None:
-        runs.save_checkpoint(
+        checkpoints.save_checkpoint(
             run_dir, step, model, tokenizer, optimizer, scheduler,
             state={"epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
                    "num_examples": num_examples, "global_batch_size": c.global_batch_size, "loss_type": c.loss_type},

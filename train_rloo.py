@@ -97,17 +97,9 @@ from maxent_rlhf.models import (check_context_length, load_model_config, load_po
                                  resolve_dtype)
 from maxent_rlhf.schedules import build_lr_scheduler
 from maxent_rlhf.story import run_story
-from maxent_rlhf.runs import (
-    check_finite,
-    latest_checkpoint,
-    read_metrics,
-    load_checkpoint,
-    open_run_dir,
-    resolve_mixed_precision,
-    resolve_trackers,
-    save_checkpoint,
-    seed_everything,
-)
+from maxent_rlhf.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from maxent_rlhf.distributed import resolve_mixed_precision, resolve_trackers, seed_everything
+from maxent_rlhf.runs import check_finite, open_run_dir, read_metrics
 
 
 @dataclass

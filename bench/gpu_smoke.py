@@ -237,7 +237,7 @@ def _metrics(run: Path) -> list:
 
 def _final_weights(run: Path):
     """Weights of the newest checkpoint, loaded with plain from_pretrained; raises if it is not a full model."""
-    from maxent_rlhf.runs import latest_checkpoint
+    from maxent_rlhf.checkpoints import latest_checkpoint
 
     ckpt = latest_checkpoint(run)
     if ckpt is None:
@@ -386,7 +386,7 @@ def main() -> int:
     rc, _, log = launch(out, "killed", [victim], "single_gpu.yaml", args.tiny, args.timeout)
     run = Path(victim["config"]["output_dir"])
     steps_before = [m["step"] for m in _metrics(run)]
-    from maxent_rlhf.runs import list_checkpoints
+    from maxent_rlhf.checkpoints import list_checkpoints
 
     if rc == 0 or rc == "timeout" or "SIGKILL" not in log:
         row["note"] = f"the victim was not killed by SIGKILL (exit {rc})"

@@ -10,7 +10,8 @@ errors that describe the user's input or the run's state into ONE line on stderr
     2  usage and configuration: ConfigError (unknown key, wrong type, a value out of range, batch
        sizes that do not divide, a model path that does not exist), malformed YAML (file, line, column)
     1  data and run time: DataError (file, line or row named), NonFiniteError (names the last good
-       checkpoint), JudgeError, a missing file (FileNotFoundError / other OSError naming the file)
+       checkpoint), CheckpointError (a damaged checkpoint file), JudgeError, a missing file
+       (FileNotFoundError / other OSError naming the file)
 
 Anything else is a bug, and keeps its full traceback. `MAXENT_RLHF_DEBUG=1` shows the traceback of the
 one-line errors too. Under `accelerate launch` every process that fails prints its line, prefixed with
@@ -35,6 +36,7 @@ def _user_error_classes() -> tuple[tuple[type, int], ...]:
     for module, name, status in (
         ("maxent_rlhf.data", "DataError", 1),
         ("maxent_rlhf.runs", "NonFiniteError", 1),
+        ("maxent_rlhf.checkpoints", "CheckpointError", 1),
         ("maxent_rlhf.judges", "JudgeError", 1),
     ):
         cls = getattr(sys.modules.get(module), name, None)

@@ -53,7 +53,9 @@ class BaseConfig:
     output_dir: str = cfg("runs/default", "run directory: resolved config, metrics.jsonl, checkpoints/")
     seed: int = cfg(1, "random seed (torch, numpy, python); each process adds nothing: streams are identical per config")
     mixed_precision: str = cfg(
-        "auto", "'auto' (bf16 on GPU, float32 on CPU), 'no', 'bf16' or 'fp16' (accelerate's name)",
+        "auto", "'auto' (bf16 on GPU, float32 on CPU), 'no', 'bf16' or 'fp16' (accelerate's name). On CPU: 'bf16' "
+        "autocasts to bfloat16, 'fp16' runs float32 (accelerate has no fp16 autocast on CPU). A training run's "
+        "config.yaml and closing summary record the precision that ran",
         choices=("auto", "no", "bf16", "fp16"),
     )
     trust_remote_code: bool = cfg(False, "allow custom model code from the hub (off unless you trust the repo)")
@@ -145,36 +147,6 @@ class TrainConfig(BaseConfig):
             (self.resume is None or str(self.resume).strip() != "",
              "`resume` must be 'latest' or a checkpoint directory (leave it unset for a fresh run)"),
         ]
-
-
-# Keys renamed to the transformers / TRL vocabulary (old key -> new candidates, first valid one wins): an
-# old key in a config or on the command line is an error whose "did you mean" names the new key.
-RENAMED_KEYS: dict[str, tuple[str, ...]] = {
-    "save_every": ("save_steps",),
-    "keep_last": ("save_total_limit",),
-    "log_every": ("logging_steps",),
-    "wandb_project": ("tracker_project_name",),
-    "dataset": ("dataset_name",),
-    "dataset_split": ("dataset_train_split",),
-    "train_split": ("dataset_train_split",),
-    "eval_split": ("dataset_test_split",),
-    "split": ("dataset_test_split", "dataset_train_split"),
-    "eval_dataset": ("eval_dataset_name",),
-    "batch_size": ("global_batch_size", "per_device_eval_batch_size"),
-    "micro_batch_size": ("per_device_train_batch_size",),
-    "eval_batch_size": ("per_device_eval_batch_size",),
-    "lr_schedule": ("lr_scheduler_type",),
-    "lr_scheduler": ("lr_scheduler_type",),
-    "num_epochs": ("num_train_epochs",),
-    "eval_every": ("eval_steps",),
-    "loss": ("loss_type",),
-    "gamma": ("simpo_gamma",),
-    "cpo_nll_coef": ("cpo_alpha",),
-    "max_response_length": ("max_completion_length",),
-    "sft_model": ("sft_model_name_or_path",),
-    "tokenizer": ("tokenizer_name_or_path",),
-    "reward_model": ("reward_model_name_or_path",),
-}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,9 +250,6 @@ def _fields(cls: type) -> dict:
 
 
 def _unknown_key(key: str, valid: Sequence[str], source: str) -> ConfigError:
-    renamed = [new for new in RENAMED_KEYS.get(key, ()) if new in valid]
-    if renamed:
-        return ConfigError(f"{source}: unknown key `{key}`; did you mean `{renamed[0]}`? (`{key}` was renamed)")
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(sorted(valid))}"
     return ConfigError(f"{source}: unknown key `{key}`{hint}")

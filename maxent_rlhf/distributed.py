@@ -1,4 +1,5 @@
-"""What the scripts need beyond plain `accelerator.prepare` under DeepSpeed ZeRO and FSDP.
+"""The multi-process side of every script: launch checks, the Accelerator's precision and trackers,
+what the scripts need beyond plain `accelerator.prepare` under DeepSpeed ZeRO and FSDP, random streams.
 
 Plain CPU, one GPU and DDP need none of this: every helper here is a no-op (or the obvious thing) there,
 so a script calls them unconditionally and stays one code path. Supported combinations:
@@ -22,7 +23,7 @@ step the script calls afterwards is a no-op under DeepSpeed (accelerate's wrappe
 DeepSpeed's `gradient_clipping`, which `configure_deepspeed` sets to the script's max_grad_norm.
 
 Sampling: `sampling_rng` ties each rollout chunk's random stream to its rows of the global batch, so N
-processes sample what one process samples. Checkpoints under DeepSpeed / FSDP: see `runs.uses_engine_state`.
+processes sample what one process samples. Checkpoints under DeepSpeed / FSDP: see `checkpoints.uses_engine_state`.
 
 The FSDP2 and ZeRO-2 / ZeRO-3 branches run on two CPU processes in tests/test_sharded.py (accelerate
 does not shard CPU processes by itself: tests/cpu_sharding.py says how the test gets it to); on GPUs
@@ -33,8 +34,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import random
 from typing import Optional
 
+import numpy as np
 import torch
 
 
@@ -71,6 +74,80 @@ def needs_synced_gpus(accelerator) -> bool:
     """True when a forward pass is a collective (ZeRO-3, FSDP): every process must keep calling the model
     until all have finished generating (HF `generate(synced_gpus=True)`), or the others would hang."""
     return zero_stage(accelerator) == 3 or fsdp_version(accelerator) > 0
+
+
+def is_main_process(accelerator=None) -> bool:
+    return accelerator is None or accelerator.is_main_process
+
+
+def check_launch(accelerator=None) -> None:
+    """Refuse a launch whose processes did not join one process group.
+
+    torchrun / `accelerate launch` set WORLD_SIZE for every process. On a machine without GPUs, accelerate
+    1.x only forms a (gloo) group when told to use the CPU; otherwise each process silently runs alone and
+    they all write the same run directory. Called by `runs.RunDir`.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    seen = accelerator.num_processes if accelerator is not None else 1
+    # accelerate 1.x shards only on GPUs: on CPU processes an FSDP config silently becomes plain DDP and a
+    # DeepSpeed one processes that each think they run alone (tests/cpu_sharding.py has the details)
+    asked = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(flag, "false").lower() == "true"]
+    if accelerator is not None and asked:
+        got = distributed_type(accelerator)
+        if got not in asked or seen != world:
+            raise RuntimeError(
+                f"the accelerate config asks for {asked[0]} over {world} process(es), but accelerate set up {got} "
+                f"over {seen}: accelerate shards (FSDP, DeepSpeed) only on GPUs. On CPUs use "
+                "configs/accelerate/cpu.yaml; with GPUs, check that CUDA is visible to every process"
+            )
+    if world > 1 and seen != world:
+        raise RuntimeError(
+            f"launched as {world} processes (WORLD_SIZE={world}) but accelerate sees {seen}: the processes "
+            "did not join one process group. On a machine without GPUs set ACCELERATE_USE_CPU=true "
+            "(see configs/accelerate/cpu.yaml); with GPUs, check that CUDA is visible to every process"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# the Accelerator's settings: precision and trackers
+# --------------------------------------------------------------------------------------------------
+def resolve_mixed_precision(mixed_precision: str) -> str:
+    """accelerate `mixed_precision` for BaseConfig.mixed_precision: 'auto' takes what `accelerate launch`
+    set (ACCELERATE_MIXED_PRECISION), else bf16 on a GPU and 'no' on CPU; other values pass through."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher:
+        return launcher
+    return "bf16" if torch.cuda.is_available() else "no"
+
+
+def precision_that_ran(mixed_precision: str, accelerator=None) -> str:
+    """The `mixed_precision` a run actually trained under: what the Accelerator applied ('auto' resolved,
+    a DeepSpeed config's own), and 'no' for 'fp16' on CPU, where accelerate has no fp16 autocast (the
+    policy trains in float32; `models.resolve_dtype` keeps the frozen models in float32 there too).
+    The run's config.yaml records it and the closing summary prints it."""
+    ran = getattr(accelerator, "mixed_precision", None) or resolve_mixed_precision(mixed_precision)
+    device = getattr(accelerator, "device", None)
+    on_cpu = torch.device(device).type == "cpu" if device is not None else not torch.cuda.is_available()
+    return "no" if ran == "fp16" and on_cpu else str(ran)
+
+
+def resolve_trackers(report_to: str) -> list:
+    """accelerate `log_with` names for TrainConfig.report_to: 'auto' means tensorboard when installed."""
+    if report_to in ("none", "", None):
+        return []
+    if report_to == "auto":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            try:
+                import tensorboardX  # noqa: F401
+            except ImportError:
+                return []
+        return ["tensorboard"]
+    return [report_to]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,6 +363,14 @@ def unwrap_for_generation(accelerator, model, gather: bool = True):
 # --------------------------------------------------------------------------------------------------
 # random streams that do not depend on the number of processes
 # --------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch with the run's seed, the same on every process (the streams that must
+    differ between processes are drawn inside `sampling_rng`)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
 def mix_seed(seed: int, *parts: int, multiplier: int = 1_000_003) -> int:
     """The seed of one random stream of a run, from the run's seed and the integers that name the stream
     (epoch; iteration and first row of the global batch; ...): ((seed * m + p1) * m + p2) ... modulo

@@ -81,11 +81,12 @@ def check_context_length(model, prompt_length: int, response_length: int, prompt
 
 
 def resolve_dtype(mixed_precision: str, device: torch.device | str) -> torch.dtype:
-    """Weights dtype for frozen models: bf16 on GPU when asked ('auto' or 'bf16'), float32 on CPU."""
+    """Weights dtype for frozen models: bf16 on GPU when asked ('auto' or 'bf16'), float32 on CPU; 'fp16'
+    only off the CPU, where accelerate autocasts the trained policy to fp16 too."""
     device = torch.device(device)
     if mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
-    if mixed_precision == "fp16":
+    if mixed_precision == "fp16" and device.type != "cpu":
         return torch.float16
     return torch.float32
 

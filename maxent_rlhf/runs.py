@@ -1,115 +1,27 @@
-"""Run directory, metrics logging, seeding and checkpoints shared by every script.
+"""The run directory of every training script: its layout, its logs, and the output_dir policy.
 
 Layout of a run directory:
-    config.yaml            resolved config (what actually ran)
+    config.yaml            resolved config (what actually ran: `mixed_precision` as accelerate applied it)
     metrics.jsonl          one JSON object per logged step: {"step": N, "train/loss": ..., ...}
-    checkpoints/step_00000010/
-        model.safetensors, config.json, tokenizer files      HF `save_pretrained` (what the judge loads)
-        trainer_state.pt     optimizer, scheduler, step, data position, user state (torch.load weights_only)
-        rng_state_<rank>.pt  python / numpy / torch RNG states of every process
-        trainer_state.json   the human-readable part (step, user state)
-        engine_state/        only under DeepSpeed or FSDP: accelerate `save_state` output (sharded
-                             weights + optimizer state of every process); trainer_state.pt then has
-                             optimizer None and "engine_state": True. See `uses_engine_state`.
+    checkpoints/step_00000010/   one checkpoint (`maxent_rlhf.checkpoints` writes and reads them)
 
-Distributed runs: every process calls the functions here; only the main process writes logs and the
-HF weights; checkpoints of several nodes need `output_dir` on a filesystem that every node sees.
-
-Checkpoints are written to a temporary directory and renamed into place, so a run killed while saving
-never leaves a half checkpoint that `--resume latest` would pick up.
+Distributed runs: every process calls the functions here; only the main process writes the files.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import numpy as np
 import torch
 
+from .checkpoints import checkpoint_step, latest_checkpoint, list_checkpoints, resolve_resume
 from .config import ConfigError, save_config
-from .distributed import distributed_type
-
-CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def is_main_process(accelerator=None) -> bool:
-    return accelerator is None or accelerator.is_main_process
-
-
-def check_launch(accelerator=None) -> None:
-    """Refuse a launch whose processes did not join one process group.
-
-    torchrun / `accelerate launch` set WORLD_SIZE for every process. On a machine without GPUs, accelerate
-    1.x only forms a (gloo) group when told to use the CPU; otherwise each process silently runs alone and
-    they all write the same run directory. Called by `RunDir`.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    seen = accelerator.num_processes if accelerator is not None else 1
-    # accelerate 1.x shards only on GPUs: on CPU processes an FSDP config silently becomes plain DDP and a
-    # DeepSpeed one processes that each think they run alone (tests/cpu_sharding.py has the details)
-    asked = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
-             if os.environ.get(flag, "false").lower() == "true"]
-    if accelerator is not None and asked:
-        from .distributed import distributed_type
-
-        got = distributed_type(accelerator)
-        if got not in asked or seen != world:
-            raise RuntimeError(
-                f"the accelerate config asks for {asked[0]} over {world} process(es), but accelerate set up {got} "
-                f"over {seen}: accelerate shards (FSDP, DeepSpeed) only on GPUs. On CPUs use "
-                "configs/accelerate/cpu.yaml; with GPUs, check that CUDA is visible to every process"
-            )
-    if world > 1 and seen != world:
-        raise RuntimeError(
-            f"launched as {world} processes (WORLD_SIZE={world}) but accelerate sees {seen}: the processes "
-            "did not join one process group. On a machine without GPUs set ACCELERATE_USE_CPU=true "
-            "(see configs/accelerate/cpu.yaml); with GPUs, check that CUDA is visible to every process"
-        )
-
-
-def mean_over_processes(accelerator, metrics: dict) -> dict:
-    """Average scalar metrics over all processes in one all-reduce (each process holds an equal share
-    of the global batch, so the mean of the per-process means is the global-batch mean).
-
-    Returns python floats; non-scalar values are passed through unchanged. Every process must call it
-    with the same keys in the same order.
-    """
-    keys = [k for k, v in metrics.items() if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)]
-    out = dict(metrics)
-    if not keys:
-        return out
-    values = torch.tensor(
-        [float(metrics[k].detach().float().item()) if isinstance(metrics[k], torch.Tensor) else float(metrics[k]) for k in keys],
-        dtype=torch.float64,
-    )
-    if accelerator is not None and accelerator.num_processes > 1:
-        values = accelerator.reduce(values.to(accelerator.device), reduction="mean").cpu()
-    for k, v in zip(keys, values.tolist()):
-        out[k] = v
-    return out
-
-
-ENGINE_STATE_DIR = "engine_state"
-
-
-def uses_engine_state(accelerator) -> bool:
-    """True under DeepSpeed and FSDP, whose optimizer state is sharded over the processes: a checkpoint
-    then keeps model + optimizer in accelerate's own format (`accelerator.save_state`, every process
-    writing its shard) under `engine_state/`, next to the gathered HF weights. False on CPU, one GPU and
-    DDP, where the optimizer state is whole on every process and goes into trainer_state.pt."""
-    return distributed_type(accelerator) in ("DEEPSPEED", "FSDP")
+from .distributed import check_launch, is_main_process, precision_that_ran
 
 
 class NonFiniteError(RuntimeError):
@@ -153,6 +65,9 @@ class RunDir:
         return is_main_process(self.accelerator)
 
     def save_config(self, config: Any) -> None:
+        """Write config.yaml, with `mixed_precision` as it ran ('auto' resolved; 'fp16' on CPU is 'no')."""
+        if hasattr(config, "mixed_precision"):
+            config = dataclasses.replace(config, mixed_precision=precision_that_ran(config.mixed_precision, self.accelerator))
         if self.is_main:
             save_config(config, self.path / "config.yaml")
 
@@ -234,51 +149,6 @@ def open_jsonl_for_append(path: str | Path):
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     return read_jsonl(Path(run_dir) / "metrics.jsonl")
-
-
-# --------------------------------------------------------------------------------------------------
-# checkpoints
-# --------------------------------------------------------------------------------------------------
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run directory (or of its checkpoints/ folder), oldest first."""
-    root = Path(run_dir)
-    if (root / "checkpoints").is_dir():
-        root = root / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").exists():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def checkpoint_step(path: str | Path) -> int:
-    m = CHECKPOINT_RE.match(Path(path).name)
-    if not m:
-        raise ValueError(f"{path} is not a checkpoint directory (expected a name like step_00000010)")
-    return int(m.group(1))
-
-
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
-
-
-def resolve_resume(resume: Optional[str], output_dir: str | Path) -> Optional[Path]:
-    """'latest' -> newest checkpoint in output_dir (None if there is none yet); a path -> that checkpoint."""
-    if not resume:
-        return None
-    if resume == "latest":
-        return latest_checkpoint(output_dir)
-    path = Path(resume)
-    if not (path / "trainer_state.json").exists():
-        raise FileNotFoundError(
-            f"resume: {path} is not a complete checkpoint (no trainer_state.json); "
-            f"use 'latest' or one of {[str(p) for p in list_checkpoints(output_dir)]}"
-        )
-    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,183 +255,3 @@ def check_same_evaluation(output_dir: str | Path, config: Any, keys: Iterable[st
                 f"output_dir {str(output_dir)!r} holds outputs made with `{key}` = {saved[key]!r} (this run: "
                 f"{getattr(config, key)!r}); they would mix: choose another output_dir, or move {root} away"
             )
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _to_python(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _to_python(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_to_python(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, (np.integer, np.floating)):
-        return x.item()
-    return x
-
-
-def save_checkpoint(
-    run_dir: RunDir,
-    step: int,
-    model: torch.nn.Module,
-    tokenizer=None,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    scheduler=None,
-    state: Optional[dict] = None,
-    keep_last: int = 0,
-) -> Path:
-    """Write checkpoints/step_{step:08d}: HF weights (safetensors), tokenizer, optimizer, scheduler,
-    RNG of every process and `state` (JSON-able: step, data position, ...). Atomic by rename.
-
-    Every process must call it. Under DeepSpeed / FSDP (`uses_engine_state`) the optimizer state is
-    saved by `accelerator.save_state` into engine_state/ (a collective: each process writes its shard)
-    instead of `optimizer.state_dict()`, which would hold only the main process's shard."""
-    acc = run_dir.accelerator
-    engine = uses_engine_state(acc)
-    final = run_dir.checkpoints_dir / f"step_{step:08d}"
-    tmp = run_dir.checkpoints_dir / f".tmp-step_{step:08d}"
-    if run_dir.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    if acc is not None:
-        acc.wait_for_everyone()
-        unwrapped = acc.unwrap_model(model)
-        state_dict = acc.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards on the main process
-    else:
-        unwrapped, state_dict = model, None
-    # every process saves its own RNG streams (tmp exists for all after the barrier above)
-    rank = acc.process_index if acc is not None else 0
-    torch.save(_rng_state(), tmp / f"rng_state_{rank}.pt")
-    if engine:
-        acc.save_state(str(tmp / ENGINE_STATE_DIR))  # every process: its weight + optimizer shards
-    if run_dir.is_main:
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        blob = {
-            "step": step,
-            "optimizer": optimizer.state_dict() if optimizer is not None and not engine else None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "state": state or {},
-        }
-        if engine:
-            blob["engine_state"] = True
-        torch.save(blob, tmp / "trainer_state.pt")
-    if acc is not None:
-        acc.wait_for_everyone()
-    if run_dir.is_main:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "state": _to_python(state or {})}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep_last and keep_last > 0:
-            for old in list_checkpoints(run_dir.path)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    if acc is not None:
-        acc.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(
-    path: str | Path,
-    model: Optional[torch.nn.Module] = None,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    scheduler=None,
-    accelerator=None,
-) -> dict:
-    """Restore weights (when `model` is given), optimizer, scheduler and this process's RNG state.
-
-    Returns the `state` dict saved with the checkpoint, plus "step".
-
-    A checkpoint written under DeepSpeed / FSDP (engine_state/) is restored with
-    `accelerator.load_state`: call this on every process, after `accelerator.prepare`, under the same
-    accelerate config and number of processes. The two kinds of checkpoint do not mix (the optimizer
-    layouts differ); the error says so. Either kind's HF weights start a new run as a model path.
-    """
-    path = Path(path)
-    if not (path / "trainer_state.json").exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
-    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    saved_engine = bool(blob.get("engine_state", False))
-    if saved_engine != uses_engine_state(accelerator) and (model is not None or optimizer is not None):
-        here = distributed_type(accelerator) if accelerator is not None else "no accelerator"
-        raise RuntimeError(
-            f"{path} was written {'under DeepSpeed/FSDP (sharded optimizer state in engine_state/)' if saved_engine else 'without DeepSpeed/FSDP (whole optimizer state)'}"
-            f", but this run uses {here}: resume with the accelerate config and number of processes that "
-            f"wrote it, or start a new run from its HF weights (model path {path})"
-        )
-    if saved_engine and (model is not None or optimizer is not None):
-        if not getattr(accelerator, "_models", None):
-            raise RuntimeError(f"{path}: call load_checkpoint after accelerator.prepare(model, optimizer, ...) under DeepSpeed/FSDP")
-        accelerator.load_state(str(path / ENGINE_STATE_DIR))  # weights + optimizer shards of this process
-        model = optimizer = None  # restored; the HF copy and trainer_state.pt hold no optimizer state
-    if model is not None:
-        # Load through HF (from_pretrained maps saved names such as embed_out <-> lm_head across
-        # transformers versions), then copy into the live, possibly accelerate-wrapped, model.
-        target = accelerator.unwrap_model(model) if accelerator is not None else model
-        if not list(path.glob("*.safetensors")):
-            raise FileNotFoundError(f"{path} has no .safetensors weights")
-        loaded = type(target).from_pretrained(path, dtype=next(target.parameters()).dtype, use_safetensors=True)
-        target.load_state_dict(loaded.state_dict())
-        del loaded
-    if optimizer is not None and blob.get("optimizer") is not None:
-        optimizer.load_state_dict(blob["optimizer"])
-    if scheduler is not None and blob.get("scheduler") is not None:
-        scheduler.load_state_dict(blob["scheduler"])
-    rank = accelerator.process_index if accelerator is not None else 0
-    rng_file = path / f"rng_state_{rank}.pt"
-    if not rng_file.exists():
-        rng_file = path / "rng_state_0.pt"
-    if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
-    state = dict(blob.get("state") or {})
-    state["step"] = int(blob["step"])
-    return state
-
-
-def resolve_trackers(report_to: str) -> list:
-    """accelerate `log_with` names for TrainConfig.report_to: 'auto' means tensorboard when installed."""
-    if report_to in ("none", "", None):
-        return []
-    if report_to == "auto":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            try:
-                import tensorboardX  # noqa: F401
-            except ImportError:
-                return []
-        return ["tensorboard"]
-    return [report_to]
-
-
-def resolve_mixed_precision(mixed_precision: str) -> str:
-    """accelerate `mixed_precision` for BaseConfig.mixed_precision: 'auto' takes what `accelerate launch`
-    set (ACCELERATE_MIXED_PRECISION), else bf16 on a GPU and 'no' on CPU; other values pass through.
-    Used by train_offline.py and train_rloo.py."""
-    if mixed_precision != "auto":
-        return mixed_precision
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launcher:
-        return launcher
-    return "bf16" if torch.cuda.is_available() else "no"

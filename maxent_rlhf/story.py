@@ -4,10 +4,14 @@ Pure Python (no torch): `run_story(records)` reads the list of dicts of a run's 
 "step") and returns a `RunStory`, whose `.text()` is the few lines printed at the end of a run:
 
     run dir: runs/toy/entropy
+    precision: float32 (mixed_precision: no)
     proxy score (objective/scores): 0.120 (step 1) -> 1.419 (step 80), rose: last-quarter mean 1.380 > first-quarter mean 0.200
     KL to reference (objective/kl_ref): 12.3 at step 80
     win rate: 32.0% SFT (step 0) -> peak 84.5% (step 10) -> final 0.0% (step 80), CI [0.0%, 1.9%], n = 200, 0 invalid
     verdict: overoptimised (final win rate 84.5 points below its peak while the proxy rose)
+
+The precision line comes from the run directory's config.yaml (`mixed_precision` as the run applied it,
+see `runs.RunDir.save_config`); without a run directory, or without that file, the line is left out.
 
 Keys read (absent keys simply leave their line out or say so):
     objective/scores        proxy reward-model score (any other key via `proxy_key`, e.g. rewards/margins offline)
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 PROXY_KEY = "objective/scores"
@@ -49,6 +54,10 @@ NO_EVALUATION = "n/a (no evaluation)"
 SINGLE_EVALUATION = "n/a (a single evaluation)"
 NO_PROXY = "n/a (no proxy score)"
 
+# accelerate's `mixed_precision` values, in words ('auto' is resolved before config.yaml is written)
+PRECISION_WORDS = {"no": "float32", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision",
+                   "fp8": "fp8 mixed precision"}
+
 
 @dataclass(frozen=True)
 class Point:
@@ -59,6 +68,7 @@ class Point:
 @dataclass
 class RunStory:
     run_dir: Optional[str]
+    precision: Optional[str]  # accelerate's `mixed_precision` that ran ('no', 'bf16', ...); None: not recorded
     proxy_key: str
     proxy_first: Optional[Point]
     proxy_last: Optional[Point]
@@ -87,6 +97,9 @@ class RunStory:
         lines = []
         if self.run_dir:
             lines.append(f"run dir: {self.run_dir}")
+        if self.precision is not None:
+            lines.append(f"precision: {PRECISION_WORDS.get(self.precision, self.precision)} "
+                         f"(mixed_precision: {self.precision})")
         if self.proxy_first is not None and self.proxy_last is not None:
             trend = "rose" if self.proxy_rose else "did not rise"
             cmp = ">" if self.proxy_rose else "<="
@@ -152,6 +165,18 @@ def _merge_by_step(records: Iterable[Mapping]) -> dict[int, dict]:
     return by_step
 
 
+def recorded_precision(run_dir: str | Path) -> Optional[str]:
+    """`mixed_precision` of the run's config.yaml (the precision that ran); None when it is not there."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    value = saved.get("mixed_precision") if isinstance(saved, dict) else None
+    return str(value) if value is not None else None
+
+
 def last_quarter_above_first(values: list[float]) -> tuple[bool, Optional[float], Optional[float]]:
     """(rose, first-quarter mean, last-quarter mean): quarters of the logged values, at least one value each."""
     if not values:
@@ -167,7 +192,8 @@ def run_story(
     proxy_key: str = PROXY_KEY,
     drop: float = OVEROPTIMISATION_DROP,
 ) -> RunStory:
-    """The closing summary of one run from its metrics records (see the module docstring)."""
+    """The closing summary of one run from its metrics records and, when `run_dir` is given, the
+    precision its config.yaml records (see the module docstring)."""
     if not 0 < drop < 1:
         raise ValueError(f"`drop` is a win-rate difference in (0, 1) (0.10 = 10 points), got {drop}")
     by_step = _merge_by_step(records)
@@ -207,7 +233,8 @@ def run_story(
                 else "the final win rate is the peak"
             )
     return RunStory(
-        run_dir=None if run_dir is None else str(run_dir), proxy_key=proxy_key,
+        run_dir=None if run_dir is None else str(run_dir),
+        precision=None if run_dir is None else recorded_precision(run_dir), proxy_key=proxy_key,
         proxy_first=proxy[0] if proxy else None, proxy_last=proxy[-1] if proxy else None,
         proxy_first_quarter_mean=first_q, proxy_last_quarter_mean=last_q, proxy_rose=rose,
         kl_ref_last=kl_ref[-1] if kl_ref else None,

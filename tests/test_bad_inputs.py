@@ -35,7 +35,7 @@ CASES = [
     ("rloo_cliprange_negative", RLOO, "--cliprange -0.1", 2, ["`cliprange` = -0.1"]),
     ("rloo_negative_lr", RLOO, "--learning_rate -1e-6", 2, ["`learning_rate` = -1e-06"]),
     ("rloo_typo_key", RLOO, "--rloo_kk 2", 2, ["unknown key `rloo_kk`", "did you mean `rloo_k`"]),
-    ("rloo_renamed_key", RLOO, "--batch_size 64", 2, ["`batch_size` was renamed", "global_batch_size"]),
+    ("rloo_close_key", RLOO, "--lr_scheduler cosine", 2, ["unknown key `lr_scheduler`", "did you mean `lr_scheduler_type`"]),
     ("rloo_bad_choice", RLOO, "--regularizer maxent", 2, ["`regularizer` must be one of"]),
     ("rloo_bad_type", RLOO, "--num_ppo_epochs two", 2, ["`num_ppo_epochs` expects int", "'two'"]),
     ("rloo_option_without_value", RLOO, "--global_batch_size", 2, ["--global_batch_size", "expected one argument"]),
@@ -66,6 +66,11 @@ CASES = [
      "--per_device_train_batch_size 1 --max_prompt_length 40 --max_completion_length 40", 2,
      ["`max_prompt_length` + `max_completion_length` = 40 + 40 = 80", "max_position_embeddings = 64"]),
     ("rloo_resume_not_a_checkpoint", RLOO, "--resume {d}/not_a_checkpoint", 1, ["not_a_checkpoint", "not a complete checkpoint"]),
+    ("offline_resume_damaged_weights", OFFLINE, "--model_name_or_path {pol} --dataset_name {d}/pairs.jsonl "
+     "--global_batch_size 2 --per_device_train_batch_size 1 --max_prompt_length 24 --max_completion_length 8 "
+     "--max_steps 2 --resume {d}/damaged_run/checkpoints/step_00000002",
+     1, ["damaged_run/checkpoints/step_00000002/model.safetensors is damaged and cannot be read",
+         "--resume ", "damaged_run/checkpoints/step_00000001, or start over with --overwrite_output_dir"]),
     ("rloo_output_dir_holds_a_run", RLOO, "--output_dir {d}/a_run", 2, ["a_run", "already holds a run", "--resume latest",
                                                                          "--overwrite_output_dir"]),
     # ---- train_offline.py: configuration and data --------------------------------------------------------
@@ -121,11 +126,17 @@ def _jsonl(rows) -> str:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_tokenizer):
     """Tiny models (64 positions, so the context-length checks trip) and the bad files of the table."""
+    from maxent_rlhf.checkpoints import save_checkpoint
     from maxent_rlhf.models import build_tiny_policy, build_tiny_reward_model
+    from maxent_rlhf.runs import RunDir
 
     d = tmp_path_factory.mktemp("bad_inputs")
     pol, rm = d / "policy", d / "reward"
-    build_tiny_policy(tiny_tokenizer, seed=0, save_dir=pol, max_position_embeddings=64)
+    model = build_tiny_policy(tiny_tokenizer, seed=0, save_dir=pol, max_position_embeddings=64)
+    damaged = RunDir(d / "damaged_run")  # two real checkpoints; the newest one's weights cut short by a kill
+    save_checkpoint(damaged, 1, model, tiny_tokenizer)
+    weights = save_checkpoint(damaged, 2, model, tiny_tokenizer) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     build_tiny_reward_model(tiny_tokenizer, seed=1, save_dir=rm, max_position_embeddings=64)
     pair = {"prompt": "POST: my cat sat TL;DR:", "chosen": " the cat sat", "rejected": " the dog ran"}
     files = {
@@ -275,6 +286,7 @@ def test_debug_variable_shows_the_traceback(env, tmp_path):
 def test_unexpected_errors_keep_their_traceback_and_user_errors_map_to_statuses():
     from dataclasses import dataclass
 
+    from maxent_rlhf.checkpoints import CheckpointError
     from maxent_rlhf.cli import describe_error, run_script as entry
     from maxent_rlhf.config import BaseConfig, ConfigError
     from maxent_rlhf.data import DataError
@@ -292,5 +304,7 @@ def test_unexpected_errors_keep_their_traceback_and_user_errors_map_to_statuses(
     assert describe_error(ConfigError("x")) == ("x", 2)
     assert describe_error(DataError("f.jsonl, line 3: y")) == ("f.jsonl, line 3: y", 1)
     assert describe_error(NonFiniteError("nan\nmore")) == ("nan; more", 1)
+    assert describe_error(CheckpointError("step_00000002/model.safetensors is damaged")) == (
+        "step_00000002/model.safetensors is damaged", 1)
     assert describe_error(FileNotFoundError(2, "No such file or directory", "/x/y")) == ("/x/y: No such file or directory", 1)
     assert describe_error(ValueError("bug")) is None

@@ -197,7 +197,8 @@ def test_config_rehearsal(standins, name):
     import train_offline
     import train_rloo
     from maxent_rlhf.config import config_from_dict, load_yaml
-    from maxent_rlhf.runs import list_checkpoints, read_metrics
+    from maxent_rlhf.checkpoints import list_checkpoints
+    from maxent_rlhf.runs import read_metrics
 
     d, paths = standins
     shipped = load_yaml(CONFIGS / name)

@@ -1,6 +1,6 @@
 """Single-process checks of the distributed plumbing whose DeepSpeed / FSDP branches cannot run here
 (no GPU, no deepspeed): checkpoint branch selection and contents, DeepSpeed config filling, the
-accumulation context, generation refusal, launch check, metric reduction. The fakes stand in for an
+accumulation context, generation refusal, launch check. The fakes stand in for an
 accelerate Accelerator with exactly the attributes the code reads."""
 import json
 import types
@@ -13,21 +13,15 @@ from accelerate.utils import DistributedType
 
 from maxent_rlhf import distributed
 from maxent_rlhf.models import build_tiny_policy
-from maxent_rlhf.runs import (
-    ENGINE_STATE_DIR,
-    RunDir,
-    check_launch,
-    load_checkpoint,
-    mean_over_processes,
-    save_checkpoint,
-    uses_engine_state,
-)
+from maxent_rlhf.checkpoints import ENGINE_STATE_DIR, load_checkpoint, save_checkpoint, uses_engine_state
+from maxent_rlhf.distributed import check_launch
+from maxent_rlhf.runs import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class FakeAccelerator:
-    """Just enough of accelerate.Accelerator for runs.py / distributed.py in one process."""
+    """Just enough of accelerate.Accelerator for runs.py / checkpoints.py / distributed.py in one process."""
 
     def __init__(self, dtype=DistributedType.NO, num_processes=1, ds_config=None, fsdp_version=None):
         self.distributed_type = dtype
@@ -64,10 +58,6 @@ class FakeAccelerator:
     def no_sync(self, model):
         self.calls.append(("no_sync",))
         return torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x)  # any context manager
-
-    def reduce(self, tensor, reduction="mean"):
-        self.calls.append(("reduce", reduction))
-        return tensor
 
 
 def _model_opt(tok):
@@ -127,7 +117,7 @@ def test_checkpoint_kinds_do_not_mix(tmp_path, tiny_tokenizer):
 
 
 # --------------------------------------------------------------------------------------------------
-# launch check and metric reduction
+# launch check
 # --------------------------------------------------------------------------------------------------
 def test_launch_without_a_process_group_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -136,14 +126,6 @@ def test_launch_without_a_process_group_is_refused(monkeypatch, tmp_path):
     check_launch(FakeAccelerator(DistributedType.MULTI_CPU, num_processes=2))  # a real group: fine
     monkeypatch.setenv("WORLD_SIZE", "1")
     check_launch(None)
-
-
-def test_mean_over_processes_reduces_scalars_only():
-    acc = FakeAccelerator(DistributedType.MULTI_CPU, num_processes=2)
-    out = mean_over_processes(acc, {"a": torch.tensor(2.0), "b": 3, "c": [1, 2], "d": "x"})
-    assert out == {"a": 2.0, "b": 3.0, "c": [1, 2], "d": "x"}
-    assert acc.calls == [("reduce", "mean")]  # one collective for all scalars
-    assert mean_over_processes(None, {"a": torch.tensor(1.5)}) == {"a": 1.5}
 
 
 # --------------------------------------------------------------------------------------------------

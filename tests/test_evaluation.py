@@ -15,7 +15,7 @@ for _p in (str(ROOT), str(ROOT / "tests")):
 import evaluate_judge as ej  # noqa: E402
 import train_offline  # noqa: E402
 from fake_openai_server import FakeJudgeServer  # noqa: E402
-from maxent_rlhf import evaluation, plotting, runs  # noqa: E402
+from maxent_rlhf import checkpoints, evaluation, plotting, runs  # noqa: E402
 from maxent_rlhf.story import run_story  # noqa: E402
 
 WORDS = "the a my cat dog ran sat on mat far away home happy sad big small today we i you it is was and not very good bad help".split()
@@ -114,7 +114,7 @@ def test_judge_outage_is_logged_missing_and_training_completes(tmp_path, data, t
     evals = eval_records(run)
     assert sorted(evals) == [0, 2, 4] and all(r == {"step": r["step"], "eval/missing": 1} for r in evals.values())
     assert srv.requests > 0
-    assert runs.latest_checkpoint(run).name == "step_00000004"  # training went on to the end
+    assert checkpoints.latest_checkpoint(run).name == "step_00000004"  # training went on to the end
     assert out.count("evaluation missing") == 3
     assert "at most 18 requests" in out  # the cost guard, once at the start: 3 evaluations x 6 examples
     assert out.count("at most 18 requests") == 1

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # train_offline.py is a top-level script, importable from the repo root
 
 import train_offline  # noqa: E402
-from maxent_rlhf import data, generation, models, objectives, runs
+from maxent_rlhf import checkpoints, data, generation, models, objectives, runs
 from maxent_rlhf.config import ConfigError, parse_config
 from train_offline import LOSSES, OfflineConfig
 
@@ -78,7 +78,7 @@ def make_cfg(tmp_path, model, dataset, **kw):
 
 
 def final_checkpoint(run):
-    ckpt = runs.latest_checkpoint(run)
+    ckpt = checkpoints.latest_checkpoint(run)
     assert ckpt is not None
     return ckpt
 
@@ -107,7 +107,7 @@ def test_each_loss_runs_and_overfits_a_fixed_batch(loss, tmp_path, datasets, tin
     assert all(math.isfinite(v) for m in metrics for v in m.values())
     assert metrics[-1]["train/loss"] < metrics[0]["train/loss"] - 1e-3
     ckpt = final_checkpoint(run)
-    assert runs.checkpoint_step(ckpt) == 5
+    assert checkpoints.checkpoint_step(ckpt) == 5
     loaded = models.load_reward_model(str(ckpt)) if loss == "reward" else models.load_policy(str(ckpt))
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
 
@@ -229,7 +229,7 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, datasets, tiny_poli
     with pytest.raises(KeyboardInterrupt):
         train_offline.main(cfg_b)
     monkeypatch.setattr(train_offline.objectives, "dpo_loss", real)
-    assert runs.checkpoint_step(runs.latest_checkpoint(cfg_b.output_dir)) == 4
+    assert checkpoints.checkpoint_step(checkpoints.latest_checkpoint(cfg_b.output_dir)) == 4
     cfg_b.resume = "latest"
     resumed = train_offline.main(cfg_b)
 
@@ -361,8 +361,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, datasets,
     c = make_cfg(tmp_path, tiny_policy_dir, datasets["sft4"], loss_type="sft", max_steps=5, save_steps=2)
     with pytest.raises(runs.NonFiniteError, match=r"train/loss is nan at step 3: stopping.*the last good checkpoint is \S*step_00000002 \(step 2\)"):
         train_offline.main(c)
-    ckpt = runs.resolve_resume("latest", c.output_dir)
-    assert runs.checkpoint_step(ckpt) == 2
+    ckpt = checkpoints.resolve_resume("latest", c.output_dir)
+    assert checkpoints.checkpoint_step(ckpt) == 2
     assert all(torch.isfinite(p).all() for p in models.load_policy(str(ckpt)).parameters())
 
 

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import train_offline  # noqa: E402
-from maxent_rlhf import data, generation, models, runs  # noqa: E402
+from maxent_rlhf import checkpoints, data, generation, models, runs  # noqa: E402
 from test_offline import datasets, make_cfg  # noqa: E402,F401  (the module's data fixture and config)
 
 
@@ -91,7 +91,7 @@ def test_dpo_run_with_shared_prefix_equals_the_plain_run(tmp_path, datasets, tin
         for key in ("train/loss", "train/grad_norm", "logps/chosen", "logps/rejected", "ref/logratio", "rewards/margins"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
     assert m_on[-1]["train/loss"] != pytest.approx(m_on[0]["train/loss"], rel=1e-3)  # the weights did move
-    a = models.load_policy(str(runs.latest_checkpoint(on))).state_dict()
-    b = models.load_policy(str(runs.latest_checkpoint(off))).state_dict()
+    a = models.load_policy(str(checkpoints.latest_checkpoint(on))).state_dict()
+    b = models.load_policy(str(checkpoints.latest_checkpoint(off))).state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)

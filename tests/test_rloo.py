@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import train_rloo
-from maxent_rlhf.runs import NonFiniteError, list_checkpoints, read_metrics
+from maxent_rlhf.checkpoints import list_checkpoints
+from maxent_rlhf.runs import NonFiniteError, read_metrics
 
 EVERY_METRIC = [
     "objective/scores", "objective/rlhf_reward", "objective/non_score_reward", "objective/entropy_bonus",

@@ -9,6 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 for _p in (str(ROOT), str(ROOT / "tests")):
@@ -17,7 +19,7 @@ for _p in (str(ROOT), str(ROOT / "tests")):
 
 import evaluate_judge as ej  # noqa: E402
 from fake_openai_server import FakeJudgeServer  # noqa: E402
-from maxent_rlhf import evaluation, plotting, runs  # noqa: E402
+from maxent_rlhf import checkpoints, evaluation, plotting, runs  # noqa: E402
 from maxent_rlhf.config import ConfigError  # noqa: E402
 
 KEY = "sk-test-run-dirs"
@@ -127,7 +129,7 @@ def test_train_offline_resume_latest_in_an_empty_dir_and_overwrite(tmp_path, cap
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == first
     train_offline.main(replace(c, resume=None, overwrite_output_dir=True))
     (moved,) = tmp_path.glob("run.replaced-*")
-    assert (moved / "metrics.jsonl").read_text() == first and runs.list_checkpoints(moved)
+    assert (moved / "metrics.jsonl").read_text() == first and checkpoints.list_checkpoints(moved)
     assert [r["step"] for r in runs.read_metrics(tmp_path / "run")] == [1]
 
 
@@ -144,6 +146,31 @@ def test_train_rloo_resume_latest_in_an_empty_dir_starts_fresh(tmp_path, capsys,
     train_rloo.main(c)
     assert f"no checkpoint in {c.output_dir}: starting fresh" in capsys.readouterr().out
     assert [r["step"] for r in runs.read_metrics(tmp_path / "run")] == [1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is a real precision on a GPU")
+def test_fp16_on_cpu_runs_float32_and_the_run_records_it(tmp_path, tiny_policy_dir, tiny_reward_dir):
+    """accelerate has no fp16 autocast on CPU: the run is the float32 run (frozen models included), and
+    config.yaml and the closing summary say so. Each run is a process of its own (accelerate keeps one
+    precision per process)."""
+    from test_bad_inputs import run_script
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"POST: my {w} sat TL;DR:"}) + "\n" for w in ("cat", "dog")))
+    args = ["--model_name_or_path", tiny_policy_dir, "--reward_model_name_or_path", tiny_reward_dir, "--dataset_name",
+            str(prompts), "--global_batch_size", "4", "--rloo_k", "2", "--per_device_train_batch_size", "2",
+            "--num_ppo_epochs", "1", "--num_iterations", "2", "--response_length", "4", "--max_prompt_length", "16",
+            "--report_to", "none", "--sample_every", "0"]
+    done = {p: run_script("train_rloo.py", [*args, "--mixed_precision", p, "--output_dir", str(tmp_path / p)], tmp_path)
+            for p in ("fp16", "no")}
+    assert all(proc.returncode == 0 for proc in done.values()), done["fp16"].stderr[-3000:]
+    assert "precision: float32 (mixed_precision: no)" in done["fp16"].stdout.splitlines()
+    assert yaml.safe_load((tmp_path / "fp16" / "config.yaml").read_text())["mixed_precision"] == "no"
+
+    def values(run):
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))} for r in runs.read_metrics(run)]
+
+    assert values(tmp_path / "fp16") == values(tmp_path / "no") and len(values(tmp_path / "no")) == 2
 
 
 # --------------------------------------------------------------------------------------------------

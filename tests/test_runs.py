@@ -6,18 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from maxent_rlhf.checkpoints import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, resolve_resume,
+                                     save_checkpoint)
 from maxent_rlhf.models import build_tiny_policy
-from maxent_rlhf.runs import (
-    NonFiniteError,
-    RunDir,
-    check_finite,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    read_metrics,
-    resolve_resume,
-    save_checkpoint,
-)
+from maxent_rlhf.runs import NonFiniteError, RunDir, check_finite, read_metrics
 
 
 def _train_steps(model, opt, sched, n):
@@ -134,3 +126,44 @@ def test_jsonl_after_a_torn_line_keeps_every_later_record(tmp_path):
         f.write('{"id": "d"}\n')
     assert {"id": "d"} not in read_jsonl(path)
     assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_a_damaged_checkpoint_file_is_named_with_the_ways_on(tmp_path, tiny_tokenizer):
+    model = build_tiny_policy(tiny_tokenizer, seed=0)
+    run = RunDir(tmp_path / "run")
+    first = save_checkpoint(run, 1, model, tiny_tokenizer)
+    second = save_checkpoint(run, 2, model, tiny_tokenizer)
+    weights = second / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)  # a copy cut short
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(second, model=model)
+    message = str(e.value)
+    assert message.startswith(f"{weights} is damaged and cannot be read (") and "\n" not in message
+    assert message.endswith(f"resume from an earlier checkpoint with --resume {first}, or start over with --overwrite_output_dir")
+    state = first / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{state} is damaged .* --resume <checkpoint dir>, or start over"):
+        load_checkpoint(first, model=model)
+
+
+def test_the_saved_config_records_the_precision_that_ran(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from maxent_rlhf.config import TrainConfig, load_yaml
+    from maxent_rlhf.distributed import precision_that_ran
+
+    def acc(mp, device):
+        return SimpleNamespace(mixed_precision=mp, device=torch.device(device), is_main_process=True, num_processes=1,
+                               wait_for_everyone=lambda: None)
+
+    assert precision_that_ran("fp16", acc("fp16", "cpu")) == "no"  # accelerate has no fp16 autocast on CPU
+    assert precision_that_ran("bf16", acc("bf16", "cpu")) == "bf16"
+    assert precision_that_ran("fp16", acc("fp16", "cuda")) == "fp16"
+    assert precision_that_ran("auto", acc("bf16", "cuda")) == "bf16"  # what the Accelerator applied
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert precision_that_ran("auto") == "no"
+    run = RunDir(tmp_path / "run", acc("fp16", "cpu"))
+    run.save_config(TrainConfig(output_dir=str(tmp_path / "run"), mixed_precision="fp16"))
+    assert load_yaml(tmp_path / "run" / "config.yaml")["mixed_precision"] == "no"

@@ -262,7 +262,7 @@ def test_sharded_checkpoint_loads_as_a_full_hf_model(one_process, sharded, scrip
 def test_a_sharding_config_that_accelerate_did_not_honour_is_refused(monkeypatch):
     from types import SimpleNamespace
 
-    from maxent_rlhf.runs import check_launch
+    from maxent_rlhf.distributed import check_launch
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

@@ -104,3 +104,18 @@ def test_missing_evaluations_and_messy_records():
 def test_bad_drop_is_rejected():
     with pytest.raises(ValueError, match="drop"):
         story.run_story([], drop=10)
+
+
+def test_the_precision_line_comes_from_the_run_dirs_config(tmp_path):
+    """The precision that ran, as the run's config.yaml records it, under the run dir line; a run dir
+    without a readable config.yaml (or no run dir) has no such line."""
+    recs = _records(RISING)
+    (tmp_path / "config.yaml").write_text("seed: 1\nmixed_precision: 'no'\n")
+    lines = story.run_story(recs, run_dir=tmp_path).text().splitlines()
+    assert lines[:2] == [f"run dir: {tmp_path}", "precision: float32 (mixed_precision: no)"]
+    (tmp_path / "config.yaml").write_text("mixed_precision: bf16\n")
+    assert "precision: bf16 mixed precision (mixed_precision: bf16)" in story.run_story(recs, run_dir=tmp_path).text()
+    (tmp_path / "config.yaml").write_text("mixed_precision: [bf16\n")  # torn by a kill
+    assert "precision:" not in story.run_story(recs, run_dir=tmp_path).text()
+    assert story.run_story(recs, run_dir=tmp_path / "absent").precision is None
+    assert story.run_story(recs).precision is None

@@ -23,8 +23,9 @@ import random
 from pathlib import Path
 from typing import Optional
 
+from ..checkpoints import latest_checkpoint
 from ..distributed import mix_seed
-from ..runs import latest_checkpoint, read_jsonl
+from ..runs import read_jsonl
 from . import task
 from .cache import default_cache_dir, ensure_built
 from .scripts import run_script
