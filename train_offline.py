@@ -11,21 +11,17 @@ Losses (`--loss_type`), every formula from `maxent_rlhf.objectives`:
     simpo_pl  SimPO over K ranked responses (Plackett-Luce)                    data: prompt, responses, ranking
 
 One run, numbered below exactly like this; each step is a function, so `main` reads as the list:
-  1. launch: the accelerator, the run directory (another run's output_dir is refused unless --resume or
-     --overwrite_output_dir), config.yaml, the seed                                           `launch`
-  2. data: the tokenizer, the tokenised training examples (and the loss-based eval's), the step count
-                                                                                              `load_data`
-  3. models: the policy (loss `reward`: the reward model) and, for dpo/ipo/chipo, the frozen reference
-                                                                                              `load_models`
-  4. precompute_ref_logprobs: the reference log-probs of every example once, then the reference is freed
-                                                                                              `precompute_references`
-  5. optimizer, schedule, accelerator.prepare; with --resume, the checkpoint's state  `prepare_training`, `resume`
-  6. train: each step one global batch in micro-batches (forward, loss, backward), one optimizer step,
-     the global-batch means logged; the loss-based eval, the win rate and checkpoints on their schedules
-                                                                                              `train`, `train_step`
-  7. finish: the final loss-based eval, the reward normalisation (loss `reward`), the last checkpoint
-                                                                                              `finish`
-  8. the run's story and its figure                                                           `closing_summary`
+  1. `launch`: the accelerator, the run directory (another run's output_dir is refused unless --resume or
+     --overwrite_output_dir), config.yaml, the seed
+  2. `load_data`: the tokenizer, the tokenised training examples (and the loss-based eval's), the step count
+  3. `load_models`: the policy (loss `reward`: the reward model); for dpo/ipo/chipo the frozen reference
+  4. `precompute_references` (precompute_ref_logprobs): the reference log-probs of every example, once;
+     the reference is freed
+  5. `prepare_training`, `resume`: optimizer, schedule, accelerator.prepare; with --resume the checkpoint
+  6. `train`, `train_step`: each step one global batch in micro-batches (forward, loss, backward), one optimizer
+     step, the global-batch means logged; the loss-based eval, the win rate and checkpoints when due
+  7. `finish`: the final loss-based eval, the reward normalisation (loss `reward`), the last checkpoint
+  8. `closing_summary`: the run's story and its figure
 
 Data flow of one optimizer step (6): the global batch (a slice of a seeded per-epoch permutation of the
 dataset) is split over processes, then into micro-batches. A micro-batch holds K responses per prompt
@@ -536,9 +532,8 @@ def epoch_order(seed: int, epoch: int, num_examples: int) -> torch.Tensor:
 def local_batch(c: OfflineConfig, run: Run, d: Data, step: int) -> torch.Tensor:
     """This process's example indices of the global batch of `step` (1-based)."""
     epoch, position = divmod(step - 1, d.steps_per_epoch)
-    global_idx = epoch_order(c.seed, epoch, d.num_examples)[position * c.global_batch_size : (position + 1) * c.global_batch_size]
-    rank = run.accelerator.process_index
-    return global_idx[rank * run.per_process : (rank + 1) * run.per_process]
+    start = position * c.global_batch_size + run.accelerator.process_index * run.per_process
+    return epoch_order(c.seed, epoch, d.num_examples)[start : start + run.per_process]
 
 
 def train_step(c: OfflineConfig, run: Run, d: Data, m: Models, step: int, optimizer, scheduler) -> dict:
