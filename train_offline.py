@@ -10,7 +10,20 @@ Losses (`--loss_type`), every formula from `maxent_rlhf.objectives`:
     simpo cpo orpo slic              (reference-free)                          data: prompt, chosen, rejected
     simpo_pl  SimPO over K ranked responses (Plackett-Luce)                    data: prompt, responses, ranking
 
-Data flow of one optimizer step: the global batch (a slice of a seeded per-epoch permutation of the
+One run, numbered below exactly like this; each step is a function, so `main` reads as the list:
+  1. `launch`: the accelerator, the run directory (another run's output_dir is refused unless --resume or
+     --overwrite_output_dir), config.yaml, the seed
+  2. `load_data`: the tokenizer, the tokenised training examples (and the loss-based eval's), the step count
+  3. `load_models`: the policy (loss `reward`: the reward model); for dpo/ipo/chipo the frozen reference
+  4. `precompute_references` (precompute_ref_logprobs): the reference log-probs of every example, once;
+     the reference is freed
+  5. `prepare_training`, `resume`: optimizer, schedule, accelerator.prepare; with --resume the checkpoint
+  6. `train`, `train_step`: each step one global batch in micro-batches (forward, loss, backward), one optimizer
+     step, the global-batch means logged; the loss-based eval, the win rate and checkpoints when due
+  7. `finish`: the final loss-based eval, the reward normalisation (loss `reward`), the last checkpoint
+  8. `closing_summary`: the run's story and its figure
+
+Data flow of one optimizer step (6): the global batch (a slice of a seeded per-epoch permutation of the
 dataset) is split over processes, then into micro-batches. A micro-batch holds K responses per prompt
 (K = 2: chosen and rejected) concatenated along the batch axis, so all of them go through the model in
 ONE forward: prompts left-padded, responses right-padded, only response positions' logits computed.
@@ -18,6 +31,11 @@ Per-example losses are averaged over the micro-batch and divided by the number o
 and DDP averages over processes, so the gradient is the global-batch mean (`distributed.micro_step` syncs
 gradients on the last micro-batch only, and drives DeepSpeed's engine the same way). Metrics are summed over
 micro-batches and processes and divided by the global batch size.
+
+Shared prompt pass (`shared_prefix`): the K responses of a prompt run the prompt once and repeat its KV
+cache (same values, fewer prompt FLOPs). Whether a model does is decided once per run, for the reference
+in step 3 and for the policy in step 5 once it is prepared (`shares_prompt_pass`: not under FSDP / ZeRO-3 /
+gradient checkpointing); every forward of that model then takes the decided path.
 
 Evaluation: the loss-based one on `dataset_test_split` (eval/loss, eval/accuracy) and, when `judge` is
 set, the win rate of greedy generations against references (`maxent_rlhf.evaluation`, the machinery of
@@ -31,11 +49,13 @@ curves.png (the paper's Fig. 7 layout); at the end the run's story (maxent_rlhf.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -43,7 +63,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from maxent_rlhf import checkpoints, data, distributed, generation, models, objectives, plotting, runs
-from maxent_rlhf.config import ConfigError, TrainConfig, cfg, config_to_dict, derive_batch_sizes, parse_config
+from maxent_rlhf.config import ConfigError, TrainConfig, cfg, config_to_dict, derive_batch_sizes
 from maxent_rlhf.evaluation import EvalArgs, TrainingEvaluator
 from maxent_rlhf.story import run_story
 from maxent_rlhf.schedules import build_lr_scheduler
@@ -121,21 +141,20 @@ class OfflineConfig(EvalArgs, TrainConfig):
     reward_norm_split: str = cfg("train", "split of reward_norm_dataset")
     reward_norm_samples: int = cfg(0, "use the first N reference rows (0: all)")
 
-
-def validate(c: OfflineConfig) -> None:
-    """Checks a config built in-process (parse_config has already checked choices and types)."""
-    if c.loss_type not in LOSSES:
-        raise ConfigError(f"unknown loss_type {c.loss_type!r}; valid losses: {', '.join(LOSSES)}")
-    if c.prompt_overflow not in data.PROMPT_OVERFLOW:
-        raise ConfigError(f"`prompt_overflow` must be one of {list(data.PROMPT_OVERFLOW)}, got {c.prompt_overflow!r}")
-    for name in ("max_prompt_length", "max_completion_length", "per_device_eval_batch_size"):
-        if getattr(c, name) < 1:
-            raise ConfigError(f"`{name}` must be >= 1, got {getattr(c, name)}")
-    if c.max_steps <= 0 and c.num_train_epochs <= 0:
-        raise ConfigError("set `max_steps` > 0 or `num_train_epochs` > 0")
-    if c.judge and c.loss_type == "reward":
-        raise ConfigError("`judge`: a win rate needs a policy that generates, and loss_type `reward` trains a reward "
-                          "model; set judge: null (the loss-based eval on dataset_test_split still runs)")
+    def range_checks(self) -> list:
+        """Value ranges (config.check_ranges, when the config is built); the batch arithmetic is
+        `derive_batch_sizes`'. `choices` is checked where a config is parsed: the first two lines also stop a
+        config built in Python."""
+        return super().range_checks() + [
+            (self.loss_type in LOSSES, f"unknown loss_type {self.loss_type!r}; valid losses: {', '.join(LOSSES)}"),
+            (self.prompt_overflow in data.PROMPT_OVERFLOW,
+             f"`prompt_overflow` must be one of {list(data.PROMPT_OVERFLOW)}, got {self.prompt_overflow!r}"),
+            (self.max_completion_length >= 1, f"`max_completion_length` = {self.max_completion_length} must be >= 1"),
+            (self.max_steps > 0 or self.num_train_epochs > 0, "set `max_steps` > 0 or `num_train_epochs` > 0"),
+            (not (self.judge and self.loss_type == "reward"),
+             "`judge`: a win rate needs a policy that generates, and loss_type `reward` trains a reward model; set "
+             "judge: null (the loss-based eval on dataset_test_split still runs)"),
+        ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -160,72 +179,129 @@ class RewardScorer(torch.nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
+# what the steps hand each other
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Step 1: the accelerator, the run directory and the split of the global batch on this process."""
+
+    accelerator: Accelerator
+    run_dir: runs.RunDir
+    resume_from: Optional[Path]  # the checkpoint to resume from (None: a fresh run)
+    trackers: list  # accelerate `log_with` names (empty: metrics.jsonl only)
+    per_process: int  # examples of one global batch on this process
+    grad_accum: int  # micro-batches per optimizer step
+
+
+@dataclass
+class Data:
+    """Step 2: tokenised examples (`data.tokenize_offline_dataset`) and the step count they give."""
+
+    tokenizer: object
+    train: list
+    eval: Optional[list]  # the loss-based eval's (None: no dataset_test_split)
+    train_columns: list  # the training data's columns (the reward normalisation looks for `completion`)
+    steps_per_epoch: int  # the last incomplete global batch of an epoch is dropped
+    total_steps: int
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.train)
+
+
+@dataclass
+class Models:
+    """Steps 3-5: what trains and what stays frozen. `shared` / `ref_shared`: whether the model runs each
+    prompt once for its K responses, decided once (`shares_prompt_pass`)."""
+
+    model: torch.nn.Module  # what trains: the policy, or RewardScorer around the reward model; prepared in step 5
+    hf_model: torch.nn.Module  # the HF model inside `model` (resume, the reward shift)
+    ref_model: Optional[torch.nn.Module] = None  # dpo/ipo/chipo, until precomputed (step 4)
+    ref_train: Optional[torch.Tensor] = None  # precomputed reference log-probs [N, K] of the training examples
+    ref_eval: Optional[torch.Tensor] = None  # ... and of the eval examples
+    shared: bool = False
+    ref_shared: bool = False
+
+
+def shares_prompt_pass(c: OfflineConfig, model, d: Data) -> bool:
+    """Does `model` run each prompt once for its K responses in every forward of this run? Every batch
+    comes from `data.collate_responses` (each prompt repeated K times, "tiled"), so only the model can
+    change the answer (sharded parameters, gradient checkpointing, an encoder-decoder): asked once, of a
+    batch of the first training example. False for SFT (K = 1) and with shared_prefix off."""
+    probe = data.collate_responses(d.train[:1], d.tokenizer.pad_token_id)
+    return c.shared_prefix and generation.shared_prefix_usable(
+        model, probe.input_ids, probe.attention_mask, probe.context_length, probe.num_responses, "tiled")
+
+
+# --------------------------------------------------------------------------------------------------
 # forward + loss of one micro-batch
 # --------------------------------------------------------------------------------------------------
-def response_logps(model, batch: data.ResponseBatch, shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logps(model, batch: data.ResponseBatch, prefix_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs S and lengths |y|, both [B, K] (column 0 = chosen / best).
-    `shared_prefix`: one prompt pass for the K responses (rows k * B + b share example b's prompt) where
-    `generation.shared_prefix_usable` says it is valid (not under FSDP / ZeRO-3 / gradient checkpointing)."""
-    share = shared_prefix and generation.shared_prefix_supported(model)
+    `prefix_k`: K when the model shares the prompt pass (rows k * B + b share example b's prompt), 1 for
+    the plain forward."""
     logits = generation.response_logits(model, batch.input_ids, batch.attention_mask, batch.context_length,
-                                        shared_prefix_k=batch.num_responses if share else 1, layout="tiled")
+                                        shared_prefix_k=prefix_k, layout="tiled")
     seq = objectives.sequence_logprobs(logits, batch.labels, batch.response_mask)
     lengths = batch.response_mask.sum(-1).to(seq.dtype)
     k = batch.num_responses
     return seq.view(k, -1).T, lengths.view(k, -1).T
 
 
-def batch_loss(c: OfflineConfig, model, batch: data.ResponseBatch, ref_logps: Optional[torch.Tensor], ref_model=None):
-    """Per-example losses [B] and per-example metric values {name: [B]} for one micro-batch."""
-    stats: dict[str, torch.Tensor] = {}
+def preference_loss(c: OfflineConfig, logps: torch.Tensor, lengths: torch.Tensor,
+                    ref_logps: Optional[torch.Tensor]) -> objectives.PairwiseLossOutput:
+    """The preference loss of `c.loss_type` from S and |y| [B, K]: chosen / best is column 0, rejected /
+    worst column -1 (simpo_pl ranks all K)."""
+    s_w, s_l, n_w, n_l = logps[:, 0], logps[:, -1], lengths[:, 0], lengths[:, -1]
+    if c.loss_type == "dpo":
+        return objectives.dpo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], c.beta)
+    if c.loss_type == "ipo":
+        return objectives.ipo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], n_w, n_l, c.beta)
+    if c.loss_type == "chipo":
+        return objectives.chipo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], c.beta, c.chipo_reward_clip)
+    if c.loss_type == "simpo":
+        return objectives.simpo_loss(s_w, s_l, n_w, n_l, c.beta, c.simpo_gamma, c.length_normalize)
+    if c.loss_type == "cpo":
+        return objectives.cpo_loss(s_w, s_l, n_w, c.beta, c.cpo_alpha)
+    if c.loss_type == "orpo":
+        return objectives.orpo_loss(s_w, s_l, n_w, n_l, c.orpo_lambda)
+    if c.loss_type == "slic":
+        return objectives.slic_loss(s_w, s_l, n_w, c.slic_delta, c.slic_nll_coef)
+    # simpo_pl, the last preference loss of LOSSES (range_checks admits no other); rewards: best vs worst
+    losses = objectives.simpo_plackett_luce_loss(logps, lengths, c.beta, c.simpo_gamma, c.length_normalize)
+    rewards = objectives.simpo_rewards(logps, lengths, c.beta, c.length_normalize).detach()
+    return objectives.PairwiseLossOutput(losses, rewards[:, 0], rewards[:, -1])
+
+
+def reward_stats(out: objectives.PairwiseLossOutput) -> dict:
+    return {"rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
+            "rewards/margins": out.margins, "rewards/accuracies": out.accuracies}
+
+
+def batch_loss(c: OfflineConfig, m: Models, batch: data.ResponseBatch, ref_logps: Optional[torch.Tensor]):
+    """Per-example losses [B] and per-example metric values {name: [B]} for one micro-batch.
+    `ref_logps`: the precomputed reference log-probs of its examples, or None (the live reference runs)."""
+    k = batch.num_responses
     if c.loss_type == "reward":
-        scores = model(batch.input_ids, batch.attention_mask).float().view(batch.num_responses, -1).T
+        scores = m.model(batch.input_ids, batch.attention_mask).float().view(k, -1).T
         out = objectives.bradley_terry_loss(scores[:, 0], scores[:, 1])
-        losses = out.losses
-    else:
-        logps, lengths = response_logps(model, batch, c.shared_prefix)
-        if c.loss_type in REFERENCE_LOSSES and ref_logps is None:
-            with torch.no_grad():
-                ref_logps, _ = response_logps(ref_model, batch, c.shared_prefix)
-        if ref_logps is not None:
-            ref_logps = ref_logps.to(logps.dtype)
-            stats["ref/logratio"] = (ref_logps[:, 0] - ref_logps[:, 1]).detach()
-        if c.loss_type == "sft":
-            losses = objectives.sft_loss(logps[:, 0], lengths[:, 0])
-            stats["logps/chosen"] = logps[:, 0].detach()
-            stats["logps/chosen_per_token"] = (logps[:, 0] / lengths[:, 0]).detach()
-            return losses, stats
-        s_w, s_l, n_w, n_l = logps[:, 0], logps[:, -1], lengths[:, 0], lengths[:, -1]
-        if c.loss_type == "dpo":
-            out = objectives.dpo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], c.beta)
-        elif c.loss_type == "ipo":
-            out = objectives.ipo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], n_w, n_l, c.beta)
-        elif c.loss_type == "chipo":
-            out = objectives.chipo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], c.beta, c.chipo_reward_clip)
-        elif c.loss_type == "simpo":
-            out = objectives.simpo_loss(s_w, s_l, n_w, n_l, c.beta, c.simpo_gamma, c.length_normalize)
-        elif c.loss_type == "cpo":
-            out = objectives.cpo_loss(s_w, s_l, n_w, c.beta, c.cpo_alpha)
-        elif c.loss_type == "orpo":
-            out = objectives.orpo_loss(s_w, s_l, n_w, n_l, c.orpo_lambda)
-        elif c.loss_type == "slic":
-            out = objectives.slic_loss(s_w, s_l, n_w, c.slic_delta, c.slic_nll_coef)
-        elif c.loss_type == "simpo_pl":
-            losses = objectives.simpo_plackett_luce_loss(logps, lengths, c.beta, c.simpo_gamma, c.length_normalize)
-            rewards = objectives.simpo_rewards(logps, lengths, c.beta, c.length_normalize).detach()
-            out = objectives.PairwiseLossOutput(losses, rewards[:, 0], rewards[:, -1])  # best vs worst
-        else:  # validate() makes this unreachable
-            raise ConfigError(f"unknown loss_type {c.loss_type!r}; valid losses: {', '.join(LOSSES)}")
-        losses = out.losses
-        stats["logps/chosen"] = s_w.detach()
-        stats["logps/rejected"] = s_l.detach()
-        stats["logps/chosen_per_token"] = (s_w / n_w).detach()
-        stats["logps/rejected_per_token"] = (s_l / n_l).detach()
-    stats["rewards/chosen"] = out.chosen_rewards
-    stats["rewards/rejected"] = out.rejected_rewards
-    stats["rewards/margins"] = out.margins
-    stats["rewards/accuracies"] = out.accuracies
-    return losses, stats
+        return out.losses, reward_stats(out)
+    stats: dict[str, torch.Tensor] = {}
+    logps, lengths = response_logps(m.model, batch, k if m.shared else 1)
+    if c.loss_type in REFERENCE_LOSSES and ref_logps is None:
+        with torch.no_grad():
+            ref_logps, _ = response_logps(m.ref_model, batch, k if m.ref_shared else 1)
+    if ref_logps is not None:
+        ref_logps = ref_logps.to(logps.dtype)
+        stats["ref/logratio"] = (ref_logps[:, 0] - ref_logps[:, 1]).detach()
+    stats["logps/chosen"] = logps[:, 0].detach()
+    stats["logps/chosen_per_token"] = (logps[:, 0] / lengths[:, 0]).detach()
+    if c.loss_type == "sft":
+        return objectives.sft_loss(logps[:, 0], lengths[:, 0]), stats
+    stats["logps/rejected"] = logps[:, -1].detach()
+    stats["logps/rejected_per_token"] = (logps[:, -1] / lengths[:, -1]).detach()
+    out = preference_loss(c, logps, lengths, ref_logps)
+    return out.losses, {**stats, **reward_stats(out)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,7 +319,8 @@ def sharded_batches(num_examples: int, batch_size: int, accelerator):
 
 
 @torch.no_grad()
-def precompute_ref_logprobs(c: OfflineConfig, ref_model, examples: list, pad_id: int, accelerator) -> torch.Tensor:
+def reference_logprobs_table(c: OfflineConfig, ref_model, shared: bool, examples: list, pad_id: int,
+                             accelerator) -> torch.Tensor:
     """Summed reference log-probs [N, K] of every example, computed once (each process a share, then
     summed across processes: every entry is written by exactly one process)."""
     k = len(examples[0]["responses"])
@@ -251,27 +328,27 @@ def precompute_ref_logprobs(c: OfflineConfig, ref_model, examples: list, pad_id:
     for idx, valid in tqdm(list(sharded_batches(len(examples), c.per_device_eval_batch_size, accelerator)),
                            desc="reference log-probs", disable=not accelerator.is_main_process):
         batch = data.collate_responses([examples[i] for i in idx], pad_id).to(accelerator.device)
-        logps, _ = response_logps(ref_model, batch, c.shared_prefix)
+        logps, _ = response_logps(ref_model, batch, k if shared else 1)
         rows = torch.tensor(idx, device=accelerator.device)[valid.to(accelerator.device)]
         table[rows] = logps[valid.to(accelerator.device)].float()
     return accelerator.reduce(table, reduction="sum").cpu()
 
 
 @torch.no_grad()
-def evaluate(c: OfflineConfig, model, examples: list, ref_table, ref_model, pad_id: int, accelerator) -> dict:
+def evaluate(c: OfflineConfig, m: Models, examples: list, ref_table, pad_id: int, accelerator) -> dict:
     """eval/loss and eval/accuracy (pairwise accuracy of the reward model, or implicit-reward accuracy)."""
-    model.eval()
+    m.model.eval()
     totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
     for idx, valid in sharded_batches(len(examples), c.per_device_eval_batch_size, accelerator):
         batch = data.collate_responses([examples[i] for i in idx], pad_id).to(accelerator.device)
         ref = ref_table[idx].to(accelerator.device) if ref_table is not None else None
-        losses, stats = batch_loss(c, model, batch, ref, ref_model)
+        losses, stats = batch_loss(c, m, batch, ref)
         v = valid.to(accelerator.device, torch.float64)
         totals[0] += (losses.double() * v).sum()
         if "rewards/accuracies" in stats:
             totals[1] += (stats["rewards/accuracies"].double() * v).sum()
         totals[2] += v.sum()
-    model.train()
+    m.model.train()
     totals = accelerator.reduce(totals, reduction="sum")
     out = {"eval/loss": float(totals[0] / totals[2])}
     if c.loss_type != "sft":
@@ -292,11 +369,10 @@ def reference_reward_mean(c: OfflineConfig, reward_model, examples: list, pad_id
     return float(totals[0] / totals[1])
 
 
-# --------------------------------------------------------------------------------------------------
-# main
-# --------------------------------------------------------------------------------------------------
-def load_examples(c: OfflineConfig, dataset: str, split: str, limit: int, kind: str, tokenizer, accelerator,
-                  prompt_column: str = "prompt"):
+def load_split(c: OfflineConfig, dataset: str, split: str, limit: int, kind: str, tokenizer, accelerator,
+               prompt_column: str = "prompt") -> tuple[list, list]:
+    """The first `limit` rows (0: all) of one split, tokenised as `kind` data (data.OFFLINE_KINDS);
+    returns (examples, the split's column names)."""
     ds = data.load_any_dataset(dataset, split)
     source = f"{dataset} [{split}]"
     if prompt_column != "prompt":  # the tokeniser reads `prompt`: the configured column takes that name
@@ -313,47 +389,57 @@ def load_examples(c: OfflineConfig, dataset: str, split: str, limit: int, kind: 
     return examples, ds.column_names
 
 
-def main(c: OfflineConfig) -> str:
-    validate(c)
+# --------------------------------------------------------------------------------------------------
+# the steps of main
+# --------------------------------------------------------------------------------------------------
+def launch(c: OfflineConfig) -> Run:
+    """1. The global batch's split (errors before anything starts), the accelerator, the run directory
+    (refuses an output_dir holding another run unless --resume / --overwrite_output_dir), config.yaml, the seed."""
     num_processes = distributed.process_state().num_processes
     per_process, grad_accum = derive_batch_sizes(c.global_batch_size, num_processes, c.per_device_train_batch_size)
     trackers = distributed.resolve_trackers(c.report_to)
-    accelerator = Accelerator(mixed_precision=distributed.resolve_mixed_precision(c.mixed_precision), log_with=trackers or None, project_dir=c.output_dir)
+    accelerator = Accelerator(mixed_precision=distributed.resolve_mixed_precision(c.mixed_precision), log_with=trackers or None,
+                              project_dir=c.output_dir)
     distributed.configure_deepspeed(accelerator, c.per_device_train_batch_size, c.max_grad_norm)  # no-op without DeepSpeed
     if c.loss_type == "reward" and c.normalize_reward and (distributed.zero_stage(accelerator) == 3 or distributed.fsdp_version(accelerator)):
         # the reward shift edits one bias of the HF model in place: under ZeRO-3 / FSDP that is a shard
         raise ConfigError("`normalize_reward` is not supported under ZeRO-3 or FSDP (the shift would edit one "
                           "shard); train reward models with DDP or deepspeed_zero2.yaml, or set normalize_reward: false")
-    # refuses an output_dir holding another run unless --resume / --overwrite_output_dir (runs.open_run_dir)
     run_dir, resume_from = runs.open_run_dir(c.output_dir, c.resume, c.overwrite_output_dir, accelerator)
     run_dir.save_config(c)
     distributed.seed_everything(c.seed)
-    device = accelerator.device
+    return Run(accelerator, run_dir, resume_from, trackers, per_process, grad_accum)
 
-    # ---- tokenizer and data ----
+
+def load_data(c: OfflineConfig, run: Run) -> Data:
+    """2. The tokenizer, the training examples (and the loss-based eval's) tokenised, the number of steps."""
     tokenizer = models.load_tokenizer(
         c.tokenizer_name_or_path or c.model_name_or_path, padding_side="left", trust_remote_code=c.trust_remote_code
     )
-    pad_id = tokenizer.pad_token_id
     kind = DATA_KIND.get(c.loss_type, "pairwise")
-    train_examples, train_columns = load_examples(
-        c, c.dataset_name, c.dataset_train_split, c.max_train_samples, kind, tokenizer, accelerator, c.prompt_column
+    train_examples, train_columns = load_split(
+        c, c.dataset_name, c.dataset_train_split, c.max_train_samples, kind, tokenizer, run.accelerator, c.prompt_column
     )
     eval_examples = None
     if c.dataset_test_split:
-        eval_examples, _ = load_examples(
+        eval_examples, _ = load_split(
             c, c.eval_dataset_name or c.dataset_name, c.dataset_test_split, c.max_eval_samples, kind, tokenizer,
-            accelerator, c.prompt_column,
+            run.accelerator, c.prompt_column,
         )
     num_examples = len(train_examples)
     if num_examples < c.global_batch_size:
         raise ConfigError(
             f"the training data has {num_examples} usable examples, fewer than global_batch_size = {c.global_batch_size}"
         )
-    steps_per_epoch = num_examples // c.global_batch_size  # the last incomplete global batch is dropped
+    steps_per_epoch = num_examples // c.global_batch_size
     total_steps = c.max_steps if c.max_steps > 0 else max(1, int(c.num_train_epochs * steps_per_epoch))
+    return Data(tokenizer, train_examples, eval_examples, train_columns, steps_per_epoch, total_steps)
 
-    # ---- models ----
+
+def load_models(c: OfflineConfig, run: Run, d: Data) -> Models:
+    """3. The model that trains (float32; the reward model for loss `reward`, else the policy) and, for
+    dpo/ipo/chipo, the frozen reference in the mixed-precision dtype, prepared for the engine; whether the
+    reference shares the prompt pass is decided here."""
     # prompt + response must fit the model's positions: checked from its config.json, before any weights load
     models.check_context_length(
         models.load_model_config(c.model_name_or_path, "model", c.trust_remote_code, c.model_revision),
@@ -364,157 +450,213 @@ def main(c: OfflineConfig) -> str:
         )
     else:
         model = models.load_policy(c.model_name_or_path, torch.float32, c.trust_remote_code, revision=c.model_revision)
-    model.config.pad_token_id = pad_id
+    model.config.pad_token_id = d.tokenizer.pad_token_id
     if c.gradient_checkpointing:
         models.enable_activation_checkpointing(model)
-    ref_model, ref_train, ref_eval = None, None, None
+    m = Models(model=model, hf_model=model)
     if c.loss_type in REFERENCE_LOSSES:
-        with distributed.frozen_model_loading(accelerator):
+        with distributed.frozen_model_loading(run.accelerator):
             ref_model = models.load_policy(
                 c.ref_model_name_or_path or c.model_name_or_path,
-                models.resolve_dtype(c.mixed_precision, device),
+                models.resolve_dtype(c.mixed_precision, run.accelerator.device),
                 c.trust_remote_code,
                 revision=None if c.ref_model_name_or_path else c.model_revision,
             )
-        ref_model = distributed.prepare_frozen_model(ref_model, accelerator)  # a replica, or ZeRO-3 engine
-        if c.precompute_ref_logprobs:
-            ref_train = precompute_ref_logprobs(c, ref_model, train_examples, pad_id, accelerator)
-            if eval_examples is not None:
-                ref_eval = precompute_ref_logprobs(c, ref_model, eval_examples, pad_id, accelerator)
-            del ref_model
-            ref_model = None
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        m.ref_model = distributed.prepare_frozen_model(ref_model, run.accelerator)  # a replica, or ZeRO-3 engine
+        m.ref_shared = shares_prompt_pass(c, m.ref_model, d)
+    return m
 
+
+def precompute_references(c: OfflineConfig, run: Run, d: Data, m: Models) -> None:
+    """4. With precompute_ref_logprobs: the reference log-probs of every training (and eval) example, into
+    m.ref_train / m.ref_eval, and the reference freed (a model's memory for one pass over the data)."""
+    if m.ref_model is None or not c.precompute_ref_logprobs:
+        return
+    pad_id = d.tokenizer.pad_token_id
+    m.ref_train = reference_logprobs_table(c, m.ref_model, m.ref_shared, d.train, pad_id, run.accelerator)
+    if d.eval is not None:
+        m.ref_eval = reference_logprobs_table(c, m.ref_model, m.ref_shared, d.eval, pad_id, run.accelerator)
+    m.ref_model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def prepare_training(c: OfflineConfig, run: Run, d: Data, m: Models):
+    """5. AdamW, the learning-rate schedule and accelerator.prepare (m.model becomes the prepared model);
+    whether the policy shares the prompt pass is decided here, on the prepared model. Returns
+    (optimizer, scheduler)."""
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
+        [p for p in m.model.parameters() if p.requires_grad],
         lr=c.learning_rate,
         betas=(c.adam_beta1, c.adam_beta2),
         eps=c.adam_epsilon,
         weight_decay=c.weight_decay,
     )
     # not passed to accelerator.prepare: the schedule counts optimizer steps of the GLOBAL batch
-    scheduler = build_lr_scheduler(optimizer, c.lr_scheduler_type, total_steps, c.warmup_ratio)
-    hf_model = model
-    if c.loss_type == "reward":
-        model = RewardScorer(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
+    scheduler = build_lr_scheduler(optimizer, c.lr_scheduler_type, d.total_steps, c.warmup_ratio)
+    model = RewardScorer(m.model) if c.loss_type == "reward" else m.model
+    m.model, optimizer = run.accelerator.prepare(model, optimizer)
+    m.model.train()
+    if c.loss_type != "reward":  # the reward model's forward is RewardScorer's, one plain pass per row
+        m.shared = shares_prompt_pass(c, m.model, d)
+    return optimizer, scheduler
 
-    start_step = 0
-    if resume_from is not None:
-        state = checkpoints.load_checkpoint(resume_from, model=hf_model, optimizer=optimizer, scheduler=scheduler,
-                                     accelerator=accelerator)
-        if state.get("num_examples") != num_examples or state.get("global_batch_size") != c.global_batch_size:
-            raise ConfigError(
-                f"resume: {resume_from} was trained on {state.get('num_examples')} examples with global batch "
-                f"{state.get('global_batch_size')}; this run has {num_examples} and {c.global_batch_size}: the data "
-                "position would not match"
-            )
-        start_step = state["step"]  # open_run_dir dropped the log lines past it
-        if accelerator.is_main_process:
-            print(f"[train_offline] resumed from {resume_from} at step {start_step} (epoch {state['epoch']})")
+
+def resume(c: OfflineConfig, run: Run, d: Data, m: Models, optimizer, scheduler) -> int:
+    """5. The step the run starts after: 0 for a fresh run, else the checkpoint's, whose weights, optimizer
+    and schedule are loaded (open_run_dir dropped the log lines past it)."""
+    if run.resume_from is None:
+        return 0
+    state = checkpoints.load_checkpoint(run.resume_from, model=m.hf_model, optimizer=optimizer, scheduler=scheduler,
+                                 accelerator=run.accelerator)
+    if state.get("num_examples") != d.num_examples or state.get("global_batch_size") != c.global_batch_size:
+        raise ConfigError(
+            f"resume: {run.resume_from} was trained on {state.get('num_examples')} examples with global batch "
+            f"{state.get('global_batch_size')}; this run has {d.num_examples} and {c.global_batch_size}: the data "
+            "position would not match"
+        )
+    if run.accelerator.is_main_process:
+        print(f"[train_offline] resumed from {run.resume_from} at step {state['step']} (epoch {state['epoch']})")
+    return state["step"]
+
+
+@functools.lru_cache(maxsize=1)
+def epoch_order(seed: int, epoch: int, num_examples: int) -> torch.Tensor:
+    """The seeded permutation of the training examples in `epoch` (the same on every process)."""
+    g = torch.Generator().manual_seed(distributed.mix_seed(seed, epoch, multiplier=100_003))
+    return torch.randperm(num_examples, generator=g)
+
+
+def local_batch(c: OfflineConfig, run: Run, d: Data, step: int) -> torch.Tensor:
+    """This process's example indices of the global batch of `step` (1-based)."""
+    epoch, position = divmod(step - 1, d.steps_per_epoch)
+    start = position * c.global_batch_size + run.accelerator.process_index * run.per_process
+    return epoch_order(c.seed, epoch, d.num_examples)[start : start + run.per_process]
+
+
+def train_step(c: OfflineConfig, run: Run, d: Data, m: Models, step: int, optimizer, scheduler) -> dict:
+    """6. One optimizer step on the global batch of `step`; returns its metrics (global-batch means)."""
+    t0 = time.perf_counter()
+    accelerator, pad_id = run.accelerator, d.tokenizer.pad_token_id
+    local_idx = local_batch(c, run, d, step)
+    sums: dict[str, torch.Tensor] = {}
+    tokens = torch.zeros((), device=accelerator.device)
+    for i in range(run.grad_accum):
+        idx = local_idx[i * c.per_device_train_batch_size : (i + 1) * c.per_device_train_batch_size].tolist()
+        batch = data.collate_responses([d.train[j] for j in idx], pad_id).to(accelerator.device)
+        ref = m.ref_train[idx].to(accelerator.device) if m.ref_train is not None else None
+        # DDP/FSDP: all-reduce gradients on the last micro-batch only; DeepSpeed: the engine steps there
+        with distributed.micro_step(accelerator, m.model, is_last=i == run.grad_accum - 1):
+            losses, stats = batch_loss(c, m, batch, ref)
+            accelerator.backward(losses.mean() / run.grad_accum)
+        for name, v in [("train/loss", losses.detach())] + list(stats.items()):
+            sums[name] = sums.get(name, 0.0) + v.float().sum()
+        tokens += batch.attention_mask.sum()
+    grad_norm = accelerator.clip_grad_norm_(  # DeepSpeed clips inside its step and returns the norm
+        m.model.parameters(), c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
+    )
+    optimizer.step()  # a no-op under DeepSpeed (the engine stepped in the last backward)
+    optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+
+    # global-batch means: sum over micro-batches and processes, divide by the global batch size
+    names = sorted(sums)
+    reduced = accelerator.reduce(torch.stack([sums[n] for n in names] + [tokens.float()]), reduction="sum")
+    elapsed = time.perf_counter() - t0
+    metrics = {n: float(reduced[i]) / c.global_batch_size for i, n in enumerate(names)}
+    runs.check_finite("train/loss", metrics["train/loss"], step, run.run_dir)
+    metrics.update({
+        "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "train/lr": lr,
+        "train/epoch": step / d.steps_per_epoch,
+        "perf/tokens_per_s": float(reduced[-1]) / elapsed, "perf/samples_per_s": c.global_batch_size / elapsed,
+    })
+    return metrics
+
+
+def save(c: OfflineConfig, run: Run, d: Data, m: Models, step: int, optimizer, scheduler) -> None:
+    checkpoints.save_checkpoint(
+        run.run_dir, step, m.model, d.tokenizer, optimizer, scheduler,
+        state={"epoch": step // d.steps_per_epoch, "batch_in_epoch": step % d.steps_per_epoch,
+               "num_examples": d.num_examples, "global_batch_size": c.global_batch_size, "loss_type": c.loss_type},
+        keep_last=c.save_total_limit,
+    )
+
+
+def train(c: OfflineConfig, run: Run, d: Data, m: Models, optimizer, scheduler, evaluator: TrainingEvaluator,
+          start_step: int) -> int:
+    """6. Steps start_step + 1 .. total_steps, each followed by its log line, the loss-based eval and the win
+    rate when due, and a checkpoint every save_steps (the last one is step 7's). Returns the last step
+    checkpointed (-1: none)."""
+    accelerator, run_dir, total = run.accelerator, run.run_dir, d.total_steps
+    if accelerator.is_main_process:
+        print(f"[train_offline] loss {c.loss_type}: {d.num_examples} examples, {total} steps of {c.global_batch_size} "
+              f"= {accelerator.num_processes} processes x {c.per_device_train_batch_size} micro-batch x "
+              f"{run.grad_accum} accumulation")
+    if start_step == 0 and evaluator.due(0):  # the initial policy: the "SFT" point of the closing summary
+        run_dir.log_metrics(evaluator.evaluate(m.model, d.tokenizer, 0), 0)
+    progress = tqdm(total=total, initial=start_step, desc=f"train_offline[{c.loss_type}]",
+                    disable=not accelerator.is_main_process)
+    last_saved = start_step if run.resume_from is not None else -1
+    for step in range(start_step + 1, total + 1):
+        metrics = train_step(c, run, d, m, step, optimizer, scheduler)
+        if d.eval is not None and c.eval_steps > 0 and step % c.eval_steps == 0 and step != total:
+            metrics.update(evaluate(c, m, d.eval, m.ref_eval, d.tokenizer.pad_token_id, accelerator))
+        if step % c.logging_steps == 0 or step == total or "eval/loss" in metrics:
+            run_dir.log_metrics(metrics, step)
+        if evaluator.due(step):  # win rate of the current weights (its own record; {"eval/missing": 1} on an outage)
+            run_dir.log_metrics(evaluator.evaluate(m.model, d.tokenizer, step), step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", samples_s=f"{metrics['perf/samples_per_s']:.1f}")
+        if c.save_steps > 0 and step % c.save_steps == 0 and step != total:
+            save(c, run, d, m, step, optimizer, scheduler)
+            last_saved = step
+    progress.close()
+    return last_saved
+
+
+def finish(c: OfflineConfig, run: Run, d: Data, m: Models, optimizer, scheduler, last_saved: int) -> None:
+    """7. The final loss-based eval and reward normalisation (logged at the last step), then the last
+    checkpoint unless the loop wrote it and nothing changed since."""
+    final = {}
+    if d.eval is not None:
+        final.update(evaluate(c, m, d.eval, m.ref_eval, d.tokenizer.pad_token_id, run.accelerator))
+    if c.loss_type == "reward" and c.normalize_reward:
+        final.update(normalize_reward_model(c, m.hf_model, d.tokenizer, d.train_columns, run.accelerator))
+    if final:
+        run.run_dir.log_metrics(final, d.total_steps)
+        if run.accelerator.is_main_process:
+            print(f"[train_offline] final: {json.dumps(final)}")
+    if last_saved != d.total_steps or final:
+        save(c, run, d, m, d.total_steps, optimizer, scheduler)
+
+
+def main(c: OfflineConfig) -> str:
+    """Train; returns the run directory. The config's ranges were checked when it was built (range_checks)."""
+    run = launch(c)  # 1.
+    d = load_data(c, run)  # 2.
+    m = load_models(c, run, d)  # 3.
+    precompute_references(c, run, d, m)  # 4.
+    optimizer, scheduler = prepare_training(c, run, d, m)  # 5.
+    start_step = resume(c, run, d, m, optimizer, scheduler)
     # the win rate (when `judge` is set): one evaluator for the run; it prints the judge's cost once, here
-    evaluator = TrainingEvaluator(c, accelerator, run_dir, total_steps, start_step, log_prefix="[train_offline]")
-    if trackers:
-        accelerator.init_trackers(
+    evaluator = TrainingEvaluator(c, run.accelerator, run.run_dir, d.total_steps, start_step, log_prefix="[train_offline]")
+    if run.trackers:
+        run.accelerator.init_trackers(
             c.tracker_project_name,
             config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config_to_dict(c).items()},
         )
-
-    def save(step: int) -> None:
-        checkpoints.save_checkpoint(
-            run_dir, step, model, tokenizer, optimizer, scheduler,
-            state={"epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
-                   "num_examples": num_examples, "global_batch_size": c.global_batch_size, "loss_type": c.loss_type},
-            keep_last=c.save_total_limit,
-        )
-
-    def epoch_order(epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(distributed.mix_seed(c.seed, epoch, multiplier=100_003))
-        return torch.randperm(num_examples, generator=g)
-
-    if accelerator.is_main_process:
-        print(f"[train_offline] loss {c.loss_type}: {num_examples} examples, {total_steps} steps of {c.global_batch_size} "
-              f"= {num_processes} processes x {c.per_device_train_batch_size} micro-batch x {grad_accum} accumulation")
-    if start_step == 0 and evaluator.due(0):  # the initial policy: the "SFT" point of the closing summary
-        run_dir.log_metrics(evaluator.evaluate(model, tokenizer, 0), 0)
-    progress = tqdm(total=total_steps, initial=start_step, desc=f"train_offline[{c.loss_type}]",
-                    disable=not accelerator.is_main_process)
-    order, order_epoch = None, -1
-    last_saved = start_step if resume_from is not None else -1
-    for step in range(start_step + 1, total_steps + 1):
-        t0 = time.perf_counter()
-        epoch, position = divmod(step - 1, steps_per_epoch)
-        if epoch != order_epoch:
-            order, order_epoch = epoch_order(epoch), epoch
-        global_idx = order[position * c.global_batch_size : (position + 1) * c.global_batch_size]
-        local_idx = global_idx[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
-
-        sums: dict[str, torch.Tensor] = {}
-        tokens = torch.zeros((), device=device)
-        for m in range(grad_accum):
-            idx = local_idx[m * c.per_device_train_batch_size : (m + 1) * c.per_device_train_batch_size].tolist()
-            batch = data.collate_responses([train_examples[i] for i in idx], pad_id).to(device)
-            ref = ref_train[idx].to(device) if ref_train is not None else None
-            # DDP/FSDP: all-reduce gradients on the last micro-batch only; DeepSpeed: the engine steps there
-            with distributed.micro_step(accelerator, model, is_last=m == grad_accum - 1):
-                losses, stats = batch_loss(c, model, batch, ref, ref_model)
-                accelerator.backward(losses.mean() / grad_accum)
-            for name, v in [("train/loss", losses.detach())] + list(stats.items()):
-                sums[name] = sums.get(name, 0.0) + v.float().sum()
-            tokens += batch.attention_mask.sum()
-        grad_norm = accelerator.clip_grad_norm_(  # DeepSpeed clips inside its step and returns the norm
-            model.parameters(), c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
-        )
-        optimizer.step()  # a no-op under DeepSpeed (the engine stepped in the last backward)
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-
-        # global-batch means: sum over micro-batches and processes, divide by the global batch size
-        names = sorted(sums)
-        reduced = accelerator.reduce(torch.stack([sums[n] for n in names] + [tokens.float()]), reduction="sum")
-        elapsed = time.perf_counter() - t0
-        metrics = {n: float(reduced[i]) / c.global_batch_size for i, n in enumerate(names)}
-        runs.check_finite("train/loss", metrics["train/loss"], step, run_dir)
-        metrics.update({
-            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "train/lr": lr, "train/epoch": step / steps_per_epoch,
-            "perf/tokens_per_s": float(reduced[-1]) / elapsed, "perf/samples_per_s": c.global_batch_size / elapsed,
-        })
-        if eval_examples is not None and c.eval_steps > 0 and step % c.eval_steps == 0 and step != total_steps:
-            metrics.update(evaluate(c, model, eval_examples, ref_eval, ref_model, pad_id, accelerator))
-        if step % c.logging_steps == 0 or step == total_steps or "eval/loss" in metrics:
-            run_dir.log_metrics(metrics, step)
-        if evaluator.due(step):  # win rate of the current weights (its own record; {"eval/missing": 1} on an outage)
-            run_dir.log_metrics(evaluator.evaluate(model, tokenizer, step), step)
-        progress.update(1)
-        progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", samples_s=f"{metrics['perf/samples_per_s']:.1f}")
-        if c.save_steps > 0 and step % c.save_steps == 0 and step != total_steps:
-            save(step)
-            last_saved = step
-    progress.close()
-
-    final = {}
-    if eval_examples is not None:
-        final.update(evaluate(c, model, eval_examples, ref_eval, ref_model, pad_id, accelerator))
-    if c.loss_type == "reward" and c.normalize_reward:
-        final.update(normalize_reward_model(c, hf_model, tokenizer, train_columns, accelerator, run_dir))
-    if final:
-        run_dir.log_metrics(final, total_steps)
-        if accelerator.is_main_process:
-            print(f"[train_offline] final: {json.dumps(final)}")
-    if last_saved != total_steps or final:
-        save(total_steps)
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        closing_summary(c, run_dir.path)
-    return str(run_dir.path)
+    last_saved = train(c, run, d, m, optimizer, scheduler, evaluator, start_step)  # 6.
+    finish(c, run, d, m, optimizer, scheduler, last_saved)  # 7.
+    run.accelerator.end_training()
+    if run.accelerator.is_main_process:
+        closing_summary(c, run.run_dir.path)  # 8.
+    return str(run.run_dir.path)
 
 
 def closing_summary(c: OfflineConfig, run_path) -> None:
-    """The run's story (maxent_rlhf.story; the proxy of an offline run is its implicit reward margin) and
+    """8. The run's story (maxent_rlhf.story; the proxy of an offline run is its implicit reward margin) and
     its figure (Fig. 7 layout, <run>/curves.png)."""
     records = runs.read_metrics(run_path)
     proxy = "rewards/margins" if c.loss_type != "sft" else "logps/chosen_per_token"
@@ -524,8 +666,8 @@ def closing_summary(c: OfflineConfig, run_path) -> None:
         print(f"[train_offline] figure: {figure}")
 
 
-def normalize_reward_model(c: OfflineConfig, reward_model, tokenizer, train_columns, accelerator, run_dir) -> dict:
-    """Shift the reward so that reference completions average 0 (the TL;DR recipe), in HF format.
+def normalize_reward_model(c: OfflineConfig, reward_model, tokenizer, train_columns, accelerator) -> dict:
+    """7. Shift the reward so that reference completions average 0 (the TL;DR recipe), in HF format.
 
     GPT-NeoX's score head has no bias: `models.shift_reward_output` moves the final layer norm's bias
     along w / ||w||^2, which adds exactly `delta` to every score (see its docstring).
@@ -535,7 +677,7 @@ def normalize_reward_model(c: OfflineConfig, reward_model, tokenizer, train_colu
         if accelerator.is_main_process:
             print("[train_offline] no reference completions (set reward_norm_dataset): reward not normalised")
         return {}
-    examples, _ = load_examples(c, source, c.reward_norm_split, c.reward_norm_samples, "sft", tokenizer, accelerator)
+    examples, _ = load_split(c, source, c.reward_norm_split, c.reward_norm_samples, "sft", tokenizer, accelerator)
     reward_model.eval()
     mean_before = reference_reward_mean(c, reward_model, examples, tokenizer.pad_token_id, accelerator)
     changed = models.shift_reward_output(reward_model, -mean_before)

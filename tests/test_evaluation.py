@@ -191,7 +191,7 @@ def test_reward_loss_with_a_judge_is_one_clear_error():
     from maxent_rlhf.config import ConfigError
 
     with pytest.raises(ConfigError, match="loss_type `reward`"):
-        train_offline.validate(train_offline.OfflineConfig(loss_type="reward", judge="toy-gold", eval_steps=5))
+        train_offline.OfflineConfig(loss_type="reward", judge="toy-gold", eval_steps=5)
 
 
 # --------------------------------------------------------------------------------------------------

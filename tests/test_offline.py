@@ -381,6 +381,18 @@ def test_unknown_loss_lists_the_valid_ones(capsys):
         train_offline.main(OfflineConfig(loss_type="dpoo"))
 
 
+@pytest.mark.parametrize("kw,message", [
+    (dict(max_completion_length=0), "`max_completion_length` = 0 must be >= 1"),
+    (dict(max_steps=0, num_train_epochs=0.0), "set `max_steps` > 0 or `num_train_epochs` > 0"),
+    (dict(prompt_overflow="cut"), "`prompt_overflow` must be one of"),
+    (dict(max_prompt_length=0), "`max_prompt_length` = 0 must be >= 1"),  # TrainConfig's check, reached from here
+    (dict(per_device_eval_batch_size=0), "`per_device_eval_batch_size` = 0 must be >= 1"),  # JudgeArgs'
+])
+def test_a_config_out_of_range_fails_when_built(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        OfflineConfig(**kw)
+
+
 def test_global_batch_that_does_not_divide_names_the_numbers(tmp_path, datasets, tiny_policy_dir):
     with pytest.raises(ConfigError, match="`global_batch_size` = 6 over 1 processes gives 6 per process, which `per_device_train_batch_size` = 4 does not divide"):
         train_offline.main(make_cfg(tmp_path, tiny_policy_dir, datasets["pairs4"], global_batch_size=6, per_device_train_batch_size=4))

@@ -1,6 +1,7 @@
 """train_offline's shared-prefix forward (one prompt pass for chosen and rejected, its KV cache tiled:
 generation.shared_prefix_logits in the "tiled" layout) against the plain one-forward path: same log-probs,
-same gradients, same DPO run. The "grouped" layout (train_rloo.py) is tested in test_rloo_shared_prefix.py."""
+same gradients, same DPO run; and the choice between them, made once per run and model. The "grouped"
+layout (train_rloo.py) is tested in test_rloo_shared_prefix.py."""
 import sys
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def test_shared_prefix_logps_and_gradients_equal_the_plain_forward(tiny_tokenize
     results = []
     for shared in (True, False):
         model.zero_grad(set_to_none=True)
-        logps, lengths = train_offline.response_logps(model, batch, shared_prefix=shared)
+        logps, lengths = train_offline.response_logps(model, batch, prefix_k=k if shared else 1)
         (logps * torch.linspace(0.5, 1.5, logps.numel()).view_as(logps)).sum().backward()  # weighted: rows differ
         results.append((logps.detach(), lengths, [p.grad.clone() for p in model.parameters()]))
     (s_lp, s_len, s_grad), (p_lp, p_len, p_grad) = results
@@ -56,7 +57,7 @@ def test_shared_prefix_logps_and_gradients_equal_the_plain_forward(tiny_tokenize
         torch.testing.assert_close(gs, gp, rtol=1e-4, atol=1e-6)
 
 
-def test_shared_prefix_falls_back_where_it_cannot_share(tiny_tokenizer):
+def test_shared_prefix_is_not_usable_where_it_cannot_share(tiny_tokenizer):
     model = models.build_tiny_policy(tiny_tokenizer, seed=0)
     batch = ragged_batch(tiny_tokenizer, 2, 0)
     single = data.collate_responses([{"prompt": [5, 6], "responses": [[7, 0]]}], tiny_tokenizer.pad_token_id)
@@ -95,3 +96,36 @@ def test_dpo_run_with_shared_prefix_equals_the_plain_run(tmp_path, datasets, tin
     b = models.load_policy(str(checkpoints.latest_checkpoint(off))).state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_shared_or_plain_is_decided_once_per_model_and_every_forward_follows_it(tmp_path, datasets, tiny_policy_dir,
+                                                                                monkeypatch):  # noqa: F811
+    """Gradient checkpointing rules the shared pass out for the policy, not for the live reference (loaded
+    without it): the run asks once per model, then passes k = 1 to every policy forward and k = 2 to every
+    reference forward, and the reference's shared calls all run the shared path."""
+    decided, ks, shared_calls = [], [], []
+    real_decide, real_logits, real_shared = (train_offline.shares_prompt_pass, generation.response_logits,
+                                             generation.shared_prefix_logits)
+
+    def decide(c, model, d):
+        decided.append(real_decide(c, model, d))
+        return decided[-1]
+
+    def logits(*args, shared_prefix_k=1, **kwargs):
+        ks.append((torch.is_grad_enabled(), shared_prefix_k))
+        return real_logits(*args, shared_prefix_k=shared_prefix_k, **kwargs)
+
+    def shared(*args, **kwargs):
+        out = real_shared(*args, **kwargs)
+        shared_calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(train_offline, "shares_prompt_pass", decide)
+    monkeypatch.setattr(generation, "response_logits", logits)
+    monkeypatch.setattr(generation, "shared_prefix_logits", shared)
+    train_offline.main(make_cfg(tmp_path, tiny_policy_dir, datasets["pairs12"], loss_type="dpo", max_steps=3,
+                                gradient_checkpointing=True))
+    assert decided == [True, False]  # the reference (step 3), then the prepared policy (step 5)
+    # 3 steps x 2 micro-batches: the policy's forward (with grad) plain, the reference's (no grad) shared
+    assert ks == [(True, 1), (False, 2)] * 6
+    assert shared_calls == [True] * 6
