@@ -823,7 +823,7 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         metrics["time/iteration_cpu"] = time.process_time() - cpu_iter  # CPU seconds of this process (all threads)
         metrics["perf/episodes_per_s"] = c.global_batch_size / t_total
         metrics["perf/tokens_per_s"] = metrics["response/length"] * c.global_batch_size / t_total  # real response tokens
-        if c.logging_steps > 0 and (it % c.logging_steps == 0 or it == plan.num_iterations):
+        if it % c.logging_steps == 0 or it == plan.num_iterations:
             run_dir.log_metrics(metrics, it)
         progress.set_postfix(
             score=f"{metrics['objective/scores']:.3f}", rlhf=f"{metrics['objective/rlhf_reward']:.3f}",

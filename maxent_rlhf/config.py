@@ -143,7 +143,7 @@ class TrainConfig(BaseConfig):
             (self.adam_epsilon >= 0, f"`adam_epsilon` = {self.adam_epsilon} must be >= 0"),
             (self.save_steps >= 0, f"`save_steps` = {self.save_steps} must be >= 0 (0: only at the end)"),
             (self.save_total_limit >= 0, f"`save_total_limit` = {self.save_total_limit} must be >= 0 (0: keep all)"),
-            (self.logging_steps >= 0, f"`logging_steps` = {self.logging_steps} must be >= 0"),
+            (self.logging_steps >= 1, f"`logging_steps` = {self.logging_steps} must be >= 1 (1: log every step)"),
             (self.resume is None or str(self.resume).strip() != "",
              "`resume` must be 'latest' or a checkpoint directory (leave it unset for a fresh run)"),
         ]
