@@ -42,6 +42,7 @@ CASES = [
     ("rloo_stray_argument", RLOO, "configs/maxent_1b.yaml", 2, ["unexpected argument 'configs/maxent_1b.yaml'"]),
     ("rloo_kl_ref_every_negative", RLOO, "--kl_ref_every -1", 2, ["`kl_ref_every` = -1 must be >= 0"]),
     ("rloo_negative_save_steps", RLOO, "--save_steps -1", 2, ["`save_steps` = -1"]),
+    ("offline_logging_steps_zero", OFFLINE, "--logging_steps 0", 2, ["`logging_steps` = 0 must be >= 1"]),
     ("rloo_kl_prev_per_prompt_above_k", RLOO, "--rloo_k 2 --kl_prev_per_prompt 3", 2,
      ["`kl_prev_per_prompt` = 3", "rloo_k = 2"]),
     ("rloo_bad_reward_fn", RLOO, "--reward_fn nosuchmodule:score", 2, ["`reward_fn` = 'nosuchmodule:score'"]),
