@@ -37,6 +37,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LORA_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 INSTALL_HINT = 'pip install -e ".[peft]" (or pip install peft)'
+PEFT_FLOOR = "0.18.0"  # 0.17 does not import with transformers 5 (HybridCache was removed); as in setup.cfg
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,11 +75,22 @@ class PeftArgs:
 
 
 def require_peft():
-    """The `peft` module, or a ConfigError that names the install."""
+    """The `peft` module, or a ConfigError that names the install (also for a peft too old for this suite or
+    for the installed transformers)."""
+    from packaging.version import Version
+
     try:
         import peft
-    except ImportError:
-        raise ConfigError(f"`use_peft: true` needs the peft library, which is not installed: {INSTALL_HINT}") from None
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == "peft":
+            raise ConfigError(f"`use_peft: true` needs the peft library, which is not installed: {INSTALL_HINT}") from None
+        # e.g. peft < 0.18 with transformers 5 (a class it imports was removed)
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"the installed peft cannot be imported ({message}); install peft>={PEFT_FLOOR}: "
+                          f"{INSTALL_HINT}") from None
+    if Version(peft.__version__) < Version(PEFT_FLOOR):
+        raise ConfigError(f"peft {peft.__version__} is older than {PEFT_FLOOR}, the oldest this suite was tested with; "
+                          f"{INSTALL_HINT}")
     return peft
 
 

@@ -92,7 +92,17 @@ def test_require_peft_without_peft_is_one_config_error_naming_the_install(monkey
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
     with pytest.raises(ConfigError) as e:
         require_peft()
-    assert "pip install" in str(e.value) and "[peft]" in str(e.value) and "\n" not in str(e.value)
+    assert "not installed" in str(e.value) and 'pip install -e ".[peft]"' in str(e.value) and "\n" not in str(e.value)
+
+
+def test_require_peft_refuses_a_peft_older_than_the_floor(monkeypatch):
+    import peft
+
+    from maxent_rlhf.lora import PEFT_FLOOR
+
+    monkeypatch.setattr(peft, "__version__", "0.17.1")
+    with pytest.raises(ConfigError, match=f"peft 0.17.1 is older than {PEFT_FLOOR}"):
+        require_peft()
 
 
 def test_unknown_target_module_is_a_config_error(tiny_policy_dir):
