@@ -110,13 +110,6 @@ def apply_lora(model, args: PeftArgs, base_model_name_or_path: Optional[str] = N
         r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         target_modules=targets, task_type=args.lora_task_type,
     )
-    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers 5's name
-    if checkpointing is None:
-        checkpointing = getattr(model, "is_gradient_checkpointing", False)  # transformers 4
-    if checkpointing:
-        # with frozen embeddings no input of a checkpointed block requires grad; reentrant checkpointing
-        # would then drop the adapter's gradients (TRL does the same)
-        model.enable_input_require_grads()
     try:
         peft_model = peft.get_peft_model(model, config)
     except ValueError as e:
@@ -147,7 +140,8 @@ def adapter_disabled(model):
 
     `model` is the PeftModel or what `accelerator.prepare` made of it; the forward may go through the
     wrapper. Use it with `torch.no_grad()`: peft sets the adapter's `requires_grad` off on entry and
-    back on at exit, and a DDP wrapper expects every trainable parameter to take part in a graded forward."""
+    back on at exit, and a DDP wrapper expects every trainable parameter to take part in a forward that
+    builds a graph."""
     with unwrap_peft_model(model).disable_adapter():
         yield
 
@@ -164,9 +158,9 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     W by rounding (bf16), and the reference (adapter off) would drift from the base. Cost: one new
     tensor per adapted matrix (its size); every other entry is the live parameter itself (shared storage,
     no copy: do not modify the returned tensors). The active adapter's copy of a `modules_to_save`
-    module (the SEQ_CLS score head) stands under the module's own name. Under FSDP2 / ZeRO-3 the
-    entries are the local shards: gather first."""
-    peft = require_peft()
+    module (the SEQ_CLS score head) stands under the module's own name. Under FSDP2 the sharded
+    parameters (DTensors) are gathered: every process must call it, and each gets the full weights."""
+    require_peft()
     from peft.tuners.lora import LoraLayer
 
     peft_model = unwrap_peft_model(model)
@@ -174,13 +168,15 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     base = peft_model.get_base_model()
     deltas = {}
     for name, module in base.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+        if isinstance(module, LoraLayer) and adapter in module.r:  # Linear, Embedding, Conv LoRA layers alike
             if module.merged:
                 raise ValueError(f"{name} is merged into its base layer; unmerge it before merged_state_dict")
             deltas[f"{name}.base_layer.weight"] = module.get_delta_weight(adapter)
     mts = re.compile(r"\.modules_to_save\.([^.]+)\.")
+    state = base.state_dict()
+    assert set(deltas) <= set(state), f"adapted weights not in the state dict: {sorted(set(deltas) - set(state))}"
     out: dict[str, torch.Tensor] = {}
-    for key, value in base.state_dict().items():
+    for key, value in state.items():
         if _ADAPTER_SEGMENT.search(key) or ".original_module." in key:
             continue
         m = mts.search(key)
@@ -190,9 +186,9 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
             key_out = key[: m.start()] + "." + key[m.end():]
         else:
             key_out = key.replace(".base_layer.", ".")
-        out[key_out] = value + deltas[key].to(value.dtype) if key in deltas else value
-    missing = set(deltas) - set(base.state_dict())
-    assert not missing, f"adapted weights not in the state dict: {sorted(missing)}"
+        if key in deltas:
+            value = value + deltas[key].to(value.dtype)
+        out[key_out] = value.full_tensor() if hasattr(value, "full_tensor") else value  # an FSDP2 DTensor
     return out
 
 
@@ -290,9 +286,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def main(argv=None) -> int:
     from .cli import describe_error
+    from .config import _ArgumentParser  # argparse with one-line errors
 
     prog = "python -m maxent_rlhf.lora"
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     merge = sub.add_parser(
         "merge", help="write an adapter's full merged weights (a plain transformers model)",

@@ -131,6 +131,23 @@ def test_all_linear_targets_every_linear_layer_but_the_output_head(tiny_policy_d
     assert adapted == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
 
 
+def test_adapter_gradients_under_activation_checkpointing_equal_the_plain_ones(tiny_policy_dir):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same random A
+        model = apply_lora(load_policy(tiny_policy_dir, gradient_checkpointing=checkpointing), PeftArgs(lora_dropout=0.0))
+        with torch.no_grad():  # B = 0 at init would give A no gradient
+            for n, p in model.named_parameters():
+                if ".lora_B." in n:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        model.train()
+        ids, mask, context = _batch(model.config.vocab_size)
+        response_logprobs(model, ids, mask, context).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[1].keys() == grads[0].keys() and all(g is not None and g.abs().sum() > 0 for g in grads[1].values())
+    assert all(torch.allclose(grads[1][n], grads[0][n], atol=1e-6) for n in grads[0])
+
+
 def test_adapter_off_is_the_base_model_before_and_after_a_training_step(tiny_policy_dir):
     model = _lora(tiny_policy_dir).eval()
     base = load_policy(tiny_policy_dir).eval()
@@ -164,6 +181,57 @@ def test_reference_through_an_accelerate_prepared_model(trained):
             pass
 
 
+@pytest.fixture()
+def one_process_group(tmp_path):
+    """A gloo process group of one process, for the DDP and FSDP2 wrappers (the 2-process runs are in the
+    sharded tests)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg_store", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reference_and_training_through_a_ddp_wrapper(tiny_policy_dir, one_process_group):
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _lora(tiny_policy_dir).eval()
+    base = load_policy(tiny_policy_dir).eval()
+    batch = _batch(base.config.vocab_size)
+    ddp = DistributedDataParallel(model)
+    for _ in range(2):  # reference forward, then a training step through the wrapper: gradients still arrive
+        with torch.no_grad(), adapter_disabled(ddp):
+            assert torch.equal(_logps(ddp, batch), _logps(base, batch))
+        _train_step(ddp, batch)
+    assert (_logps(ddp, batch) - _logps(base, batch)).abs().max() > 1e-3
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in model.named_parameters() if ".lora_" not in n)
+
+
+def test_reference_and_merged_weights_under_fsdp2(tiny_policy_dir, one_process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _lora(tiny_policy_dir).eval()
+    base = load_policy(tiny_policy_dir).eval()
+    batch = _batch(base.config.vocab_size)
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in model.get_base_model().gpt_neox.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # the PeftModel becomes an FSDP module in place (no wrapper)
+    _train_step(model, batch)
+    on = _logps(model, batch)
+    with adapter_disabled(model):
+        assert torch.equal(_logps(model, batch), _logps(base, batch))
+    merged = merged_state_dict(model)
+    assert all(type(v) is torch.Tensor for v in merged.values())  # gathered, not DTensors
+    fresh = load_policy(tiny_policy_dir).eval()
+    fresh.load_state_dict(merged, strict=True)
+    assert torch.allclose(_logps(fresh, batch), on, atol=1e-5)
+    assert (on - _logps(base, batch)).abs().max() > 1e-3
+
+
 # --------------------------------------------------------------------------------------------------
 # merged weights
 # --------------------------------------------------------------------------------------------------
@@ -187,6 +255,23 @@ def test_merged_state_dict_is_the_adapter_model_and_leaves_it_unmerged(trained, 
     assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)
     with adapter_disabled(model):
         assert torch.equal(_logps(model, batch), _logps(base, batch))
+
+
+def test_merged_state_dict_with_embedding_and_output_head_adapters(tiny_policy_dir):
+    fresh = load_policy(tiny_policy_dir).eval()
+    head = next(n for n, m in fresh.named_modules() if m is fresh.get_output_embeddings())  # lm_head (embed_out in 4.x)
+    model = _lora(tiny_policy_dir, lora_target_modules=["embed_in", "query_key_value", head], lora_r=4).eval()
+    assert any(".lora_embedding_A." in n for n, _ in model.named_parameters())  # an Embedding LoRA layer
+    assert any(f"{head}.lora_A." in n for n, _ in model.named_parameters())
+    batch = _batch(model.config.vocab_size)
+    _train_step(model, batch)
+    before = _logps(fresh, batch)
+    merged = merged_state_dict(model)
+    for name in ("gpt_neox.embed_in.weight", f"{head}.weight"):
+        assert not torch.allclose(merged[name], fresh.state_dict()[name])  # the update is in both
+    fresh.load_state_dict(merged, strict=True)
+    assert torch.allclose(_logps(fresh, batch), _logps(model, batch), atol=1e-5)
+    assert not torch.allclose(_logps(fresh, batch), before, atol=1e-3)
 
 
 def test_merged_state_dict_of_a_reward_model_names_the_trained_score_head(tiny_tokenizer, tmp_path):
@@ -277,5 +362,7 @@ def test_merge_command_errors_are_one_line(tiny_policy_dir, tmp_path):
         assert done.stderr.strip().startswith("python -m maxent_rlhf.lora: error:")
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+    no_out = _merge_cli("merge", tmp_path)
+    assert no_out.returncode == 2 and "OUT_DIR" in no_out.stderr and len(no_out.stderr.strip().splitlines()) == 1
     helped = _merge_cli("merge", "--help")
     assert helped.returncode == 0 and "ADAPTER_DIR" in helped.stdout and "adapter_config.json" in helped.stdout
