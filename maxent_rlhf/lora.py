@@ -3,8 +3,10 @@
 A LoRA policy trains low-rank updates W + (alpha / r) * B @ A of chosen weight matrices and keeps the
 base weights W frozen, so the reference model of the KL reward, `objective/kl_ref` and the DPO-family
 losses needs no second copy of the weights: it is the policy with the adapter disabled
-(`adapter_disabled`), as in TRL. Memory: the base weights once (no reference copy), plus the adapter's
-weights, gradients and AdamW state (a few MB at r 16 instead of 3 x the model).
+(`adapter_disabled`), as in TRL. Memory: the base weights once, plus the adapter's weights, gradients
+and two AdamW moments; full fine-tuning holds the weights, their gradients, two AdamW moments and the
+reference copy. Pythia-6.9B at r 16 on query_key_value (peft's default for GPT-NeoX): 32 layers x
+(16 x 4096 + 12288 x 16) = 8.4M adapter parameters, 134 MB in float32 with gradients and AdamW state.
 
     cfg = ...                                       # a training config that mixes in PeftArgs
     model = apply_lora(load_policy(path), cfg, base_model_name_or_path=cfg.model_name_or_path)
@@ -31,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from .artifacts import is_local_path
 from .config import ConfigError, cfg
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -100,8 +103,9 @@ def require_peft():
 def apply_lora(model, args: PeftArgs, base_model_name_or_path: Optional[str] = None):
     """`model` (a transformers model) with LoRA adapters from `args`: a `peft.PeftModel` whose only trainable
     parameters are the adapter's (and, for SEQ_CLS, the score head). `base_model_name_or_path` is written into
-    adapter_config.json: give the location the user gave (a hub id, a path or `toylab://NAME`), so that
-    the adapter's base can be found again; default: the model's own `name_or_path` (a resolved path)."""
+    adapter_config.json: give the location the user gave (a hub id, `toylab://NAME`, or a local path, which
+    is made absolute), so that the adapter's base can be found again; default: the model's own
+    `name_or_path` (the resolved path)."""
     peft = require_peft()
     targets = args.lora_target_modules
     if targets is not None and len(targets) == 1 and targets[0] == "all-linear":
@@ -117,7 +121,10 @@ def apply_lora(model, args: PeftArgs, base_model_name_or_path: Optional[str] = N
             raise ConfigError(f"`lora_target_modules` = {args.lora_target_modules!r}: {str(e).splitlines()[0]}") from None
         raise
     if base_model_name_or_path is not None:
-        peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = str(base_model_name_or_path)
+        location = str(base_model_name_or_path)
+        if is_local_path(location) and Path(location).expanduser().exists():
+            location = str(Path(location).expanduser().absolute())  # found again from any working directory
+        peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path = location
     return peft_model
 
 
@@ -223,6 +230,8 @@ def read_adapter_config(path: str | Path) -> dict:
         config = json.loads((p / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p / ADAPTER_CONFIG}: not valid JSON ({e})") from None
+    if not (p / ADAPTER_WEIGHTS).is_file():
+        raise ConfigError(f"adapter {str(path)!r} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (save_adapter writes both)")
     if not config.get("base_model_name_or_path"):
         raise ConfigError(f"{p / ADAPTER_CONFIG} names no base model (`base_model_name_or_path`); "
                           "set it to the base model's hub id or directory")

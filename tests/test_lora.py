@@ -328,6 +328,35 @@ def test_load_merged_from_adapter_resolves_a_registered_scheme(trained, tiny_pol
     assert torch.allclose(_logps(merged, batch), _logps(model, batch), atol=1e-5)
 
 
+def test_a_relative_base_path_is_written_absolute(tiny_policy_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(tiny_policy_dir).parent)
+    model = apply_lora(load_policy(tiny_policy_dir), PeftArgs(), base_model_name_or_path=f"./{Path(tiny_policy_dir).name}")
+    save_adapter(model, tmp_path / "adapter")
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert written == str(Path(tiny_policy_dir).absolute())
+    monkeypatch.chdir(tmp_path)  # elsewhere: still found
+    assert type(load_merged_from_adapter(tmp_path / "adapter")).__name__ == "GPTNeoXForCausalLM"
+
+
+def test_adapter_config_problems_are_config_errors(tmp_path):
+    from maxent_rlhf.lora import read_adapter_config
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        read_adapter_config(tmp_path / "file")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text('{"base_model_name_or_path": "x"}')
+    with pytest.raises(ConfigError, match="no adapter_model.safetensors"):
+        read_adapter_config(tmp_path / "a")
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / "a" / "adapter_config.json").write_text('{"peft_type": "LORA", "task_type": "CAUSAL_LM"}')
+    with pytest.raises(ConfigError, match="names no base model"):
+        read_adapter_config(tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text('{"base_model_name_or_path": "x", ')
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        read_adapter_config(tmp_path / "a")
+
+
 def _merge_cli(*args):
     return subprocess.run([sys.executable, "-m", "maxent_rlhf.lora", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
