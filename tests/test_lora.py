@@ -1,9 +1,9 @@
 """LoRA policies: the adapter-off model is the base model, merged weights are the adapter model, adapter
 checkpoints load back identically, and bad options are one ConfigError line."""
 import json
-from dataclasses import dataclass
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
