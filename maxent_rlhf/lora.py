@@ -314,7 +314,6 @@ def main(argv=None) -> int:
                        help="dtype of the merge and of the written weights (default: float32; bfloat16 halves the size)")
     merge.add_argument("--trust_remote_code", action="store_true", help="allow custom model code of the base model")
     args = parser.parse_args(argv)
-    import maxent_rlhf.toylab  # noqa: F401  (an entry point like the scripts: registers toylab:// locations)
 
     try:
         out = merge_adapter(args.adapter_dir, args.out_dir, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
