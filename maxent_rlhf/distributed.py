@@ -35,6 +35,7 @@ import contextlib
 import copy
 import os
 import random
+import sys
 from typing import Optional
 
 import numpy as np
@@ -309,9 +310,13 @@ def prepare_frozen_model(model: torch.nn.Module, accelerator, dtype: Optional[to
 
 def hf_model(model):
     """The HF model inside an accelerate / DeepSpeed / DDP wrapper (attributes such as `score`,
-    `base_model_prefix`, `generate`); FSDP2 modules are their own HF model."""
+    `base_model_prefix`, `generate`); FSDP2 modules are their own HF model; a peft LoRA model's is the
+    model its adapter layers were injected into."""
     while not hasattr(model, "base_model_prefix") and hasattr(model, "module"):
         model = model.module
+    peft = sys.modules.get("peft")  # imported by maxent_rlhf.lora whenever a LoRA model exists
+    if peft is not None and isinstance(model, peft.PeftModel):
+        model = model.get_base_model()
     return model
 
 
