@@ -97,3 +97,82 @@ def test_reference_logprobs_of_the_adapter_off_policy_equal_the_base_model(tmp_p
     for a, b in zip(ml, mp):
         for k in ("ref/logratio", "train/loss", "rewards/margins"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+
+
+# --------------------------------------------------------------------------------------------------
+# adapter checkpoints: exact resume, the judge sees the merged model
+# --------------------------------------------------------------------------------------------------
+def test_adapter_checkpoint_resume_after_kill_equals_the_uninterrupted_run(tmp_path, datasets, tiny_policy_dir,
+                                                                           monkeypatch):
+    # as test_offline's full-weights version: 12 examples / batch 4, 6 steps across an epoch, checkpoints at
+    # 2 and 4, killed inside step 5; LoRA dropout on, so the restored RNG streams matter too
+    kw = dict(LORA, lora_dropout=0.1, loss_type="dpo", max_steps=6, save_steps=2, lr_scheduler_type="cosine",
+              warmup_ratio=0.34, learning_rate=2e-2)
+    full = train_offline.main(make_cfg(tmp_path / "a", tiny_policy_dir, datasets["pairs12"], **kw))
+    calls = {"n": 0}
+    real = objectives.dpo_loss
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 4 * 2:  # 4 steps x 2 micro-batches, then the process "dies"
+            raise KeyboardInterrupt("simulated kill")
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_offline.objectives, "dpo_loss", dying)
+    cfg_b = make_cfg(tmp_path / "b", tiny_policy_dir, datasets["pairs12"], **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train_offline.main(cfg_b)
+    monkeypatch.setattr(train_offline.objectives, "dpo_loss", real)
+    step4 = checkpoints.latest_checkpoint(cfg_b.output_dir)
+    assert checkpoints.checkpoint_step(step4) == 4 and lora.is_adapter_dir(step4)
+    blob = torch.load(step4 / "trainer_state.pt", weights_only=True)  # the optimizer holds the adapter only
+    assert len(blob["optimizer"]["state"]) == len(_trainable_names(step4)) > 0
+    cfg_b.resume = "latest"
+    resumed = train_offline.main(cfg_b)
+
+    from safetensors.torch import load_file
+
+    a = load_file(str(checkpoints.latest_checkpoint(full) / lora.ADAPTER_WEIGHTS))
+    b = load_file(str(checkpoints.latest_checkpoint(resumed) / lora.ADAPTER_WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma = [m for m in runs.read_metrics(full) if "train/loss" in m]
+    mb = [m for m in runs.read_metrics(resumed) if "train/loss" in m]
+    assert [m["step"] for m in mb] == [1, 2, 3, 4, 5, 6]
+    for key in ("train/loss", "train/lr", "ref/logratio", "train/grad_norm"):
+        assert [m[key] for m in ma] == [m[key] for m in mb], key
+
+
+def test_a_full_weights_checkpoint_is_not_resumed_as_an_adapter(tmp_path, datasets, tiny_policy_dir):
+    kw = dict(loss_type="simpo", max_steps=2, save_steps=1)
+    c = make_cfg(tmp_path, tiny_policy_dir, datasets["pairs4"], **kw)
+    train_offline.main(c)
+    with pytest.raises(RuntimeError, match="holds no adapter"):
+        train_offline.main(make_cfg(tmp_path, tiny_policy_dir, datasets["pairs4"], resume="latest",
+                                    **dict(kw, max_steps=3), **LORA))
+
+
+def test_evaluate_judge_on_an_adapter_checkpoint_equals_its_merged_copy(tmp_path, datasets, tiny_policy_dir,
+                                                                        tiny_reward_dir):
+    import evaluate_judge as ej
+    from test_judge import make_dataset
+
+    c = make_cfg(tmp_path, tiny_policy_dir, datasets["sft4"], loss_type="sft", max_steps=5, learning_rate=5e-2, **LORA)
+    ckpt = checkpoints.latest_checkpoint(train_offline.main(c))
+    merged = tmp_path / "merged"
+    done = subprocess.run([sys.executable, "-m", "maxent_rlhf.lora", "merge", str(ckpt), str(merged)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    common = dict(dataset_name=str(make_dataset(tmp_path, 6)), n=0, judge="reward-model", max_new_tokens=10,
+                  reward_model_name_or_path=tiny_reward_dir, plot=False, per_device_eval_batch_size=2)
+    out = {name: ej.main(ej.EvalConfig(output_dir=str(tmp_path / f"eval_{name}"), checkpoints=[str(path)], **common))
+           for name, path in (("adapter", ckpt), ("merged", merged), ("base", tiny_policy_dir))}
+
+    def generations(name):
+        files = list((tmp_path / f"eval_{name}" / "generations").glob("*.jsonl"))
+        assert len(files) == 1
+        return [(r["id"], r["generation"]) for r in map(json.loads, files[0].read_text().splitlines())]
+
+    assert generations("adapter") == generations("merged")  # same generations...
+    assert generations("adapter") != generations("base")  # ...of a model that is not the base
+    row = lambda name: {k: v for k, v in out[name]["checkpoints"][0].items() if k not in ("label", "path", "step")}
+    assert row("adapter") == row("merged")  # ...and the same verdicts
