@@ -452,3 +452,30 @@ def test_cutting_the_pad_tail_changes_no_metric(accelerator, tiny_tokenizer, tin
     # in the weights at ~1e-5 (every metric still agrees to 1e-5)
     assert_same_run(steps_2_to_8(c, accelerator, tiny_policy_dir, tiny_reward_dir, padded),
                     steps_2_to_8(c, accelerator, tiny_policy_dir, tiny_reward_dir, cut), weights_atol=2e-5)
+
+
+def test_rollout_args_mix_into_another_online_config_with_their_checks_and_defaults():
+    """A second online trainer's config (RolloutArgs next to TrainConfig, without RLOO's fields) gets the
+    rollout's fields with RLOO's defaults, its range checks chained after TrainConfig's, and a reference
+    used every iteration unless it overrides `needs_ref` (RLOOConfig does: kl_ref_every)."""
+    from dataclasses import dataclass
+
+    from maxent_rlhf.config import TrainConfig
+
+    @dataclass
+    class OnlineConfig(rollout.RolloutArgs, TrainConfig):
+        pass
+
+    c = OnlineConfig()
+    rloo = train_rloo.RLOOConfig()
+    for f in fields(rollout.RolloutArgs):
+        assert getattr(c, f.name) == getattr(rloo, f.name), f.name
+    assert not hasattr(c, "kl_ref_every") and not hasattr(c, "num_ppo_epochs")
+    assert c.needs_ref() and c.needs_ref(3)
+    assert not train_rloo.RLOOConfig(regularizer="none", kl_ref_every=0).needs_ref()
+    with pytest.raises(ConfigError, match="`temperature` = 0"):
+        OnlineConfig(temperature=0.0)
+    with pytest.raises(ConfigError, match="`kl_prev_per_prompt` = 5 must be in 0..rloo_k = 4"):
+        OnlineConfig(rloo_k=4, kl_prev_per_prompt=5)
+    with pytest.raises(ConfigError, match="`learning_rate`"):  # TrainConfig's checks still run
+        OnlineConfig(learning_rate=-1.0)
