@@ -46,6 +46,10 @@ evaluate_judge.py: eval/win_rate with its Wilson interval, n, invalid, lengths; 
 Outputs (run directory = output_dir): config.yaml, metrics.jsonl, checkpoints/step_XXXXXXXX (HF
 safetensors weights + tokenizer + trainer state), eval/ (judged generations per step, judgment cache),
 curves.png (the paper's Fig. 7 layout); at the end the run's story (maxent_rlhf.story) is printed.
+LoRA (`use_peft`): the model trains a LoRA adapter (the reward model: lora_task_type SEQ_CLS, its new score
+head in full); the reference is the policy with its adapter switched off (`Models.reference`, no second copy);
+checkpoints hold the adapter (adapter_model.safetensors + adapter_config.json) next to the trainer state;
+full merged weights: `python -m maxent_rlhf.lora merge CKPT OUT_DIR`; evaluate_judge.py takes the adapter.
 `main(cfg)` returns the run directory; the final model is `checkpoints.latest_checkpoint(run_dir)`.
 """
 from __future__ import annotations
@@ -162,9 +166,6 @@ class OfflineConfig(PeftArgs, EvalArgs, TrainConfig):
             (self.lora_task_type == ("SEQ_CLS" if self.loss_type == "reward" else "CAUSAL_LM"),
              f"`lora_task_type` = {self.lora_task_type!r} does not fit loss_type {self.loss_type!r}: set "
              f"lora_task_type: {'SEQ_CLS' if self.loss_type == 'reward' else 'CAUSAL_LM'}"),
-            (not self.ref_model_name_or_path,
-             "`ref_model_name_or_path` with use_peft: the reference is the policy with its adapter disabled (no "
-             "second model); set ref_model_name_or_path: null, or use_peft: false for another reference"),
             (not (self.loss_type == "reward" and self.normalize_reward),
              "`normalize_reward` with use_peft: the shift edits a base weight, which an adapter checkpoint does not "
              "hold; set normalize_reward: false (or train the reward model without use_peft)"),

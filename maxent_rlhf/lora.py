@@ -55,7 +55,8 @@ class PeftArgs:
         "adapter disabled (no second copy); checkpoints hold the adapter")
     lora_r: int = cfg(16, "LoRA rank r of the update B @ A")
     lora_alpha: int = cfg(32, "LoRA alpha: the update is scaled by lora_alpha / lora_r")
-    lora_dropout: float = cfg(0.05, "dropout on the LoRA branch's input (training only)")
+    lora_dropout: float = cfg(0.05, "dropout on the LoRA branch's input (training only; the online trainers switch "
+                              "every dropout of the policy off, this one too)")
     lora_target_modules: Optional[list[str]] = cfg(
         None, "modules that get an adapter, by name (comma-separated), or all-linear; null: peft's default for the "
         "architecture (GPT-NeoX / Pythia: query_key_value)")
@@ -74,6 +75,9 @@ class PeftArgs:
              f"`lora_target_modules` = {targets!r} must be null (peft's default) or a non-empty list of module names"),
             (self.lora_task_type in LORA_TASK_TYPES,
              f"`lora_task_type` = {self.lora_task_type!r} must be one of {list(LORA_TASK_TYPES)}"),
+            (not (self.use_peft and getattr(self, "ref_model_name_or_path", None)),
+             "`ref_model_name_or_path` with use_peft: the reference is the policy with its adapter disabled (no "
+             "second model is loaded); set ref_model_name_or_path: null, or use_peft: false for another reference"),
         ]
 
 

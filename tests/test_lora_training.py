@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the scripts are top-level modules, importable from the repo root
 
 import train_offline  # noqa: E402
-from maxent_rlhf import checkpoints, lora, models, objectives, runs  # noqa: E402
+from maxent_rlhf import checkpoints, lora, models, objectives, rollout, runs  # noqa: E402
 from maxent_rlhf.config import ConfigError  # noqa: E402
 from test_offline import datasets, make_cfg  # noqa: E402,F401  (the module's fixture and config builder)
 
@@ -176,3 +176,90 @@ def test_evaluate_judge_on_an_adapter_checkpoint_equals_its_merged_copy(tmp_path
     assert generations("adapter") != generations("base")  # ...of a model that is not the base
     row = lambda name: {k: v for k, v in out[name]["checkpoints"][0].items() if k not in ("label", "path", "step")}
     assert row("adapter") == row("merged")  # ...and the same verdicts
+
+
+# --------------------------------------------------------------------------------------------------
+# RLOO: kl and entropy regularisers, the reference is the adapter switched off
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rloo_base(tiny_policy_dir, tiny_reward_dir, tmp_path_factory):
+    import train_rloo
+    from test_rloo import PROMPT_WORDS
+
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("lora_rloo_data") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"SUBREDDIT: r/cats POST: "
+                                        f"{' '.join(rng.choice(PROMPT_WORDS) for _ in range(rng.randint(2, 6)))} TL;DR:"}) + "\n"
+                            for _ in range(24)))
+    return train_rloo.RLOOConfig(
+        model_name_or_path=tiny_policy_dir, reward_model_name_or_path=tiny_reward_dir, dataset_name=str(path),
+        global_batch_size=8, rloo_k=2, num_mini_batches=2, per_device_train_batch_size=2, num_ppo_epochs=2,
+        num_iterations=2, response_length=6, max_prompt_length=16, report_to="none", sample_every=0,
+        learning_rate=2e-2, **LORA)
+
+
+@pytest.mark.parametrize("overrides", [dict(regularizer="kl", kl_coef=0.05, shared_prefix=False),
+                                       dict(regularizer="entropy", entropy_coef=0.1, length_normalize=True)],
+                         ids=["kl", "maxent-eq7"])
+def test_rloo_lora_runs_with_the_adapter_off_reference(rloo_base, tmp_path, overrides, monkeypatch, tiny_policy_dir):
+    import dataclasses
+
+    import train_rloo
+    from test_rloo import EVERY_METRIC
+
+    loaded, ref_vs_base = [], []
+    real_load, real_ref = rollout.load_policy, rollout.reference_logprobs
+    monkeypatch.setattr(rollout, "load_policy", lambda *a, **k: loaded.append(a[0]) or real_load(*a, **k))
+    base_model = models.load_policy(tiny_policy_dir).eval()
+
+    def checked_reference(c, m, ro):  # the trainer's reference log-probs vs the base model loaded separately
+        out = real_ref(c, m, ro)
+        ref_vs_base.append((out, rollout.policy_logprobs(c, m, ro, base_model, m.sharing.ref)))
+        return out
+
+    monkeypatch.setattr(rollout, "reference_logprobs", checked_reference)
+    c = dataclasses.replace(rloo_base, output_dir=str(tmp_path / "run"), **overrides)
+    run = Path(train_rloo.main(c))
+    assert loaded == [tiny_policy_dir]  # the policy only: no reference copy
+    assert len(ref_vs_base) == 2
+    if c.shared_prefix:  # the shared prompt pass through peft's LoRA layers rounds differently by an ulp
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in ref_vs_base)
+    else:  # the plain forward: bit for bit
+        assert all(torch.equal(a, b) for a, b in ref_vs_base)
+    records = runs.read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(isinstance(records[1][k], float) and records[1][k] == records[1][k] for k in EVERY_METRIC)
+    if overrides["regularizer"] == "kl":  # iteration 1 samples from the reference itself (B = 0): KL exactly 0
+        assert records[0]["objective/kl_ref"] == 0.0
+    assert records[1]["objective/kl_ref_k3"] > 0  # the adapter moved the policy away from its adapter-off self
+    ckpt = checkpoints.latest_checkpoint(run)
+    assert lora.is_adapter_dir(ckpt) and not (ckpt / "model.safetensors").exists()
+    assert lora.read_adapter_config(ckpt)["base_model_name_or_path"] == tiny_policy_dir
+
+
+def test_rloo_lora_resume_is_exact(rloo_base, tmp_path):
+    """4 iterations straight == 2, 'kill' (only what was on disk), resume for the last 2: identical adapter."""
+    import dataclasses
+    import shutil
+
+    import train_rloo
+    from safetensors.torch import load_file
+
+    c = dataclasses.replace(rloo_base, num_iterations=4, save_steps=2, output_dir=str(tmp_path / "full"))
+    full = Path(train_rloo.main(c))
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_00000002", killed / "checkpoints" / "step_00000002")
+    lines = (full / "metrics.jsonl").read_text().splitlines()
+    (killed / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # step 3 was logged, then the kill
+    resumed = Path(train_rloo.main(dataclasses.replace(c, output_dir=str(killed), resume="latest")))
+    a = load_file(full / "checkpoints" / "step_00000004" / lora.ADAPTER_WEIGHTS)
+    b = load_file(resumed / "checkpoints" / "step_00000004" / lora.ADAPTER_WEIGHTS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = runs.read_metrics(full), runs.read_metrics(resumed)
+    assert [r["step"] for r in mb] == [1, 2, 3, 4]
+    for ra, rb in zip(ma, mb):
+        for key in ("objective/scores", "objective/kl_ref", "objective/kl_prev", "policy/approxkl"):
+            assert ra[key] == rb[key], key
