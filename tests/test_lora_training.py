@@ -263,3 +263,70 @@ def test_rloo_lora_resume_is_exact(rloo_base, tmp_path):
     for ra, rb in zip(ma, mb):
         for key in ("objective/scores", "objective/kl_ref", "objective/kl_prev", "policy/approxkl"):
             assert ra[key] == rb[key], key
+
+
+# --------------------------------------------------------------------------------------------------
+# sharded: DDP and FSDP2 on two CPU processes == one process (tests/test_sharded.py's machinery)
+# --------------------------------------------------------------------------------------------------
+LORA_SHARDED = ("dpo", "rloo_kl", "rloo_entropy")
+LORA_BACKENDS = {"ddp": ("cpu.yaml", ["--num_processes", "2"], {"ACCELERATE_USE_CPU": "true"}),
+                 "fsdp2": ("cpu_fsdp2.yaml", [], {"ACCELERATE_USE_CPU": "true"})}
+
+
+@pytest.fixture(scope="module")
+def lora_sharded_runs():
+    """One 1-process run and one 2-process launch per backend of DPO / RLOO-kl / RLOO-entropy with LoRA
+    (4 steps, a checkpoint at step 2; DPO and RLOO-kl also resumed from it in a fresh run directory)."""
+    import shutil
+    import tempfile
+
+    import yaml
+    from test_sharded import ACCEL, DRIVER, _build_assets, _env, _jobs, _run
+
+    d = Path(tempfile.mkdtemp(prefix="maxent_rlhf_lora_sharded_"))
+    try:
+        configs = {name: (script, dict(config, **LORA, learning_rate=2e-2))
+                   for name, (script, config) in _build_assets(d).items() if name in LORA_SHARDED}
+        (d / "jobs-p1.yaml").write_text(yaml.safe_dump(_jobs(d, configs, "p1", resume=False)))
+        _run([sys.executable, str(DRIVER), str(d / "jobs-p1.yaml"), str(d / "report-p1")], d, _env({}), d / "p1.log")
+        for name, (config, flags, env) in LORA_BACKENDS.items():
+            (d / f"jobs-{name}.yaml").write_text(yaml.safe_dump(_jobs(d, configs, name, resume=True)))
+            _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / config), *flags,
+                  str(DRIVER), str(d / f"jobs-{name}.yaml"), str(d / f"report-{name}")], d, _env(env), d / f"{name}.log")
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _adapter(run, step: int = 4) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run) / "checkpoints" / f"step_{step:08d}" / lora.ADAPTER_WEIGHTS))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", list(LORA_BACKENDS))
+def test_lora_two_processes_match_one_process(lora_sharded_runs, backend):
+    from run_compare import WEIGHT_ATOL, assert_metrics_close, max_weight_diff, run_metrics
+
+    d = lora_sharded_runs
+    reports = [json.loads((d / f"report-{backend}" / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    for entry in reports[0] + reports[1]:  # the backend really ran: FSDP2 holds half the parameters per process
+        assert entry["num_processes"] == 2 and entry["distributed_type"] == ("FSDP" if backend == "fsdp2" else "MULTI_CPU")
+        if backend == "fsdp2":
+            assert 0.4 < entry["param_numel_local"] / entry["param_numel_full"] < 0.6, entry
+    for script in LORA_SHARDED:
+        one, two = d / f"{script}-p1", d / f"{script}-{backend}"
+        m1, m2 = run_metrics(one), run_metrics(two)
+        assert sorted({m["step"] for m in m2}) == [1, 2, 3, 4]
+        assert_metrics_close(m2, m1)
+        a1, a2 = _adapter(one), _adapter(two)
+        assert max_weight_diff(a1, a2) <= WEIGHT_ATOL, script
+        assert max(v.abs().max().item() for k, v in a2.items() if "lora_B" in k) > 10 * WEIGHT_ATOL  # it trained
+        assert lora.read_adapter_config(two / "checkpoints" / "step_00000004")["base_model_name_or_path"] == \
+            str(d / "policy")
+    for script in ("dpo", "rloo_kl"):  # resumed at step 2 == uninterrupted, exactly
+        full, resumed = d / f"{script}-{backend}", d / f"{script}-{backend}-resumed"
+        a, b = _adapter(full), _adapter(resumed)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), script
+        assert_metrics_close(run_metrics(resumed), run_metrics(full)[2:], exact=True)
