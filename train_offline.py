@@ -474,19 +474,20 @@ def load_data(c: OfflineConfig, run: Run) -> Data:
 
 
 def load_models(c: OfflineConfig, run: Run, d: Data) -> Models:
-    """3. The model that trains (float32; the reward model for loss `reward`, else the policy) and, for
+    """3. The model that trains (float32, with use_peft a LoRA adapter in float32 on the frozen base in the
+    mixed-precision dtype; the reward model for loss `reward`, else the policy) and, for
     dpo/ipo/chipo, the frozen reference in the mixed-precision dtype, prepared for the engine; whether the
     reference shares the prompt pass is decided here."""
     # prompt + response must fit the model's positions: checked from its config.json, before any weights load
     models.check_context_length(
         models.load_model_config(c.model_name_or_path, "model", c.trust_remote_code, c.model_revision),
         c.max_prompt_length, c.max_completion_length, "max_prompt_length", "max_completion_length")
+    # LoRA: the base weights are frozen, so they load in the frozen models' dtype (bf16 on GPU); else float32
+    dtype = models.resolve_dtype(c.mixed_precision, run.accelerator.device) if c.use_peft else torch.float32
     if c.loss_type == "reward":
-        model = models.load_reward_model_for_training(
-            c.model_name_or_path, torch.float32, c.trust_remote_code, c.model_revision
-        )
+        model = models.load_reward_model_for_training(c.model_name_or_path, dtype, c.trust_remote_code, c.model_revision)
     else:
-        model = models.load_policy(c.model_name_or_path, torch.float32, c.trust_remote_code, revision=c.model_revision)
+        model = models.load_policy(c.model_name_or_path, dtype, c.trust_remote_code, revision=c.model_revision)
     model.config.pad_token_id = d.tokenizer.pad_token_id
     if c.gradient_checkpointing:
         models.enable_activation_checkpointing(model)

@@ -106,7 +106,8 @@ def require_peft():
 # --------------------------------------------------------------------------------------------------
 def apply_lora(model, args: PeftArgs, base_model_name_or_path: Optional[str] = None):
     """`model` (a transformers model) with LoRA adapters from `args`: a `peft.PeftModel` whose only trainable
-    parameters are the adapter's (and, for SEQ_CLS, the score head). `base_model_name_or_path` is written into
+    parameters are the adapter's (and, for SEQ_CLS, the score head), in float32 whatever the base's dtype
+    (the trainers load the frozen base in the mixed-precision dtype: bf16 on GPU). `base_model_name_or_path` is written into
     adapter_config.json: give the location the user gave (a hub id, `toylab://NAME`, or a local path, which
     is made absolute), so that the adapter's base can be found again; default: the model's own
     `name_or_path` (the resolved path)."""
@@ -124,6 +125,9 @@ def apply_lora(model, args: PeftArgs, base_model_name_or_path: Optional[str] = N
         if "target" in str(e).lower():
             raise ConfigError(f"`lora_target_modules` = {args.lora_target_modules!r}: {str(e).splitlines()[0]}") from None
         raise
+    for p in peft_model.parameters():  # trainable = float32 (AdamW's state); the frozen base may be bf16
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     if base_model_name_or_path is not None:
         location = str(base_model_name_or_path)
         if is_local_path(location) and Path(location).expanduser().exists():

@@ -280,12 +280,15 @@ def load_models(c, accelerator, reward_fn: Optional[Callable], log_prefix: str =
     reward_fn scores. Frozen models are in the mixed-precision dtype and prepared for the engine."""
     frozen_dtype = resolve_dtype(c.mixed_precision, accelerator.device)
     tokenizer = load_tokenizer(c.model_name_or_path, padding_side="left", trust_remote_code=c.trust_remote_code)
-    policy = load_policy(c.model_name_or_path, trust_remote_code=c.trust_remote_code, gradient_checkpointing=c.gradient_checkpointing)
-    if getattr(c, "use_peft", False):  # adapter_config.json records the location the user gave
+    use_peft = getattr(c, "use_peft", False)
+    # LoRA: the base weights are frozen, so they load in the frozen models' dtype (bf16 on GPU: 13.8 GB at 6.9B)
+    policy = load_policy(c.model_name_or_path, dtype=frozen_dtype if use_peft else torch.float32,
+                         trust_remote_code=c.trust_remote_code, gradient_checkpointing=c.gradient_checkpointing)
+    if use_peft:  # adapter_config.json records the location the user gave
         policy = lora.apply_lora(policy, c, base_model_name_or_path=c.model_name_or_path)
     disable_dropout(policy)  # the LoRA branch's dropout too
     m = Models(accelerator, tokenizer, policy, reward_fn=reward_fn)
-    if c.needs_ref() and getattr(c, "use_peft", False):
+    if c.needs_ref() and use_peft:
         m.ref_adapter_off = True  # the reference is the base weights the policy already holds: nothing loads
     elif c.needs_ref():
         with distributed.frozen_model_loading(accelerator):
