@@ -432,6 +432,8 @@ def load_split(c: OfflineConfig, dataset: str, split: str, limit: int, kind: str
 def launch(c: OfflineConfig) -> Run:
     """1. The global batch's split (errors before anything starts), the accelerator, the run directory
     (refuses an output_dir holding another run unless --resume / --overwrite_output_dir), config.yaml, the seed."""
+    if c.use_peft:
+        lora.require_peft()  # without peft: one line naming the install, before anything is written
     num_processes = distributed.process_state().num_processes
     per_process, grad_accum = derive_batch_sizes(c.global_batch_size, num_processes, c.per_device_train_batch_size)
     trackers = distributed.resolve_trackers(c.report_to)

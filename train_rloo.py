@@ -73,7 +73,7 @@ from maxent_rlhf import distributed, generation, objectives, plotting, rollout
 from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, TrainConfig, cfg, derive_batch_sizes
 from maxent_rlhf.data import PromptStream, load_any_dataset, require_columns
 from maxent_rlhf.evaluation import EvalArgs, TrainingEvaluator
-from maxent_rlhf.lora import PeftArgs
+from maxent_rlhf.lora import PeftArgs, require_peft
 from maxent_rlhf.models import check_context_length, load_model_config
 from maxent_rlhf.rollout import Models, Rollout, RolloutArgs
 from maxent_rlhf.schedules import build_lr_scheduler
@@ -385,6 +385,8 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     """Train; returns the run directory. `reward_fn` (optional) replaces the reward model (see docstring)."""
     from accelerate import Accelerator
 
+    if c.use_peft:
+        require_peft()  # without peft: one line naming the install, before anything is written
     trackers = resolve_trackers(c.report_to)
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(c.mixed_precision),

@@ -330,3 +330,20 @@ def test_lora_two_processes_match_one_process(lora_sharded_runs, backend):
         a, b = _adapter(full), _adapter(resumed)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), script
         assert_metrics_close(run_metrics(resumed), run_metrics(full)[2:], exact=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# use_peft without peft: one line, nothing written
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", ["train_offline.py", "train_rloo.py"])
+def test_use_peft_without_peft_is_one_line_naming_the_install(script, tmp_path, tiny_policy_dir):
+    code = ("import runpy, sys; sys.modules['peft'] = None; "  # `import peft` raises ImportError
+            f"sys.argv = [{script!r}] + sys.argv[1:]; runpy.run_path({script!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code, "--use_peft", "true", "--model_name_or_path", tiny_policy_dir,
+                           "--output_dir", str(tmp_path / "run"), "--report_to", "none"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: `use_peft: true` needs the peft library"), lines
+    assert 'pip install -e ".[peft]"' in lines[0]
+    assert not (tmp_path / "run").exists()
