@@ -2,6 +2,7 @@
 the online loss equal to train_offline's on the same pairs, learning on a fixed pair, every metric of a run,
 exact resume, and 2 processes == 1 process (slow)."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -65,6 +66,19 @@ def test_select_pairs_gives_rollout_rows():
     c = train_online.OnlineConfig(model_name_or_path="unused", rloo_k=4, global_batch_size=8, per_device_train_batch_size=2)
     sel = train_online.select_pairs(c, ro)
     assert sel.chosen.tolist() == [2, 4] and sel.rejected.tolist() == [0, 4] and sel.valid.tolist() == [True, False]
+
+
+def test_one_loss_dispatch_for_both_trainers():
+    assert set(train_offline.LOSSES) - {"sft", "reward"} == set(objectives.PREFERENCE_LOSSES)
+    assert set(train_online.ONLINE_LOSSES) | set(train_online.OFFLINE_ONLY) == set(train_offline.LOSSES)
+    s, n = torch.tensor([[-2.0, -5.0]]), torch.tensor([[2.0, 4.0]])
+    params = objectives.PreferenceLossParams(beta=2.0, simpo_gamma=0.5)
+    out = objectives.preference_loss("simpo", s, n, None, params)  # -log sigma(2 (-1) - 2 (-1.25) - 0.5) = log 2
+    assert float(out.losses) == pytest.approx(math.log(2.0))
+    with pytest.raises(ValueError, match="`ref_logps` is required"):
+        objectives.preference_loss("dpo", s, n, None, params)
+    with pytest.raises(ValueError, match="`loss_type` must be one of"):
+        objectives.preference_loss("sft", s, n, None, params)
 
 
 # --------------------------------------------------------------------------------------------------
