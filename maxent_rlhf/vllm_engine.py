@@ -18,7 +18,6 @@ lives in a venv of its own (see .ci/run).
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -79,6 +78,8 @@ def _exchange_dir() -> str:
 class VLLMEngine:
     """One vLLM engine (its own process) serving a local HF model directory (safetensors).
 
+    `tokenizer`: a directory with the tokenizer files when `model` has none.
+
     Constructor options carry TRL's names (`gpu_memory_utilization`, `tensor_parallel_size`,
     `enable_sleep_mode`, `max_model_len`, `seed`, `dtype`). Use as a context manager or call `close()`.
     """
@@ -86,6 +87,7 @@ class VLLMEngine:
     def __init__(
         self,
         model: str,
+        tokenizer: Optional[str] = None,
         dtype: str = "float32",
         gpu_memory_utilization: float = 0.9,
         tensor_parallel_size: int = 1,
@@ -106,8 +108,9 @@ class VLLMEngine:
         started = time.perf_counter()
         self.llm = vllm.LLM(
             model=str(model),
-            tokenizer=str(model),
-            skip_tokenizer_init=True,  # token ids in, token ids out
+            # loaded though ids go in and out undecoded (detokenize=False): without one, vLLM's start-up
+            # chat-template warm-up logs a traceback
+            tokenizer=str(tokenizer or model),
             dtype=dtype,
             seed=seed,
             gpu_memory_utilization=gpu_memory_utilization,
@@ -145,6 +148,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._check_awake("generate")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
         prompts, params = [], []
@@ -182,6 +186,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._check_awake("sequence_logprobs")
         prompt_ids, completion_ids = [int(t) for t in prompt_ids], [int(t) for t in completion_ids]
         if not prompt_ids or not completion_ids:
             raise ValueError("the probe needs a non-empty prompt and completion")
@@ -211,8 +216,7 @@ class VLLMEngine:
         """
         from safetensors.torch import save_file
 
-        if self.sleeping:
-            raise RuntimeError("load_weights while the engine sleeps: call wake_up() first")
+        self._check_awake("load_weights")
         started = time.perf_counter()
         tensors, seen = {}, set()
         for name, t in named_tensors:
@@ -249,9 +253,16 @@ class VLLMEngine:
             self.sleeping = True
 
     def wake_up(self) -> None:
+        """Bring the engine back from `sleep()` with the weights it had (no reload from disk)."""
         if self.sleeping:
             self.llm.wake_up()
             self.sleeping = False
+
+    def _check_awake(self, what: str) -> None:
+        if self.llm is None:
+            raise RuntimeError(f"{what} after close()")
+        if self.sleeping:
+            raise RuntimeError(f"{what} while the engine sleeps: call wake_up() first")
 
     # -- lifetime ----------------------------------------------------------------------------------
     def close(self, timeout: float = 30.0) -> None:
@@ -261,7 +272,7 @@ class VLLMEngine:
         is too short on a busy CPU machine: the kill then skips the engine's own cleanup).
         """
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
+        if llm is not None:  # `LLM` has no shutdown of its own in vLLM 0.32; its engine client has
             llm.llm_engine.engine_core.shutdown(timeout=timeout)
 
     def __enter__(self) -> "VLLMEngine":
