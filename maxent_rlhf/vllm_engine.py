@@ -117,7 +117,7 @@ class VLLMEngine:
             tensor_parallel_size=tensor_parallel_size,
             enable_sleep_mode=enable_sleep_mode,
             max_model_len=max_model_len,
-            enforce_eager=True,  # no graph capture: starts in seconds, and weights can change under it
+            enforce_eager=True,  # no graph capture or compilation: the engine starts in seconds
             logprobs_mode="processed_logprobs",  # log_softmax(logits / T) of the sampled token
             max_logprobs=-1,  # the probe at T != 1 asks for the whole vocabulary's log-probs
             generation_config="vllm",  # ignore the checkpoint's generation_config.json
