@@ -58,7 +58,7 @@ SCRIPT_OF = {  # every experiment config and the script that runs it (a new conf
     "minent_1b.yaml": "rloo", "minent_2p8b.yaml": "rloo",
     "toy/dpo.yaml": "offline", "toy/simpo.yaml": "offline",
     "toy/entropy.yaml": "rloo", "toy/kl.yaml": "rloo", "toy/maxent.yaml": "rloo", "toy/minent.yaml": "rloo",
-    "toy/none.yaml": "rloo", "toy/overopt.yaml": "rloo",
+    "toy/none.yaml": "rloo", "toy/overopt.yaml": "rloo", "toy/length_maxent.yaml": "rloo", "toy/length_entropy.yaml": "rloo",
     "online_dpo_1b.yaml": "online", "online_simpo_1b.yaml": "online",
     "toy/online_dpo.yaml": "online", "toy/online_simpo.yaml": "online", "toy/online_simpo_gamma0.yaml": "online",
     "toy/eval.yaml": "judge",
@@ -147,8 +147,8 @@ def _standin(value, paths: dict):
         return paths["reward"] if value.endswith("__reward__tldr") else paths["policy"]
     if value in HUB_FORMATS:
         return paths[value]
-    if value.startswith("toylab://") and "/" not in value[len("toylab://"):]:
-        return "toylab://test/" + value[len("toylab://"):]
+    if value.startswith("toylab://"):  # toylab://NAME or toylab://PROFILE/NAME -> the test profile's NAME
+        return "toylab://test/" + value[len("toylab://"):].split("/")[-1]
     return None
 
 
