@@ -301,9 +301,11 @@ def test_toy_configs_parse_with_the_scripts_config_classes():
     classes = {"dpo": ("train_offline", "OfflineConfig"), "simpo": ("train_offline", "OfflineConfig"),
                "eval": ("evaluate_judge", "EvalConfig")}
     files = sorted((REPO / "configs" / "toy").glob("*.yaml"))
-    assert {"maxent", "kl", "none", "minent", "entropy", "overopt"} <= {f.stem for f in files}
+    assert {"maxent", "kl", "none", "minent", "entropy", "overopt", "online_simpo", "online_dpo"} <= {f.stem for f in files}
     for f in files:
-        script, cls = classes.get(f.stem, ("train_rloo", "RLOOConfig"))
+        # a config run by train_online.py says so on its first line (`# script: train_online.py`)
+        online = f.read_text().startswith("# script: train_online.py")
+        script, cls = ("train_online", "OnlineConfig") if online else classes.get(f.stem, ("train_rloo", "RLOOConfig"))
         c = parse_config(getattr(importlib.import_module(script), cls), ["--config", str(f)])
         locations = [v for v in vars(c).values() if isinstance(v, str) and v.startswith("toylab://")]
         assert locations, f"{f.name} names no toylab:// artifact"

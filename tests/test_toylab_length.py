@@ -206,12 +206,14 @@ def test_the_length_conditions_command_lines_parse_into_the_scripts_configs():
     options the scripts know (a typo would fail hours into the sweep)."""
     import evaluate_judge
     import train_offline
+    import train_online
     import train_rloo
 
     from maxent_rlhf.config import parse_config
     from maxent_rlhf.toylab import scripts
 
-    classes = {"rloo": (train_rloo.RLOOConfig, "train_rloo.py"), "offline": (train_offline.OfflineConfig, "train_offline.py")}
+    classes = {"rloo": (train_rloo.RLOOConfig, "train_rloo.py"), "offline": (train_offline.OfflineConfig, "train_offline.py"),
+               "online": (train_online.OnlineConfig, "train_online.py")}
     for c in (c for c in sweep.CONDITIONS if c.enabled()):
         cls, script = classes[c.kind]
         name, lr, seed = c.runs()[0]
