@@ -52,7 +52,8 @@ class PeftArgs:
 
     use_peft: bool = cfg(
         False, "train a LoRA adapter (peft) instead of all weights; the reference model is the same model with the "
-        "adapter disabled (no second copy); checkpoints hold the adapter")
+        "adapter disabled (no second copy); checkpoints hold the adapter (full merged weights: python -m "
+        "maxent_rlhf.lora merge CKPT OUT_DIR; evaluate_judge.py takes the adapter checkpoint as it is)")
     lora_r: int = cfg(16, "LoRA rank r of the update B @ A")
     lora_alpha: int = cfg(32, "LoRA alpha: the update is scaled by lora_alpha / lora_r")
     lora_dropout: float = cfg(0.05, "dropout on the LoRA branch's input (training only; the online trainers switch "
