@@ -34,11 +34,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from . import lora
 from .distributed import distributed_type
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 ENGINE_STATE_DIR = "engine_state"
+ADAPTER_CONFIG = "adapter_config.json"  # peft's names for a saved adapter (maxent_rlhf.lora builds on these)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -57,6 +58,20 @@ def _peft_part(model: torch.nn.Module) -> tuple[Optional[torch.nn.Module], str]:
         if isinstance(module, peft.PeftModel):
             return module, f"{name}." if name else ""
     return None, ""
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether `path` is a directory holding a saved LoRA adapter (adapter_config.json)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def write_adapter(peft_model, directory: str | Path, state_dict: Optional[dict] = None) -> None:
+    """adapter_model.safetensors + adapter_config.json of a `peft.PeftModel` (its save_pretrained), loadable
+    with `PeftModel.from_pretrained(base, directory)`; `state_dict`: the model's full state dict when the
+    parameters are sharded (peft picks the adapter's entries from it)."""
+    # save_embedding_layers=False: the vocabulary is never resized here, so no full embedding matrix is
+    # saved (peft's "auto" would also look up the base model's config by its location, which may be toylab://)
+    peft_model.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True, save_embedding_layers=False)
 
 
 def uses_engine_state(accelerator) -> bool:
@@ -188,7 +203,7 @@ def save_checkpoint(
         if peft_model is not None:  # LoRA: the adapter (peft picks its entries from the full state dict)
             if state_dict is not None:
                 state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-            lora.save_adapter(peft_model, tmp, state_dict=state_dict)
+            write_adapter(peft_model, tmp, state_dict=state_dict)
         else:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
@@ -265,9 +280,9 @@ def _load_adapter_weights(path: Path, peft_model: torch.nn.Module) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    file = path / lora.ADAPTER_WEIGHTS
+    file = path / ADAPTER_WEIGHTS
     if not file.is_file():
-        raise RuntimeError(f"{path} holds no adapter ({lora.ADAPTER_WEIGHTS}) but this run trains one (use_peft): "
+        raise RuntimeError(f"{path} holds no adapter ({ADAPTER_WEIGHTS}) but this run trains one (use_peft): "
                            "resume with the settings that wrote it, or start a new run from its weights")
     try:
         weights = load_file(str(file))
@@ -320,7 +335,7 @@ def load_checkpoint(
     if peft_model is not None:
         _load_adapter_weights(path, peft_model)
     elif target is not None:
-        if lora.is_adapter_dir(path):
+        if is_adapter_dir(path):
             raise RuntimeError(f"{path} holds a LoRA adapter but this run trains all weights: resume with "
                                f"use_peft: true, or start a new run from its merged weights "
                                f"(python -m maxent_rlhf.lora merge {path} OUT_DIR)")

@@ -34,10 +34,9 @@ from typing import Optional
 import torch
 
 from .artifacts import is_local_path
+from .checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir, write_adapter  # noqa: F401 (re-exported)
 from .config import ConfigError, cfg
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LORA_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 INSTALL_HINT = 'pip install -e ".[peft]" (or pip install peft)'
 PEFT_FLOOR = "0.18.0"  # 0.17 does not import with transformers 5 (HybridCache was removed); as in setup.cfg
@@ -216,15 +215,7 @@ def save_adapter(model, directory: str | Path, state_dict: Optional[dict] = None
     """Write `adapter_model.safetensors` + `adapter_config.json` into `directory` (PeftModel.save_pretrained),
     loadable with `PeftModel.from_pretrained(base, directory)`. `state_dict`: the model's full state dict when
     the parameters are sharded (`accelerator.get_state_dict`); peft picks the adapter's entries from it."""
-    # save_embedding_layers=False: the vocabulary is never resized here, so no full embedding matrix is
-    # saved (peft's "auto" would also look up the base model's config by its location, which may be toylab://)
-    unwrap_peft_model(model).save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True,
-                                             save_embedding_layers=False)
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    """Whether `path` is a directory holding a saved adapter (adapter_config.json)."""
-    return (Path(path) / ADAPTER_CONFIG).is_file()
+    write_adapter(unwrap_peft_model(model), directory, state_dict)
 
 
 def read_adapter_config(path: str | Path) -> dict:
