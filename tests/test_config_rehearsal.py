@@ -59,6 +59,7 @@ SCRIPT_OF = {  # every experiment config and the script that runs it (a new conf
     "toy/dpo.yaml": "offline", "toy/simpo.yaml": "offline",
     "toy/entropy.yaml": "rloo", "toy/kl.yaml": "rloo", "toy/maxent.yaml": "rloo", "toy/minent.yaml": "rloo",
     "toy/none.yaml": "rloo", "toy/overopt.yaml": "rloo", "toy/length_maxent.yaml": "rloo", "toy/length_entropy.yaml": "rloo",
+    "toy/lora_r2_maxent.yaml": "rloo", "toy/lora_r8_maxent.yaml": "rloo",
     "online_dpo_1b.yaml": "online", "online_simpo_1b.yaml": "online",
     "toy/online_dpo.yaml": "online", "toy/online_simpo.yaml": "online", "toy/online_simpo_gamma0.yaml": "online",
     "toy/eval.yaml": "judge",

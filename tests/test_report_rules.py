@@ -251,7 +251,7 @@ def test_simpo_length_exploitation_without_normalisation():
 
 def test_every_rule_text_says_what_would_make_it_disagree():
     texts = [v for k, v in vars(claims).items() if k.endswith("_RULE") and isinstance(v, str)]
-    assert len(texts) == 16 and all("disagree" in t for t in texts)  # 13 claims + H1-H3
+    assert len(texts) == 17 and all("disagree" in t for t in texts)  # 13 claims + H1-H3 + LoRA
 
 
 def test_claim_2_is_decided_at_a_rate_fixed_by_rule():
@@ -342,14 +342,27 @@ def test_report_from_run_directories_adds_up_the_cost_and_matches_the_toy_config
               None, {"regularizer": "kl", "seconds": 50.0, "eval_seconds": 10.0})
     _fake_run(sw / "rloo", "kl_lr9e-3_s1", {"regularizer": "kl", "learning_rate": 9e-3, "seed": 1}, [0.3, 0.3, 0.3],
               None, {"regularizer": "kl", "seconds": 999.0})  # outside sweep.json's runs: not in the cost
+    lora_cfg = {**maxent_cfg, "learning_rate": 1e-3, "seed": 1, "use_peft": True, "lora_r": 2, "lora_alpha": 4}
+    _fake_run(sw / "lora" / "rloo", "lora_r2_maxent_lr1e-3_s1", lora_cfg, [0.3, 0.8, 0.8], ent,
+              {"regularizer": "lora_r2_maxent", "seconds": 40.0, "eval_seconds": 10.0})
     dpo = [{"step": s, "ref/logratio": -0.1 - 0.01 * (s % 3)} for s in range(1, 21)]
     _fake_run(sw / "offline", "dpo", {"loss_type": "dpo", "learning_rate": 1e-3, "beta": 0.1, "global_batch_size": 32},
               [0.3, 0.85, 0.3], dpo, {"seconds": 30.0, "eval_seconds": 10.0})
     (sw / "sweep.json").write_text(json.dumps({"lrs": [1e-4, 1e-3], "rloo_runs": ["maxent_lr1e-3_s1", "maxent_lr1e-4_s1", "kl_lr1e-3_s1"],
-                                               "offline_runs": ["dpo"]}))
+                                               "offline_runs": ["dpo"],
+                                               "conditions": {"lora_r2_maxent": {"runs": ["lora_r2_maxent_lr1e-3_s1"]},
+                                                              "pairwise_offline_simpo": {"runs": ["pairwise_offline_simpo_lr1e-4_s1"]}},
+                                               "reused_runs": {"pairwise/offline/pairwise_offline_simpo_lr1e-4_s1": "offline/simpo_lr1e-4_g0.5"}}))
     text = write_report(sw, tmp_path / "report").read_text()
-    # 290 s of training + 50 s of evaluation over the 4 sweep runs; the extra run is named, not counted
-    assert "training 4.8 min + evaluation 0.8 min = **6 min** for 4 runs (3 RLOO, 1 offline)" in text
+    # 330 s of training + 60 s of evaluation over the 5 sweep runs (the LoRA condition's included); the extra run is
+    # named, not counted; the reused pairwise run is neither counted nor missing
+    assert "training 5.5 min + evaluation 1.0 min = **6 min** for 5 runs (3 RLOO, 1 offline, 1 of further conditions)" in text
+    assert "Not finished" not in text
+    # LoRA vs full fine-tuning: the full-fine-tuning maxent run at lr 1e-3 collapses, the rank-2 LoRA one keeps its gain
+    assert "| LoRA r=2 lora_r2_maxent_lr1e-3_s1 | 30% | 80% (10) | 80% | stable |" in text
+    assert "| full fine-tuning maxent_lr1e-3_s1 | 30% | 80% (10) | 0% | collapses |" in text
+    assert 'Verdict on "LoRA prevents the collapse": **agrees**' in text
+    assert (tmp_path / "report" / "fig_lora_gold.png").exists()
     assert "outside the sweep, also in the tables: kl_lr9e-3_s1" in text
     assert f"| configs/toy/maxent.yaml | {main.name} |" in text  # the README main job is a run of the tables
     assert "| configs/toy/kl.yaml | not in this sweep |" in text
@@ -446,3 +459,106 @@ def test_the_pairwise_experiment_runs_every_condition_at_the_rules_rates_and_see
     assert load_yaml(sweep.toy_config("online_simpo"))["simpo_gamma"] == rules.PAIRWISE_GAMMA
     assert load_yaml(sweep.toy_config("online_simpo_gamma0"))["simpo_gamma"] == 0.0
     assert {c.kind for c in sweep.CONDITIONS if c.name.startswith("online_")} == {"online"}
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA vs full fine-tuning: "LoRA prevents the collapse", every verdict it can give
+# --------------------------------------------------------------------------------------------------
+def test_lora_prevents_collapse():
+    rule = claims.rule_lora_prevents_collapse
+    full = [COLLAPSES] * 3
+    assert rule(full, {2: [STABLE] * 3, 8: [STABLE, STABLE, COLLAPSES]}).level == AGREES
+    assert rule(full, {2: [COLLAPSES] * 3, 8: [COLLAPSES, COLLAPSES, STABLE]}).level == DISAGREES
+    # overoptimised without losing the whole gain still counts as failing too
+    assert rule(full, {2: [run(0.30, 0.85, 0.60)] * 3}).level == DISAGREES
+    v = rule(full, {2: [STABLE] * 3, 8: [COLLAPSES] * 3})  # the ranks differ
+    assert v.level == PARTLY and "r=2: agrees" in v.reason and "r=8: disagrees" in v.reason
+    # improves, then declines while the proxy falls too: neither kept nor lost
+    assert rule(full, {2: [run(0.30, 0.85, 0.60, proxy=(1.0, 0.9))] * 3}).level == PARTLY
+    # a rank that never gains is not tested; the other decides
+    assert rule(full, {2: [FLAT] * 3, 8: [STABLE] * 3}).level == AGREES
+    v = rule(full, {2: [FLAT] * 3, 8: [FLAT, FLAT, STABLE]})
+    assert v.level == NOT_TESTABLE and "no LoRA rank gains" in v.reason
+    v = rule([STABLE, STABLE, COLLAPSES], {2: [STABLE] * 3})  # full fine-tuning does not collapse: nothing to prevent
+    assert v.level == NOT_TESTABLE and "nothing to prevent" in v.reason
+    assert rule([], {2: [STABLE]}).level == NA
+    assert rule(full, {2: []}).level == NA
+
+
+def test_lora_configs_are_the_maxent_config_plus_lora_at_the_rules_ranks():
+    from maxent_rlhf.config import load_yaml
+    from maxent_rlhf.toylab import sweep
+
+    base = load_yaml(sweep.toy_config("maxent"))
+    by_name = {c.name: c for c in sweep.CONDITIONS}
+    for r in rules.LORA_RANKS:
+        cfg = load_yaml(sweep.toy_config(f"lora_r{r}_maxent"))
+        assert cfg["use_peft"] is True and cfg["lora_r"] == r and cfg["lora_alpha"] == rules.LORA_ALPHA_PER_RANK * r
+        lora_keys = {"use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"}
+        # everything else is the full-fine-tuning config's (the sweep sets lr and seed on the command line)
+        assert {k: v for k, v in cfg.items() if k not in lora_keys | {"output_dir", "learning_rate"}} == \
+            {k: v for k, v in base.items() if k not in {"output_dir", "learning_rate"}}
+        c = by_name[f"lora_r{r}_maxent"]
+        assert c.enabled() and c.kind == "rloo" and not c.options and tuple(c.lrs) == rules.LORA_LRS
+        assert tuple(c.seeds) == sweep.SEEDS
+    # the full-fine-tuning baseline is in the main grid at the same rates and seeds
+    plan = sweep.rloo_plan()
+    assert {(lr, s) for lr in rules.LORA_LRS for s in sweep.SEEDS} <= {(lr, s) for reg, lr, s, c in plan
+                                                                        if reg == "maxent" and c is None}
+
+
+def test_the_sweep_fits_its_budget_and_runs_nothing_twice():
+    from maxent_rlhf.toylab import sweep
+
+    plan, off = sweep.rloo_plan(), sweep.offline_plan()
+    assert not [c.name for c in sweep.CONDITIONS if not c.enabled()]  # no hook left: every condition is real
+    reused = sweep.reused_runs(plan, off)
+    est = sweep.estimate_minutes(len(plan), len(off), enabled_only=True, reused=reused)
+    assert est["total"] <= sweep.BUDGET_MINUTES == 240, est
+    # the pairwise experiment's offline SimPO at the main SimPO grid's lr, seed and gammas reuses those runs
+    assert reused == {"pairwise/offline/pairwise_offline_simpo_lr1e-4_s1": "offline/simpo_lr1e-4_g0.5",
+                      "pairwise/offline/pairwise_offline_simpo_gamma0_lr1e-4_s1": "offline/simpo_lr1e-4_g0"}
+    jobs = sweep.condition_jobs(reused=reused)
+    grid = sweep.main_grid_runs(plan, off)
+    assert len(grid) == len(plan) + len(off)  # the grid itself has no duplicate
+    signatures = [sweep._signature(c.kind, c.config, lr, seed, c.options) for _, (c, _, lr, seed) in jobs
+                  if not c.eval_options]
+    assert not set(signatures) & set(grid) and len(set(signatures)) == len(signatures)
+    assert len(jobs) == sum(len(c.runs()) for c in sweep.CONDITIONS) - len(reused)
+
+
+def test_every_rule_finds_its_runs_in_the_plan():
+    """The runs each pre-registered rule reads (rules.CLAIM_INPUTS, HYPOTHESES, LORA_CLAIM) exist in the plan."""
+    from maxent_rlhf.toylab import sweep
+
+    plan, off = sweep.rloo_plan(), sweep.offline_plan()
+    hi, low, seeds = rules.HIGH_LR, rules.low_lr(), set(sweep.SEEDS)
+    online = {(reg, lr): {s for r, l_, s, c in plan if r == reg and l_ == lr and c is None} for reg, lr, _, _ in plan}
+    coefs = {c for reg, lr, _, c in plan if reg == "maxent" and lr == hi and c is not None}
+    conds = {c.name: c for c in sweep.CONDITIONS if c.enabled()}
+    # 1: maxent at the high lr, >= 3 coefficients spanning 10x, plus coefficient 0
+    assert len(coefs | {sweep.default_entropy_coef("maxent")}) >= 3 and online[("none", hi)] == seeds
+    # 2, 3, 14: entropy runs and coefficient 0 at low_lr() and at the scan's rates, 3 seeds (means over seeds)
+    for lr in (low, *rules.LOW_LR_SCAN):
+        assert online[("maxent", lr)] == online[("entropy", lr)] == online[("none", lr)] == seeds
+    # 4, 6, 7: kl and entropy runs at each main rate; 5, 8: kl and minent at the high lr
+    for lr in sweep.LEARNING_RATES:
+        assert online[("kl", lr)] == online[("maxent", lr)] == online[("entropy", lr)] == seeds
+    assert online[("minent", hi)] == seeds
+    # 9: the DPO run; 10-13: SimPO at >= 2 rates, gamma 0 and >= 2 gammas > 0 at each
+    assert any(name == "dpo" for name, *_ in off)
+    simpo = {(lr, x["simpo_gamma"]) for name, cfg, lr, x in off if cfg == "simpo"}
+    assert len(sweep.SIMPO_LRS) >= 2 and all({(lr, g) for g in sweep.SIMPO_GAMMAS} <= simpo for lr in sweep.SIMPO_LRS)
+    assert 0.0 in sweep.SIMPO_GAMMAS and sum(g > 0 for g in sweep.SIMPO_GAMMAS) >= 2
+    # 15-16: the length channel, 3 seeds each
+    for name, lr in (("length_maxent", rules.LENGTH_LR), ("length_entropy", rules.LENGTH_LR),
+                     ("length_simpo_norm", rules.LENGTH_SIMPO_LR), ("length_simpo_plain", rules.LENGTH_SIMPO_LR)):
+        assert conds[name].lrs == (lr,) and set(conds[name].seeds) == seeds
+    # H1-H3: offline and online SimPO (both gammas) at every pairwise rate and seed (run or reused), MaxEnt in the grid
+    for name in ("pairwise_offline_simpo", "pairwise_offline_simpo_gamma0", "online_simpo", "online_simpo_gamma0"):
+        assert tuple(conds[name].lrs) == rules.PAIRWISE_LRS and set(conds[name].seeds) == seeds
+    assert all(online[("maxent", lr)] == seeds for lr in rules.PAIRWISE_LRS)
+    # LoRA: every rank at every LoRA rate and seed, full fine-tuning beside it
+    for r in rules.LORA_RANKS:
+        assert tuple(conds[f"lora_r{r}_maxent"].lrs) == rules.LORA_LRS and set(conds[f"lora_r{r}_maxent"].seeds) == seeds
+    assert all(online[("maxent", lr)] == seeds for lr in rules.LORA_LRS)

@@ -520,3 +520,46 @@ def rule_online_simpo_fails_like_maxent(by_lr: Mapping[float, tuple[Sequence[Out
     if not any(lr in same for lr in failing):
         return Verdict(DISAGREES, ev, H3_RULE)
     return Verdict(PARTLY, ev, H3_RULE, f"the same at {len(same)}/{len(flags)} rates")
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA vs full fine-tuning (rules.py: "LoRA prevents the collapse")
+# --------------------------------------------------------------------------------------------------
+LORA_RULE = ("maxent (Eq. 7) with a LoRA policy per rank vs full fine-tuning at the same rate and seeds: full fine-tuning "
+             "collapses when more than half of its runs collapse (rules.py); a rank prevents the collapse when more than "
+             "half of its runs are 'stable', fails too when more than half collapse or are overoptimised, learns nothing "
+             "(not tested) when more than half never gain; agrees if every tested rank prevents it, disagrees if every "
+             "tested rank fails too, partly otherwise; not testable here if full fine-tuning does not collapse or no rank "
+             "gains")
+
+
+def _majority(outcomes: Sequence[Outcome], pred) -> bool:
+    return _count(outcomes, pred) > len(outcomes) / 2
+
+
+def rule_lora_prevents_collapse(full: Sequence[Outcome], by_rank: Mapping[int, Sequence[Outcome]]) -> Verdict:
+    """LoRA (the rank constraint alone, no KL) prevents maximum-entropy RLOO's collapse.
+    full: the full-fine-tuning maxent runs; by_rank: LoRA rank -> its runs (same rate and seeds)."""
+    ranks = {r: rs for r, rs in sorted(by_rank.items()) if rs}
+    if not full or not ranks:
+        return Verdict(NA, "", LORA_RULE, "needs full-fine-tuning and LoRA maxent runs at one rate")
+    ev = "; ".join([f"full fine-tuning: {_trajectory_counts(full)}"]
+                   + [f"LoRA r={r}: {_trajectory_counts(rs)}, {_count(rs, lambda o: o.overoptimised)} overoptimised"
+                      for r, rs in ranks.items()])
+    if not _majority(full, lambda o: o.trajectory == "collapses"):
+        return Verdict(NOT_TESTABLE, ev, LORA_RULE, "full fine-tuning does not collapse at this rate: nothing to prevent")
+    levels = {}
+    for r, rs in ranks.items():
+        if _majority(rs, lambda o: o.trajectory == "no gain"):
+            continue  # learns nothing at this rate: neither prevents nor fails
+        if _majority(rs, lambda o: o.trajectory == "stable"):
+            levels[r] = AGREES
+        elif _majority(rs, lambda o: o.trajectory == "collapses" or bool(o.overoptimised)):
+            levels[r] = DISAGREES
+        else:
+            levels[r] = PARTLY
+    if not levels:
+        return Verdict(NOT_TESTABLE, ev, LORA_RULE, "no LoRA rank gains at this rate: no gain to keep or lose")
+    if len(set(levels.values())) == 1 and PARTLY not in levels.values():
+        return Verdict(next(iter(levels.values())), ev, LORA_RULE)
+    return Verdict(PARTLY, ev, LORA_RULE, ", ".join(f"r={r}: {lv}" for r, lv in levels.items()))

@@ -161,8 +161,9 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report", allow
     offline = {r.name: r for r in _load(sweep_dir / "offline")}
     length = {"rloo": _load(sweep_dir / "length" / "rloo"), "offline": _load(sweep_dir / "length" / "offline")}
     main_job = _load(sweep_dir / "main" / "rloo")  # the README main job, a run of no claim
-    provenance = provenance_lines(list(rloo) + list(offline.values()) + length["rloo"] + length["offline"] + main_job,
-                                  allow_mixed_code)
+    lora = _load(sweep_dir / "lora" / "rloo")  # LoRA maxent, beside the main grid's full-fine-tuning maxent runs
+    provenance = provenance_lines(list(rloo) + list(offline.values()) + length["rloo"] + length["offline"] + main_job
+                                  + lora, allow_mixed_code)
     report_dir.mkdir(parents=True, exist_ok=True)
     stats = [analyse(r) for r in rloo]
     lrs = sorted({_lr(r) for r in rloo})
@@ -236,7 +237,7 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report", allow
                  + (f"coefficient sweep: {coef} (beside the default and coefficient 0 = no regulariser); " if coef else "")
                  + f"iterations {meta.get('iterations') or 'as configs/toy'}, {meta.get('eval_n')} test posts per checkpoint; "
                  f"DPO; SimPO gammas {meta.get('simpo_gammas')} at lrs {meta.get('simpo_lrs')}.\n")
-    L += cost_lines(rloo, offline, build_s, meta, length["rloo"] + length["offline"] + main_job)
+    L += cost_lines(rloo, offline, build_s, meta, length["rloo"] + length["offline"] + main_job + lora)
     L.append("## What the lab must exhibit\n")
     L.append("| requirement | target | measured | holds |")
     L.append("|---|---|---|---|")
@@ -316,6 +317,7 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report", allow
             L.append(f"![{key}]({Path(figs[key]).name})\n\n{caption}\n")
 
     L += length_section(length, length_rm, length_pairs)
+    L += lora_section(lora, rloo, report_dir)
     L += claims_table(stats, offline, main_lrs, extra_lrs=[lr for lr in lrs if lr not in main_lrs], ceiling=ceiling,
                       length=length, length_rm=length_rm)
     notes = report_dir / "notes.md"
@@ -337,23 +339,25 @@ def cost_lines(rloo, offline: dict, build_s, meta: dict, extra=()) -> list[str]:
     the further conditions (sweep.CONDITIONS), beside the estimate written into sweep.json before the sweep."""
     names = set(meta.get("rloo_runs") or [r.name for r in rloo]) | set(meta.get("offline_runs") or offline)
     names |= {n for c in (meta.get("conditions") or {}).values() for n in c.get("runs", [])}
+    names -= {Path(k).name for k in meta.get("reused_runs") or {}}  # main-grid runs stand for these: not run twice
     runs = [r for r in list(rloo) + list(offline.values()) + list(extra) if r.name in names]
     outside = [r.name for r in rloo if r.name not in names]
     train = sum(r.info.get("seconds", 0.0) for r in runs)
     ev = sum(r.info.get("eval_seconds", 0.0) for r in runs)
     no_eval = sum(1 for r in runs if "eval_seconds" not in r.info)
     total = (build_s or 0.0) + train + ev
-    missing = sorted(names - {r.name for r in list(rloo) + list(offline.values())})
+    missing = sorted(names - {r.name for r in list(rloo) + list(offline.values()) + list(extra)})
     out = [f"Cost of the sweep in one process on this machine, added up from the runs' `DONE.json` and the artifacts' "
            f"build records: artifacts {(build_s or 0) / 60:.1f} min + training {train / 60:.1f} min + evaluation "
            f"{ev / 60:.1f} min = **{total / 60:.0f} min** for {len(runs)} runs ({sum(r in rloo for r in runs)} RLOO, "
-           f"{len(runs) - sum(r in rloo for r in runs)} offline)"
+           f"{sum(r in offline.values() for r in runs)} offline"
+           + (f", {sum(r in extra for r in runs)} of further conditions" if any(r in extra for r in runs) else "") + ")"
            + (f"; {no_eval} run(s) have no evaluation time recorded" if no_eval else "")
            + (f". Runs in the directory outside the sweep, also in the tables: {', '.join(outside)}" if outside else "")
            + ".\n"]
     est = meta.get("estimate_minutes")
     if est:
-        out.append(f"Estimated before the sweep (`sweep.estimate_minutes`, from the previous sweep's per-run times): "
+        out.append(f"Estimated before the sweep (`sweep.estimate_minutes`, from measured per-run times): "
                    f"{est['total']:.0f} min, of which " + ", ".join(f"{k} {v:.0f}" for k, v in est.items() if k != "total")
                    + (f"; disabled conditions (no config yet): {', '.join(meta.get('disabled_conditions'))}"
                       if meta.get("disabled_conditions") else "") + ".\n")
@@ -664,6 +668,45 @@ def spike_note(runs) -> str:
     return note + (f" Single-batch k3 outliers (> 10x the median of their neighbours): {shown}"
                    + (f"; {len(sp) - 8} more" if len(sp) > 8 else "") + ". A moving mean would spread each over "
                    "its window as a flat plateau; the median over seeds does not.")
+
+
+def lora_rank(run: plotting.Run) -> Optional[int]:
+    """The LoRA rank of a run (None for full fine-tuning)."""
+    return int(run.config["lora_r"]) if run.config.get("use_peft") else None
+
+
+def lora_section(lora, rloo, report_dir: Path) -> list[str]:
+    """LoRA vs full fine-tuning (rules.py): gold win-rate trajectories and the pre-registered verdict."""
+    if not lora:
+        return []
+    full = [r for r in rloo if _reg_key(r) == "maxent" and _default_coef(r)
+            and any(abs(_lr(r) - lr) < 1e-12 for lr in rules.LORA_LRS)]
+    seeds = sorted({r.config.get("seed") for r in lora})
+    full = [r for r in full if r.config.get("seed") in seeds]  # the same seeds
+    name = lambda r: f"LoRA r={lora_rank(r)}" if lora_rank(r) else "full fine-tuning"  # noqa: E731
+    fig = plotting.plot_winrate_per_checkpoint(
+        full + lora, report_dir / "fig_lora_gold.png", label=name, panel=lambda r: f"maxent (Eq. 7), lr {_lr(r):g}",
+        title="LoRA vs full FT: gold (solid), proxy (dotted), mean over seeds", proxy=True)
+    done = lambda rs: [s for s in map(analyse, rs) if "final" in s and s.get("sft") is not None]  # noqa: E731
+    by_rank: dict = {}
+    for r in lora:
+        by_rank.setdefault(lora_rank(r), []).extend(done([r]))
+    v = claims.rule_lora_prevents_collapse(_outcomes(done(full)),
+                                           {k: _outcomes(rs) for k, rs in by_rank.items()})
+    L = ["## LoRA vs full fine-tuning: does the rank constraint alone prevent the collapse?\n",
+         f"Maximum-entropy RLOO (Eq. 7) with a LoRA policy (ranks {sorted(by_rank)}, lora_alpha = 2 r, the reference = "
+         f"the adapter switched off) against the main grid's full-fine-tuning maxent runs at the same learning rate(s) "
+         f"{sorted({_lr(r) for r in lora})} and seeds {seeds}; the same optimiser settings, so LoRA's different effective "
+         "step is part of what is compared.\n",
+         f"![lora]({Path(fig).name})\n",
+         "| runs | SFT | peak (step) | final | trajectory | overoptimised |", "|---|---|---|---|---|---|"]
+    for r in full + sorted(lora, key=lambda r: (lora_rank(r), r.name)):
+        st = analyse(r)
+        if "final" in st:
+            L.append(f"| {name(r)} {r.name} | {_fmt(st.get('sft'))} | {_fmt(st['peak'])} ({st['peak_step']}) | "
+                     f"{_fmt(st['final'])} | {_trajectory(st)} | {_yes(st.get('overoptimised'))} |")
+    L += ["", f"Verdict on \"LoRA prevents the collapse\": **{v.cell()}**. Evidence: {v.evidence or '-'}. Rule: {v.rule}.\n"]
+    return L
 
 
 def length_section(length: dict, rm: Optional[dict], pair_stats: Optional[dict]) -> list[str]:

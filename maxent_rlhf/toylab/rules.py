@@ -129,6 +129,28 @@ HYPOTHESES = {  # hypothesis -> (runs, metric, rule), in words (printed in the r
 }
 
 
+# ---- LoRA vs full fine-tuning: does the rank constraint alone prevent the collapse? (fixed before its runs) ---
+# Maximum-entropy RLOO (Eq. 7, configs/toy/maxent.yaml's settings) with a LoRA policy of each rank in LORA_RANKS
+# (configs/toy/lora_r{r}_maxent.yaml: lora_alpha = 2 r, TRL's 16/32 ratio, so alpha / r = 2 at every rank; peft's
+# default targets for GPT-NeoX, query_key_value) against the main grid's full-fine-tuning maxent runs at the same
+# rate and seeds. The rate is the same, not tuned per method: LoRA's effective step differs from full fine-tuning's
+# (B starts at 0, the update is scaled by alpha / r and confined to rank r), and whether the same optimiser setting
+# still collapses is the question itself.
+#   full FT COLLAPSES       more than half of its runs have trajectory 'collapses' (the term above)
+#   a rank PREVENTS it      more than half of its runs are 'stable' (a gain, kept)
+#   a rank FAILS too        more than half of its runs collapse or are overoptimised
+#   a rank LEARNS NOTHING   more than half of its runs have 'no gain': no collapse to prevent, no gain to keep;
+#                           that rank is not tested (a slower learner that never gains prevents nothing)
+#   "LoRA prevents the collapse": agrees if every tested rank prevents it, disagrees if every tested rank fails too,
+#   partly otherwise (ranks differ, or runs that improve, then decline); not testable here if full fine-tuning does
+#   not collapse at LORA_LRS (nothing to prevent) or every rank learns nothing; n/a without runs of both.
+LORA_RANKS = (2, 8)  # a rank far below the hidden size (64) and one 4x larger: does the answer depend on the rank?
+LORA_ALPHA_PER_RANK = 2  # lora_alpha = 2 r in the configs (TRL ModelConfig's r 16 / alpha 32)
+LORA_LRS = (HIGH_LR,)  # the main grid's high rate, where full-fine-tuning maxent collapses; its runs are the baseline
+LORA_CLAIM = ("LoRA: maxent (Eq. 7) with LoRA ranks LORA_RANKS vs the main grid's full fine-tuning at LORA_LRS, same seeds",
+              "gold win rate + proxy per checkpoint", "trajectory / overoptimised, majority per rank")
+
+
 def rules_file() -> Path:
     return Path(__file__)
 

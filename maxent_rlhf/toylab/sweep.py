@@ -15,10 +15,12 @@ Online runs: `python train_rloo.py --config configs/toy/REG.yaml --learning_rate
   4. further conditions (CONDITIONS): the length channel (configs/toy/length_{maxent,entropy}.yaml, and
      SimPO with and without length normalisation on the `length` build profile's pairs), the online pairwise
      experiment (rules.py: H1-H3; offline and online SimPO with and without the margin, online DPO through
-     train_online.py), and hooks for conditions whose configs do not exist yet (LoRA rank 2), skipped until they do.
+     train_online.py), and LoRA vs full fine-tuning (rules.py: maxent with LoRA ranks 2 and 8 at the high lr);
+     a condition whose config does not exist is skipped and listed as disabled; a condition's run identical to a
+     main-grid run is not run twice (`reused_runs`).
 Every run's DONE.json records the code commit and the sha256 of the pre-registered rules (`rules.py`);
-the report refuses to mix runs whose code or rules differ. The cost of the whole plan, hooks included, is
-estimated from the last sweep's per-run timings (`estimate_minutes`, written into sweep.json).
+the report refuses to mix runs whose code or rules differ. The cost of the whole plan is estimated from measured
+per-run timings (`MINUTES`, `estimate_minutes`, written into sweep.json) and kept under BUDGET_MINUTES.
 Offline runs: DPO (Figure 4's reference log-ratio) and SimPO for several gamma at several learning
 rates (Figure 6), `python train_offline.py --config configs/toy/{dpo,simpo}.yaml ...`. Every checkpoint
 of every run (and the SFT baseline) is decoded greedily and judged by the gold judge in both orders,
@@ -51,6 +53,9 @@ REGULARIZER_LABELS = {
     "none": "no regulariser",
 }
 LEARNING_RATES = (1e-4, 1e-3)  # toy analogues of the paper's low "reference-free" lr (1e-7) and the "KL works" lr (1e-6)
+# a regulariser whose runs the rules read at fewer rates than the grid's runs only there: minimum entropy is read by
+# claim 8 alone, at the high lr (rules.CLAIM_INPUTS[8]); its 1e-4 runs (3 x 3.4 CPU-min) would decide nothing
+REGULARIZER_LRS = {"minent": (rules.HIGH_LR,)}
 SEEDS = (1, 2, 3)
 # claim 2 is judged at rules.low_lr() = 1e-3 / 10 = 1e-4 (in the grid above), fixed by rule before any run;
 # LOW_LR (rules.LOW_LR_SCAN) is one more rate below it, reported beside, never deciding a verdict; claim 3 is
@@ -97,16 +102,29 @@ class Condition:
         return [(f"{self.name}_lr{lr_tag(lr)}_s{seed}", lr, seed) for seed in self.seeds for lr in self.lrs]
 
 
-# CPU minutes per run, from the last sweep's DONE.json records (training + evaluation, 58 runs on a 2-core
-# machine, partly under load 7-8): RLOO median 188 s + ~16 s evaluation; offline ~85 s + evaluation;
-# artifacts 92 s per profile. Length-channel RLOO runs decode 24 tokens instead of 16 (x1.3).
-# Online pairwise (train_online.py, configs/toy/online_simpo.yaml at lr 1e-3, 80 iterations, on the same
-# loaded 2-core machine): 106 s wall with the in-training win rate (78 s of it the iterations: one
-# optimizer step per iteration where RLOO takes two epochs) + ~20 s for the checkpoint evaluation.
-MINUTES = {"rloo": 3.4, "offline": 1.8, "online": 2.1, "artifacts": 1.5}  # offline: + ~0.2 min for the proxy evaluation
-# the whole sweep: ~5 CPU-hours, i.e. ~2.5 h of wall clock in two shards on 2 cores (4 before the online pairwise
-# experiment's 30 runs, ~1 CPU-hour)
-BUDGET_MINUTES = 300
+# Minutes per run (training with its in-training win rate + the gold and proxy evaluation of every checkpoint),
+# measured one run each on the 2-core machine at load 5-7 (other processes beside it), OMP_NUM_THREADS=1, wall
+# clock (CPU time, user + sys, in brackets):
+#   RLOO, configs/toy/maxent.yaml at lr 1e-3, 80 iterations: 122 s (60 s) + evaluation of 8 checkpoints + SFT,
+#     29 s (27 s) -> 2.5 min; LoRA rank 8 (configs/toy/lora_r8_maxent.yaml): 90 s (54 s) at load ~3, i.e. the same
+#     cost (generation dominates a hidden-64 policy; the optimizer state is the small part);
+#   offline SimPO (configs/toy/simpo.yaml, lr 1e-3): 49 s (30 s) + evaluation of 18 checkpoints, ~2 x 29 s -> 1.8 min;
+#   online SimPO (configs/toy/online_simpo.yaml, lr 1e-3): 70 s (39 s) + 29 s -> 1.7 min;
+#   artifacts: 92 s per profile (the last sweep). Length-channel RLOO runs decode 24 tokens instead of 16 (x1.3).
+# The last sweep's DONE.json records (58 runs, partly at load 7-8) gave RLOO 188 s + 16 s: at that load the sweep
+# costs ~1.35x this estimate.
+MINUTES = {"rloo": 2.5, "offline": 1.8, "online": 1.7, "artifacts": 1.5}
+# the whole sweep (every condition, hooks none): <= 4 CPU-hours, i.e. ~2 h of wall clock in two shards on 2 cores.
+# To fit (from 286 min under the old per-run times + 20 for LoRA), without removing a run any rule reads:
+#   - per-run times measured again (above);
+#   - minimum entropy runs only at the high lr (REGULARIZER_LRS: claim 8 reads no other), -3 runs;
+#   - a condition's run identical to a main-grid run (script, config, lr, seed, options) is not run again: the
+#     pairwise experiment's offline SimPO at lr 1e-4, seed 1, gamma 0 and 0.5 reuses the SimPO grid's (`reused_runs`),
+#     -2 runs;
+#   - the LoRA baseline is the main grid's full-fine-tuning maxent runs (same lr and seeds), not rerun; LoRA runs
+#     only at the rate its rule reads (rules.LORA_LRS).
+# Kept at 3 seeds: every group a rule compares by mean or majority (claims 1-8, 14-16, H1-H3, LoRA).
+BUDGET_MINUTES = 240
 
 
 # the length-channel toy (build profile `length`): its proxy learned a taste for long summaries; the
@@ -121,24 +139,26 @@ LENGTH_OFFLINE = {"model_name_or_path": "toylab://length/sft", "dataset_name": "
 # times larger, so beta is divided by the SFT summaries' typical length (8 tokens): 2.0 -> 0.25
 CONDITIONS = (
     Condition("length_maxent", "rloo", "length_maxent", (rules.LENGTH_LR,), SEEDS, eval_options=LENGTH_EVAL,
-              folder="length", minutes=4.4),
+              folder="length", minutes=round(1.3 * MINUTES["rloo"], 1)),
     Condition("length_entropy", "rloo", "length_entropy", (rules.LENGTH_LR,), SEEDS, eval_options=LENGTH_EVAL,
-              folder="length", minutes=4.4),
+              folder="length", minutes=round(1.3 * MINUTES["rloo"], 1)),
     Condition("length_simpo_norm", "offline", "simpo", (rules.LENGTH_SIMPO_LR,), SEEDS,
               {**LENGTH_OFFLINE, "beta": 2.0, "length_normalize": True}, LENGTH_EVAL, "length", 1.8),
     Condition("length_simpo_plain", "offline", "simpo", (rules.LENGTH_SIMPO_LR,), SEEDS,
               {**LENGTH_OFFLINE, "beta": 0.25, "length_normalize": False}, LENGTH_EVAL, "length", 1.8),
     # the README main job (configs/toy/maxent.yaml as it is, lr 2e-4, seed 1), so the numbers quoted for it
     # come from a run of the report's tables; it decides no claim (its lr is in no rule)
-    Condition("main_job", "rloo", "maxent", (2e-4,), (1,), folder="main", minutes=3.4),
-    # hooks, disabled until their configs exist: LoRA rank 2 (the main grid's KL and MaxEnt at the high lr);
-    # their budget is in the estimate below
-    Condition("lora_r2_kl", "rloo", "lora_r2_kl", (rules.HIGH_LR,), (1,), minutes=3.4),
-    Condition("lora_r2_maxent", "rloo", "lora_r2_maxent", (rules.HIGH_LR,), (1,), minutes=3.4),
+    Condition("main_job", "rloo", "maxent", (2e-4,), (1,), folder="main", minutes=MINUTES["rloo"]),
+    # LoRA vs full fine-tuning (rules.py): maxent (Eq. 7) with a LoRA policy of each rank at the main grid's high lr and
+    # seeds, beside its full-fine-tuning maxent runs (the baseline is the main grid, not rerun); a LoRA toy run costs
+    # what a full one does (generation dominates a hidden-64 policy)
+    *(Condition(f"lora_r{r}_maxent", "rloo", f"lora_r{r}_maxent", rules.LORA_LRS, SEEDS, folder="lora",
+                minutes=MINUTES["rloo"]) for r in rules.LORA_RANKS),
     # the online pairwise experiment (rules.py: H1-H3): offline SimPO (dataset constraint + margin), online SimPO
     # (margin only) and with gamma 0 (neither), online DPO, at the main grid's rates and seeds, beside its online
     # MaxEnt and KL RLOO runs; offline SimPO here is configs/toy/simpo.yaml at 3 seeds (the main grid's SimPO runs
-    # have one seed and other rates)
+    # have seed 1 only); a run identical to a main-grid run (lr 1e-4, gamma 0 and 0.5, seed 1) is not run twice:
+    # the condition reuses the main grid's (`reused_runs`, recorded in sweep.json)
     Condition("pairwise_offline_simpo", "offline", "simpo", rules.PAIRWISE_LRS, SEEDS,
               {"beta": 2.0, "simpo_gamma": rules.PAIRWISE_GAMMA}, folder="pairwise", minutes=MINUTES["offline"]),
     Condition("pairwise_offline_simpo_gamma0", "offline", "simpo", rules.PAIRWISE_LRS, SEEDS,
@@ -151,14 +171,46 @@ CONDITIONS = (
 
 
 
-def estimate_minutes(n_rloo: int, n_offline: int, conditions=CONDITIONS, enabled_only: bool = False) -> dict:
+def _signature(script_kind: str, config: str, lr: float, seed: int, options: dict) -> tuple:
+    """What makes two runs the same run: script, config, lr, seed and options."""
+    return (script_kind, config, float(lr), int(seed), tuple(sorted((k, repr(v)) for k, v in options.items())))
+
+
+def main_grid_runs(plan: list, off: list) -> dict:
+    """signature -> the main grid's run folder (relative to the sweep's output), for every run of the grid."""
+    runs = {}
+    for reg, lr, seed, coef in plan:
+        runs[_signature("rloo", reg, lr, seed, {} if coef is None else {"entropy_coef": coef})] = \
+            f"rloo/{rloo_run_name(reg, lr, seed, coef)}"
+    for name, config, lr, extra in off:
+        runs[_signature("offline", config, lr, 1, extra)] = f"offline/{name}"  # run_offline's default seed
+    return runs
+
+
+def reused_runs(plan: list, off: list, conditions=CONDITIONS) -> dict:
+    """condition run folder (FOLDER/KIND/NAME) -> the identical main-grid run folder it reuses instead of running."""
+    grid = main_grid_runs(plan, off)
+    out = {}
+    for c in conditions:
+        for name, lr, seed in c.runs():
+            same = grid.get(_signature(c.kind, c.config, lr, seed, c.options))
+            if same is not None and not c.eval_options:  # evaluated alike too
+                out[f"{c.folder}/{c.kind}/{name}"] = same
+    return out
+
+
+def estimate_minutes(n_rloo: int, n_offline: int, conditions=CONDITIONS, enabled_only: bool = False,
+                     reused: Optional[dict] = None) -> dict:
     """The sweep's CPU cost by part (minutes): the main grid, each condition (hooks too, unless
-    enabled_only), the artifact builds (default + length profiles)."""
+    enabled_only; its runs that reuse a main-grid run, `reused`, cost nothing), the artifact builds
+    (default + length profiles)."""
     parts = {"main RLOO grid": n_rloo * MINUTES["rloo"], "offline (DPO, SimPO)": n_offline * MINUTES["offline"],
              "artifacts (2 profiles)": 2 * MINUTES["artifacts"]}
+    reused = reused or {}
     for c in conditions:
         if c.enabled() or not enabled_only:
-            parts[c.name + ("" if c.enabled() else " (hook, disabled)")] = len(c.runs()) * c.minutes
+            n = sum(1 for name, _, _ in c.runs() if f"{c.folder}/{c.kind}/{name}" not in reused)
+            parts[c.name + ("" if c.enabled() else " (hook, disabled)")] = n * c.minutes
     parts["total"] = sum(parts.values())
     return parts
 
@@ -288,7 +340,7 @@ def rloo_plan(regularizers=tuple(REGULARIZERS), lrs=LEARNING_RATES, seeds=SEEDS,
     coef_sweep = COEF_SWEEP if coef_sweep is None else coef_sweep
     plan = []
     for seed in seeds:
-        plan += [(reg, lr, seed, None) for lr in lrs for reg in regularizers]
+        plan += [(reg, lr, seed, None) for lr in lrs for reg in regularizers if lr in REGULARIZER_LRS.get(reg, lrs)]
         if low_lr:
             plan += [(reg, low_lr, seed, None) for reg in LOW_LR_REGULARIZERS if reg in regularizers]
         if lrs:
@@ -323,10 +375,13 @@ def job_list(plan: list, off: list, extra_jobs: list, online: bool = True, offli
             + [j for j in extra_jobs if j[1][3] != seed0])
 
 
-def condition_jobs(conditions=CONDITIONS, online: bool = True, offline: bool = True) -> list[tuple]:
-    """("condition", (condition, run name, lr, seed)) for every run of the enabled conditions."""
+def condition_jobs(conditions=CONDITIONS, online: bool = True, offline: bool = True, reused: Optional[dict] = None
+                   ) -> list[tuple]:
+    """("condition", (condition, run name, lr, seed)) for every run of the enabled conditions, except those that
+    reuse an identical main-grid run (`reused`: condition run folder -> main-grid run folder)."""
+    reused = reused or {}
     return [("condition", (c, name, lr, seed)) for c in conditions if c.enabled() for name, lr, seed in c.runs()
-            if (online if c.kind in ("rloo", "online") else offline)]
+            if (online if c.kind in ("rloo", "online") else offline) and f"{c.folder}/{c.kind}/{name}" not in reused]
 
 
 def sweep(
@@ -363,7 +418,8 @@ def sweep(
         ensure_artifact(name)
     plan = rloo_plan(regularizers, lrs, seeds, low_lr, coef_sweep)
     off = offline_plan(simpo_gammas, simpo_lrs)
-    extra_jobs = condition_jobs(active, online, offline)
+    reused = reused_runs(plan, off, active)
+    extra_jobs = condition_jobs(active, online, offline, reused)
     if write_meta:  # the plan, written first: a report made before the sweep ends lists what is missing
         meta = {
             "regularizers": list(regularizers), "lrs": list(lrs), "seeds": list(seeds), "iterations": iterations,
@@ -375,7 +431,8 @@ def sweep(
                                     "seeds": list(c.seeds), "options": c.options, "runs": [r[0] for r in c.runs()]}
                            for c in active},
             "disabled_conditions": [c.name for c in conditions if not c.enabled()],
-            "estimate_minutes": estimate_minutes(len(plan), len(off), conditions),
+            "reused_runs": reused,  # condition run -> the identical main-grid run that stands for it
+            "estimate_minutes": estimate_minutes(len(plan), len(off), conditions, reused=reused),
             **provenance(),
         }
         tmp = out / f".sweep.json.{i_shard}"
