@@ -38,11 +38,11 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_YAML = ROOT / "configs" / "accelerate" / "cpu.yaml"
-from run_compare import WEIGHT_ATOL  # noqa: E402  (tolerances and comparisons shared with the other N-process tests)
-from run_compare import assert_metrics_close as _assert_metrics_close  # noqa: E402
-from run_compare import checkpoint_weights as _weights  # noqa: E402
-from run_compare import max_weight_diff as _max_weight_diff  # noqa: E402
-from run_compare import run_metrics as _metrics  # noqa: E402
+from helpers.run_compare import WEIGHT_ATOL  # noqa: E402  (tolerances and comparisons shared with the other N-process tests)
+from helpers.run_compare import assert_metrics_close as _assert_metrics_close  # noqa: E402
+from helpers.run_compare import checkpoint_weights as _weights  # noqa: E402
+from helpers.run_compare import max_weight_diff as _max_weight_diff  # noqa: E402
+from helpers.run_compare import run_metrics as _metrics  # noqa: E402
 
 DRIVER = """
 import sys, yaml

@@ -14,7 +14,7 @@ for _p in (str(ROOT), str(ROOT / "tests")):
 
 import evaluate_judge as ej  # noqa: E402
 import train_offline  # noqa: E402
-from fake_openai_server import FakeJudgeServer  # noqa: E402
+from helpers.fake_openai_server import FakeJudgeServer  # noqa: E402
 from maxent_rlhf import checkpoints, evaluation, plotting, runs  # noqa: E402
 from maxent_rlhf.story import run_story  # noqa: E402
 

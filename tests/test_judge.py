@@ -1,5 +1,5 @@
 """evaluate_judge.py + maxent_rlhf/judges.py end to end through the real `openai` client against the
-local fake server (tests/fake_openai_server.py): exact win rates, A/B mapping, invalid answers, faults
+local fake server (tests/helpers/fake_openai_server.py): exact win rates, A/B mapping, invalid answers, faults
 and retries, the crash-safe cache (rerun, kill + restart), the API key never written anywhere."""
 import json
 import logging
@@ -18,7 +18,7 @@ for _p in (str(ROOT), str(ROOT / "tests")):
         sys.path.insert(0, _p)
 
 import evaluate_judge as ej  # noqa: E402
-from fake_openai_server import FakeJudgeServer  # noqa: E402
+from helpers.fake_openai_server import FakeJudgeServer  # noqa: E402
 from maxent_rlhf import evaluation, judges  # noqa: E402
 from maxent_rlhf.judges import JudgeUnavailableError, OpenAIJudge, Pair, parse_preference  # noqa: E402
 SECRET = "sk-test-SECRET-9f8e7d6c5b4a"

@@ -292,7 +292,7 @@ def test_in_training_win_rate_equals_evaluate_judge_and_leaves_training_unchange
 
 
 def test_judge_outage_is_logged_missing_and_training_goes_on(base, tmp_path, refs_dir, monkeypatch, capsys):
-    from fake_openai_server import FakeJudgeServer
+    from helpers.fake_openai_server import FakeJudgeServer
     from maxent_rlhf.story import run_story
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-rloo-outage")

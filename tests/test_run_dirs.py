@@ -1,6 +1,6 @@
 """Nothing is ever overwritten or silently mixed: the output_dir policy of the three scripts
 (`runs.open_run_dir`, `runs.check_same_evaluation`), the judge's cache across judges and templates
-(against tests/fake_openai_server.py), and a win-rate figure at 0% and 100% that never costs the numbers."""
+(against tests/helpers/fake_openai_server.py), and a win-rate figure at 0% and 100% that never costs the numbers."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,7 @@ for _p in (str(ROOT), str(ROOT / "tests")):
         sys.path.insert(0, _p)
 
 import evaluate_judge as ej  # noqa: E402
-from fake_openai_server import FakeJudgeServer  # noqa: E402
+from helpers.fake_openai_server import FakeJudgeServer  # noqa: E402
 from maxent_rlhf import checkpoints, evaluation, plotting, runs  # noqa: E402
 from maxent_rlhf.config import ConfigError  # noqa: E402
 

@@ -1,7 +1,7 @@
 """FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 on two CPU processes (gloo) against one process.
 
 Per backend, one 2-process `accelerate launch` runs, through the scripts' `main(cfg)` (driver:
-tests/cpu_sharding.py, which also explains the two shims accelerate needs to shard CPU processes):
+tests/helpers/cpu_sharding.py, which also explains the two shims accelerate needs to shard CPU processes):
 train_offline.py DPO and SimPO, train_rloo.py KL and entropy (length-normalised, kl_ref every other
 iteration), 4 steps each with a checkpoint at step 2, plus DPO and RLOO-KL resumed from that step-2
 checkpoint in a fresh run directory. One 1-process run of the same four configs is the reference.
@@ -39,12 +39,12 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCEL = ROOT / "configs" / "accelerate"
-DRIVER = ROOT / "tests" / "cpu_sharding.py"
-from run_compare import WEIGHT_ATOL  # noqa: E402  (tolerances and comparisons shared with the other N-process tests)
-from run_compare import assert_metrics_close as _assert_metrics_close  # noqa: E402
-from run_compare import checkpoint_weights as _weights  # noqa: E402
-from run_compare import max_weight_diff as _max_diff  # noqa: E402
-from run_compare import run_metrics as _metrics  # noqa: E402
+DRIVER = ROOT / "tests" / "helpers" / "cpu_sharding.py"
+from helpers.run_compare import WEIGHT_ATOL  # noqa: E402  (tolerances and comparisons shared with the other N-process tests)
+from helpers.run_compare import assert_metrics_close as _assert_metrics_close  # noqa: E402
+from helpers.run_compare import checkpoint_weights as _weights  # noqa: E402
+from helpers.run_compare import max_weight_diff as _max_diff  # noqa: E402
+from helpers.run_compare import run_metrics as _metrics  # noqa: E402
 DS_OVERRIDES = ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"]
 BACKENDS = {
     # name: (accelerate config, extra launch flags, extra environment, expected (type, fsdp version, zero stage))
@@ -164,7 +164,7 @@ def sharded(request, workdir):
     name = request.param
     if name.startswith("zero") and not _has_deepspeed():
         pytest.skip("deepspeed is not installed (pip install deepspeed); it runs here on CPU processes (gloo) "
-                    "through tests/cpu_sharding.py")
+                    "through tests/helpers/cpu_sharding.py")
     d, configs = workdir
     config, flags, extra_env, expected = BACKENDS[name]
     (d / f"jobs-{name}.yaml").write_text(yaml.safe_dump(_jobs(d, configs, name, resume=True)))
@@ -278,7 +278,7 @@ def test_a_sharding_config_that_accelerate_did_not_honour_is_refused(monkeypatch
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_plain_launch_on_cpu_processes_is_refused(workdir, backend):
-    """The evidence behind tests/cpu_sharding.py's shims, re-checked on every run: the scripts launched
+    """The evidence behind tests/helpers/cpu_sharding.py's shims, re-checked on every run: the scripts launched
     directly under a sharding config on CPU processes stop with the refusal, not a silent DDP run."""
     if backend.startswith("zero") and not _has_deepspeed():
         pytest.skip("deepspeed is not installed")
