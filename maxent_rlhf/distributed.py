@@ -25,7 +25,7 @@ DeepSpeed's `gradient_clipping`, which `configure_deepspeed` sets to the script'
 Sampling: `sampling_rng` ties each rollout chunk's random stream to its rows of the global batch, so N
 processes sample what one process samples. Checkpoints under DeepSpeed / FSDP: see `checkpoints.uses_engine_state`.
 
-The FSDP2 and ZeRO-2 / ZeRO-3 branches run on two CPU processes in tests/test_sharded.py (accelerate
+The FSDP2 and ZeRO-2 / ZeRO-3 branches run on two CPU processes in tests/test_distributed.py (accelerate
 does not shard CPU processes by itself: tests/helpers/cpu_sharding.py says how the test gets it to); on GPUs
 they have yet to run (bench/gpu_smoke.sh is the acceptance run).
 """

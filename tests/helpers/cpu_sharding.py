@@ -3,7 +3,7 @@
     accelerate launch --config_file configs/accelerate/cpu_fsdp2.yaml tests/helpers/cpu_sharding.py jobs.yaml report_dir
 
 accelerate 1.15 never shards CPU processes, so this driver corrects accelerate's process state before
-the scripts build their `Accelerator` (two shims, test-only, found by running it; tests/test_sharded.py):
+the scripts build their `Accelerator` (two shims, test-only, found by running it; tests/test_distributed.py):
 
 - FSDP: with ACCELERATE_USE_CPU=true the config's FSDP section is dropped silently: accelerate selects
   FSDP only for GPU-like multi-process types (state.py, AcceleratorState: MULTI_GPU, MULTI_XPU, ...), so
