@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # train_offline.py is a top-level script, importable from the repo root
 
 import train_offline  # noqa: E402
+from helpers.jsonl import write_jsonl
 from maxent_rlhf import checkpoints, data, generation, models, objectives, runs
 from maxent_rlhf.config import ConfigError, parse_config
 from train_offline import LOSSES, OfflineConfig
@@ -23,12 +24,6 @@ WORDS = "the a my cat dog ran sat on mat far away home happy sad big small today
 def sentence(rng, n):
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
 
 
 def pair_rows(n, seed=0):
