@@ -208,7 +208,7 @@ def test_fp16_on_cpu_runs_float32_and_the_run_records_it(tmp_path, tiny_policy_d
     """accelerate has no fp16 autocast on CPU: the run is the float32 run (frozen models included), and
     config.yaml and the closing summary say so. Each run is a process of its own (accelerate keeps one
     precision per process)."""
-    from test_bad_inputs import run_script
+    from helpers.scripts import run_script
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"POST: my {w} sat TL;DR:"}) + "\n" for w in ("cat", "dog")))
