@@ -96,3 +96,28 @@ def test_multi_run_figures_use_the_unweighted_entropy_and_the_paper_kl_direction
                                          group=lambda r: "run")
     assert entropy["run"] == logged(a.path, "objective/entropy")  # not the weighted bonus (0 here)
     assert kl_prev["run"] == logged(a.path, "objective/kl_prev")
+
+
+# --------------------------------------------------------------------------------------------------
+# the paper's figures from run directories (the toy lab's sweep draws them)
+# --------------------------------------------------------------------------------------------------
+def test_plotting_reads_run_directories(tmp_path):
+    from maxent_rlhf import plotting
+
+    run = tmp_path / "kl_lr1e-3_s1"
+    (run / "eval_gold").mkdir(parents=True)
+    (run / "config.yaml").write_text("regularizer: kl\nlearning_rate: 0.001\n")
+    with open(run / "metrics.jsonl", "w") as f:
+        for s in range(1, 11):
+            f.write(json.dumps({"step": s, "objective/rlhf_reward": s / 10, "objective/entropy_bonus": 0.0,
+                                "objective/kl_ref_k3": s / 5, "objective/kl_prev_k3": 0.01, "ref/logratio": -0.1}) + "\n")
+    (run / "eval_gold" / "summary.json").write_text(json.dumps({
+        "baseline": {"win_rate": 0.3, "step": None},
+        "checkpoints": [{"step": 5, "win_rate": 0.5}, {"step": 10, "win_rate": 0.6}]}))
+    r = plotting.load_run(run)
+    assert r.winrate_curve() == ([0, 5, 10], [0.3, 0.5, 0.6]) and r.final_winrate() == 0.6
+    assert plotting.regularizer_of(r) == "KL"
+    for p in (plotting.plot_reward_and_entropy([r], tmp_path / "f1.png"), plotting.plot_kl([r], tmp_path / "f3.png"),
+              plotting.plot_ref_logratio(r, tmp_path / "f4.png"),
+              plotting.plot_winrate_per_checkpoint([r], tmp_path / "f6.png", label=lambda x: "a", panel=lambda x: "b")):
+        assert p.exists() and p.stat().st_size > 1000
