@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train_rloo
+from maxent_rlhf import rollout
 from maxent_rlhf.checkpoints import list_checkpoints
 from maxent_rlhf.runs import NonFiniteError, read_metrics
 
@@ -195,7 +196,7 @@ def test_reward_model_with_other_tokenizer_is_fed_retokenised_text(base, tmp_pat
 
     words = sorted(tiny_tokenizer.get_vocab(), key=lambda w: (w.startswith("<"), w[::-1]))
     other = build_word_tokenizer([w for w in words if not w.startswith("<")])
-    assert not train_rloo.same_vocabulary(tiny_tokenizer, other)
+    assert not rollout.same_vocabulary(tiny_tokenizer, other)
     rm_dir = tmp_path / "rm_other"
     build_tiny_reward_model(other, seed=3, save_dir=rm_dir)
     c = replace(base, reward_model_name_or_path=str(rm_dir), num_iterations=1, output_dir=str(tmp_path / "x"))

@@ -2,7 +2,7 @@
 "grouped" layout of generation.shared_prefix_*): each prompt runs once, its KV cache is repeated k times.
 Checked against the plain forwards: same log-probs, entropies, gradients, reward scores and samples, and a
 whole fused RLOO iteration with it equals one without. The run decides shared or plain once
-(`train_rloo.prompt_sharing`); a forward asked to share where it cannot raises instead of running plain. The "tiled" layout (train_offline.py) is tested in
+(`train_rloo.prompt_sharing` on `rollout.prompt_sharing`); a forward asked to share where it cannot raises instead of running plain. The "tiled" layout (train_offline.py) is tested in
 test_offline_shared_prefix.py. And `kl_prev_per_prompt`: step 7 on a subset of each prompt's completions
 gives exactly the full-batch estimators restricted to those rows."""
 import sys
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import train_rloo  # noqa: E402
-from maxent_rlhf import generation, objectives  # noqa: E402
+from maxent_rlhf import generation, objectives, rollout  # noqa: E402
 from maxent_rlhf.models import build_tiny_policy, build_tiny_reward_model  # noqa: E402
 from test_rloo_units import FUSABLE, accelerator, hand_rollout, steps_2_to_8  # noqa: E402,F401  (accelerator: the fixture)
 
@@ -138,21 +138,21 @@ def test_a_forward_asked_to_share_where_it_cannot_raises(tiny_tokenizer):
 def test_the_run_decides_shared_or_plain_once_per_forward(accelerator, tiny_tokenizer, tiny_policy_dir, tiny_reward_dir):
     c = train_rloo.RLOOConfig(**dict(FUSABLE, shared_prefix=True), model_name_or_path=tiny_policy_dir,
                               reward_model_name_or_path=tiny_reward_dir, kl_prev_per_prompt=1)
-    m = train_rloo.load_models(c, accelerator, reward_fn=None)
+    m = rollout.load_models(c, accelerator, reward_fn=None)
     plan = train_rloo._batch_plan(c, num_processes=1)
     share = train_rloo.prompt_sharing(c, m, plan)
-    assert share == train_rloo.PromptSharing(sample=2, score=2, old=2, ref=2, update=2, kl_prev=1)  # m = 1: nothing to share
-    assert train_rloo.prompt_sharing(replace(c, shared_prefix=False), m, plan) == train_rloo.PromptSharing()
+    assert share == rollout.PromptSharing(sample=2, score=2, old=2, ref=2, update=2, kl_prev=1)  # m = 1: nothing to share
+    assert train_rloo.prompt_sharing(replace(c, shared_prefix=False), m, plan) == rollout.PromptSharing()
     # chunks of 3 rows would cut a prompt group of 2: those forwards run plain all run long (the update's
     # micro-batches of 2 still share); a chunk covering the whole batch shares
-    assert train_rloo.prompt_sharing(replace(c, local_rollout_forward_batch_size=3), m, plan) == train_rloo.PromptSharing(
+    assert train_rloo.prompt_sharing(replace(c, local_rollout_forward_batch_size=3), m, plan) == rollout.PromptSharing(
         update=2)
     assert train_rloo.prompt_sharing(replace(c, local_rollout_forward_batch_size=8), m, plan) == share
     assert train_rloo.prompt_sharing(replace(c, num_ppo_epochs=2), m, plan).update == 1  # shuffled micro-batches
     m.retokenize = True  # the reward model reads other tokens: no shared prompt columns
     assert train_rloo.prompt_sharing(c, m, plan).score == 1
     (getattr(m.policy, "activation_checkpointing_enable", None) or m.policy.gradient_checkpointing_enable)()
-    assert train_rloo.prompt_sharing(c, m, plan) == train_rloo.PromptSharing(ref=2)  # only the frozen reference shares
+    assert train_rloo.prompt_sharing(c, m, plan) == rollout.PromptSharing(ref=2)  # only the frozen reference shares
 
 
 @pytest.mark.parametrize("kw", [dict(regularizer="kl", kl_coef=0.5),
@@ -190,9 +190,9 @@ def test_rloo_iteration_with_shared_prefix_equals_the_plain_one(kw, accelerator,
 
 def test_kl_prev_rows_are_the_first_m_completions_of_each_prompt():
     c = train_rloo.RLOOConfig(rloo_k=4, global_batch_size=12)
-    assert train_rloo.kl_prev_rows(c, 12)[0].tolist() == list(range(12))  # 0: every completion
-    assert train_rloo.kl_prev_rows(replace(c, kl_prev_per_prompt=1), 12)[0].tolist() == [0, 4, 8]
-    rows, m = train_rloo.kl_prev_rows(replace(c, kl_prev_per_prompt=2), 12)
+    assert rollout.kl_prev_rows(c, 12)[0].tolist() == list(range(12))  # 0: every completion
+    assert rollout.kl_prev_rows(replace(c, kl_prev_per_prompt=1), 12)[0].tolist() == [0, 4, 8]
+    rows, m = rollout.kl_prev_rows(replace(c, kl_prev_per_prompt=2), 12)
     assert (rows.tolist(), m) == ([0, 1, 4, 5, 8, 9], 2)
 
 
@@ -209,7 +209,7 @@ def test_kl_prev_on_one_completion_per_prompt_is_the_full_estimate_on_those_rows
     assert (full["objective/kl_prev_samples"], cheap["objective/kl_prev_samples"]) == (4, 2)
     torch.testing.assert_close(cheap_ro.new_logprobs, full_ro.new_logprobs[[0, 2]], rtol=0, atol=1e-5)
     rows = [0, 2]
-    expected = train_rloo.kl_prev_metrics(full_ro.old_logprobs[rows], full_ro.new_logprobs[rows],
+    expected = rollout.kl_prev_metrics(full_ro.old_logprobs[rows], full_ro.new_logprobs[rows],
                                           full_ro.response_mask[rows])
     assert full["objective/kl_prev"] > 1e-4 and expected["objective/kl_prev"] != pytest.approx(full["objective/kl_prev"])
     for key, value in expected.items():

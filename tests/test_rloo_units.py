@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_rloo
-from maxent_rlhf import generation, objectives
+from maxent_rlhf import generation, objectives, rollout
 from maxent_rlhf.config import ConfigError, parse_config
 from maxent_rlhf.data import DataError, PromptStream, tokenize_prompts
 
@@ -40,7 +40,7 @@ def test_step2_reward_is_read_at_last_real_token_and_retokenising_same_vocab_cha
     raw = torch.tensor([[tok.convert_tokens_to_ids("cat"), tok.eos_token_id, 5], [6, 7, 8]])
     resp, r_mask, has_eos = generation.truncate_after_eos(raw, tok.eos_token_id, tok.pad_token_id)
     direct = generation.reward_model_scores(rm, torch.cat([q_ids, resp], 1), torch.cat([q_mask, r_mask], 1))
-    ids, mask = train_rloo.retokenize_for_reward(tok, tok, q_ids, q_mask, resp, r_mask, has_eos)
+    ids, mask = rollout.retokenize_for_reward(tok, tok, q_ids, q_mask, resp, r_mask, has_eos)
     assert torch.allclose(direct, generation.reward_model_scores(rm, ids, mask), atol=1e-5)
     # the score of row 0 is the reward model read at its EOS: the same as scoring the unpadded sequence alone
     alone = torch.tensor([tok("POST: my cat TL;DR: cat")["input_ids"] + [tok.eos_token_id]])
@@ -62,7 +62,7 @@ def hand_rollout(tok, k=2):
     raw = torch.tensor([[w("cat"), w("sat"), tok.eos_token_id], [w("dog"), w("ran"), w("far")],
                         [tok.eos_token_id, w("cat"), w("cat")], [w("happy"), tok.eos_token_id, w("sad")]])
     responses, mask, has_eos = generation.truncate_after_eos(raw, tok.eos_token_id, tok.pad_token_id)
-    return train_rloo.Rollout(q_ids.repeat_interleave(k, 0), q_mask.repeat_interleave(k, 0), responses, mask, has_eos)
+    return rollout.Rollout(q_ids.repeat_interleave(k, 0), q_mask.repeat_interleave(k, 0), responses, mask, has_eos)
 
 
 def test_step2_score_reads_the_reward_model_or_reward_fn_and_subtracts_the_missing_eos_penalty(
@@ -73,26 +73,26 @@ def test_step2_score_reads_the_reward_model_or_reward_fn_and_subtracts_the_missi
     ro = hand_rollout(tok)
     assert ro.contains_eos.tolist() == [True, False, True, True]
     c = train_rloo.RLOOConfig(missing_eos_penalty=1.5, local_rollout_forward_batch_size=3)  # chunks of 3 + 1 rows
-    m = train_rloo.Models(accelerator, tok, policy=None, reward_model=rm, reward_tokenizer=tok)
+    m = rollout.Models(accelerator, tok, policy=None, reward_model=rm, reward_tokenizer=tok)
     raw = generation.reward_model_scores(rm, ro.query_responses, ro.attention_mask)
-    completions, scores = train_rloo.score(c, m, ro)
+    completions, scores = rollout.score(c, m, ro)
     assert torch.allclose(scores, raw - torch.tensor([0.0, 1.5, 0.0, 0.0]), atol=1e-5)
     assert completions == ["cat sat", "dog ran far", "", "happy"]  # decoded, EOS and padding dropped
     assert ro.completions == [] and ro.scores is None  # the step returns its values; the caller assigns them
     m.retokenize = True  # the text route gives the same scores when the vocabularies agree
-    assert torch.allclose(train_rloo.score(c, m, ro)[1], raw - torch.tensor([0.0, 1.5, 0.0, 0.0]), atol=1e-5)
+    assert torch.allclose(rollout.score(c, m, ro)[1], raw - torch.tensor([0.0, 1.5, 0.0, 0.0]), atol=1e-5)
     seen = {}
 
     def reward_fn(prompts, completions, response_ids, response_mask):
         seen["prompts"] = prompts
         return [float(len(x.split())) for x in completions]
 
-    m = train_rloo.Models(accelerator, tok, policy=None, reward_fn=reward_fn)
-    assert train_rloo.score(c, m, ro)[1].tolist() == [2.0, 3.0 - 1.5, 0.0, 1.0]
+    m = rollout.Models(accelerator, tok, policy=None, reward_fn=reward_fn)
+    assert rollout.score(c, m, ro)[1].tolist() == [2.0, 3.0 - 1.5, 0.0, 1.0]
     assert seen["prompts"] == ["POST: my cat TL;DR:"] * 2 + ["TL;DR:"] * 2  # left padding dropped
     m.reward_fn = lambda **kw: [1.0, 2.0]
     with pytest.raises(ValueError, match="returned 2 scores for 4 completions"):
-        train_rloo.score(c, m, ro)
+        rollout.score(c, m, ro)
 
 
 def test_steps4_and_5_regularised_reward_and_advantages_on_a_hand_built_rollout(tiny_tokenizer):
@@ -128,7 +128,7 @@ def test_iteration_metrics_of_a_filled_rollout(tiny_tokenizer):
     assert m["objective/scores"] == pytest.approx(1.75) and m["objective/entropy_bonus"] == pytest.approx(0.5)
     assert "objective/kl_ref" not in m and "objective/kl_ref_k3" not in m  # no reference log-probs this iteration
     assert m["objective/kl_ref_every"] == 0 and "train/grad_norm" not in m and m["policy/clipfrac"] == 2.0
-    for key, value in train_rloo.kl_prev_metrics(ro.old_logprobs, ro.new_logprobs, ro.response_mask).items():
+    for key, value in rollout.kl_prev_metrics(ro.old_logprobs, ro.new_logprobs, ro.response_mask).items():
         assert m[key] == value
     assert m["objective/entropy"] == pytest.approx(float(-(ro.old_logprobs * ro.response_mask).sum(1).mean()))
     assert m["response/length"] == (3 + 3 + 1 + 2) / 4 and m["response/eos_fraction"] == 0.75
@@ -145,7 +145,7 @@ def test_iteration_metrics_of_a_filled_rollout(tiny_tokenizer):
 def test_the_reference_model_is_needed_where_one_method_says(kw, load, at, accelerator, tiny_policy_dir):
     c = train_rloo.RLOOConfig(model_name_or_path=tiny_policy_dir, **kw)
     assert c.needs_ref() == load and [it for it in (1, 2, 3) if c.needs_ref(it)] == at
-    m = train_rloo.load_models(c, accelerator, reward_fn=lambda **kw: [])
+    m = rollout.load_models(c, accelerator, reward_fn=lambda **kw: [])
     assert (m.ref_policy is not None) == load and m.reward_model is None
 
 
@@ -158,9 +158,9 @@ def test_step6_update_moves_the_policy_towards_positive_advantages(accelerator, 
                               learning_rate=3e-3, temperature=0.7)
     plan = train_rloo._batch_plan(c, num_processes=1)
     assert (plan.mini_local, plan.grad_accum) == (2, 2)
-    m = train_rloo.load_models(c, accelerator, reward_fn=lambda **kw: [])
+    m = rollout.load_models(c, accelerator, reward_fn=lambda **kw: [])
     ro = hand_rollout(tiny_tokenizer)
-    ro.old_logprobs = train_rloo.policy_logprobs(c, m, ro, m.policy, share=1)
+    ro.old_logprobs = rollout.policy_logprobs(c, m, ro, m.policy, share=1)
     ro.advantages = torch.tensor([1.0, -1.0, -1.0, 1.0])
     opt = torch.optim.AdamW(m.policy.parameters(), lr=c.learning_rate)
     sched = build_lr_scheduler(opt, "linear", 4, 0.0)
@@ -170,7 +170,7 @@ def test_step6_update_moves_the_policy_towards_positive_advantages(accelerator, 
     # 2 epochs x 2 mini-batches x 2 micro-batches; every micro-batch loss is checked; one scheduler step
     assert len(stats["loss"]) == len(losses) == 8 and len(stats["grad_norm"]) == 4
     assert stats["lr"] == c.learning_rate and sched.get_last_lr()[0] == pytest.approx(c.learning_rate * 3 / 4)
-    new = train_rloo.policy_logprobs(c, m, ro, m.policy, share=1)
+    new = rollout.policy_logprobs(c, m, ro, m.policy, share=1)
     delta = objectives.masked_sum(new - ro.old_logprobs, ro.response_mask)
     assert (delta * ro.advantages > 0).all(), delta  # log pi(y|x) up where A > 0, down where A < 0
 
@@ -233,7 +233,7 @@ def test_step4_regularised_reward_known_answers(kw, expected_non_score):
 # ------------------------------------------------------------------ metrics: KL between consecutive policies, entropy
 def test_kl_prev_metrics_are_the_objectives_estimators_in_both_directions_with_a_global_ess():
     old, new = LOGP, REF  # samples from pi_old; log-probs before and after an update
-    m = train_rloo.kl_prev_metrics(old, new, MASK)
+    m = rollout.kl_prev_metrics(old, new, MASK)
     # by hand: log w = sum_t (new - old) over real tokens = [0.5, -0.5]
     log_w = torch.tensor([0.5, -0.5], dtype=torch.float64)
     w = log_w.exp()
@@ -248,7 +248,7 @@ def test_kl_prev_metrics_are_the_objectives_estimators_in_both_directions_with_a
     old = torch.log_softmax(torch.randn(6, 5, 7, generator=g), -1)[..., 0]
     new = old + 0.3 * torch.randn(6, 5, generator=g)
     mask = (torch.arange(5) < torch.tensor([5, 3, 1, 4, 2, 5])[:, None]).long()
-    m = train_rloo.kl_prev_metrics(old, new, mask)
+    m = rollout.kl_prev_metrics(old, new, mask)
     for key, fn in (("objective/kl_prev", objectives.kl_new_old_from_old_samples),
                     ("objective/kl_prev_reverse", objectives.kl_old_new_from_old_samples)):
         for suffix, est in (("", "k1"), ("_k3", "k3")):
@@ -256,7 +256,7 @@ def test_kl_prev_metrics_are_the_objectives_estimators_in_both_directions_with_a
     assert m["objective/kl_prev"] != pytest.approx(m["objective/kl_prev_reverse"], rel=1e-3)  # the directions differ
     # `gather` sees the per-sequence log weights: the ESS is of the global batch, not a mean over processes
     seen = []
-    train_rloo.kl_prev_metrics(old, new, mask, gather=lambda x: seen.append(x) or x)
+    rollout.kl_prev_metrics(old, new, mask, gather=lambda x: seen.append(x) or x)
     log_w = objectives.masked_sum(new.double() - old.double(), mask)
     assert any(t.shape == log_w.shape and torch.equal(t, log_w) for t in seen)
     assert m["objective/kl_prev_ess"] == pytest.approx(float(objectives.effective_sample_fraction(log_w)))
@@ -264,7 +264,7 @@ def test_kl_prev_metrics_are_the_objectives_estimators_in_both_directions_with_a
 
 def test_entropy_metrics_on_a_hand_built_padded_batch():
     # -log pi(y|x) over real tokens: sequence 0 = 1 + 2 (its third token is padding), sequence 1 = 0.5 + 0.5 + 0
-    m = train_rloo.entropy_metrics(LOGP, MASK)
+    m = rollout.entropy_metrics(LOGP, MASK)
     assert m["objective/entropy"] == pytest.approx((3.0 + 1.0) / 2)
     assert m["objective/entropy_per_token"] == pytest.approx((3.0 / 2 + 1.0 / 3) / 2)
 
@@ -398,15 +398,15 @@ def steps_2_to_8(c, accelerator, policy_dir, reward_dir, ro):
     from maxent_rlhf.schedules import build_lr_scheduler
 
     c = replace(c, model_name_or_path=policy_dir, reward_model_name_or_path=reward_dir)
-    m = train_rloo.load_models(c, accelerator, reward_fn=None)
+    m = rollout.load_models(c, accelerator, reward_fn=None)
     plan = train_rloo._batch_plan(c, num_processes=1)
     opt = torch.optim.AdamW(m.policy.parameters(), lr=c.learning_rate)
     sched = build_lr_scheduler(opt, "linear", 4, 0.0)
     m.sharing = train_rloo.prompt_sharing(c, m, plan)
     torch.manual_seed(0)  # the same mini-batch shuffles in the runs a test compares
-    ro.completions, ro.scores = train_rloo.score(c, m, ro)
+    ro.completions, ro.scores = rollout.score(c, m, ro)
     stats = train_rloo.learn(c, m, plan, ro, opt, sched, needs_ref=True, timings={})
-    ro.kl_prev_rows, ro.new_logprobs = train_rloo.kl_prev_logprobs(c, m, ro)
+    ro.kl_prev_rows, ro.new_logprobs = rollout.kl_prev_logprobs(c, m, ro)
     return train_rloo.iteration_metrics(c, ro, stats), [p.detach().clone() for p in m.policy.parameters()]
 
 
@@ -441,14 +441,41 @@ def test_update_with_old_logprobs_from_its_own_forward_equals_a_separate_old_log
 def test_cutting_the_pad_tail_changes_no_metric(accelerator, tiny_tokenizer, tiny_policy_dir, tiny_reward_dir):
     base = hand_rollout(tiny_tokenizer)
     pad = torch.full((len(base), 3), tiny_tokenizer.pad_token_id)
-    padded = train_rloo.Rollout(base.query_ids, base.query_mask, torch.cat([base.responses, pad], 1),
+    padded = rollout.Rollout(base.query_ids, base.query_mask, torch.cat([base.responses, pad], 1),
                                 torch.cat([base.response_mask, torch.zeros_like(pad)], 1), base.contains_eos)
-    cut_ids, cut_mask = train_rloo.cut_to_longest(padded.responses, padded.response_mask)
+    cut_ids, cut_mask = rollout.cut_to_longest(padded.responses, padded.response_mask)
     assert cut_ids.shape[1] == int(base.response_mask.sum(1).max()) == 3
-    cut = train_rloo.Rollout(base.query_ids, base.query_mask, cut_ids, cut_mask, base.contains_eos)
+    cut = rollout.Rollout(base.query_ids, base.query_mask, cut_ids, cut_mask, base.contains_eos)
     c = train_rloo.RLOOConfig(**dict(FUSABLE, num_ppo_epochs=2, per_device_train_batch_size=1), regularizer="kl")
     # other tensor shapes, other float rounding: Adam divides by |g|, so a parameter with a near-zero gradient
     # moves by up to lr (3e-3) whatever its size, and two steps of rounding-level gradient differences show
     # in the weights at ~1e-5 (every metric still agrees to 1e-5)
     assert_same_run(steps_2_to_8(c, accelerator, tiny_policy_dir, tiny_reward_dir, padded),
                     steps_2_to_8(c, accelerator, tiny_policy_dir, tiny_reward_dir, cut), weights_atol=2e-5)
+
+
+def test_rollout_args_mix_into_another_online_config_with_their_checks_and_defaults():
+    """A second online trainer's config (RolloutArgs next to TrainConfig, without RLOO's fields) gets the
+    rollout's fields with RLOO's defaults, its range checks chained after TrainConfig's, and a reference
+    used every iteration unless it overrides `needs_ref` (RLOOConfig does: kl_ref_every)."""
+    from dataclasses import dataclass
+
+    from maxent_rlhf.config import TrainConfig
+
+    @dataclass
+    class OnlineConfig(rollout.RolloutArgs, TrainConfig):
+        pass
+
+    c = OnlineConfig()
+    rloo = train_rloo.RLOOConfig()
+    for f in fields(rollout.RolloutArgs):
+        assert getattr(c, f.name) == getattr(rloo, f.name), f.name
+    assert not hasattr(c, "kl_ref_every") and not hasattr(c, "num_ppo_epochs")
+    assert c.needs_ref() and c.needs_ref(3)
+    assert not train_rloo.RLOOConfig(regularizer="none", kl_ref_every=0).needs_ref()
+    with pytest.raises(ConfigError, match="`temperature` = 0"):
+        OnlineConfig(temperature=0.0)
+    with pytest.raises(ConfigError, match="`kl_prev_per_prompt` = 5 must be in 0..rloo_k = 4"):
+        OnlineConfig(rloo_k=4, kl_prev_per_prompt=5)
+    with pytest.raises(ConfigError, match="`learning_rate`"):  # TrainConfig's checks still run
+        OnlineConfig(learning_rate=-1.0)

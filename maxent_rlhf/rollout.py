@@ -1,0 +1,454 @@
+"""The online trainers' rollout: models, prompts, sampling, scoring and the log-probs every online step reads.
+
+Shared by the online trainers (train_rloo.py): they run steps 1-2 and 7 from here and their own steps 3-6
+in between. A config mixes in `RolloutArgs` (the fields read here) next to `TrainConfig`; the functions
+take that config as `c`.
+  1. generate: `rloo_k` completions per prompt (KV-cached sampling at `temperature`, top_k 0 / top_p 1,
+     `generation.sample`), each truncated after its first EOS (EOS kept), the rest padded and the all-pad
+     tail columns dropped                                                         `generate`, `cut_to_longest`
+  2. score: prompt + completion with the reward model at the last real token (or `reward_fn`); the
+     missing-EOS penalty                                                                             `score`
+  3. (the trainer's) log-probs of the sampled tokens under a model, from logits / T          `policy_logprobs`
+  7. kl_prev: log-probs of the same samples after the update                                `kl_prev_logprobs`
+Around them: `load_models` (tokenizer, policy with dropout off, the reference when `c.needs_ref()`, the
+reward model or `reward_fn`), `prompt_batch` (this process's prompts), `prompt_sharing` (the shared prompt
+pass, decided once per run), and the metrics of the rollout's own values (`kl_prev_metrics`,
+`entropy_metrics`).
+
+Decisions (documented here once):
+- Batch layout: each process holds whole prompt groups; completion j of local prompt p sits at row
+  p * k + j (`prompt_batch` repeats each prompt k times).
+- Policy and reward model with different vocabularies: the text is RE-TOKENISED for the reward model
+  (decoded prompt + decoded response, plus the reward tokenizer's EOS when the response emitted EOS).
+  Identical vocabularies pass the token ids through unchanged (no decode/encode round trip).
+- Prompts longer than `max_prompt_length` tokens are cut from the LEFT (the end, "TL;DR:", is kept);
+  the trainer logs the cumulative count as `data/truncated_prompts`.
+- `objective/kl_prev*` keys are sums over the real response tokens of a sequence, averaged over the
+  global batch; the plain key is the k1 estimate, `_k3` the non-negative k3 one.
+- KL between consecutive policies, from this iteration's samples (drawn from pi_old = pi_{t-1}) and their
+  log-probs before (old) and after the update (a post-update forward, pi_new = pi_t):
+  `objective/kl_prev` (+ `_k3`) is the paper's direction KL(pi_t || pi_{t-1}) (Fig. 3 bottom, Figs. 10-12),
+  importance-weighted by w = pi_new(y) / pi_old(y) (`objectives.kl_new_old_from_old_samples`);
+  `objective/kl_prev_reverse` (+ `_k3`) is KL(pi_{t-1} || pi_t), which needs no weight. They agree to second
+  order while the update is small and part when the policy drifts. `objective/kl_prev_ess` is the effective
+  sample fraction of the weights over the global batch (1: reliable; near 1/batch: kl_prev rests on a few
+  sequences). `kl_prev_per_prompt` = m > 0 computes them all on the first m completions of each prompt
+  (`objective/kl_prev_samples` says how many sequences; a subset of i.i.d. samples is still a sample of
+  pi_{t-1}, so nothing is biased, only noisier by about sqrt(k / m)).
+- `objective/entropy` is the batch mean of the unweighted sequence quantity -log pi(y|x) = sum_t -log
+  pi(y_t | x, y_<t) over real response tokens at the training temperature (a one-sample estimate of the
+  sequence entropy, Fig. 1), logged for every objective; `objective/entropy_per_token` is the mean over
+  sequences of the same divided by |y|.
+- Dropout is switched off in the policy (old and new log-probs must come from the same function).
+- Programmatic reward hook: `reward_fn: "package.module:function"` in the config, or
+  `main(cfg, reward_fn=callable)`, replaces the reward model. It is called as
+  fn(prompts=list[str], completions=list[str], response_ids=Tensor[B, T], response_mask=Tensor[B, T])
+  and returns B scores (tensor or list); the EOS penalty is still applied afterwards.
+- Shared prompt pass (`shared_prefix`): every forward runs each prompt once for its k completions and
+  repeats its KV cache; `prompt_sharing` decides it once per run and forward (plain under FSDP / ZeRO-3 /
+  gradient checkpointing or for chunks that cut prompt groups).
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from . import distributed, generation, objectives
+from .config import ConfigError, cfg
+from .data import tokenize_prompts
+from .models import load_policy, load_reward_model, load_tokenizer, resolve_dtype
+
+
+# ----------------------------------------------------------------------------------------------------
+# config fields
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class RolloutArgs:
+    """What the rollout (steps 1-2, 7) and the model loading read (mixed into an online trainer's config
+    next to TrainConfig: `class RLOOConfig(EvalArgs, RolloutArgs, TrainConfig)`)."""
+
+    # models and data (the shared fields are in TrainConfig; here the ones the online trainers add or read differently)
+    model_name_or_path: str = cfg(
+        "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr", "policy to train (hub id, local path or toylab://NAME)"
+    )
+    ref_model_name_or_path: Optional[str] = cfg(None, "reference policy for KL (default: model_name_or_path)")
+    reward_model_name_or_path: Optional[str] = cfg(
+        "cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr",
+        "one-label sequence-classifier reward model (ignored when reward_fn is set)",
+    )
+    reward_fn: Optional[str] = cfg(
+        None, "programmatic reward 'package.module:function' replacing the reward model (see module docstring)"
+    )
+    dataset_name: str = cfg("trl-lib/tldr", "prompt dataset: hub id, local json/jsonl/parquet, or toylab://NAME")
+    max_prompt_length: int = cfg(512, "prompts longer than this many tokens are cut from the left (counted)")
+    # sampling
+    response_length: int = cfg(53, "new tokens sampled per completion")
+    temperature: float = cfg(0.7, "sampling temperature; every log-prob uses logits / temperature")
+    missing_eos_penalty: float = cfg(1.0, "subtracted from the score of completions that never emit EOS")
+    rloo_k: int = cfg(2, "completions per prompt (>= 2 for the leave-one-out baseline)")
+    local_rollout_forward_batch_size: int = cfg(64, "rows per generation / no-grad forward chunk on each process")
+    kl_prev_per_prompt: int = cfg(
+        0, "completions per prompt whose post-update log-probs estimate objective/kl_prev* (0: all rloo_k; m in "
+        "1..rloo_k: the first m of each prompt): step 7's forward costs m / rloo_k, the estimate stays unbiased "
+        "but rests on prompts x m sequences (objective/kl_prev_samples)"
+    )
+    # logging
+    sample_every: int = cfg(10, "write completions to samples.jsonl every N iterations (0: never)")
+    num_samples: int = cfg(4, "completions written per sample_every")
+
+    def range_checks(self) -> list:
+        """Value ranges of the rollout fields (config.check_ranges; chained with the other mixed-in configs)."""
+        return getattr(super(), "range_checks", list)() + [
+            (self.response_length >= 1, f"`response_length` = {self.response_length} must be >= 1"),
+            (self.temperature > 0, f"`temperature` = {self.temperature} must be > 0"),
+            (self.local_rollout_forward_batch_size >= 1,
+             f"`local_rollout_forward_batch_size` = {self.local_rollout_forward_batch_size} must be >= 1"),
+            (0 <= self.kl_prev_per_prompt <= self.rloo_k,
+             f"`kl_prev_per_prompt` = {self.kl_prev_per_prompt} must be in 0..rloo_k = {self.rloo_k} (0: every completion)"),
+        ]
+
+    def needs_ref(self, iteration: Optional[int] = None) -> bool:
+        """Is the reference model used at `iteration` (None: at all in this run, i.e. must it be loaded)?
+        Here: always; a trainer that uses it less often overrides this (RLOOConfig: `kl_ref_every`)."""
+        return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# plumbing
+# ----------------------------------------------------------------------------------------------------
+def chunks(n: int, size: int):
+    """Slices of `size` rows (the last one shorter) covering n rows."""
+    for s in range(0, n, size):
+        yield slice(s, min(s + size, n))
+
+
+@contextmanager
+def timed(timings: dict, key: str):
+    """timings[key] = the wall-clock seconds of the block."""
+    t0 = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t0
+
+
+def load_reward_fn(spec: str) -> Callable:
+    """The callable a `reward_fn: "package.module:function"` names (ConfigError when it cannot be had)."""
+    if ":" not in spec:
+        raise ConfigError(f"`reward_fn` = {spec!r} must look like 'package.module:function'")
+    mod, attr = spec.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"`reward_fn` = {spec!r} cannot be imported: {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"`reward_fn` = {spec!r} is not callable")
+    return fn
+
+
+def resolve_reward_fn(c, reward_fn: Optional[Callable] = None) -> Optional[Callable]:
+    """The run's programmatic reward: `reward_fn` given to main, else the config's `reward_fn`, else None (the
+    reward model scores); ConfigError when neither it nor a reward model is set."""
+    if reward_fn is None and c.reward_fn:
+        reward_fn = load_reward_fn(c.reward_fn)
+    if reward_fn is None and not c.reward_model_name_or_path:
+        raise ConfigError("set `reward_model_name_or_path` or `reward_fn`: there is nothing to score completions with")
+    return reward_fn
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in the modules and in the config (old and new log-probs must come from the same function)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout"):
+        if hasattr(model.config, key) and isinstance(getattr(model.config, key), float):
+            setattr(model.config, key, 0.0)
+
+
+def same_vocabulary(tok_a, tok_b) -> bool:
+    """Token ids mean the same thing for both tokenizers (then ids pass to the reward model unchanged)."""
+    return tok_a.get_vocab() == tok_b.get_vocab() and tok_a.eos_token_id == tok_b.eos_token_id
+
+
+def retokenize_for_reward(policy_tok, reward_tok, query_ids, query_mask, responses, response_mask, contains_eos):
+    """Decode prompt + response with the policy tokenizer and encode it with the reward tokenizer.
+
+    The response's EOS becomes the reward tokenizer's EOS (kept only when the policy emitted one).
+    Returns left-padded (input_ids, attention_mask) for the reward model.
+    """
+    seqs = []
+    for i in range(query_ids.shape[0]):
+        resp_tokens = responses[i][response_mask[i].bool()].tolist()
+        if contains_eos[i]:
+            resp_tokens = resp_tokens[:-1]
+        # decode prompt and response together: the tokenizer decides the spacing at the seam
+        text = policy_tok.decode(query_ids[i][query_mask[i].bool()].tolist() + resp_tokens, skip_special_tokens=True)
+        ids = reward_tok(text, add_special_tokens=False)["input_ids"]
+        if contains_eos[i]:
+            ids = ids + [reward_tok.eos_token_id]
+        seqs.append(ids)
+    return generation.left_pad(seqs, reward_tok.pad_token_id)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the models and the iteration's record
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PromptSharing:
+    """Rows per shared prompt pass in each forward of an iteration (`shared_prefix`; 1: the plain pass), fixed
+    once per run by `prompt_sharing`; a `generation` call that cannot honour its number raises."""
+
+    sample: int = 1  # step 1: the policy's prefill
+    score: int = 1  # step 2: the reward model (1 when it reads re-tokenised text)
+    old: int = 1  # step 3: the policy's no-grad forward
+    ref: int = 1  # step 3: the reference
+    update: int = 1  # the trainer's update when it runs whole prompt groups in row order (else shuffled rows: 1)
+    kl_prev: int = 1  # step 7: kl_prev_per_prompt rows of each prompt
+
+
+@dataclass
+class Models:
+    """What the steps run on: the accelerator, the (prepared) policy, the frozen models, the tokenizers."""
+
+    accelerator: object
+    tokenizer: object  # the policy's, left padding
+    policy: torch.nn.Module
+    ref_policy: Optional[torch.nn.Module] = None  # loaded only when c.needs_ref()
+    reward_model: Optional[torch.nn.Module] = None  # None when a programmatic reward_fn scores
+    reward_tokenizer: object = None
+    retokenize: bool = False  # the reward model reads its own tokens (other vocabulary)
+    reward_fn: Optional[Callable] = None
+    sharing: PromptSharing = field(default_factory=PromptSharing)  # main: `prompt_sharing` once the models are prepared
+
+
+@dataclass
+class Rollout:
+    """One iteration's batch on this process: completion j of local prompt p sits at row p * k + j.
+
+    Step 1 builds it; the trainer assigns each later step's returned values to the fields below the
+    sample (no step writes into the record itself); every tensor has n = prompts x rloo_k rows.
+    """
+
+    query_ids: torch.Tensor  # [n, ctx] left-padded prompt tokens, each prompt repeated rloo_k times
+    query_mask: torch.Tensor  # [n, ctx]
+    responses: torch.Tensor  # [n, T] sampled tokens, truncated after the first EOS (kept), pad after
+    response_mask: torch.Tensor  # [n, T] 1 on real response tokens
+    contains_eos: torch.Tensor  # [n] bool
+    completions: list = field(default_factory=list)  # decoded responses (step 2)
+    scores: Optional[torch.Tensor] = None  # [n] step 2: reward-model score minus the missing-EOS penalty
+    old_logprobs: Optional[torch.Tensor] = None  # [n, T] step 3: log pi_old(y_t | x, y_<t) at temperature T
+    token_entropy: Optional[torch.Tensor] = None  # [n, T] step 3: entropy of softmax(logits / T)
+    ref_logprobs: Optional[torch.Tensor] = None  # [n, T] step 3, None when the reference is not used
+    rewards: Optional[torch.Tensor] = None  # [n] step 4: the RLHF reward r + non_score_reward
+    non_score_reward: Optional[torch.Tensor] = None  # [n] step 4: the regulariser's term
+    advantages: Optional[torch.Tensor] = None  # [n] step 5
+    new_logprobs: Optional[torch.Tensor] = None  # [len(kl_prev_rows), T] step 7: those rows' tokens after the update
+    kl_prev_rows: Optional[torch.Tensor] = None  # step 7: the rows it ran on (all, or the first m of each prompt)
+
+    def __post_init__(self):
+        self.query_responses = torch.cat([self.query_ids, self.responses], 1)
+        self.attention_mask = torch.cat([self.query_mask, self.response_mask], 1)
+
+    @property
+    def context_length(self) -> int:
+        return self.query_ids.shape[1]
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+
+def load_models(c, accelerator, reward_fn: Optional[Callable], log_prefix: str = "[rollout]") -> Models:
+    """Tokenizer, policy (dropout off), the reference when `c.needs_ref()`, and the reward model unless a
+    reward_fn scores. Frozen models are in the mixed-precision dtype and prepared for the engine."""
+    frozen_dtype = resolve_dtype(c.mixed_precision, accelerator.device)
+    tokenizer = load_tokenizer(c.model_name_or_path, padding_side="left", trust_remote_code=c.trust_remote_code)
+    policy = load_policy(c.model_name_or_path, trust_remote_code=c.trust_remote_code, gradient_checkpointing=c.gradient_checkpointing)
+    disable_dropout(policy)
+    m = Models(accelerator, tokenizer, policy, reward_fn=reward_fn)
+    if c.needs_ref():
+        with distributed.frozen_model_loading(accelerator):
+            ref = load_policy(c.ref_model_name_or_path or c.model_name_or_path, dtype=frozen_dtype, trust_remote_code=c.trust_remote_code)
+        m.ref_policy = distributed.prepare_frozen_model(ref, accelerator)  # ZeRO-3: own engine, CPU offload
+    if reward_fn is None:
+        with distributed.frozen_model_loading(accelerator):
+            rm = load_reward_model(c.reward_model_name_or_path, dtype=frozen_dtype, trust_remote_code=c.trust_remote_code)
+        m.reward_model = distributed.prepare_frozen_model(rm, accelerator)
+        m.reward_tokenizer = load_tokenizer(c.reward_model_name_or_path, padding_side="left", trust_remote_code=c.trust_remote_code)
+        m.retokenize = not same_vocabulary(tokenizer, m.reward_tokenizer)
+        if m.retokenize and accelerator.is_main_process:
+            print(f"{log_prefix} policy and reward model tokenizers differ: re-tokenising text for the reward model")
+    return m
+
+
+def prompt_sharing(c, m: Models, rows_local: int, update_chunk: Optional[int] = None) -> PromptSharing:
+    """`shared_prefix`, decided once per run for each forward: its rows share each prompt's pass when the model
+    can (`generation.shared_prefix_supported`: not under FSDP / ZeRO-3 / gradient checkpointing) and every chunk
+    holds whole prompt groups (its size a multiple of the group, or the whole batch); otherwise that forward
+    runs plain for the whole run. `rows_local`: the process's rows per iteration; `update_chunk`: the rows of
+    the trainer's update forward when it runs whole prompt groups in row order (None: shuffled rows, plain).
+    Call it on the prepared models (preparing is what shards them)."""
+    if not c.shared_prefix:
+        return PromptSharing()
+
+    def rows_per_pass(model, group: int, rows: int, chunk: int = c.local_rollout_forward_batch_size) -> int:
+        whole_groups = chunk >= rows or chunk % group == 0
+        return group if model is not None and whole_groups and generation.shared_prefix_supported(model) else 1
+
+    per_prompt = c.kl_prev_per_prompt or c.rloo_k
+    k, rows = c.rloo_k, rows_local
+    return PromptSharing(
+        sample=rows_per_pass(m.policy, k, rows),
+        score=1 if m.retokenize else rows_per_pass(m.reward_model, k, rows),
+        old=rows_per_pass(m.policy, k, rows),
+        ref=rows_per_pass(m.ref_policy, k, rows),
+        update=rows_per_pass(m.policy, k, rows, update_chunk) if update_chunk is not None else 1,
+        kl_prev=rows_per_pass(m.policy, per_prompt, rows // k * per_prompt),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# steps 1-2, 3's forwards, 7
+# ----------------------------------------------------------------------------------------------------
+def prompt_texts(tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor) -> list[str]:
+    """The prompts as text (left padding dropped)."""
+    pad_id = tokenizer.pad_token_id
+    return tokenizer.batch_decode(query_ids * query_mask + pad_id * (1 - query_mask), skip_special_tokens=True)
+
+
+def prompt_batch(c, tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """This process's prompts, cut from the left to max_prompt_length, left-padded, each repeated rloo_k
+    times (row p * k + j); returns query ids, mask and the number of prompts cut."""
+    prompt_ids, cut = tokenize_prompts(tokenizer, texts, c.max_prompt_length)
+    query_ids, query_mask = generation.left_pad(prompt_ids, tokenizer.pad_token_id)
+    return query_ids.repeat_interleave(c.rloo_k, 0).to(device), query_mask.repeat_interleave(c.rloo_k, 0).to(device), cut
+
+
+def generate(c, m: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, iteration: int,
+             first_row: int) -> Rollout:
+    """Step 1: sample one completion per row at the training temperature, truncate after the first EOS.
+
+    Each chunk samples from a stream tied to its first row in the GLOBAL batch (`first_row` = this
+    process's offset), not to the process: with `local_rollout_forward_batch_size` dividing the
+    per-process batch, N processes sample exactly what one process samples (distributed.sampling_rng).
+    """
+    acc, tok = m.accelerator, m.tokenizer
+    m.policy.eval()
+    raw = []
+    with distributed.unwrap_for_generation(acc, m.policy) as gen_model, acc.autocast():
+        for s in chunks(query_ids.shape[0], c.local_rollout_forward_batch_size):
+            with distributed.sampling_rng(c.seed, iteration, first_row + s.start, acc.device):
+                # generation.sample: generate's tokens without its per-token overhead (sharded: generate itself)
+                raw.append(generation.sample(gen_model, query_ids[s], query_mask[s], c.response_length, tok.eos_token_id,
+                                             tok.pad_token_id, temperature=c.temperature,
+                                             synced_gpus=distributed.needs_synced_gpus(acc),
+                                             shared_prefix_k=m.sharing.sample))
+    responses, response_mask, contains_eos = generation.truncate_after_eos(torch.cat(raw), tok.eos_token_id, tok.pad_token_id)
+    responses, response_mask = cut_to_longest(responses, response_mask)
+    return Rollout(query_ids, query_mask, responses, response_mask, contains_eos)
+
+
+def cut_to_longest(responses: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the all-pad tail columns: keep the longest real row (EOS included) and nothing after.
+
+    Every later forward (reward model, old / reference / updated policy, kl_prev) then runs on T_max real
+    columns instead of `response_length`: when every sample stops early that is most of their cost. The
+    dropped columns carry mask 0, so no value changes (tests/test_rloo_units.py checks every metric);
+    per-token tensors of the rollout are [n, T_max] (T_max may differ between processes: only per-sequence
+    values are gathered).
+    """
+    longest = max(int(response_mask.sum(1).max()), 1) if response_mask.numel() else responses.shape[1]
+    return responses[:, :longest], response_mask[:, :longest]
+
+
+def score(c, m: Models, ro: Rollout) -> tuple[list[str], torch.Tensor]:
+    """Step 2: the decoded completions, and one score per completion (reward model at the last real token, or
+    `reward_fn`) minus the missing-EOS penalty."""
+    n, device = len(ro), m.accelerator.device
+    completions = m.tokenizer.batch_decode(ro.responses, skip_special_tokens=True)  # padded after EOS already
+    if m.reward_fn is not None:
+        scores = torch.as_tensor(
+            m.reward_fn(prompts=prompt_texts(m.tokenizer, ro.query_ids, ro.query_mask), completions=completions,
+                        response_ids=ro.responses, response_mask=ro.response_mask),
+            dtype=torch.float32, device=device,
+        ).reshape(-1)
+        if scores.shape[0] != n:
+            raise ValueError(f"reward_fn returned {scores.shape[0]} scores for {n} completions")
+    else:
+        if m.retokenize:  # other tokens: no shared prompt columns (m.sharing.score is 1)
+            rm_ids, rm_mask = retokenize_for_reward(m.tokenizer, m.reward_tokenizer, ro.query_ids, ro.query_mask,
+                                                    ro.responses, ro.response_mask, ro.contains_eos)
+            rm_ids, rm_mask, context_length = rm_ids.to(device), rm_mask.to(device), None
+        else:
+            rm_ids, rm_mask, context_length = ro.query_responses, ro.attention_mask, ro.context_length
+        with m.accelerator.autocast():
+            scores = torch.cat([generation.reward_model_scores(m.reward_model, rm_ids[s], rm_mask[s], context_length,
+                                                               m.sharing.score)
+                                for s in chunks(n, c.local_rollout_forward_batch_size)])
+    return completions, objectives.missing_eos_penalty(scores, ro.contains_eos, c.missing_eos_penalty)
+
+
+def policy_logprobs(c, m: Models, ro: Rollout, model, share: int, return_entropy: bool = False,
+                    rows: Optional[torch.Tensor] = None):
+    """No-grad log-probs of the sampled tokens under `model` from logits / T, in chunks (`share` rows per
+    prompt pass: a `PromptSharing` field). The forwards go through the prepared model, so sharded engines
+    gather their parameters. Step 7 calls it after the update on `rows` (`kl_prev_rows`)."""
+    model.eval()
+    ids, mask = (ro.query_responses, ro.attention_mask) if rows is None else (ro.query_responses[rows], ro.attention_mask[rows])
+    lps, ents = [], []
+    with torch.no_grad(), m.accelerator.autocast():
+        for s in chunks(ids.shape[0], c.local_rollout_forward_batch_size):
+            out = generation.response_logprobs(model, ids[s], mask[s], ro.context_length, c.temperature,
+                                               return_entropy=return_entropy, shared_prefix_k=share)
+            if return_entropy:
+                lps.append(out[0].float())
+                ents.append(out[1].float())
+            else:
+                lps.append(out.float())
+    return (torch.cat(lps), torch.cat(ents)) if return_entropy else torch.cat(lps)
+
+
+def kl_prev_rows(c, n: int, device=None) -> tuple[torch.Tensor, int]:
+    """Step 7's rows: the first m = `kl_prev_per_prompt` completions of each prompt (rows p * k + j, j < m;
+    all when 0), and m. Any fixed subset of a prompt's i.i.d. samples is a sample of pi_{t-1} too, so the
+    estimates stay unbiased; their variance grows by about k / m."""
+    per_prompt = c.kl_prev_per_prompt or c.rloo_k
+    rows = torch.arange(n, device=device).view(-1, c.rloo_k)[:, :per_prompt].reshape(-1)
+    return rows, per_prompt
+
+
+def kl_prev_logprobs(c, m: Models, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 7: the `kl_prev_rows` and their samples' log-probs under the updated policy."""
+    rows, _ = kl_prev_rows(c, len(ro), ro.responses.device)
+    return rows, policy_logprobs(c, m, ro, m.policy, m.sharing.kl_prev, rows=rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics of the rollout's own values
+# ----------------------------------------------------------------------------------------------------
+def kl_prev_metrics(old_logprobs: torch.Tensor, new_logprobs: torch.Tensor, response_mask: torch.Tensor,
+                    gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> dict[str, float]:
+    """KL between consecutive policies on this iteration's samples (drawn from pi_old), both directions.
+
+    Per-sequence values from `objectives`, averaged over the global batch (`gather` concatenates every
+    process's rows); the effective sample fraction of the importance weights is over the global batch too.
+    """
+    out = {}
+    for key, fn in (("objective/kl_prev", objectives.kl_new_old_from_old_samples),  # paper: KL(pi_t || pi_{t-1})
+                    ("objective/kl_prev_reverse", objectives.kl_old_new_from_old_samples)):
+        for suffix, estimator in (("", "k1"), ("_k3", "k3")):
+            out[key + suffix] = float(gather(fn(old_logprobs, new_logprobs, response_mask, estimator).float()).mean())
+    log_w = objectives.masked_sum(new_logprobs.double() - old_logprobs.double(), response_mask)
+    out["objective/kl_prev_ess"] = float(objectives.effective_sample_fraction(gather(log_w)))
+    return out
+
+
+def entropy_metrics(old_logprobs: torch.Tensor, response_mask: torch.Tensor,
+                    gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> dict[str, float]:
+    """Unweighted sampled entropy -log pi(y|x) (and per token), batch means over the global batch (Fig. 1)."""
+    ent = objectives.sampled_entropy(old_logprobs, response_mask)
+    return {"objective/entropy": float(gather(ent.sequence.float()).mean()),
+            "objective/entropy_per_token": float(gather(ent.per_token.float()).mean())}
