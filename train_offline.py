@@ -69,7 +69,7 @@ from maxent_rlhf.story import run_story
 from maxent_rlhf.schedules import build_lr_scheduler
 
 LOSSES = ("sft", "reward", "dpo", "simpo", "ipo", "cpo", "orpo", "slic", "chipo", "simpo_pl")
-REFERENCE_LOSSES = ("dpo", "ipo", "chipo")  # need log pi_ref
+REFERENCE_LOSSES = objectives.REFERENCE_LOSSES  # need log pi_ref
 DATA_KIND = {"sft": "sft", "simpo_pl": "listwise"}  # every other loss reads pairwise data
 
 
@@ -250,27 +250,9 @@ def response_logps(model, batch: data.ResponseBatch, prefix_k: int) -> tuple[tor
 
 def preference_loss(c: OfflineConfig, logps: torch.Tensor, lengths: torch.Tensor,
                     ref_logps: Optional[torch.Tensor]) -> objectives.PairwiseLossOutput:
-    """The preference loss of `c.loss_type` from S and |y| [B, K]: chosen / best is column 0, rejected /
-    worst column -1 (simpo_pl ranks all K)."""
-    s_w, s_l, n_w, n_l = logps[:, 0], logps[:, -1], lengths[:, 0], lengths[:, -1]
-    if c.loss_type == "dpo":
-        return objectives.dpo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], c.beta)
-    if c.loss_type == "ipo":
-        return objectives.ipo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], n_w, n_l, c.beta)
-    if c.loss_type == "chipo":
-        return objectives.chipo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], c.beta, c.chipo_reward_clip)
-    if c.loss_type == "simpo":
-        return objectives.simpo_loss(s_w, s_l, n_w, n_l, c.beta, c.simpo_gamma, c.length_normalize)
-    if c.loss_type == "cpo":
-        return objectives.cpo_loss(s_w, s_l, n_w, c.beta, c.cpo_alpha)
-    if c.loss_type == "orpo":
-        return objectives.orpo_loss(s_w, s_l, n_w, n_l, c.orpo_lambda)
-    if c.loss_type == "slic":
-        return objectives.slic_loss(s_w, s_l, n_w, c.slic_delta, c.slic_nll_coef)
-    # simpo_pl, the last preference loss of LOSSES (range_checks admits no other); rewards: best vs worst
-    losses = objectives.simpo_plackett_luce_loss(logps, lengths, c.beta, c.simpo_gamma, c.length_normalize)
-    rewards = objectives.simpo_rewards(logps, lengths, c.beta, c.length_normalize).detach()
-    return objectives.PairwiseLossOutput(losses, rewards[:, 0], rewards[:, -1])
+    """The preference loss of `c.loss_type` from S and |y| [B, K] (`objectives.preference_loss`, the one
+    dispatch train_online.py uses too): chosen / best is column 0, rejected / worst column -1."""
+    return objectives.preference_loss(c.loss_type, logps, lengths, ref_logps, objectives.PreferenceLossParams.of(c))
 
 
 def reward_stats(out: objectives.PairwiseLossOutput) -> dict:

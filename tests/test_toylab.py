@@ -282,9 +282,11 @@ def test_toy_configs_parse_with_the_scripts_config_classes():
     classes = {"dpo": ("train_offline", "OfflineConfig"), "simpo": ("train_offline", "OfflineConfig"),
                "eval": ("evaluate_judge", "EvalConfig")}
     files = sorted((REPO / "configs" / "toy").glob("*.yaml"))
-    assert {"maxent", "kl", "none", "minent", "entropy", "overopt"} <= {f.stem for f in files}
+    assert {"maxent", "kl", "none", "minent", "entropy", "overopt", "online_simpo", "online_dpo"} <= {f.stem for f in files}
     for f in files:
-        script, cls = classes.get(f.stem, ("train_rloo", "RLOOConfig"))
+        # a config run by train_online.py says so on its first line (`# script: train_online.py`)
+        online = f.read_text().startswith("# script: train_online.py")
+        script, cls = ("train_online", "OnlineConfig") if online else classes.get(f.stem, ("train_rloo", "RLOOConfig"))
         c = parse_config(getattr(importlib.import_module(script), cls), ["--config", str(f)])
         locations = [v for v in vars(c).values() if isinstance(v, str) and v.startswith("toylab://")]
         assert locations, f"{f.name} names no toylab:// artifact"
@@ -559,12 +561,14 @@ def test_the_length_conditions_command_lines_parse_into_the_scripts_configs():
     options the scripts know (a typo would fail hours into the sweep)."""
     import evaluate_judge
     import train_offline
+    import train_online
     import train_rloo
 
     from maxent_rlhf.config import parse_config
     from maxent_rlhf.toylab import scripts
 
-    classes = {"rloo": (train_rloo.RLOOConfig, "train_rloo.py"), "offline": (train_offline.OfflineConfig, "train_offline.py")}
+    classes = {"rloo": (train_rloo.RLOOConfig, "train_rloo.py"), "offline": (train_offline.OfflineConfig, "train_offline.py"),
+               "online": (train_online.OnlineConfig, "train_online.py")}
     for c in (c for c in sweep.CONDITIONS if c.enabled()):
         cls, script = classes[c.kind]
         name, lr, seed = c.runs()[0]
