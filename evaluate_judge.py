@@ -4,7 +4,7 @@
     accelerate launch evaluate_judge.py --config eval.yaml          # generation split over GPUs
 
 1. Generation: every checkpoint (a checkpoint directory, a run directory = all its checkpoints by step,
-   or a list of them; optionally an SFT baseline) decodes the prompts greedily (max_new_tokens 53,
+   or a list of them; optionally an SFT baseline; a LoRA checkpoint is judged as its merged model) decodes the prompts greedily (max_new_tokens 53,
    batched, left-padded, truncated after EOS) into <out>/generations/<label>.jsonl; a rerun generates
    only what is missing.
 2. Judging: each (policy, reference) pair goes to a judge from `maxent_rlhf.judges` (openai,
@@ -45,7 +45,8 @@ class EvalConfig(JudgeArgs, BaseConfig):
 
     output_dir: str = cfg("eval/default", "output directory: generations/, judgments.jsonl, summary.json, win_rate.png")
     checkpoints: list[str] = cfg(
-        [], "checkpoints to evaluate (comma-separated): checkpoint dirs, model dirs / hub ids, or run dirs (all their checkpoints, by step)"
+        [], "checkpoints to evaluate (comma-separated): checkpoint dirs, model dirs / hub ids, LoRA adapter dirs (judged "
+        "merged onto the base their adapter_config.json names), or run dirs (all their checkpoints, by step)"
     )
     sft_model_name_or_path: Optional[str] = cfg(
         None, "SFT baseline model (hub id or dir): evaluated too and drawn as a horizontal line"
@@ -85,17 +86,25 @@ class Target:
 # --------------------------------------------------------------------------------------------------
 # what to evaluate
 # --------------------------------------------------------------------------------------------------
+def _is_model_dir(p: Path) -> bool:
+    """A full model (config.json) or a LoRA adapter (adapter_config.json, judged merged onto its base)."""
+    from maxent_rlhf.lora import is_adapter_dir
+
+    return (p / "config.json").exists() or is_adapter_dir(p)
+
+
 def resolve_targets(config: EvalConfig) -> list[Target]:
     from maxent_rlhf.checkpoints import checkpoint_step, list_checkpoints
 
     found: list[tuple[str, Optional[int]]] = []
     for entry in config.checkpoints:
         p = Path(entry)
-        ckpts = list_checkpoints(p) if p.is_dir() and not (p / "config.json").exists() else []
+        ckpts = list_checkpoints(p) if p.is_dir() and not _is_model_dir(p) else []
         if ckpts:
             found.extend((str(c), checkpoint_step(c)) for c in ckpts)
-        elif p.is_dir() and not (p / "config.json").exists():
-            raise ConfigError(f"checkpoints: {entry} has no model (config.json) and no complete checkpoints (step_*/)")
+        elif p.is_dir() and not _is_model_dir(p):
+            raise ConfigError(f"checkpoints: {entry} has no model (config.json), no adapter (adapter_config.json) and "
+                              "no complete checkpoints (step_*/)")
         else:
             try:
                 step = checkpoint_step(p)
@@ -168,7 +177,9 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
     """Greedy generations for the examples of `target` not yet in its file (split over processes)."""
     import torch
 
-    from maxent_rlhf.models import load_policy, load_tokenizer, resolve_dtype
+    from maxent_rlhf.artifacts import is_local_path
+    from maxent_rlhf.lora import is_adapter_dir, load_merged_from_adapter, read_adapter_config
+    from maxent_rlhf.models import TOKENIZER_FILES, load_policy, load_tokenizer, resolve_dtype
     from maxent_rlhf.runs import open_jsonl_for_append
 
     path = out_dir / "generations" / f"{target.label}.jsonl"
@@ -178,10 +189,18 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
         if state.is_main_process:
             print(f"[evaluate_judge] {path} complete ({len(existing)} generations): skipping generation")
         return
-    tok = load_tokenizer(config.tokenizer_name_or_path or target.path, padding_side="left", trust_remote_code=config.trust_remote_code)
-    model = load_policy(
-        target.path, dtype=resolve_dtype(config.mixed_precision, state.device), trust_remote_code=config.trust_remote_code
-    ).to(state.device).eval()
+    dtype = resolve_dtype(config.mixed_precision, state.device)
+    tok_path = config.tokenizer_name_or_path or target.path
+    if is_local_path(target.path) and is_adapter_dir(target.path):
+        # a LoRA checkpoint: its base (adapter_config.json) with the adapter merged in float32, then cast, the
+        # very weights `python -m maxent_rlhf.lora merge` writes and load_policy would cast
+        model = load_merged_from_adapter(target.path, torch.float32, config.trust_remote_code).to(dtype)
+        if not any((Path(target.path) / f).exists() for f in TOKENIZER_FILES):
+            tok_path = config.tokenizer_name_or_path or read_adapter_config(target.path)["base_model_name_or_path"]
+    else:
+        model = load_policy(target.path, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    model = model.to(state.device).eval()
+    tok = load_tokenizer(tok_path, padding_side="left", trust_remote_code=config.trust_remote_code)
     # each process holds the whole model (no sharding): no synced_gpus
     records = generate_records(model, tok, missing, config, target.path, state, progress=f"generate {target.label}")
     if state.is_main_process:

@@ -359,7 +359,7 @@ def main(c: OnlineConfig, reward_fn: Optional[Callable] = None) -> Path:
         pairs = select_pairs(c, ro)  # 3. chosen = best, rejected = worst; ties marked
         with rollout.timed(timings, "logprobs"):  # 4. the policy's (old) and, when used, the reference's log-probs
             ro.old_logprobs, ro.token_entropy = rollout.policy_logprobs(c, m, ro, m.policy, m.sharing.old, return_entropy=True)
-            ro.ref_logprobs = rollout.policy_logprobs(c, m, ro, m.ref_policy, m.sharing.ref) if c.needs_ref(it) else None
+            ro.ref_logprobs = rollout.reference_logprobs(c, m, ro) if c.needs_ref(it) else None
         with rollout.timed(timings, "update"):  # 5. the pairwise loss, one optimizer step
             stats = update(c, m, plan, ro, pairs, optimizer, scheduler, check)
         with rollout.timed(timings, "kl_prev"):  # 6. the same samples after the update

@@ -53,8 +53,8 @@ CONFIGS = ROOT / "configs"
 ACCEL = CONFIGS / "accelerate"
 SCRIPT_OF = {  # every experiment config and the script that runs it (a new config must be added here)
     "dpo_1b.yaml": "offline", "rm_1b.yaml": "offline", "sft_1b.yaml": "offline", "simpo_1b.yaml": "offline",
-    "kl_1b.yaml": "rloo", "kl_2p8b.yaml": "rloo", "kl_6p9b.yaml": "rloo",
-    "maxent_1b.yaml": "rloo", "maxent_2p8b.yaml": "rloo", "maxent_6p9b.yaml": "rloo",
+    "kl_1b.yaml": "rloo", "kl_2p8b.yaml": "rloo", "kl_6p9b.yaml": "rloo", "kl_6p9b_lora.yaml": "rloo",
+    "maxent_1b.yaml": "rloo", "maxent_2p8b.yaml": "rloo", "maxent_6p9b.yaml": "rloo", "maxent_6p9b_lora.yaml": "rloo",
     "minent_1b.yaml": "rloo", "minent_2p8b.yaml": "rloo",
     "toy/dpo.yaml": "offline", "toy/simpo.yaml": "offline",
     "toy/entropy.yaml": "rloo", "toy/kl.yaml": "rloo", "toy/maxent.yaml": "rloo", "toy/minent.yaml": "rloo",
@@ -232,7 +232,12 @@ def test_config_rehearsal(standins, name):
     assert ckpts, "no checkpoint written"
     from transformers import AutoConfig
 
-    AutoConfig.from_pretrained(ckpts[-1])  # an HF model directory
+    if shipped.get("use_peft"):  # a LoRA checkpoint: the adapter, naming its base model
+        from maxent_rlhf.lora import read_adapter_config
+
+        assert read_adapter_config(ckpts[-1])["base_model_name_or_path"] == over["model_name_or_path"]
+    else:
+        AutoConfig.from_pretrained(ckpts[-1])  # an HF model directory
     if script == "rloo":
         last = [m for m in metrics if "objective/scores" in m][-1]  # not an eval/* record (toy configs evaluate)
         assert last["step"] == 1 and _finite(last["objective/scores"]) and _finite(last["loss/policy"]), last
