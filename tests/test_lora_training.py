@@ -266,7 +266,7 @@ def test_rloo_lora_resume_is_exact(rloo_base, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# sharded: DDP and FSDP2 on two CPU processes == one process (tests/test_sharded.py's machinery)
+# sharded: DDP and FSDP2 on two CPU processes == one process (the FSDP2 machinery of tests/test_distributed.py)
 # --------------------------------------------------------------------------------------------------
 LORA_SHARDED = ("dpo", "rloo_kl", "rloo_entropy")
 LORA_BACKENDS = {"ddp": ("cpu.yaml", ["--num_processes", "2"], {"ACCELERATE_USE_CPU": "true"}),
