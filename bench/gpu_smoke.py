@@ -36,7 +36,7 @@ Rates are medians over the iterations after the first (CUDA warm-up). The table 
 the file `--table` names (default <out>/gpu_smoke.md); the exit status is 1 when any check fails.
 
 `--tiny` runs the same checks on CPU processes (float32, a 2-layer model); FSDP2 there needs
-tests/cpu_sharding.py's shim (accelerate does not shard CPU processes), which only --tiny loads.
+tests/helpers/cpu_sharding.py's shim (accelerate does not shard CPU processes), which only --tiny loads.
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def worker(jobs_file: str, report_file: str) -> None:
 
     if not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         sys.path.insert(0, str(ROOT / "tests"))
-        from cpu_sharding import install_shims  # --tiny: accelerate does not shard CPU processes by itself
+        from helpers.cpu_sharding import install_shims  # --tiny: accelerate does not shard CPU processes by itself
 
         install_shims()
     from accelerate import Accelerator

@@ -25,8 +25,8 @@ DeepSpeed's `gradient_clipping`, which `configure_deepspeed` sets to the script'
 Sampling: `sampling_rng` ties each rollout chunk's random stream to its rows of the global batch, so N
 processes sample what one process samples. Checkpoints under DeepSpeed / FSDP: see `checkpoints.uses_engine_state`.
 
-The FSDP2 and ZeRO-2 / ZeRO-3 branches run on two CPU processes in tests/test_sharded.py (accelerate
-does not shard CPU processes by itself: tests/cpu_sharding.py says how the test gets it to); on GPUs
+The FSDP2 and ZeRO-2 / ZeRO-3 branches run on two CPU processes in tests/test_distributed.py (accelerate
+does not shard CPU processes by itself: tests/helpers/cpu_sharding.py says how the test gets it to); on GPUs
 they have yet to run (bench/gpu_smoke.sh is the acceptance run).
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ def check_launch(accelerator=None) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     seen = accelerator.num_processes if accelerator is not None else 1
     # accelerate 1.x shards only on GPUs: on CPU processes an FSDP config silently becomes plain DDP and a
-    # DeepSpeed one processes that each think they run alone (tests/cpu_sharding.py has the details)
+    # DeepSpeed one processes that each think they run alone (tests/helpers/cpu_sharding.py has the details)
     asked = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
              if os.environ.get(flag, "false").lower() == "true"]
     if accelerator is not None and asked:

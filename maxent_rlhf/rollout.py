@@ -377,7 +377,7 @@ def cut_to_longest(responses: torch.Tensor, response_mask: torch.Tensor) -> tupl
 
     Every later forward (reward model, old / reference / updated policy, kl_prev) then runs on T_max real
     columns instead of `response_length`: when every sample stops early that is most of their cost. The
-    dropped columns carry mask 0, so no value changes (tests/test_rloo_units.py checks every metric);
+    dropped columns carry mask 0, so no value changes (tests/test_train_rloo.py checks every metric);
     per-token tensors of the rollout are [n, T_max] (T_max may differ between processes: only per-sequence
     values are gathered).
     """

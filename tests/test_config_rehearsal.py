@@ -29,7 +29,7 @@ Accelerate configs: every file parsed and validated by accelerate's own launch c
 it would hand the processes is checked key by key); run on CPU processes where the backend runs there:
 single_gpu.yaml, multi_gpu.yaml and fsdp2.yaml here (2 processes instead of 8), cpu.yaml in
 tests/test_distributed.py, cpu_fsdp2.yaml / deepspeed_zero2.yaml / deepspeed_zero3.yaml in
-tests/test_sharded.py.
+the same file.
 
 Slow group (`pytest -m slow`), except the parsing checks.
 """
@@ -277,8 +277,8 @@ EXPECTED_LAUNCH = {  # what accelerate's launcher would hand every process
 }
 RUN_HERE = {"single_gpu.yaml": [], "multi_gpu.yaml": ["--num_processes", "2", "--main_process_port", "0"],
             "fsdp2.yaml": ["--num_processes", "2", "--main_process_port", "0"]}
-RUN_ELSEWHERE = {"cpu.yaml": "test_distributed.py", "cpu_fsdp2.yaml": "test_sharded.py",
-                 "deepspeed_zero2.yaml": "test_sharded.py", "deepspeed_zero3.yaml": "test_sharded.py"}
+RUN_ELSEWHERE = {"cpu.yaml": "test_distributed.py", "cpu_fsdp2.yaml": "test_distributed.py",
+                 "deepspeed_zero2.yaml": "test_distributed.py", "deepspeed_zero3.yaml": "test_distributed.py"}
 
 
 def _launch_env(path: Path):
@@ -329,7 +329,7 @@ def test_cpu_fsdp2_is_fsdp2_on_cpu():
 @pytest.mark.parametrize("name", sorted(RUN_HERE))
 def test_accelerate_config_runs_on_cpu_processes(standins, name):
     """One RLOO-KL run (2 iterations) under the shipped accelerate config, bf16 as shipped, on CPU
-    processes (only the process count is lowered); fsdp2.yaml through tests/cpu_sharding.py."""
+    processes (only the process count is lowered); fsdp2.yaml through tests/helpers/cpu_sharding.py."""
     d, paths = standins
     out = d / "accelerate" / name
     job = {"name": name, "script": "rloo", "config": dict(
@@ -344,7 +344,7 @@ def test_accelerate_config_runs_on_cpu_processes(standins, name):
     if name != "single_gpu.yaml":
         env["ACCELERATE_USE_CPU"] = "true"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / name), *RUN_HERE[name],
-           str(ROOT / "tests" / "cpu_sharding.py"), str(jobs), str(d / f"report-{name}")]
+           str(ROOT / "tests" / "helpers" / "cpu_sharding.py"), str(jobs), str(d / f"report-{name}")]
     run = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
     report = json.loads((d / f"report-{name}" / "rank_0.json").read_text())

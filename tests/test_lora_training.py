@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))  # the scripts are top-level modules, importable f
 import train_offline  # noqa: E402
 from maxent_rlhf import checkpoints, lora, models, objectives, rollout, runs  # noqa: E402
 from maxent_rlhf.config import ConfigError  # noqa: E402
-from test_offline import datasets, make_cfg  # noqa: E402,F401  (the module's fixture and config builder)
+from test_train_offline import datasets, make_cfg  # noqa: E402,F401  (the module's fixture and config builder)
 
 LORA = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
 
@@ -154,7 +154,7 @@ def test_a_full_weights_checkpoint_is_not_resumed_as_an_adapter(tmp_path, datase
 def test_evaluate_judge_on_an_adapter_checkpoint_equals_its_merged_copy(tmp_path, datasets, tiny_policy_dir,
                                                                         tiny_reward_dir):
     import evaluate_judge as ej
-    from test_judge import make_dataset
+    from test_evaluate_judge import make_dataset
 
     c = make_cfg(tmp_path, tiny_policy_dir, datasets["sft4"], loss_type="sft", max_steps=5, learning_rate=5e-2, **LORA)
     ckpt = checkpoints.latest_checkpoint(train_offline.main(c))
@@ -184,7 +184,7 @@ def test_evaluate_judge_on_an_adapter_checkpoint_equals_its_merged_copy(tmp_path
 @pytest.fixture(scope="module")
 def rloo_base(tiny_policy_dir, tiny_reward_dir, tmp_path_factory):
     import train_rloo
-    from test_rloo import PROMPT_WORDS
+    from test_train_rloo import PROMPT_WORDS
 
     import random
 
@@ -207,7 +207,7 @@ def test_rloo_lora_runs_with_the_adapter_off_reference(rloo_base, tmp_path, over
     import dataclasses
 
     import train_rloo
-    from test_rloo import EVERY_METRIC
+    from test_train_rloo import EVERY_METRIC
 
     loaded, ref_vs_base = [], []
     real_load, real_ref = rollout.load_policy, rollout.reference_logprobs
@@ -266,7 +266,7 @@ def test_rloo_lora_resume_is_exact(rloo_base, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# sharded: DDP and FSDP2 on two CPU processes == one process (tests/test_sharded.py's machinery)
+# sharded: DDP and FSDP2 on two CPU processes == one process (the FSDP2 machinery of tests/test_distributed.py)
 # --------------------------------------------------------------------------------------------------
 LORA_SHARDED = ("dpo", "rloo_kl", "rloo_entropy")
 LORA_BACKENDS = {"ddp": ("cpu.yaml", ["--num_processes", "2"], {"ACCELERATE_USE_CPU": "true"}),
@@ -281,7 +281,7 @@ def lora_sharded_runs():
     import tempfile
 
     import yaml
-    from test_sharded import ACCEL, DRIVER, _build_assets, _env, _jobs, _run
+    from test_distributed import ACCEL, SHARDING_DRIVER as DRIVER, _build_assets, _env, _jobs, _run
 
     d = Path(tempfile.mkdtemp(prefix="maxent_rlhf_lora_sharded_"))
     try:
@@ -307,7 +307,7 @@ def _adapter(run, step: int = 4) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", list(LORA_BACKENDS))
 def test_lora_two_processes_match_one_process(lora_sharded_runs, backend):
-    from run_compare import WEIGHT_ATOL, assert_metrics_close, max_weight_diff, run_metrics
+    from helpers.run_compare import WEIGHT_ATOL, assert_metrics_close, max_weight_diff, run_metrics
 
     d = lora_sharded_runs
     reports = [json.loads((d / f"report-{backend}" / f"rank_{r}.json").read_text()) for r in (0, 1)]

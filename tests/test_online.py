@@ -297,7 +297,7 @@ destroy(PartialState())
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tiny_tokenizer):
-    from run_compare import WEIGHT_ATOL, assert_metrics_close, checkpoint_weights, max_weight_diff, run_metrics
+    from helpers.run_compare import WEIGHT_ATOL, assert_metrics_close, checkpoint_weights, max_weight_diff, run_metrics
 
     from maxent_rlhf.models import build_tiny_policy, build_tiny_reward_model
 

@@ -2,7 +2,7 @@
 
 Every rule takes plain numbers (win rates as fractions, metric values in nats, lengths in tokens) and
 returns a `Verdict` on one scale, so that each is unit-tested on synthetic series for every verdict it can
-give (tests/test_report_rules.py):
+give (tests/test_toylab_claims.py):
 
     agrees             the toy shows what the claim says, by the rule stated in the row
     partly             part of the claim holds (the rule text says which part)

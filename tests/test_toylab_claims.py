@@ -87,7 +87,7 @@ def test_coefficient_rule_needs_a_real_coefficient_sweep():
     sweep[0.1] = [STABLE, STABLE]  # the smallest coefficient is stable: not "regardless of the coefficient"
     v = claims.rule_overoptimise_regardless_of_coef(sweep)
     assert v.level == PARTLY and "2/4 runs" in v.reason
-    # the maxent_c1_lr1e-3_s2: gold falls but the proxy falls too -> not overoptimised
+    # the toy run maxent_c1_lr1e-3_s2: gold falls but the proxy falls too -> not overoptimised
     sweep[0.1] = [COLLAPSES, run(0.32, 0.73, 0.0, proxy=(1.05, 0.85))]
     assert claims.rule_overoptimise_regardless_of_coef(sweep).level == PARTLY
     calm = {c: [STABLE] for c in (0.0, 0.1, 0.5, 1.0)}

@@ -1,4 +1,5 @@
-"""Every bad input costs the user ONE line naming the field, file or row, and no traceback.
+"""`maxent_rlhf.cli` through the three scripts: every bad input costs the user ONE line naming the field, file or
+row, and no traceback.
 
 The table below runs the four scripts as subprocesses, exactly as a user types them (in parallel, so
 the whole table takes well under a minute: most cases fail before any model loads; the few that need a
@@ -11,12 +12,13 @@ so nothing is filtered out of stderr.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers.scripts import run_script, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,21 +171,6 @@ def env(tmp_path_factory, tiny_tokenizer):
         _write(d / name, text)
     (d / "empty_dir").mkdir()
     return {"d": str(d), "pol": str(pol), "rm": str(rm)}
-
-
-def subprocess_env() -> dict:
-    keep = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "MAXENT_RLHF_DEBUG")}
-    keep.update(
-        PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1",
-        HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore",
-    )
-    return keep
-
-
-def run_script(script: str, args: list[str], cwd: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**subprocess_env(), **(extra_env or {})})
 
 
 # The table runs through one launcher process that imports what the scripts import (torch, transformers,
