@@ -73,16 +73,17 @@ from maxent_rlhf.models import check_context_length, load_model_config
 from maxent_rlhf.rollout import Models, Rollout, RolloutArgs
 from maxent_rlhf.schedules import build_lr_scheduler
 from maxent_rlhf.story import run_story
+from maxent_rlhf.vllm_engine import VLLMArgs
 from maxent_rlhf.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from maxent_rlhf.distributed import resolve_mixed_precision, resolve_trackers, seed_everything
 from maxent_rlhf.runs import check_finite, open_run_dir, read_metrics
 
 
 @dataclass
-class RLOOConfig(EvalArgs, RolloutArgs, TrainConfig):
+class RLOOConfig(EvalArgs, VLLMArgs, RolloutArgs, TrainConfig):
     """Online RLOO (PPO-style clipped update, no value head) with a KL / entropy / no regulariser; the win
     rate during training (EvalArgs: `judge`, `eval_steps`, `judge_dataset_*`) is off unless `judge` is set.
-    Models, data and sampling: `RolloutArgs`."""
+    Models, data and sampling: `RolloutArgs`; vLLM as the rollout engine: `VLLMArgs`."""
 
     # RLOO / PPO (the rollout's fields: RolloutArgs)
     global_batch_size: int = cfg(64, "GLOBAL completions per iteration (prompts x rloo_k), over all processes")
@@ -281,8 +282,13 @@ def update(c: RLOOConfig, m: Models, plan: BatchPlan, ro: Rollout, optimizer, sc
                         adv = computed[-1].advantages
                     else:
                         new_lp, old_lp, adv = out.float(), ro.old_logprobs[rows], ro.advantages[rows]
+                    is_weights = None  # vLLM's samples: truncated importance weights of the engine/trainer mismatch
+                    if c.use_vllm and c.vllm_importance_sampling_correction:
+                        is_weights = objectives.truncated_importance_weights(
+                            old_lp, ro.engine_logprobs[rows], ro.response_mask[rows], c.vllm_importance_sampling_cap,
+                            c.loss_level)
                     pg = objectives.ppo_clipped_policy_loss(new_lp, old_lp, adv, ro.response_mask[rows], c.cliprange,
-                                                            level=c.loss_level)
+                                                            level=c.loss_level, weights=is_weights)
                     acc.backward(pg.loss / plan.grad_accum)
                 check("policy loss", pg.loss)
                 for key in ("clipfrac", "approxkl", "ratio", "loss"):
@@ -424,6 +430,8 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         truncated_prompts = int(state.get("truncated_prompts", 0))
         if accelerator.is_main_process:
             print(f"[train_rloo] resumed from {ckpt} at iteration {start}")
+        if m.engine is not None:  # the engine started from model_name_or_path: give it the checkpoint's weights
+            rollout.sync_engine(c, m)
     # win rate during training (when `judge` is set): one evaluator for the run, which prints a paid judge's cost once
     evaluator = TrainingEvaluator(c, accelerator, run_dir, plan.num_iterations, start, log_prefix="[train_rloo]")
     if start == 0 and evaluator.due(0):  # the initial policy: the "SFT" point of the closing summary
@@ -450,11 +458,17 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
             check_finite("reward-model score", ro.scores, it, run_dir)
         stats = learn(c, m, plan, ro, optimizer, scheduler, c.needs_ref(it), timings,  # 3.-6.
                       check=lambda name, v: check_finite(name, v, it, run_dir))
+        if m.engine is not None:  # 6b. the updated weights into the vLLM engine; probe that it took them
+            with rollout.timed(timings, "weight_sync"):
+                probe_diff = rollout.sync_engine(c, m, probe=ro, iteration=it)
         with rollout.timed(timings, "kl_prev"):  # 7. the same samples (all, or kl_prev_per_prompt of each prompt) after the update
             ro.kl_prev_rows, ro.new_logprobs = rollout.kl_prev_logprobs(c, m, ro)
 
         # 8. log, sample, checkpoint (metrics are means over the global batch: gathered from every process)
         metrics = iteration_metrics(c, ro, stats, gather)
+        if m.engine is not None:
+            metrics["rollout/engine_logprob_diff"] = probe_diff
+            metrics.update(rollout.engine_metrics(c, ro, gather))
         metrics["data/truncated_prompts"] = truncated_prompts
         metrics["data/epoch"] = stream.epoch
         metrics["episodes"] = it * c.global_batch_size
@@ -481,6 +495,8 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     if last_saved < 0 and latest_checkpoint(run_dir.path) is None:  # nothing ran (resumed at the end)
         save_checkpoint(run_dir, start, m.policy, m.tokenizer, optimizer, scheduler,
                         state={"data": stream.state(), "truncated_prompts": truncated_prompts})
+    if m.engine is not None:
+        m.engine.close()
     accelerator.wait_for_everyone()
     if trackers:
         accelerator.end_training()

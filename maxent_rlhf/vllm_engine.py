@@ -18,15 +18,18 @@ lives in a venv of its own (see .ci/run).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, cfg
 
 Tensor = torch.Tensor
 
@@ -34,6 +37,56 @@ INSTALL_HINT = 'pip install -e ".[vllm]" (on a CPU-only machine the community bu
 # vLLM's CPU backend sizes its KV cache from this variable (GiB); left unset, recent versions reserve a
 # large share of the machine's RAM. Rollout batches of the CPU tests need far less than 2 GiB.
 CPU_KV_CACHE_GIB = "2"
+
+
+# The probe check after each weight sync (`check_probe`): mean |engine - trainer| log-prob per token of a
+# fixed sequence at T=1. Same weights give rounding only: about 1e-6 in float32 (measured on CPU), of
+# order 1e-2 in bf16 (TRL #5312 saw 0.015 with synced weights). Weights NOT applied after an update give
+# the update's own change, 0.2 in that report. The thresholds sit a decade above the rounding of each dtype.
+PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
+
+
+class EngineSyncError(RuntimeError):
+    """The engine's log-probs after a weight sync are not the trainer's: the rollouts would come from other weights."""
+
+
+@dataclass
+class VLLMArgs:
+    """vLLM as the rollout engine (TRL's option names), mixed into an online trainer's config; everything here
+    is read only with `use_vllm: true` (`rollout.load_models` starts the engine once per run)."""
+
+    use_vllm: bool = cfg(
+        False, "generate the rollouts with vLLM (one colocated engine per process, weights pushed after every "
+        "update); needs the `vllm` extra. The PPO ratio still uses the trainer's own old log-probs")
+    vllm_mode: str = cfg(
+        "colocate", "'colocate' only: each process starts its own engine. TRL's 'server' mode (a separate "
+        "`trl vllm-serve` process fed weights over NCCL) is not offered: its weight channel is TRL's, and "
+        "colocated engines already run one per process", choices=("colocate",))
+    vllm_gpu_memory_utilization: float = cfg(
+        0.3, "fraction of the accelerator's memory the engine may take (weights + KV cache); the trainer "
+        "shares the device, so keep it low")
+    vllm_tensor_parallel_size: int = cfg(
+        1, "GPUs per engine; > 1 only with one training process (colocated engines each hold their process's GPU)")
+    vllm_enable_sleep_mode: bool = cfg(
+        False, "offload the engine's weights and free its KV cache between rollouts (level 1: the synced weights "
+        "come back on wake-up); GPU platforms only")
+    vllm_importance_sampling_correction: bool = cfg(
+        False, "weight each sample's loss by the truncated importance ratio min(exp(trainer old - engine "
+        "log-prob), cap) (per token or per sequence, as loss_level): corrects the engine/trainer mismatch "
+        "(bf16 rounding) that makes the rollouts slightly off-policy")
+    vllm_importance_sampling_cap: float = cfg(3.0, "upper truncation of that importance weight (TRL's default 3)")
+
+    def range_checks(self) -> list:
+        """Value ranges of the vLLM options (config.check_ranges; chained with the other mixed-in configs)."""
+        return getattr(super(), "range_checks", list)() + [
+            (0 < self.vllm_gpu_memory_utilization <= 1,
+             f"`vllm_gpu_memory_utilization` = {self.vllm_gpu_memory_utilization} must be in (0, 1]"),
+            (self.vllm_tensor_parallel_size >= 1,
+             f"`vllm_tensor_parallel_size` = {self.vllm_tensor_parallel_size} must be >= 1"),
+            (self.vllm_importance_sampling_cap >= 1,
+             f"`vllm_importance_sampling_cap` = {self.vllm_importance_sampling_cap} must be >= 1 (a cap below 1 "
+             "would down-weight on-policy samples)"),
+        ]
 
 
 def require_vllm():
@@ -68,6 +121,64 @@ class WeightSyncExtension:
         weights = load_file(path)
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
         return len(weights)
+
+
+def engine_dtype(mixed_precision: str, device) -> str:
+    """The engine's weights dtype: the trainer's forward dtype (bf16 autocast -> bfloat16, else float32)."""
+    from .models import resolve_dtype
+
+    return str(resolve_dtype(mixed_precision, device)).removeprefix("torch.")
+
+
+@contextmanager
+def _visible_device(accelerator):
+    """The engine process (spawned inside) sees only this process's GPU: every colocated engine would
+    otherwise take GPU 0. CPU: nothing to do."""
+    device = accelerator.device
+    if device.type != "cuda" or device.index is None:
+        yield
+        return
+    key = "CUDA_VISIBLE_DEVICES"
+    before = os.environ.get(key)
+    visible = before.split(",") if before else [str(i) for i in range(torch.cuda.device_count())]
+    os.environ[key] = visible[device.index]
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def start_engine(c, accelerator, max_model_len: int) -> "VLLMEngine":
+    """The colocated engine of this process for config `c` (VLLMArgs + the rollout's fields), serving the
+    policy's starting weights (`model_name_or_path`; `scheme://` locations resolved to their directory).
+    Closed at interpreter exit if the trainer does not close it first."""
+    from .artifacts import resolve_path
+
+    require_vllm()
+    if c.vllm_tensor_parallel_size > 1 and accelerator.num_processes > 1:
+        raise ConfigError(f"`vllm_tensor_parallel_size` = {c.vllm_tensor_parallel_size} needs a single training "
+                          f"process ({accelerator.num_processes} run): each colocated engine holds its process's GPU")
+    with _visible_device(accelerator):
+        engine = VLLMEngine(
+            resolve_path(c.model_name_or_path), dtype=engine_dtype(c.mixed_precision, accelerator.device),
+            gpu_memory_utilization=c.vllm_gpu_memory_utilization, tensor_parallel_size=c.vllm_tensor_parallel_size,
+            enable_sleep_mode=c.vllm_enable_sleep_mode, max_model_len=max_model_len, seed=c.seed)
+    atexit.register(engine.close)
+    return engine
+
+
+def check_probe(diff: float, dtype: str, step: int) -> None:
+    """Stop the run (EngineSyncError) when the probe's mean per-token log-prob difference after a sync is
+    beyond the dtype's rounding (`PROBE_TOLERANCE`): the engine did not take the new weights."""
+    limit = PROBE_TOLERANCE.get(dtype, 0.1)
+    if not diff <= limit:  # NaN too
+        raise EngineSyncError(
+            f"after the weight sync of iteration {step} the vLLM engine's log-probs differ from the trainer's by "
+            f"{diff:.3g} per token (limit {limit:g} for {dtype}): the engine did not take the new weights; "
+            f"stopping (rerun without use_vllm, or report the vLLM version and the model)")
 
 
 def _exchange_dir() -> str:
@@ -105,6 +216,7 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)  # read by the engine process
         self.enable_sleep_mode = enable_sleep_mode
         self.sleeping = False
+        self.dtype = dtype
         started = time.perf_counter()
         self.llm = vllm.LLM(
             model=str(model),
