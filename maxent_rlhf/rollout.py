@@ -422,7 +422,11 @@ def sync_engine(c, m: Models, probe: Optional[Rollout] = None, iteration: int = 
     diff = None
     if probe is not None:
         diff = engine_probe_diff(m, probe)
-        vllm_engine.check_probe(diff, m.engine.dtype, iteration)
+        try:
+            vllm_engine.check_probe(diff, m.engine.dtype, iteration)
+        except vllm_engine.EngineSyncError:
+            m.engine.close()  # the run stops here: shut the engine down now, not at interpreter exit
+            raise
     if m.engine.enable_sleep_mode:
         m.engine.sleep()
     return diff

@@ -141,13 +141,14 @@ def work(tiny_tokenizer):
 
 def _config(d, **kw):
     """The 2-process test shape of test_distributed.py (one epoch of one mini-batch, rollout chunks dividing
-    each process's rows), at a learning rate that moves the log-probs far beyond rounding in one update."""
+    each process's rows). Adam's epsilon 1e-5 (the toy lab's): with 1e-8 a coordinate whose gradient is
+    float rounding (~1e-9) takes a full step in either run, and 1 vs 2 processes parted by 2e-4 at lr 1e-3."""
     base = dict(
         model_name_or_path=str(d / "policy"), reward_model_name_or_path=str(d / "reward"),
         dataset_name=str(d / "prompts.jsonl"), report_to="none", mixed_precision="no", global_batch_size=8, rloo_k=2,
         num_mini_batches=1, per_device_train_batch_size=2, local_rollout_forward_batch_size=4, num_ppo_epochs=1,
-        num_iterations=4, save_steps=2, response_length=6, max_prompt_length=16, learning_rate=1e-2, regularizer="kl",
-        kl_coef=0.05, sample_every=1, num_samples=8, use_vllm=True,
+        num_iterations=4, save_steps=2, response_length=6, max_prompt_length=16, learning_rate=1e-3, regularizer="kl",
+        kl_coef=0.05, sample_every=1, num_samples=8, adam_epsilon=1e-5, use_vllm=True,
     )
     base.update(kw)
     return base
@@ -155,8 +156,9 @@ def _config(d, **kw):
 
 @needs_vllm
 def test_probe_equals_trainer_after_each_sync_and_a_skipped_sync_stops_the_run(work, tmp_path, monkeypatch, capsys):
+    # lr 1e-2: one update moves the probe's log-probs far beyond the float32 check's 1e-3
     c = train_rloo.RLOOConfig(**_config(work, num_iterations=2, save_steps=0, vllm_importance_sampling_correction=True,
-                                        output_dir=str(tmp_path / "synced")))
+                                        learning_rate=1e-2, output_dir=str(tmp_path / "synced")))
     metrics = read_metrics(train_rloo.main(c))
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
@@ -182,16 +184,19 @@ def test_probe_equals_trainer_after_each_sync_and_a_skipped_sync_stops_the_run(w
     print("skipped sync:", line)
 
 
+# the engine process is spawned: the driver needs the `__main__` guard (vLLM re-imports the main module)
 DRIVER = """
 import sys, yaml
 sys.path.insert(0, {root!r})
 from accelerate.state import PartialState
 import train_rloo
 from maxent_rlhf.config import config_from_dict
-destroy, PartialState.destroy_process_group = PartialState.destroy_process_group, lambda self, group=None: None
-for job in yaml.safe_load(open(sys.argv[1])):
-    train_rloo.main(config_from_dict(train_rloo.RLOOConfig, job["config"], source=job["name"]))
-destroy(PartialState())
+
+if __name__ == "__main__":
+    destroy, PartialState.destroy_process_group = PartialState.destroy_process_group, lambda self, group=None: None
+    for job in yaml.safe_load(open(sys.argv[1])):
+        train_rloo.main(config_from_dict(train_rloo.RLOOConfig, job["config"], source=job["name"]))
+    destroy(PartialState())
 """
 
 
