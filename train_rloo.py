@@ -435,7 +435,7 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     # win rate during training (when `judge` is set): one evaluator for the run, which prints a paid judge's cost once
     evaluator = TrainingEvaluator(c, accelerator, run_dir, plan.num_iterations, start, log_prefix="[train_rloo]")
     if start == 0 and evaluator.due(0):  # the initial policy: the "SFT" point of the closing summary
-        run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, 0), 0)
+        run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, 0, engine=m.engine), 0)
 
     rank, gather = accelerator.process_index, accelerator.gather
     last_saved = start if ckpt is not None else -1
@@ -485,7 +485,7 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
             kl_prev=f"{metrics['objective/kl_prev']:.2g}", eps_s=f"{metrics['perf/episodes_per_s']:.1f}", refresh=False,
         )
         if evaluator.due(it):  # greedy summaries of the current weights, judged (before the checkpoint: a resume redoes it)
-            run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, it), it)
+            run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, it, engine=m.engine), it)
         if c.sample_every > 0 and it % c.sample_every == 0 and c.num_samples > 0:
             run_dir.append_jsonl("samples.jsonl", sample_records(c, m, ro, it))
         if (c.save_steps > 0 and it % c.save_steps == 0) or it == plan.num_iterations:

@@ -170,6 +170,28 @@ def start_engine(c, accelerator, max_model_len: int) -> "VLLMEngine":
     return engine
 
 
+def complete_prompts(engine: "VLLMEngine", tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                     max_prompt_length: Optional[int] = None) -> list:
+    """`generation.complete_prompts`'s greedy completions (a `Completion` per prompt, in order) from the engine:
+    each prompt tokenised alone without special tokens, keeping its last `max_prompt_length` tokens; the
+    completion cut after its first EOS and decoded without it. The engine holds the weights of its last sync."""
+    from .generation import Completion
+
+    eos = tokenizer.eos_token_id
+    queries = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    if max_prompt_length:
+        queries = [q[-max_prompt_length:] for q in queries]
+    engine.wake_up()
+    rows = engine.greedy(queries, max_new_tokens, eos)
+    if engine.enable_sleep_mode:
+        engine.sleep()
+    out = []
+    for tokens in rows:
+        tokens = tokens[:-1] if tokens and tokens[-1] == eos else tokens
+        out.append(Completion(tokenizer.decode(tokens, skip_special_tokens=True).strip(), len(tokens)))
+    return out
+
+
 def check_probe(diff: float, dtype: str, step: int) -> None:
     """Stop the run (EngineSyncError) when the probe's mean per-token log-prob difference after a sync is
     beyond the dtype's rounding (`PROBE_TOLERANCE`): the engine did not take the new weights."""
@@ -284,6 +306,19 @@ class VLLMEngine:
             logprobs[r, : len(tokens)] = torch.as_tensor(
                 [step[tok].logprob for tok, step in zip(tokens, completion.logprobs)], dtype=torch.float32)
         return responses, logprobs
+
+    def greedy(self, prompt_token_ids: Sequence[Sequence[int]], max_tokens: int, eos_token_id: int) -> list[list[int]]:
+        """Greedy completions (vLLM's temperature 0: the argmax token), each cut after the given EOS (kept)
+        or at `max_tokens` tokens, as token lists in the order of the prompts."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._check_awake("greedy")
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                stop_token_ids=[eos_token_id], detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in ids]) for ids in prompt_token_ids],
+                                    params, use_tqdm=False)
+        return [list(out.outputs[0].token_ids) for out in outputs]
 
     # -- probe -------------------------------------------------------------------------------------
     def sequence_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int],

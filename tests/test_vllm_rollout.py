@@ -133,6 +133,12 @@ def work(tiny_tokenizer):
         for i in range(16):
             post = " ".join(rng.choice(WORDS) for _ in range(2 + i % 5))
             f.write(json.dumps({"prompt": f"SUBREDDIT: r/cats POST: {post} TL;DR:"}) + "\n")
+    (d / "refs").mkdir()
+    with open(d / "refs" / "test.jsonl", "w") as f:  # prompts with reference summaries: the in-training win rate
+        for i in range(5):
+            post = " ".join(rng.choice(WORDS) for _ in range(3 + i % 3))
+            f.write(json.dumps({"id": f"r{i}", "prompt": f"SUBREDDIT: r/dogs POST: {post} TL;DR:",
+                                "completion": " ".join(rng.choice(WORDS) for _ in range(3))}) + "\n")
     try:
         yield d
     finally:
@@ -156,10 +162,14 @@ def _config(d, **kw):
 
 @needs_vllm
 def test_probe_equals_trainer_after_each_sync_and_a_skipped_sync_stops_the_run(work, tmp_path, monkeypatch, capsys):
-    # lr 1e-2: one update moves the probe's log-probs far beyond the float32 check's 1e-3
-    c = train_rloo.RLOOConfig(**_config(work, num_iterations=2, save_steps=0, vllm_importance_sampling_correction=True,
-                                        learning_rate=1e-2, output_dir=str(tmp_path / "synced")))
-    metrics = read_metrics(train_rloo.main(c))
+    # lr 1e-2: one update moves the probe's log-probs far beyond the float32 check's 1e-3; the in-training
+    # win rate (reward-model judge) at steps 0 and 2 has the engine decode the greedy summaries
+    c = train_rloo.RLOOConfig(**_config(
+        work, num_iterations=2, save_steps=0, vllm_importance_sampling_correction=True, learning_rate=1e-2,
+        output_dir=str(tmp_path / "synced"), judge="reward-model", judge_reward_model_name_or_path=str(work / "reward"),
+        judge_dataset_name=str(work / "refs"), judge_max_samples=0, max_new_tokens=6, per_device_eval_batch_size=2))
+    run = train_rloo.main(c)
+    metrics = [m for m in read_metrics(run) if "objective/scores" in m]
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
         # after a real update and the sync: the engine's probe log-probs are the trainer's (float32)
@@ -174,9 +184,21 @@ def test_probe_equals_trainer_after_each_sync_and_a_skipped_sync_stops_the_run(w
           "sampled tokens:", [m["rollout/engine_trainer_logprob_diff"] for m in metrics],
           "sync s:", [round(m["time/weight_sync"], 3) for m in metrics])
 
+    # the engine's greedy summaries are the trainer's, before training and after the last update (synced)
+    from maxent_rlhf.evaluation import generate_records, load_reference_examples
+    from maxent_rlhf.models import load_policy, load_tokenizer
+
+    examples = load_reference_examples(str(work / "refs"), "test", 0)
+    tok = load_tokenizer(str(work / "policy"))
+    for step, weights in ((0, work / "policy"), (2, Path(run) / "checkpoints" / "step_00000002")):
+        hf = generate_records(load_policy(str(weights)).eval(), tok, examples, c, f"step {step}")
+        engine = [json.loads(line) for line in (Path(run) / "eval" / "generations" / f"step_{step:08d}.jsonl").open()]
+        assert engine == hf, step
+    assert any(r["n_tokens"] > 0 for r in hf)
+
     # the same run with the weight push skipped: the probe after iteration 1 sees the old weights
     monkeypatch.setattr(vllm_engine.VLLMEngine, "load_weights", lambda self, named_tensors: 0.0)
-    c = replace(c, output_dir=str(tmp_path / "stale"))
+    c = replace(c, output_dir=str(tmp_path / "stale"), judge=None)
     with pytest.raises(vllm_engine.EngineSyncError) as e:
         train_rloo.main(c)
     line, status = cli.describe_error(e.value)
@@ -259,3 +281,48 @@ def test_continuing_from_a_checkpoint_with_a_fresh_engine_equals_the_uninterrupt
     assert max_weight_diff(wa, wb) <= WEIGHT_ATOL
     # the fresh engine started from the base weights and took the checkpoint's before sampling iteration 3
     assert_metrics_close(read_metrics(resumed), read_metrics(full)[2:])
+
+
+# --------------------------------------------------------------------------------------------------
+# the toy lab's story on the engine (slow group)
+# --------------------------------------------------------------------------------------------------
+# The rule, fixed before the runs: the vLLM run (seed 1) and the default path (seeds 1 and 2) each tell the
+# story (maxent_rlhf.story's verdict `overoptimised`: the proxy rises while the gold win rate ends >= 10
+# points below its peak, which lies above the SFT point), and each of the vLLM run's headline numbers (proxy
+# score of the last quarter, gold win-rate peak and final) lies inside the two default seeds' range widened
+# on each side by that range's width or a floor (0.1 for the proxy score, 0.05 for a win rate), whichever
+# is larger: within the seed noise the default path itself shows. Profile head32 (the toy lab with head size
+# 32, which vLLM's CPU attention accepts), overopt.yaml's recipe at half the batch, 24 iterations.
+TOY = dict(
+    model_name_or_path="toylab://head32/sft", reward_model_name_or_path="toylab://head32/reward",
+    dataset_name="toylab://head32/prompts", dataset_train_split="train", max_prompt_length=100, response_length=16,
+    temperature=0.7, rloo_k=4, global_batch_size=64, num_mini_batches=1, per_device_train_batch_size=64,
+    local_rollout_forward_batch_size=64, num_ppo_epochs=2, num_iterations=24, lr_scheduler_type="constant",
+    adam_epsilon=1e-5, mixed_precision="no", save_steps=0, sample_every=0, report_to="none", regularizer="none",
+    learning_rate=1e-3, eval_steps=4, judge="toy-gold", judge_dataset_name="toylab://head32/prompts",
+    judge_dataset_test_split="test", judge_max_samples=100, max_new_tokens=16, per_device_eval_batch_size=100,
+)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_toy_lab_story_on_the_engine_is_the_default_paths_within_seed_noise(tmp_path):
+    from maxent_rlhf.story import OVEROPTIMISED, run_story
+
+    stories = {}
+    for name, over in (("default_s1", dict(seed=1)), ("default_s2", dict(seed=2)), ("vllm_s1", dict(seed=1, use_vllm=True))):
+        run = train_rloo.main(train_rloo.RLOOConfig(**TOY, **over, output_dir=str(tmp_path / name)))
+        stories[name] = run_story(read_metrics(run), str(run))
+    for name, s in stories.items():
+        print(name, s.verdict, s.win_rate_sft.value, s.win_rate_peak, s.win_rate_final.value, s.proxy_last_quarter_mean)
+        assert s.verdict == OVEROPTIMISED and s.win_rate_peak.value > s.win_rate_sft.value, (name, s.text())
+
+    def headline(s):
+        return {"proxy": (s.proxy_last_quarter_mean, 0.1), "peak": (s.win_rate_peak.value, 0.05),
+                "final": (s.win_rate_final.value, 0.05)}
+
+    a, b, v = (headline(stories[k]) for k in ("default_s1", "default_s2", "vllm_s1"))
+    for key, (value, floor) in v.items():
+        lo, hi = sorted((a[key][0], b[key][0]))
+        pad = max(hi - lo, floor)
+        assert lo - pad <= value <= hi + pad, (key, value, (lo, hi), pad)
