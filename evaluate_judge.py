@@ -65,6 +65,9 @@ class EvalConfig(JudgeArgs, BaseConfig):
     cache_path: Optional[str] = cfg(
         None, "judgment cache (JSONL file; an existing directory: judgments.jsonl in it); default <output_dir>/judgments.jsonl")
     dry_run: bool = cfg(False, "generate, then print the number of judge requests and the token estimate, and stop")
+    use_vllm: bool = cfg(
+        False, "decode the greedy generations with vLLM (an engine per checkpoint and process; the same "
+        "max_new_tokens / EOS semantics); needs the `vllm` extra")
     plot: bool = cfg(True, "write win_rate.png (win rate against training step)")
 
     def range_checks(self) -> list:  # the judge options' ranges are JudgeArgs'
@@ -169,7 +172,6 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
     import torch
 
     from maxent_rlhf.models import load_policy, load_tokenizer, resolve_dtype
-    from maxent_rlhf.runs import open_jsonl_for_append
 
     path = out_dir / "generations" / f"{target.label}.jsonl"
     existing = read_generations(path, examples, config)
@@ -179,19 +181,36 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
             print(f"[evaluate_judge] {path} complete ({len(existing)} generations): skipping generation")
         return
     tok = load_tokenizer(config.tokenizer_name_or_path or target.path, padding_side="left", trust_remote_code=config.trust_remote_code)
+    if config.use_vllm:  # this process's share on an engine serving the checkpoint (closed before the next)
+        from maxent_rlhf.artifacts import resolve_path
+        from maxent_rlhf.vllm_engine import VLLMEngine, engine_dtype, only_this_device
+
+        with only_this_device(state):
+            engine = VLLMEngine(resolve_path(target.path), tokenizer=config.tokenizer_name_or_path,
+                                dtype=engine_dtype(config.mixed_precision, state.device), seed=config.seed)
+        with engine:
+            records = generate_records(None, tok, missing, config, target.path, state, engine=engine)
+        _append_generations(path, records, state)
+        return
     model = load_policy(
         target.path, dtype=resolve_dtype(config.mixed_precision, state.device), trust_remote_code=config.trust_remote_code
     ).to(state.device).eval()
     # each process holds the whole model (no sharding): no synced_gpus
     records = generate_records(model, tok, missing, config, target.path, state, progress=f"generate {target.label}")
+    _append_generations(path, records, state)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _append_generations(path: Path, records, state) -> None:
+    from maxent_rlhf.runs import open_jsonl_for_append
+
     if state.is_main_process:
         with open_jsonl_for_append(path) as f:
             for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     state.wait_for_everyone()
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------------

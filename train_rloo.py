@@ -18,6 +18,8 @@ model loading are the online trainers' shared rollout (`maxent_rlhf.rollout`); s
   5. RLOO leave-one-out advantages over the k samples of each prompt (optional whitening) `rloo_row_advantages`
   6. update: num_ppo_epochs x num_mini_batches clipped policy-gradient steps (grad accumulation,
      clipping, lr decay); with one epoch of one mini-batch it also does 3 (policy part)-5    `update`
+     with `use_vllm` (step 1 then samples on a vLLM engine): the new weights go into the engine, and a
+     probe sequence checks it took them                                               `rollout.sync_engine`
   7. kl_prev: log-probs of the same samples after the update (KL between consecutive policies;
      all of them, or `kl_prev_per_prompt` of each prompt)                          `rollout.kl_prev_logprobs`
   8. log, sample, checkpoint                                                              `iteration_metrics`

@@ -6,12 +6,14 @@ take that config as `c`.
   1. generate: `rloo_k` completions per prompt (KV-cached sampling at `temperature`, top_k 0 / top_p 1,
      `generation.sample`), each truncated after its first EOS (EOS kept), the rest padded and the all-pad
      tail columns dropped                                                         `generate`, `cut_to_longest`
+     (with `use_vllm`: on the run's vLLM engine, which also returns its log-probs     `engine_generate`)
   2. score: prompt + completion with the reward model at the last real token (or `reward_fn`); the
      missing-EOS penalty                                                                             `score`
   3. (the trainer's) log-probs of the sampled tokens under a model, from logits / T          `policy_logprobs`
   7. kl_prev: log-probs of the same samples after the update                                `kl_prev_logprobs`
 Around them: `load_models` (tokenizer, policy with dropout off, the reference when `c.needs_ref()`, the
-reward model or `reward_fn`), `prompt_batch` (this process's prompts), `prompt_sharing` (the shared prompt
+reward model or `reward_fn`, the vLLM engine with `use_vllm`), `sync_engine` (the updated weights into the
+engine, `full_policy_weights`, and the probe that checks them), `prompt_batch` (this process's prompts), `prompt_sharing` (the shared prompt
 pass, decided once per run), and the metrics of the rollout's own values (`kl_prev_metrics`,
 `entropy_metrics`).
 
@@ -266,7 +268,8 @@ class Rollout:
 
 def load_models(c, accelerator, reward_fn: Optional[Callable], log_prefix: str = "[rollout]") -> Models:
     """Tokenizer, policy (dropout off), the reference when `c.needs_ref()`, and the reward model unless a
-    reward_fn scores. Frozen models are in the mixed-precision dtype and prepared for the engine."""
+    reward_fn scores. Frozen models are in the mixed-precision dtype and prepared for the engine. With
+    `c.use_vllm` (VLLMArgs) this process's vLLM engine starts first, from `model_name_or_path`."""
     engine = None
     if getattr(c, "use_vllm", False):  # chosen once: step 1 samples with it for the whole run (started first: fails fast)
         engine = vllm_engine.start_engine(c, accelerator, max_model_len=c.max_prompt_length + c.response_length)

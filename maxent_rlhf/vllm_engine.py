@@ -131,7 +131,7 @@ def engine_dtype(mixed_precision: str, device) -> str:
 
 
 @contextmanager
-def _visible_device(accelerator):
+def only_this_device(accelerator):
     """The engine process (spawned inside) sees only this process's GPU: every colocated engine would
     otherwise take GPU 0. CPU: nothing to do."""
     device = accelerator.device
@@ -161,7 +161,7 @@ def start_engine(c, accelerator, max_model_len: int) -> "VLLMEngine":
     if c.vllm_tensor_parallel_size > 1 and accelerator.num_processes > 1:
         raise ConfigError(f"`vllm_tensor_parallel_size` = {c.vllm_tensor_parallel_size} needs a single training "
                           f"process ({accelerator.num_processes} run): each colocated engine holds its process's GPU")
-    with _visible_device(accelerator):
+    with only_this_device(accelerator):
         engine = VLLMEngine(
             resolve_path(c.model_name_or_path), dtype=engine_dtype(c.mixed_precision, accelerator.device),
             gpu_memory_utilization=c.vllm_gpu_memory_utilization, tensor_parallel_size=c.vllm_tensor_parallel_size,

@@ -195,6 +195,15 @@ def test_probe_equals_trainer_after_each_sync_and_a_skipped_sync_stops_the_run(w
         engine = [json.loads(line) for line in (Path(run) / "eval" / "generations" / f"step_{step:08d}.jsonl").open()]
         assert engine == hf, step
     assert any(r["n_tokens"] > 0 for r in hf)
+    # evaluate_judge.py --use_vllm on the final checkpoint: the same greedy text (an engine of its own)
+    import evaluate_judge as ej
+
+    ckpt = Path(run) / "checkpoints" / "step_00000002"
+    ej.main(ej.EvalConfig(output_dir=str(tmp_path / "ej"), checkpoints=[str(ckpt)], dataset_name=str(work / "refs"),
+                          dataset_test_split="test", n=0, judge="reward-model", reward_model_name_or_path=str(work / "reward"),
+                          max_new_tokens=6, max_prompt_length=16, plot=False, mixed_precision="no", use_vllm=True))
+    judged = {r["id"]: r["generation"] for r in map(json.loads, (tmp_path / "ej" / "generations").glob("*.jsonl").__next__().open())}
+    assert judged == {r["id"]: r["generation"] for r in hf}
 
     # the same run with the weight push skipped: the probe after iteration 1 sees the old weights
     monkeypatch.setattr(vllm_engine.VLLMEngine, "load_weights", lambda self, named_tensors: 0.0)
