@@ -203,6 +203,53 @@ def check_probe(diff: float, dtype: str, step: int) -> None:
             f"stopping (rerun without use_vllm, or report the vLLM version and the model)")
 
 
+# Started (detached) beside each engine: vLLM's engine processes do not watch the process that started them,
+# so a trainer killed by SIGKILL (OOM killer, scheduler, kill -9) would leave them running, holding their
+# memory (on a GPU: the device memory a resumed run needs). The watchdog polls once a second and kills the
+# engine's processes when the trainer is gone; it exits when they do (`close`). psutil ships with vLLM.
+_WATCHDOG = """
+import os, sys, time
+if os.fork():
+    os._exit(0)  # detached: the starter reaps this intermediate process, init adopts the watchdog
+import psutil
+def get(pid):
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+trainer = get(int(sys.argv[1]))
+engine = [p for p in map(get, map(int, sys.argv[2:])) if p is not None]
+while trainer is not None and trainer.is_running() and any(p.is_running() for p in engine):
+    time.sleep(1.0)
+for p in engine:
+    try:
+        if p.is_running():  # is_running checks the start time too: a reused pid is left alone
+            p.kill()
+    except psutil.NoSuchProcess:
+        pass
+"""
+
+
+def _watch_engine(pids: Sequence[int]) -> None:
+    """Kill the engine processes `pids` if this process dies without closing them (see _WATCHDOG)."""
+    import subprocess
+    import sys
+
+    if pids:
+        subprocess.run([sys.executable, "-c", _WATCHDOG, str(os.getpid()), *map(str, pids)], check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       start_new_session=True)
+
+
+def _descendants() -> set[int]:
+    """This process's descendants, less multiprocessing's resource tracker (it stays while this process lives)."""
+    import psutil
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    return {p.pid for p in psutil.Process().children(recursive=True)} - {tracker}
+
+
 def _exchange_dir() -> str:
     """Where weight files cross the process boundary: shared memory when the OS has it."""
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
@@ -240,6 +287,7 @@ class VLLMEngine:
         self.sleeping = False
         self.dtype = dtype
         started = time.perf_counter()
+        before = _descendants()
         self.llm = vllm.LLM(
             model=str(model),
             # loaded though ids go in and out undecoded (detokenize=False): without one, vLLM's start-up
@@ -259,6 +307,7 @@ class VLLMEngine:
             worker_extension_cls=f"{__name__}.WeightSyncExtension",
         )
         self.start_seconds = time.perf_counter() - started
+        _watch_engine(sorted(_descendants() - before))
 
     # -- sampling ----------------------------------------------------------------------------------
     def generate(

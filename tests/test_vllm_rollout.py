@@ -215,17 +215,32 @@ def test_probe_equals_trainer_after_each_sync_and_a_skipped_sync_stops_the_run(w
     print("skipped sync:", line)
 
 
-# the engine process is spawned: the driver needs the `__main__` guard (vLLM re-imports the main module)
+# the engine process is spawned: the driver needs the `__main__` guard (vLLM re-imports the main module).
+# A job with `kill_at` dies by SIGKILL while logging that iteration (after the checkpoint before it), first
+# writing the ids of its descendants (the engine's processes) to <output_dir>.pids.
 DRIVER = """
-import sys, yaml
+import json, os, signal, sys, yaml
 sys.path.insert(0, {root!r})
+import psutil
 from accelerate.state import PartialState
 import train_rloo
 from maxent_rlhf.config import config_from_dict
+from maxent_rlhf.runs import RunDir
 
 if __name__ == "__main__":
     destroy, PartialState.destroy_process_group = PartialState.destroy_process_group, lambda self, group=None: None
+    log_metrics, kill_at = RunDir.log_metrics, {{}}
+
+    def log_or_die(self, metrics, step):
+        if kill_at.get("step") == step:
+            pids = [c.pid for c in psutil.Process().children(recursive=True)]
+            open(kill_at["pids"], "w").write(json.dumps(pids))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return log_metrics(self, metrics, step)
+
+    RunDir.log_metrics = log_or_die
     for job in yaml.safe_load(open(sys.argv[1])):
+        kill_at.update(step=job.get("kill_at"), pids=job["config"]["output_dir"] + ".pids")
         train_rloo.main(config_from_dict(train_rloo.RLOOConfig, job["config"], source=job["name"]))
     destroy(PartialState())
 """
@@ -234,7 +249,8 @@ if __name__ == "__main__":
 @pytest.fixture(scope="module")
 def launched(work):
     """2 processes (an engine each): a 4-iteration run, then one continued from its step-2 checkpoint in a
-    fresh directory; beside it, 1 process: the same 4-iteration run."""
+    fresh directory; 1 process: the same 4-iteration run, and that run again SIGKILLed in iteration 3 (its
+    step-2 checkpoint on disk) and continued with `resume: latest` in a fresh process (a fresh engine)."""
     import yaml
 
     d = work
@@ -242,10 +258,12 @@ def launched(work):
     jobs2 = [{"name": "p2", "config": dict(rloo, output_dir=str(d / "p2"))},
              {"name": "p2-resumed", "config": dict(rloo, output_dir=str(d / "p2-resumed"),
                                                    resume=str(d / "p2" / "checkpoints" / "step_00000002"))}]
-    jobs1 = [{"name": "p1", "config": dict(rloo, output_dir=str(d / "p1"))}]
+    jobs1 = [{"name": "p1", "config": dict(rloo, output_dir=str(d / "p1"))},
+             {"name": "killed", "kill_at": 3, "config": dict(rloo, output_dir=str(d / "killed"))}]
+    jobs_resume = [{"name": "killed-resumed", "config": dict(rloo, output_dir=str(d / "killed"), resume="latest")}]
     (d / "driver.py").write_text(DRIVER.format(root=str(ROOT)))
-    (d / "jobs2.yaml").write_text(yaml.safe_dump(jobs2))
-    (d / "jobs1.yaml").write_text(yaml.safe_dump(jobs1))
+    for name, jobs in (("jobs2", jobs2), ("jobs1", jobs1), ("jobs_resume", jobs_resume)):
+        (d / f"{name}.yaml").write_text(yaml.safe_dump(jobs))
     env = dict(os.environ, ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -253,7 +271,9 @@ def launched(work):
            str(ROOT / "configs" / "accelerate" / "cpu.yaml"), "--num_processes", "2", str(d / "driver.py"),
            str(d / "jobs2.yaml")]
     one = [sys.executable, str(d / "driver.py"), str(d / "jobs1.yaml")]
-    for name, cmd in (("1 process", one), ("2 processes", two)):  # one after the other: engines are CPU-hungry
+    resume = [sys.executable, str(d / "driver.py"), str(d / "jobs_resume.yaml")]
+    # one after the other (engines are CPU-hungry); the 1-process launch ends in its SIGKILL
+    for name, cmd, status in (("1 process", one, -9), ("resume latest", resume, 0), ("2 processes", two, 0)):
         log = d / f"{name.replace(' ', '_')}.log"
         with open(log, "w") as out:
             p = subprocess.Popen(cmd, cwd=d, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -262,7 +282,7 @@ def launched(work):
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, 9)
                 p.wait()
-        assert p.returncode == 0, f"{name} run failed (exit {p.returncode}):\n{log.read_text()[-4000:]}"
+        assert p.returncode == status, f"{name} run failed (exit {p.returncode}):\n{log.read_text()[-4000:]}"
     return d
 
 
@@ -290,6 +310,21 @@ def test_continuing_from_a_checkpoint_with_a_fresh_engine_equals_the_uninterrupt
     assert max_weight_diff(wa, wb) <= WEIGHT_ATOL
     # the fresh engine started from the base weights and took the checkpoint's before sampling iteration 3
     assert_metrics_close(read_metrics(resumed), read_metrics(full)[2:])
+
+
+@needs_vllm
+def test_kill_9_then_resume_latest_continues_with_a_fresh_engine(launched):
+    import psutil
+
+    full, killed = launched / "p1", launched / "killed"
+    assert [m["step"] for m in read_metrics(killed)] == [1, 2, 3, 4]  # iteration 3 logged once, by the resumed run
+    assert max_weight_diff(checkpoint_weights(full), checkpoint_weights(killed)) <= WEIGHT_ATOL
+    assert_metrics_close(read_metrics(killed), read_metrics(full))
+    # the killed trainer's engine processes did not outlive it (vLLM's engine core watches its parent)
+    pids = json.loads((launched / "killed.pids").read_text())
+    assert pids, "the killed run had no engine process"
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"engine processes {alive} outlived the SIGKILLed trainer"
 
 
 # --------------------------------------------------------------------------------------------------
