@@ -4,7 +4,7 @@
     accelerate launch evaluate_judge.py --config eval.yaml          # generation split over GPUs
 
 1. Generation: every checkpoint (a checkpoint directory, a run directory = all its checkpoints by step,
-   or a list of them; optionally an SFT baseline) decodes the prompts greedily (max_new_tokens 53,
+   or a list of them; optionally an SFT baseline; a LoRA checkpoint is judged as its merged model) decodes the prompts greedily (max_new_tokens 53,
    batched, left-padded, truncated after EOS) into <out>/generations/<label>.jsonl; a rerun generates
    only what is missing.
 2. Judging: each (policy, reference) pair goes to a judge from `maxent_rlhf.judges` (openai,
@@ -45,7 +45,8 @@ class EvalConfig(JudgeArgs, BaseConfig):
 
     output_dir: str = cfg("eval/default", "output directory: generations/, judgments.jsonl, summary.json, win_rate.png")
     checkpoints: list[str] = cfg(
-        [], "checkpoints to evaluate (comma-separated): checkpoint dirs, model dirs / hub ids, or run dirs (all their checkpoints, by step)"
+        [], "checkpoints to evaluate (comma-separated): checkpoint dirs, model dirs / hub ids, LoRA adapter dirs (judged "
+        "merged onto the base their adapter_config.json names), or run dirs (all their checkpoints, by step)"
     )
     sft_model_name_or_path: Optional[str] = cfg(
         None, "SFT baseline model (hub id or dir): evaluated too and drawn as a horizontal line"
@@ -88,17 +89,25 @@ class Target:
 # --------------------------------------------------------------------------------------------------
 # what to evaluate
 # --------------------------------------------------------------------------------------------------
+def _is_model_dir(p: Path) -> bool:
+    """A full model (config.json) or a LoRA adapter (adapter_config.json, judged merged onto its base)."""
+    from maxent_rlhf.lora import is_adapter_dir
+
+    return (p / "config.json").exists() or is_adapter_dir(p)
+
+
 def resolve_targets(config: EvalConfig) -> list[Target]:
     from maxent_rlhf.checkpoints import checkpoint_step, list_checkpoints
 
     found: list[tuple[str, Optional[int]]] = []
     for entry in config.checkpoints:
         p = Path(entry)
-        ckpts = list_checkpoints(p) if p.is_dir() and not (p / "config.json").exists() else []
+        ckpts = list_checkpoints(p) if p.is_dir() and not _is_model_dir(p) else []
         if ckpts:
             found.extend((str(c), checkpoint_step(c)) for c in ckpts)
-        elif p.is_dir() and not (p / "config.json").exists():
-            raise ConfigError(f"checkpoints: {entry} has no model (config.json) and no complete checkpoints (step_*/)")
+        elif p.is_dir() and not _is_model_dir(p):
+            raise ConfigError(f"checkpoints: {entry} has no model (config.json), no adapter (adapter_config.json) and "
+                              "no complete checkpoints (step_*/)")
         else:
             try:
                 step = checkpoint_step(p)
@@ -171,7 +180,9 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
     """Greedy generations for the examples of `target` not yet in its file (split over processes)."""
     import torch
 
-    from maxent_rlhf.models import load_policy, load_tokenizer, resolve_dtype
+    from maxent_rlhf.artifacts import is_local_path
+    from maxent_rlhf.lora import is_adapter_dir, load_merged_from_adapter, read_adapter_config
+    from maxent_rlhf.models import TOKENIZER_FILES, load_policy, load_tokenizer, resolve_dtype
 
     path = out_dir / "generations" / f"{target.label}.jsonl"
     existing = read_generations(path, examples, config)
@@ -180,21 +191,34 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
         if state.is_main_process:
             print(f"[evaluate_judge] {path} complete ({len(existing)} generations): skipping generation")
         return
-    tok = load_tokenizer(config.tokenizer_name_or_path or target.path, padding_side="left", trust_remote_code=config.trust_remote_code)
+    dtype = resolve_dtype(config.mixed_precision, state.device)
+    tok_path = config.tokenizer_name_or_path or target.path
+    adapter = is_local_path(target.path) and is_adapter_dir(target.path)
+    if adapter and not any((Path(target.path) / f).exists() for f in TOKENIZER_FILES):
+        tok_path = config.tokenizer_name_or_path or read_adapter_config(target.path)["base_model_name_or_path"]
+    tok = load_tokenizer(tok_path, padding_side="left", trust_remote_code=config.trust_remote_code)
     if config.use_vllm:  # this process's share on an engine serving the checkpoint (closed before the next)
         from maxent_rlhf.artifacts import resolve_path
         from maxent_rlhf.vllm_engine import VLLMEngine, engine_dtype, only_this_device
 
+        serve = read_adapter_config(target.path)["base_model_name_or_path"] if adapter else target.path
         with only_this_device(state):
-            engine = VLLMEngine(resolve_path(target.path), tokenizer=config.tokenizer_name_or_path,
+            engine = VLLMEngine(resolve_path(serve), tokenizer=resolve_path(tok_path),
                                 dtype=engine_dtype(config.mixed_precision, state.device), seed=config.seed)
         with engine:
+            if adapter:  # the base with the adapter merged in float32, as the plain path judges it
+                engine.load_weights(load_merged_from_adapter(target.path, torch.float32,
+                                                             config.trust_remote_code).state_dict().items())
             records = generate_records(None, tok, missing, config, target.path, state, engine=engine)
         _append_generations(path, records, state)
         return
-    model = load_policy(
-        target.path, dtype=resolve_dtype(config.mixed_precision, state.device), trust_remote_code=config.trust_remote_code
-    ).to(state.device).eval()
+    if adapter:
+        # a LoRA checkpoint: its base (adapter_config.json) with the adapter merged in float32, then cast, the
+        # very weights `python -m maxent_rlhf.lora merge` writes and load_policy would cast
+        model = load_merged_from_adapter(target.path, torch.float32, config.trust_remote_code).to(dtype)
+    else:
+        model = load_policy(target.path, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    model = model.to(state.device).eval()
     # each process holds the whole model (no sharding): no synced_gpus
     records = generate_records(model, tok, missing, config, target.path, state, progress=f"generate {target.label}")
     _append_generations(path, records, state)

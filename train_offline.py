@@ -14,7 +14,8 @@ One run, numbered below exactly like this; each step is a function, so `main` re
   1. `launch`: the accelerator, the run directory (another run's output_dir is refused unless --resume or
      --overwrite_output_dir), config.yaml, the seed
   2. `load_data`: the tokenizer, the tokenised training examples (and the loss-based eval's), the step count
-  3. `load_models`: the policy (loss `reward`: the reward model); for dpo/ipo/chipo the frozen reference
+  3. `load_models`: the policy (loss `reward`: the reward model), with a LoRA adapter when use_peft; for
+     dpo/ipo/chipo the frozen reference (use_peft: none is loaded, the reference is the adapter switched off)
   4. `precompute_references` (precompute_ref_logprobs): the reference log-probs of every example, once;
      the reference is freed
   5. `prepare_training`, `resume`: optimizer, schedule, accelerator.prepare; with --resume the checkpoint
@@ -45,10 +46,15 @@ evaluate_judge.py: eval/win_rate with its Wilson interval, n, invalid, lengths; 
 Outputs (run directory = output_dir): config.yaml, metrics.jsonl, checkpoints/step_XXXXXXXX (HF
 safetensors weights + tokenizer + trainer state), eval/ (judged generations per step, judgment cache),
 curves.png (the paper's Fig. 7 layout); at the end the run's story (maxent_rlhf.story) is printed.
+LoRA (`use_peft`): the model trains a LoRA adapter (the reward model: lora_task_type SEQ_CLS, its new score
+head in full); the reference is the policy with its adapter switched off (`Models.reference`, no second copy);
+checkpoints hold the adapter (adapter_model.safetensors + adapter_config.json) next to the trainer state;
+full merged weights: `python -m maxent_rlhf.lora merge CKPT OUT_DIR`; evaluate_judge.py takes the adapter.
 `main(cfg)` returns the run directory; the final model is `checkpoints.latest_checkpoint(run_dir)`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -62,19 +68,20 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from maxent_rlhf import checkpoints, data, distributed, generation, models, objectives, plotting, runs
+from maxent_rlhf import checkpoints, data, distributed, generation, lora, models, objectives, plotting, runs
 from maxent_rlhf.config import ConfigError, TrainConfig, cfg, config_to_dict, derive_batch_sizes
 from maxent_rlhf.evaluation import EvalArgs, TrainingEvaluator
+from maxent_rlhf.lora import PeftArgs
 from maxent_rlhf.story import run_story
 from maxent_rlhf.schedules import build_lr_scheduler
 
 LOSSES = ("sft", "reward", "dpo", "simpo", "ipo", "cpo", "orpo", "slic", "chipo", "simpo_pl")
-REFERENCE_LOSSES = ("dpo", "ipo", "chipo")  # need log pi_ref
+REFERENCE_LOSSES = objectives.REFERENCE_LOSSES  # need log pi_ref
 DATA_KIND = {"sft": "sft", "simpo_pl": "listwise"}  # every other loss reads pairwise data
 
 
 @dataclass
-class OfflineConfig(EvalArgs, TrainConfig):
+class OfflineConfig(PeftArgs, EvalArgs, TrainConfig):
     """Offline training: SFT, reward model, DPO / SimPO / IPO / CPO / ORPO / SLiC / chi-PO / SimPO-PL."""
 
     loss_type: str = cfg("dpo", "objective: " + ", ".join(LOSSES), choices=LOSSES)
@@ -87,7 +94,8 @@ class OfflineConfig(EvalArgs, TrainConfig):
     model_revision: Optional[str] = cfg(None, "hub revision (branch, tag or commit) of model_name_or_path")
     tokenizer_name_or_path: Optional[str] = cfg(None, "tokenizer (default: model_name_or_path)")
     ref_model_name_or_path: Optional[str] = cfg(
-        None, "frozen reference policy for dpo/ipo/chipo (default: model_name_or_path, i.e. the initial policy)"
+        None, "frozen reference policy for dpo/ipo/chipo (default: model_name_or_path, i.e. the initial policy; "
+        "with use_peft the reference is always the policy with its adapter disabled)"
     )
     precompute_ref_logprobs: bool = cfg(
         False, "compute reference log-probs once over the dataset before training and free the reference model"
@@ -154,7 +162,14 @@ class OfflineConfig(EvalArgs, TrainConfig):
             (not (self.judge and self.loss_type == "reward"),
              "`judge`: a win rate needs a policy that generates, and loss_type `reward` trains a reward model; set "
              "judge: null (the loss-based eval on dataset_test_split still runs)"),
-        ]
+        ] + ([] if not self.use_peft else [
+            (self.lora_task_type == ("SEQ_CLS" if self.loss_type == "reward" else "CAUSAL_LM"),
+             f"`lora_task_type` = {self.lora_task_type!r} does not fit loss_type {self.loss_type!r}: set "
+             f"lora_task_type: {'SEQ_CLS' if self.loss_type == 'reward' else 'CAUSAL_LM'}"),
+            (not (self.loss_type == "reward" and self.normalize_reward),
+             "`normalize_reward` with use_peft: the shift edits a base weight, which an adapter checkpoint does not "
+             "hold; set normalize_reward: false (or train the reward model without use_peft)"),
+        ])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,10 +232,32 @@ class Models:
     model: torch.nn.Module  # what trains: the policy, or RewardScorer around the reward model; prepared in step 5
     hf_model: torch.nn.Module  # the HF model inside `model` (resume, the reward shift)
     ref_model: Optional[torch.nn.Module] = None  # dpo/ipo/chipo, until precomputed (step 4)
+    ref_adapter_off: bool = False  # use_peft: the reference is `model` with its adapter disabled (no copy)
     ref_train: Optional[torch.Tensor] = None  # precomputed reference log-probs [N, K] of the training examples
     ref_eval: Optional[torch.Tensor] = None  # ... and of the eval examples
     shared: bool = False
     ref_shared: bool = False
+
+    @property
+    def has_reference(self) -> bool:
+        """Is a live reference model there to run (not precomputed, not freed)?"""
+        return self.ref_model is not None or self.ref_adapter_off
+
+    @contextlib.contextmanager
+    def reference(self):
+        """(model, shares the prompt pass) for a no-grad reference forward: the frozen copy, or with use_peft
+        the policy with its adapter switched off (decided once, in step 3)."""
+        if not self.ref_adapter_off:
+            with torch.no_grad():
+                yield self.ref_model, self.ref_shared
+            return
+        was_training = self.model.training  # the frozen copy runs in eval mode: so does the adapter-off policy
+        self.model.eval()
+        try:
+            with torch.no_grad(), lora.adapter_disabled(self.model):
+                yield self.model, self.ref_shared
+        finally:
+            self.model.train(was_training)
 
 
 def shares_prompt_pass(c: OfflineConfig, model, d: Data) -> bool:
@@ -250,27 +287,9 @@ def response_logps(model, batch: data.ResponseBatch, prefix_k: int) -> tuple[tor
 
 def preference_loss(c: OfflineConfig, logps: torch.Tensor, lengths: torch.Tensor,
                     ref_logps: Optional[torch.Tensor]) -> objectives.PairwiseLossOutput:
-    """The preference loss of `c.loss_type` from S and |y| [B, K]: chosen / best is column 0, rejected /
-    worst column -1 (simpo_pl ranks all K)."""
-    s_w, s_l, n_w, n_l = logps[:, 0], logps[:, -1], lengths[:, 0], lengths[:, -1]
-    if c.loss_type == "dpo":
-        return objectives.dpo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], c.beta)
-    if c.loss_type == "ipo":
-        return objectives.ipo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], n_w, n_l, c.beta)
-    if c.loss_type == "chipo":
-        return objectives.chipo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], c.beta, c.chipo_reward_clip)
-    if c.loss_type == "simpo":
-        return objectives.simpo_loss(s_w, s_l, n_w, n_l, c.beta, c.simpo_gamma, c.length_normalize)
-    if c.loss_type == "cpo":
-        return objectives.cpo_loss(s_w, s_l, n_w, c.beta, c.cpo_alpha)
-    if c.loss_type == "orpo":
-        return objectives.orpo_loss(s_w, s_l, n_w, n_l, c.orpo_lambda)
-    if c.loss_type == "slic":
-        return objectives.slic_loss(s_w, s_l, n_w, c.slic_delta, c.slic_nll_coef)
-    # simpo_pl, the last preference loss of LOSSES (range_checks admits no other); rewards: best vs worst
-    losses = objectives.simpo_plackett_luce_loss(logps, lengths, c.beta, c.simpo_gamma, c.length_normalize)
-    rewards = objectives.simpo_rewards(logps, lengths, c.beta, c.length_normalize).detach()
-    return objectives.PairwiseLossOutput(losses, rewards[:, 0], rewards[:, -1])
+    """The preference loss of `c.loss_type` from S and |y| [B, K] (`objectives.preference_loss`, the one
+    dispatch train_online.py uses too): chosen / best is column 0, rejected / worst column -1."""
+    return objectives.preference_loss(c.loss_type, logps, lengths, ref_logps, objectives.PreferenceLossParams.of(c))
 
 
 def reward_stats(out: objectives.PairwiseLossOutput) -> dict:
@@ -289,8 +308,8 @@ def batch_loss(c: OfflineConfig, m: Models, batch: data.ResponseBatch, ref_logps
     stats: dict[str, torch.Tensor] = {}
     logps, lengths = response_logps(m.model, batch, k if m.shared else 1)
     if c.loss_type in REFERENCE_LOSSES and ref_logps is None:
-        with torch.no_grad():
-            ref_logps, _ = response_logps(m.ref_model, batch, k if m.ref_shared else 1)
+        with m.reference() as (ref_model, ref_shared):
+            ref_logps, _ = response_logps(ref_model, batch, k if ref_shared else 1)
     if ref_logps is not None:
         ref_logps = ref_logps.to(logps.dtype)
         stats["ref/logratio"] = (ref_logps[:, 0] - ref_logps[:, 1]).detach()
@@ -395,6 +414,8 @@ def load_split(c: OfflineConfig, dataset: str, split: str, limit: int, kind: str
 def launch(c: OfflineConfig) -> Run:
     """1. The global batch's split (errors before anything starts), the accelerator, the run directory
     (refuses an output_dir holding another run unless --resume / --overwrite_output_dir), config.yaml, the seed."""
+    if c.use_peft:
+        lora.require_peft()  # without peft: one line naming the install, before anything is written
     num_processes = distributed.process_state().num_processes
     per_process, grad_accum = derive_batch_sizes(c.global_batch_size, num_processes, c.per_device_train_batch_size)
     trackers = distributed.resolve_trackers(c.report_to)
@@ -437,24 +458,30 @@ def load_data(c: OfflineConfig, run: Run) -> Data:
 
 
 def load_models(c: OfflineConfig, run: Run, d: Data) -> Models:
-    """3. The model that trains (float32; the reward model for loss `reward`, else the policy) and, for
+    """3. The model that trains (float32, with use_peft a LoRA adapter in float32 on the frozen base in the
+    mixed-precision dtype; the reward model for loss `reward`, else the policy) and, for
     dpo/ipo/chipo, the frozen reference in the mixed-precision dtype, prepared for the engine; whether the
     reference shares the prompt pass is decided here."""
     # prompt + response must fit the model's positions: checked from its config.json, before any weights load
     models.check_context_length(
         models.load_model_config(c.model_name_or_path, "model", c.trust_remote_code, c.model_revision),
         c.max_prompt_length, c.max_completion_length, "max_prompt_length", "max_completion_length")
+    # LoRA: the base weights are frozen, so they load in the frozen models' dtype (bf16 on GPU); else float32
+    dtype = models.resolve_dtype(c.mixed_precision, run.accelerator.device) if c.use_peft else torch.float32
     if c.loss_type == "reward":
-        model = models.load_reward_model_for_training(
-            c.model_name_or_path, torch.float32, c.trust_remote_code, c.model_revision
-        )
+        model = models.load_reward_model_for_training(c.model_name_or_path, dtype, c.trust_remote_code, c.model_revision)
     else:
-        model = models.load_policy(c.model_name_or_path, torch.float32, c.trust_remote_code, revision=c.model_revision)
+        model = models.load_policy(c.model_name_or_path, dtype, c.trust_remote_code, revision=c.model_revision)
     model.config.pad_token_id = d.tokenizer.pad_token_id
     if c.gradient_checkpointing:
         models.enable_activation_checkpointing(model)
+    if c.use_peft:  # adapter_config.json records the location the user gave (hub id, path, toylab://)
+        model = lora.apply_lora(model, c, base_model_name_or_path=c.model_name_or_path)
     m = Models(model=model, hf_model=model)
-    if c.loss_type in REFERENCE_LOSSES:
+    if c.loss_type in REFERENCE_LOSSES and c.use_peft:  # the reference is the policy, adapter off: nothing loads
+        m.ref_adapter_off = True
+        m.ref_shared = shares_prompt_pass(c, model, d)  # until step 5 decides it on the prepared policy
+    elif c.loss_type in REFERENCE_LOSSES:
         with distributed.frozen_model_loading(run.accelerator):
             ref_model = models.load_policy(
                 c.ref_model_name_or_path or c.model_name_or_path,
@@ -470,13 +497,14 @@ def load_models(c: OfflineConfig, run: Run, d: Data) -> Models:
 def precompute_references(c: OfflineConfig, run: Run, d: Data, m: Models) -> None:
     """4. With precompute_ref_logprobs: the reference log-probs of every training (and eval) example, into
     m.ref_train / m.ref_eval, and the reference freed (a model's memory for one pass over the data)."""
-    if m.ref_model is None or not c.precompute_ref_logprobs:
+    if not m.has_reference or not c.precompute_ref_logprobs:
         return
     pad_id = d.tokenizer.pad_token_id
-    m.ref_train = reference_logprobs_table(c, m.ref_model, m.ref_shared, d.train, pad_id, run.accelerator)
-    if d.eval is not None:
-        m.ref_eval = reference_logprobs_table(c, m.ref_model, m.ref_shared, d.eval, pad_id, run.accelerator)
-    m.ref_model = None
+    with m.reference() as (ref_model, ref_shared):
+        m.ref_train = reference_logprobs_table(c, ref_model, ref_shared, d.train, pad_id, run.accelerator)
+        if d.eval is not None:
+            m.ref_eval = reference_logprobs_table(c, ref_model, ref_shared, d.eval, pad_id, run.accelerator)
+    m.ref_model, m.ref_adapter_off = None, False
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -500,6 +528,8 @@ def prepare_training(c: OfflineConfig, run: Run, d: Data, m: Models):
     m.model.train()
     if c.loss_type != "reward":  # the reward model's forward is RewardScorer's, one plain pass per row
         m.shared = shares_prompt_pass(c, m.model, d)
+    if m.ref_adapter_off:
+        m.ref_shared = m.shared  # the reference forward is the prepared policy's
     return optimizer, scheduler
 
 

@@ -23,7 +23,7 @@ model loading are the online trainers' shared rollout (`maxent_rlhf.rollout`); s
   7. kl_prev: log-probs of the same samples after the update (KL between consecutive policies;
      all of them, or `kl_prev_per_prompt` of each prompt)                          `rollout.kl_prev_logprobs`
   8. log, sample, checkpoint                                                              `iteration_metrics`
-Speed (same values up to float rounding; tests/test_rloo_units.py and test_rloo_shared_prefix.py compare
+Speed (same values up to float rounding; tests/test_train_rloo.py compares
 every metric): step 1 cuts the padded responses to the longest real row (`rollout.cut_to_longest`), so every
 later forward is as short as the batch allows; every forward runs each prompt once for its rloo_k completions
 and repeats its KV cache (`shared_prefix`; `prompt_sharing` decides it once per run and forward: plain
@@ -56,6 +56,10 @@ objective/entropy, dropout, the reward_fn hook, the shared prompt pass, are in `
 - Minimum entropy: a negative `entropy_coef` (the entropy term with the opposite sign).
 - The reference model is needed for the kl regulariser's reward every iteration, otherwise only for
   kl_ref every `kl_ref_every` iterations: `RLOOConfig.needs_ref(iteration)` decides it, in one place.
+- LoRA (`use_peft`): the policy trains a LoRA adapter and the reference is the same policy with the adapter
+  switched off (`rollout.Models.reference`, decided at load time; no second copy). Checkpoints hold the
+  adapter (adapter_model.safetensors + adapter_config.json) next to the trainer state; full merged weights:
+  `python -m maxent_rlhf.lora merge CKPT OUT_DIR`; evaluate_judge.py judges an adapter checkpoint as it is.
 """
 from __future__ import annotations
 
@@ -71,6 +75,7 @@ from maxent_rlhf import distributed, generation, objectives, plotting, rollout
 from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, TrainConfig, cfg, derive_batch_sizes
 from maxent_rlhf.data import PromptStream, load_any_dataset, require_columns
 from maxent_rlhf.evaluation import EvalArgs, TrainingEvaluator
+from maxent_rlhf.lora import PeftArgs, require_peft
 from maxent_rlhf.models import check_context_length, load_model_config
 from maxent_rlhf.rollout import Models, Rollout, RolloutArgs
 from maxent_rlhf.schedules import build_lr_scheduler
@@ -82,7 +87,7 @@ from maxent_rlhf.runs import check_finite, open_run_dir, read_metrics
 
 
 @dataclass
-class RLOOConfig(EvalArgs, VLLMArgs, RolloutArgs, TrainConfig):
+class RLOOConfig(PeftArgs, EvalArgs, VLLMArgs, RolloutArgs, TrainConfig):
     """Online RLOO (PPO-style clipped update, no value head) with a KL / entropy / no regulariser; the win
     rate during training (EvalArgs: `judge`, `eval_steps`, `judge_dataset_*`) is off unless `judge` is set.
     Models, data and sampling: `RolloutArgs`; vLLM as the rollout engine: `VLLMArgs`."""
@@ -125,6 +130,8 @@ class RLOOConfig(EvalArgs, VLLMArgs, RolloutArgs, TrainConfig):
             (self.num_ppo_epochs >= 1, f"`num_ppo_epochs` = {self.num_ppo_epochs} must be >= 1"),
             (self.cliprange > 0, f"`cliprange` = {self.cliprange} must be > 0"),
             (self.kl_ref_every >= 0, f"`kl_ref_every` = {self.kl_ref_every} must be >= 0"),
+            (not self.use_peft or self.lora_task_type == "CAUSAL_LM",
+             f"`lora_task_type` = {self.lora_task_type!r}: the RLOO policy is a causal LM; set lora_task_type: CAUSAL_LM"),
         ]
 
     def kl_ref_interval(self) -> int:
@@ -315,7 +322,7 @@ def learn(c: RLOOConfig, m: Models, plan: BatchPlan, ro: Rollout, optimizer, sch
     and steps 4-5 run inside the update's forward (`update`)."""
     fused = can_fuse(c)
     with rollout.timed(timings, "logprobs"):  # 3. reference log-probs; the old ones here unless the update's forward gives them
-        ro.ref_logprobs = rollout.policy_logprobs(c, m, ro, m.ref_policy, m.sharing.ref) if needs_ref else None
+        ro.ref_logprobs = rollout.reference_logprobs(c, m, ro) if needs_ref else None
         if not fused:
             ro.old_logprobs, ro.token_entropy = rollout.policy_logprobs(c, m, ro, m.policy, m.sharing.old, return_entropy=True)
     if not fused:  # 4.-5. regularised sequence reward, RLOO advantages
@@ -386,6 +393,8 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     """Train; returns the run directory. `reward_fn` (optional) replaces the reward model (see docstring)."""
     from accelerate import Accelerator
 
+    if c.use_peft:
+        require_peft()  # without peft: one line naming the install, before anything is written
     trackers = resolve_trackers(c.report_to)
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(c.mixed_precision),
@@ -408,7 +417,7 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     check_context_length(load_model_config(c.model_name_or_path, trust_remote_code=c.trust_remote_code),
                          c.max_prompt_length, c.response_length, "max_prompt_length", "response_length")
     m = rollout.load_models(c, accelerator, reward_fn, log_prefix="[train_rloo]")
-    optimizer = torch.optim.AdamW(m.policy.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
+    optimizer = torch.optim.AdamW([p for p in m.policy.parameters() if p.requires_grad], lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
                                   eps=c.adam_epsilon, weight_decay=c.weight_decay)
     # one scheduler step per iteration: linear gives lr_t = lr * (1 - t / num_iterations) without warmup
     scheduler = build_lr_scheduler(optimizer, c.lr_scheduler_type, plan.num_iterations, c.warmup_ratio)

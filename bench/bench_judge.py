@@ -20,16 +20,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from fake_openai_server import FakeJudgeServer  # noqa: E402
+from helpers.fake_openai_server import FakeJudgeServer  # noqa: E402
 from maxent_rlhf.judges import OpenAIJudge, Pair  # noqa: E402
 
 
 class ServerProcess:
-    """tests/fake_openai_server.py in its own process, so server and client do not share one GIL."""
+    """tests/helpers/fake_openai_server.py in its own process, so server and client do not share one GIL."""
 
     def __init__(self, latency: float):
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "fake_openai_server.py"), "--latency", str(latency)],
+            [sys.executable, str(ROOT / "tests" / "helpers" / "fake_openai_server.py"), "--latency", str(latency)],
             stdout=subprocess.PIPE, text=True,
         )
         self.base_url = self.proc.stdout.readline().strip()

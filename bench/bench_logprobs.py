@@ -1,6 +1,6 @@
 """Peak memory and time of the memory-lean `token_logprobs` against the naive `log_softmax + gather`.
 
-Default problem (issue 2): batch 8, length 512, vocabulary 50,304, float32 logits (824 MB of logits).
+Default problem: batch 8, length 512, vocabulary 50,304, float32 logits (824 MB of logits).
 Each variant runs in a fresh subprocess so that peaks do not leak between variants:
   - CPU: peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) during the first call minus the RSS
     measured after the logits (and labels) were allocated and written;

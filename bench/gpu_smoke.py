@@ -14,6 +14,9 @@ checkpointing on. Checks, one row each:
   rloo kl / rloo maxent   train_rloo.py, 6 iterations of 64 completions (32 prompts x k = 2), 53 new
                           tokens, 4 PPO epochs; maxent = entropy regulariser, length-normalised (Eq. 7)
   dpo / simpo             train_offline.py, 8 steps of 32 pairs (DPO with a live reference model)
+  rloo maxent lora        the maxent run with use_peft (r 16, lr 1e-5): no reference copy (the adapter
+                          switched off); its adapter checkpoint merges onto the base, kl_ref at iteration 1
+                          is ~0 (B = 0 at init); the peak memory column compares with the maxent row
   kill + resume           the maxent run again, SIGKILLed while logging iteration 3 (after its step-2
                           checkpoint), then `resume: latest`; must finish with every step logged once and
                           final weights within 1% of the uninterrupted run's distance travelled
@@ -38,7 +41,7 @@ Rates are medians over the iterations after the first (CUDA warm-up). The table 
 the file `--table` names (default <out>/gpu_smoke.md); the exit status is 1 when any check fails.
 
 `--tiny` runs the same checks on CPU processes (float32, a 2-layer model); FSDP2 there needs
-tests/cpu_sharding.py's shim (accelerate does not shard CPU processes), which only --tiny loads.
+tests/helpers/cpu_sharding.py's shim (accelerate does not shard CPU processes), which only --tiny loads.
 """
 from __future__ import annotations
 
@@ -123,8 +126,10 @@ def job_configs(out: Path, s: dict, tiny: bool) -> dict:
     offline = dict(common, model_name_or_path=str(a / "policy"), dataset_name=str(a / "pairs.jsonl"), max_prompt_length=512,
                    max_completion_length=64, global_batch_size=s["off_batch"], per_device_train_batch_size=s["off_micro"],
                    max_steps=s["off_steps"], learning_rate=1e-6, lr_scheduler_type="constant", warmup_ratio=0.0, save_steps=0)
+    # LoRA: the maxent run with a rank-16 adapter on the frozen base; its reference is the adapter switched off
+    lora = dict(maxent, use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-5)
     return {
-        "rloo_kl": ("rloo", kl), "rloo_maxent": ("rloo", maxent),
+        "rloo_kl": ("rloo", kl), "rloo_maxent": ("rloo", maxent), "rloo_maxent_lora": ("rloo", lora),
         "dpo": ("offline", dict(offline, loss_type="dpo", beta=0.05)),
         "simpo": ("offline", dict(offline, loss_type="simpo", beta=2.0, simpo_gamma=1.0)),
         # the sharded backends: 3 iterations saved every one, resumed from step 2 in a fresh directory
@@ -148,7 +153,7 @@ def worker(jobs_file: str, report_file: str) -> None:
 
     if not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         sys.path.insert(0, str(ROOT / "tests"))
-        from cpu_sharding import install_shims  # --tiny: accelerate does not shard CPU processes by itself
+        from helpers.cpu_sharding import install_shims  # --tiny: accelerate does not shard CPU processes by itself
 
         install_shims()
     from accelerate import Accelerator
@@ -247,6 +252,10 @@ def _final_weights(run: Path):
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise AssertionError(f"{run}: no checkpoint")
+    from maxent_rlhf.lora import is_adapter_dir, load_merged_from_adapter
+
+    if is_adapter_dir(ckpt):  # a LoRA run: the adapter merged onto the base its config names (what the judge loads)
+        return {k: v.detach().clone() for k, v in load_merged_from_adapter(ckpt).state_dict().items()}
     return _hf_weights(ckpt)
 
 
@@ -332,6 +341,24 @@ def training_row(name: str, kind: str, run: Path, entry: dict, assets: dict, s: 
     return row
 
 
+def lora_row(name: str, j: dict, by_name: dict, rc, log: str, assets: dict, s: dict, peak, expect_type: str, mp: str) -> dict:
+    """The LoRA run's row: a training row (its adapter checkpoint merged onto the base must load), plus the
+    reference check: the adapter starts as the identity (B = 0), so objective/kl_ref of iteration 1 (policy vs
+    the policy with the adapter off) is 0. MFU is not given: the 6N model FLOPs assume every weight's gradient."""
+    entry = by_name.get(j["name"], {"ok": False, "error": f"worker exit {rc}: {log.strip().splitlines()[-1] if log.strip() else ''}"})
+    run = Path(j["config"]["output_dir"])
+    row = dict(training_row(name, "rloo", run, entry, assets, s, peak, expect_type, mp), mfu=float("nan"))
+    if row["status"] != "PASS":
+        return row
+    first = _metrics(run)[0].get("objective/kl_ref", float("nan"))
+    moved = _distance(_final_weights(run), _load_initial(out=run.parent))
+    ok = abs(first) <= 1e-3 and moved > 0
+    row.update(status="PASS" if ok else "FAIL",
+               note=f"adapter checkpoint merges onto its base (moved {moved:.1e}); kl_ref to the adapter-off reference "
+                    f"at iteration 1: {first:.1e} (must be ~0)")
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU dry run: tiny model, float32, every check")
@@ -369,9 +396,10 @@ def main() -> int:
         script, config = configs[key]
         return {"name": name, "script": script, "config": dict(config, output_dir=str(out / name), **over)}
 
-    # 1. one GPU: rloo kl, rloo maxent, dpo, simpo
-    single = [job("rloo_kl", "rloo_kl"), job("rloo_maxent", "rloo_maxent"), job("dpo", "dpo"), job("simpo", "simpo")]
-    print("[gpu_smoke] one GPU: rloo kl, rloo maxent, dpo, simpo", flush=True)
+    # 1. one GPU: rloo kl, rloo maxent, dpo, simpo, rloo maxent with LoRA
+    single = [job("rloo_kl", "rloo_kl"), job("rloo_maxent", "rloo_maxent"), job("dpo", "dpo"), job("simpo", "simpo"),
+              job("rloo_maxent_lora", "rloo_maxent_lora")]
+    print("[gpu_smoke] one GPU: rloo kl, rloo maxent, dpo, simpo, rloo maxent lora", flush=True)
     rc, entries, log = launch(out, "single", single, "single_gpu.yaml", args.tiny, args.timeout)
     by_name = {e["name"]: e for e in entries}
     precision = "float32" if args.tiny else "bf16"
@@ -380,6 +408,7 @@ def main() -> int:
                            (single[2], f"dpo ({precision}, 1 process)", "offline"), (single[3], f"simpo ({precision}, 1 process)", "offline")):
         entry = by_name.get(j["name"], {"ok": False, "error": f"worker exit {rc}: {log.strip().splitlines()[-1] if log.strip() else ''}"})
         rows.append(training_row(label, kind, Path(j["config"]["output_dir"]), entry, assets, s, peak, single_type, mp))
+    rows.append(lora_row(f"rloo maxent lora ({precision}, 1 process)", single[4], by_name, rc, log, assets, s, peak, single_type, mp))
 
     # 2. save, kill, resume (the maxent run again)
     print("[gpu_smoke] save, kill, resume", flush=True)

@@ -10,6 +10,11 @@ Layout of one checkpoint (inside the run directory's checkpoints/ folder, see `r
                              weights + optimizer state of every process); trainer_state.pt then has
                              optimizer None and "engine_state": True. See `uses_engine_state`.
 
+A LoRA run (use_peft) saves the adapter instead of the HF weights: adapter_model.safetensors +
+adapter_config.json (`PeftModel.from_pretrained(base, ckpt)`; the base model is the one adapter_config.json
+names), with the same trainer state, whose optimizer holds the adapter's parameters only. Full merged
+weights: `python -m maxent_rlhf.lora merge CKPT OUT_DIR`; evaluate_judge.py takes the checkpoint as it is.
+
 A checkpoint is written to a temporary directory and renamed into place, so a run killed while saving
 never leaves a half checkpoint that `--resume latest` would pick up; trainer_state.json is written last
 and marks a complete one. Every process calls `save_checkpoint` / `load_checkpoint`; only the main
@@ -33,10 +38,40 @@ from .distributed import distributed_type
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 ENGINE_STATE_DIR = "engine_state"
+ADAPTER_CONFIG = "adapter_config.json"  # peft's names for a saved adapter (maxent_rlhf.lora builds on these)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be read (damaged, truncated, partly copied); the message names it."""
+
+
+def _peft_part(model: torch.nn.Module) -> tuple[Optional[torch.nn.Module], str]:
+    """(the PeftModel inside an unwrapped model, its state-dict prefix), or (None, "") for a plain model
+    (e.g. train_offline's RewardScorer holds one under `model.`)."""
+    import sys
+
+    peft = sys.modules.get("peft")  # no PeftModel can exist unless peft was imported
+    if peft is None:
+        return None, ""
+    for name, module in model.named_modules():
+        if isinstance(module, peft.PeftModel):
+            return module, f"{name}." if name else ""
+    return None, ""
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether `path` is a directory holding a saved LoRA adapter (adapter_config.json)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def write_adapter(peft_model, directory: str | Path, state_dict: Optional[dict] = None) -> None:
+    """adapter_model.safetensors + adapter_config.json of a `peft.PeftModel` (its save_pretrained), loadable
+    with `PeftModel.from_pretrained(base, directory)`; `state_dict`: the model's full state dict when the
+    parameters are sharded (peft picks the adapter's entries from it)."""
+    # save_embedding_layers=False: the vocabulary is never resized here, so no full embedding matrix is
+    # saved (peft's "auto" would also look up the base model's config by its location, which may be toylab://)
+    peft_model.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True, save_embedding_layers=False)
 
 
 def uses_engine_state(accelerator) -> bool:
@@ -164,7 +199,13 @@ def save_checkpoint(
     if engine:
         acc.save_state(str(tmp / ENGINE_STATE_DIR))  # every process: its weight + optimizer shards
     if run_dir.is_main:
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        peft_model, prefix = _peft_part(unwrapped)
+        if peft_model is not None:  # LoRA: the adapter (peft picks its entries from the full state dict)
+            if state_dict is not None:
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            write_adapter(peft_model, tmp, state_dict=state_dict)
+        else:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         blob = {
@@ -232,6 +273,29 @@ def _load_hf_weights(path: Path, target: torch.nn.Module) -> torch.nn.Module:
         raise _damaged(files[0], err) from err
 
 
+def _load_adapter_weights(path: Path, peft_model: torch.nn.Module) -> None:
+    """Copy the checkpoint's adapter (adapter_model.safetensors) into the live LoRA model; every adapter
+    entry must be there (a checkpoint of a full fine-tuning run is refused by name)."""
+    from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = path / ADAPTER_WEIGHTS
+    if not file.is_file():
+        raise RuntimeError(f"{path} holds no adapter ({ADAPTER_WEIGHTS}) but this run trains one (use_peft): "
+                           "resume with the settings that wrote it, or start a new run from its weights")
+    try:
+        weights = load_file(str(file))
+    except SafetensorError as err:
+        raise _damaged(file, err) from err
+    result = set_peft_model_state_dict(peft_model, weights)
+    adapter = peft_model.active_adapter
+    missing = [k for k in result.missing_keys if f".{adapter}." in k and ("lora_" in k or "modules_to_save" in k)]
+    if result.unexpected_keys or missing:
+        raise RuntimeError(f"{file} does not fit this run's adapter (unexpected {sorted(result.unexpected_keys)[:3]}, "
+                           f"missing {missing[:3]}): resume with the LoRA settings that wrote it")
+
+
 def load_checkpoint(
     path: str | Path,
     model: Optional[torch.nn.Module] = None,
@@ -266,10 +330,17 @@ def load_checkpoint(
             raise RuntimeError(f"{path}: call load_checkpoint after accelerator.prepare(model, optimizer, ...) under DeepSpeed/FSDP")
         accelerator.load_state(str(path / ENGINE_STATE_DIR))  # weights + optimizer shards of this process
         model = optimizer = None  # restored; the HF copy and trainer_state.pt hold no optimizer state
-    if model is not None:
+    target = None if model is None else accelerator.unwrap_model(model) if accelerator is not None else model
+    peft_model = None if target is None else _peft_part(target)[0]
+    if peft_model is not None:
+        _load_adapter_weights(path, peft_model)
+    elif target is not None:
+        if is_adapter_dir(path):
+            raise RuntimeError(f"{path} holds a LoRA adapter but this run trains all weights: resume with "
+                               f"use_peft: true, or start a new run from its merged weights "
+                               f"(python -m maxent_rlhf.lora merge {path} OUT_DIR)")
         # Load through HF (from_pretrained maps saved names such as embed_out <-> lm_head across
         # transformers versions), then copy into the live, possibly accelerate-wrapped, model.
-        target = accelerator.unwrap_model(model) if accelerator is not None else model
         loaded = _load_hf_weights(path, target)
         target.load_state_dict(loaded.state_dict())
         del loaded

@@ -25,8 +25,8 @@ DeepSpeed's `gradient_clipping`, which `configure_deepspeed` sets to the script'
 Sampling: `sampling_rng` ties each rollout chunk's random stream to its rows of the global batch, so N
 processes sample what one process samples. Checkpoints under DeepSpeed / FSDP: see `checkpoints.uses_engine_state`.
 
-The FSDP2 and ZeRO-2 / ZeRO-3 branches run on two CPU processes in tests/test_sharded.py (accelerate
-does not shard CPU processes by itself: tests/cpu_sharding.py says how the test gets it to); on GPUs
+The FSDP2 and ZeRO-2 / ZeRO-3 branches run on two CPU processes in tests/test_distributed.py (accelerate
+does not shard CPU processes by itself: tests/helpers/cpu_sharding.py says how the test gets it to); on GPUs
 they have yet to run (bench/gpu_smoke.sh is the acceptance run).
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ import contextlib
 import copy
 import os
 import random
+import sys
 from typing import Optional
 
 import numpy as np
@@ -90,7 +91,7 @@ def check_launch(accelerator=None) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     seen = accelerator.num_processes if accelerator is not None else 1
     # accelerate 1.x shards only on GPUs: on CPU processes an FSDP config silently becomes plain DDP and a
-    # DeepSpeed one processes that each think they run alone (tests/cpu_sharding.py has the details)
+    # DeepSpeed one processes that each think they run alone (tests/helpers/cpu_sharding.py has the details)
     asked = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
              if os.environ.get(flag, "false").lower() == "true"]
     if accelerator is not None and asked:
@@ -309,9 +310,13 @@ def prepare_frozen_model(model: torch.nn.Module, accelerator, dtype: Optional[to
 
 def hf_model(model):
     """The HF model inside an accelerate / DeepSpeed / DDP wrapper (attributes such as `score`,
-    `base_model_prefix`, `generate`); FSDP2 modules are their own HF model."""
+    `base_model_prefix`, `generate`); FSDP2 modules are their own HF model; a peft LoRA model's is the
+    model its adapter layers were injected into."""
     while not hasattr(model, "base_model_prefix") and hasattr(model, "module"):
         model = model.module
+    peft = sys.modules.get("peft")  # imported by maxent_rlhf.lora whenever a LoRA model exists
+    if peft is not None and isinstance(model, peft.PeftModel):
+        model = model.get_base_model()
     return model
 
 
@@ -350,7 +355,13 @@ def unwrap_for_generation(accelerator, model, gather: bool = True):
             "generation under FSDP version 1 is not supported: use FSDP2 (configs/accelerate/fsdp2.yaml, "
             "fsdp_version: 2) or DeepSpeed ZeRO-3 (configs/accelerate/deepspeed_zero3.yaml)"
         )
-    unwrapped = hf_model(accelerator.unwrap_model(model))
+    root = accelerator.unwrap_model(model)
+    unwrapped = hf_model(root)
+    if version == 2 and unwrapped is not root and hasattr(root, "_get_fsdp_state"):
+        # a LoRA policy: the FSDP2 root is the PeftModel around the HF model, and generate's forwards start
+        # inside it. FSDP2 picks its root in the first forward (lazy init); do that now, as the root's own
+        # forward would, or the first inner unit would claim to be the root
+        root._get_fsdp_state()._lazy_init()
     if zero_stage(accelerator) == 3 and gather:
         import deepspeed
 

@@ -34,10 +34,9 @@ from typing import Optional
 import torch
 
 from .artifacts import is_local_path
+from .checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir, write_adapter  # noqa: F401 (re-exported)
 from .config import ConfigError, cfg
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LORA_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 INSTALL_HINT = 'pip install -e ".[peft]" (or pip install peft)'
 PEFT_FLOOR = "0.18.0"  # 0.17 does not import with transformers 5 (HybridCache was removed); as in setup.cfg
@@ -52,10 +51,12 @@ class PeftArgs:
 
     use_peft: bool = cfg(
         False, "train a LoRA adapter (peft) instead of all weights; the reference model is the same model with the "
-        "adapter disabled (no second copy); checkpoints hold the adapter")
+        "adapter disabled (no second copy); checkpoints hold the adapter (full merged weights: python -m "
+        "maxent_rlhf.lora merge CKPT OUT_DIR; evaluate_judge.py takes the adapter checkpoint as it is)")
     lora_r: int = cfg(16, "LoRA rank r of the update B @ A")
     lora_alpha: int = cfg(32, "LoRA alpha: the update is scaled by lora_alpha / lora_r")
-    lora_dropout: float = cfg(0.05, "dropout on the LoRA branch's input (training only)")
+    lora_dropout: float = cfg(0.05, "dropout on the LoRA branch's input (training only; the online trainers switch "
+                              "every dropout of the policy off, this one too)")
     lora_target_modules: Optional[list[str]] = cfg(
         None, "modules that get an adapter, by name (comma-separated), or all-linear; null: peft's default for the "
         "architecture (GPT-NeoX / Pythia: query_key_value)")
@@ -74,6 +75,9 @@ class PeftArgs:
              f"`lora_target_modules` = {targets!r} must be null (peft's default) or a non-empty list of module names"),
             (self.lora_task_type in LORA_TASK_TYPES,
              f"`lora_task_type` = {self.lora_task_type!r} must be one of {list(LORA_TASK_TYPES)}"),
+            (not (self.use_peft and getattr(self, "ref_model_name_or_path", None)),
+             "`ref_model_name_or_path` with use_peft: the reference is the policy with its adapter disabled (no "
+             "second model is loaded); set ref_model_name_or_path: null, or use_peft: false for another reference"),
         ]
 
 
@@ -102,7 +106,8 @@ def require_peft():
 # --------------------------------------------------------------------------------------------------
 def apply_lora(model, args: PeftArgs, base_model_name_or_path: Optional[str] = None):
     """`model` (a transformers model) with LoRA adapters from `args`: a `peft.PeftModel` whose only trainable
-    parameters are the adapter's (and, for SEQ_CLS, the score head). `base_model_name_or_path` is written into
+    parameters are the adapter's (and, for SEQ_CLS, the score head), in float32 whatever the base's dtype
+    (the trainers load the frozen base in the mixed-precision dtype: bf16 on GPU). `base_model_name_or_path` is written into
     adapter_config.json: give the location the user gave (a hub id, `toylab://NAME`, or a local path, which
     is made absolute), so that the adapter's base can be found again; default: the model's own
     `name_or_path` (the resolved path)."""
@@ -120,6 +125,9 @@ def apply_lora(model, args: PeftArgs, base_model_name_or_path: Optional[str] = N
         if "target" in str(e).lower():
             raise ConfigError(f"`lora_target_modules` = {args.lora_target_modules!r}: {str(e).splitlines()[0]}") from None
         raise
+    for p in peft_model.parameters():  # trainable = float32 (AdamW's state); the frozen base may be bf16
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     if base_model_name_or_path is not None:
         location = str(base_model_name_or_path)
         if is_local_path(location) and Path(location).expanduser().exists():
@@ -207,15 +215,7 @@ def save_adapter(model, directory: str | Path, state_dict: Optional[dict] = None
     """Write `adapter_model.safetensors` + `adapter_config.json` into `directory` (PeftModel.save_pretrained),
     loadable with `PeftModel.from_pretrained(base, directory)`. `state_dict`: the model's full state dict when
     the parameters are sharded (`accelerator.get_state_dict`); peft picks the adapter's entries from it."""
-    # save_embedding_layers=False: the vocabulary is never resized here, so no full embedding matrix is
-    # saved (peft's "auto" would also look up the base model's config by its location, which may be toylab://)
-    unwrap_peft_model(model).save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True,
-                                             save_embedding_layers=False)
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    """Whether `path` is a directory holding a saved adapter (adapter_config.json)."""
-    return (Path(path) / ADAPTER_CONFIG).is_file()
+    write_adapter(unwrap_peft_model(model), directory, state_dict)
 
 
 def read_adapter_config(path: str | Path) -> dict:

@@ -520,6 +520,85 @@ def chipo_loss(
 
 
 # --------------------------------------------------------------------------------------------------
+# the preference losses by name: one dispatch for the offline and the online trainer
+# --------------------------------------------------------------------------------------------------
+PREFERENCE_LOSSES = ("dpo", "ipo", "chipo", "simpo", "cpo", "orpo", "slic", "simpo_pl")
+REFERENCE_LOSSES = ("dpo", "ipo", "chipo")  # need log pi_ref
+
+
+@dataclass(frozen=True)
+class PreferenceLossParams:
+    """The hyper-parameters of the preference losses (the trainers' config fields of the same names)."""
+
+    beta: float = 0.1  # dpo / ipo / chipo / simpo / simpo_pl / cpo
+    simpo_gamma: float = 0.5  # simpo / simpo_pl: absolute target margin
+    length_normalize: bool = True  # simpo / simpo_pl: A = S / |y|
+    cpo_alpha: float = 1.0
+    orpo_lambda: float = 0.1
+    slic_delta: float = 1.0
+    slic_nll_coef: float = 0.1
+    chipo_reward_clip: float = 1.0
+
+    @classmethod
+    def of(cls, config) -> "PreferenceLossParams":
+        """The fields of this class read off any object that has them (a trainer's config)."""
+        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
+
+
+def preference_loss(loss_type: str, logps: Tensor, lengths: Tensor, ref_logps: Optional[Tensor],
+                    params: PreferenceLossParams) -> PairwiseLossOutput:
+    """The preference loss `loss_type` from summed log-probs S and lengths |y|, both [B, K]: chosen / best
+    is column 0, rejected / worst column -1 (simpo_pl ranks all K; its logged rewards are best vs worst).
+    `ref_logps` [B, K]: the reference's S, required by REFERENCE_LOSSES."""
+    if loss_type not in PREFERENCE_LOSSES:
+        raise ValueError(f"`loss_type` must be one of {PREFERENCE_LOSSES}, got {loss_type!r}")
+    if loss_type in REFERENCE_LOSSES and ref_logps is None:
+        raise ValueError(f"`ref_logps` is required for loss_type {loss_type!r}")
+    p = params
+    s_w, s_l, n_w, n_l = logps[:, 0], logps[:, -1], lengths[:, 0], lengths[:, -1]
+    if loss_type == "dpo":
+        return dpo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], p.beta)
+    if loss_type == "ipo":
+        return ipo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], n_w, n_l, p.beta)
+    if loss_type == "chipo":
+        return chipo_loss(s_w, s_l, ref_logps[:, 0], ref_logps[:, 1], p.beta, p.chipo_reward_clip)
+    if loss_type == "simpo":
+        return simpo_loss(s_w, s_l, n_w, n_l, p.beta, p.simpo_gamma, p.length_normalize)
+    if loss_type == "cpo":
+        return cpo_loss(s_w, s_l, n_w, p.beta, p.cpo_alpha)
+    if loss_type == "orpo":
+        return orpo_loss(s_w, s_l, n_w, n_l, p.orpo_lambda)
+    if loss_type == "slic":
+        return slic_loss(s_w, s_l, n_w, p.slic_delta, p.slic_nll_coef)
+    losses = simpo_plackett_luce_loss(logps, lengths, p.beta, p.simpo_gamma, p.length_normalize)
+    rewards = simpo_rewards(logps, lengths, p.beta, p.length_normalize).detach()
+    return PairwiseLossOutput(losses, rewards[:, 0], rewards[:, -1])
+
+
+@dataclass
+class PairSelection:
+    """Which two of each prompt's k completions the online pairwise loss sees (indices within the group)."""
+
+    chosen: Tensor  # [P] long: the best-scored completion (the first of equal best)
+    rejected: Tensor  # [P] long: the worst-scored completion (the first of equal worst)
+    valid: Tensor  # [P] bool: best > worst; False is a tie (every completion scored the same): skipped
+
+
+def best_worst_pairs(scores: Tensor) -> PairSelection:
+    """Online pairs (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"; here with
+    k >= 2 samples): chosen = best, rejected = worst of each prompt's k completions by score.
+    scores: [P, k]. A prompt whose best and worst scores are equal has no preference to learn from: its
+    pair is marked invalid (the trainer skips it and counts it), never trained on as if ordered."""
+    if scores.dim() != 2 or scores.shape[1] < 2:
+        raise ValueError(f"`scores` must be [num_prompts, k] with k >= 2, got shape {tuple(scores.shape)}")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("`scores` holds a non-finite value: no order to pick a pair from")
+    best, worst = scores.argmax(1), scores.argmin(1)  # the first index of equal values (documented torch behaviour)
+    valid = scores.gather(1, best[:, None]).squeeze(1) > scores.gather(1, worst[:, None]).squeeze(1)
+    return PairSelection(best, worst, valid)
+
+
+# --------------------------------------------------------------------------------------------------
 # online RLOO pieces
 # --------------------------------------------------------------------------------------------------
 REGULARIZERS = ("kl", "entropy", "none")

@@ -12,8 +12,9 @@ take that config as `c`.
   3. (the trainer's) log-probs of the sampled tokens under a model, from logits / T          `policy_logprobs`
   7. kl_prev: log-probs of the same samples after the update                                `kl_prev_logprobs`
 Around them: `load_models` (tokenizer, policy with dropout off, the reference when `c.needs_ref()`, the
-reward model or `reward_fn`, the vLLM engine with `use_vllm`), `sync_engine` (the updated weights into the
-engine, `full_policy_weights`, and the probe that checks them), `prompt_batch` (this process's prompts), `prompt_sharing` (the shared prompt
+reward model or `reward_fn`; with `use_peft` a LoRA policy whose reference is itself with the adapter
+switched off, `Models.reference`; the vLLM engine with `use_vllm`), `sync_engine` (the updated weights into
+the engine, `full_policy_weights`, and the probe that checks them), `prompt_batch` (this process's prompts), `prompt_sharing` (the shared prompt
 pass, decided once per run), and the metrics of the rollout's own values (`kl_prev_metrics`,
 `entropy_metrics`).
 
@@ -55,13 +56,13 @@ from __future__ import annotations
 import importlib
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from . import distributed, generation, objectives, vllm_engine
+from . import distributed, generation, lora, objectives, vllm_engine
 from .config import ConfigError, cfg
 from .data import tokenize_prompts
 from .models import load_policy, load_reward_model, load_tokenizer, resolve_dtype
@@ -220,13 +221,26 @@ class Models:
     accelerator: object
     tokenizer: object  # the policy's, left padding
     policy: torch.nn.Module
-    ref_policy: Optional[torch.nn.Module] = None  # loaded only when c.needs_ref()
+    ref_policy: Optional[torch.nn.Module] = None  # loaded only when c.needs_ref() and not use_peft
+    ref_adapter_off: bool = False  # use_peft: the reference is `policy` with its LoRA adapter disabled (no copy)
     reward_model: Optional[torch.nn.Module] = None  # None when a programmatic reward_fn scores
     reward_tokenizer: object = None
     retokenize: bool = False  # the reward model reads its own tokens (other vocabulary)
     reward_fn: Optional[Callable] = None
     sharing: PromptSharing = field(default_factory=PromptSharing)  # main: `prompt_sharing` once the models are prepared
     engine: Optional[object] = None  # vllm_engine.VLLMEngine when `use_vllm` (step 1 samples with it)
+
+    @property
+    def reference_model(self) -> Optional[torch.nn.Module]:
+        """The module the reference forward runs through: the frozen copy, or with use_peft the policy."""
+        return self.policy if self.ref_adapter_off else self.ref_policy
+
+    @contextmanager
+    def reference(self):
+        """Yields the reference model for a no-grad forward (`reference_logprobs`): the frozen copy, or with
+        use_peft the (prepared) policy with its adapter switched off, decided once in `load_models`."""
+        with (lora.adapter_disabled(self.policy) if self.ref_adapter_off else nullcontext()):
+            yield self.reference_model
 
 
 @dataclass
@@ -277,10 +291,17 @@ def load_models(c, accelerator, reward_fn: Optional[Callable], log_prefix: str =
             print(f"{log_prefix} vLLM engine ({engine.dtype}) started in {engine.start_seconds:.1f} s")
     frozen_dtype = resolve_dtype(c.mixed_precision, accelerator.device)
     tokenizer = load_tokenizer(c.model_name_or_path, padding_side="left", trust_remote_code=c.trust_remote_code)
-    policy = load_policy(c.model_name_or_path, trust_remote_code=c.trust_remote_code, gradient_checkpointing=c.gradient_checkpointing)
-    disable_dropout(policy)
+    use_peft = getattr(c, "use_peft", False)
+    # LoRA: the base weights are frozen, so they load in the frozen models' dtype (bf16 on GPU: 13.8 GB at 6.9B)
+    policy = load_policy(c.model_name_or_path, dtype=frozen_dtype if use_peft else torch.float32,
+                         trust_remote_code=c.trust_remote_code, gradient_checkpointing=c.gradient_checkpointing)
+    if use_peft:  # adapter_config.json records the location the user gave
+        policy = lora.apply_lora(policy, c, base_model_name_or_path=c.model_name_or_path)
+    disable_dropout(policy)  # the LoRA branch's dropout too
     m = Models(accelerator, tokenizer, policy, reward_fn=reward_fn)
-    if c.needs_ref():
+    if c.needs_ref() and use_peft:
+        m.ref_adapter_off = True  # the reference is the base weights the policy already holds: nothing loads
+    elif c.needs_ref():
         with distributed.frozen_model_loading(accelerator):
             ref = load_policy(c.ref_model_name_or_path or c.model_name_or_path, dtype=frozen_dtype, trust_remote_code=c.trust_remote_code)
         m.ref_policy = distributed.prepare_frozen_model(ref, accelerator)  # ZeRO-3: own engine, CPU offload
@@ -316,7 +337,7 @@ def prompt_sharing(c, m: Models, rows_local: int, update_chunk: Optional[int] = 
         sample=rows_per_pass(m.policy, k, rows),
         score=1 if m.retokenize else rows_per_pass(m.reward_model, k, rows),
         old=rows_per_pass(m.policy, k, rows),
-        ref=rows_per_pass(m.ref_policy, k, rows),
+        ref=rows_per_pass(m.reference_model, k, rows),
         update=rows_per_pass(m.policy, k, rows, update_chunk) if update_chunk is not None else 1,
         kl_prev=rows_per_pass(m.policy, per_prompt, rows // k * per_prompt),
     )
@@ -402,8 +423,6 @@ def full_policy_weights(accelerator, policy) -> dict[str, torch.Tensor]:
     except ImportError:
         peft = None
     if peft is not None and isinstance(unwrapped, peft.PeftModel):
-        from . import lora
-
         return lora.merged_state_dict(policy)
     state = accelerator.get_state_dict(policy)
     if accelerator.num_processes > 1 and distributed.distributed_type(accelerator) in ("DEEPSPEED", "FSDP"):
@@ -476,7 +495,7 @@ def cut_to_longest(responses: torch.Tensor, response_mask: torch.Tensor) -> tupl
 
     Every later forward (reward model, old / reference / updated policy, kl_prev) then runs on T_max real
     columns instead of `response_length`: when every sample stops early that is most of their cost. The
-    dropped columns carry mask 0, so no value changes (tests/test_rloo_units.py checks every metric);
+    dropped columns carry mask 0, so no value changes (tests/test_train_rloo.py checks every metric);
     per-token tensors of the rollout are [n, T_max] (T_max may differ between processes: only per-sequence
     values are gathered).
     """
@@ -529,6 +548,12 @@ def policy_logprobs(c, m: Models, ro: Rollout, model, share: int, return_entropy
             else:
                 lps.append(out.float())
     return (torch.cat(lps), torch.cat(ents)) if return_entropy else torch.cat(lps)
+
+
+def reference_logprobs(c, m: Models, ro: Rollout) -> torch.Tensor:
+    """Step 3's reference log-probs of the sampled tokens (`policy_logprobs` of `m.reference()`)."""
+    with m.reference() as ref:
+        return policy_logprobs(c, m, ro, ref, m.sharing.ref)
 
 
 def kl_prev_rows(c, n: int, device=None) -> tuple[torch.Tensor, int]:

@@ -8,6 +8,7 @@ config.yaml of every run equals the shipped YAML on every other key):
                        global_batch_size, per_device_train_batch_size,
                        local_rollout_forward_batch_size                                  (batch sizes)
                        num_iterations, output_dir                                        (1 iteration, a temp dir)
+    train_online.py    the same keys as train_rloo.py                                    (pairs per micro-batch: 2)
     train_offline.py   model_name_or_path, dataset_name, reward_norm_dataset             (hub ids)
                        global_batch_size, per_device_train_batch_size,
                        per_device_eval_batch_size                                        (batch sizes)
@@ -28,7 +29,7 @@ Accelerate configs: every file parsed and validated by accelerate's own launch c
 it would hand the processes is checked key by key); run on CPU processes where the backend runs there:
 single_gpu.yaml, multi_gpu.yaml and fsdp2.yaml here (2 processes instead of 8), cpu.yaml in
 tests/test_distributed.py, cpu_fsdp2.yaml / deepspeed_zero2.yaml / deepspeed_zero3.yaml in
-tests/test_sharded.py.
+the same file.
 
 Slow group (`pytest -m slow`), except the parsing checks.
 """
@@ -52,12 +53,14 @@ CONFIGS = ROOT / "configs"
 ACCEL = CONFIGS / "accelerate"
 SCRIPT_OF = {  # every experiment config and the script that runs it (a new config must be added here)
     "dpo_1b.yaml": "offline", "rm_1b.yaml": "offline", "sft_1b.yaml": "offline", "simpo_1b.yaml": "offline",
-    "kl_1b.yaml": "rloo", "kl_2p8b.yaml": "rloo", "kl_6p9b.yaml": "rloo",
-    "maxent_1b.yaml": "rloo", "maxent_2p8b.yaml": "rloo", "maxent_6p9b.yaml": "rloo",
+    "kl_1b.yaml": "rloo", "kl_2p8b.yaml": "rloo", "kl_6p9b.yaml": "rloo", "kl_6p9b_lora.yaml": "rloo",
+    "maxent_1b.yaml": "rloo", "maxent_2p8b.yaml": "rloo", "maxent_6p9b.yaml": "rloo", "maxent_6p9b_lora.yaml": "rloo",
     "minent_1b.yaml": "rloo", "minent_2p8b.yaml": "rloo",
     "toy/dpo.yaml": "offline", "toy/simpo.yaml": "offline",
     "toy/entropy.yaml": "rloo", "toy/kl.yaml": "rloo", "toy/maxent.yaml": "rloo", "toy/minent.yaml": "rloo",
-    "toy/none.yaml": "rloo", "toy/overopt.yaml": "rloo",
+    "toy/none.yaml": "rloo", "toy/overopt.yaml": "rloo", "toy/length_maxent.yaml": "rloo", "toy/length_entropy.yaml": "rloo",
+    "online_dpo_1b.yaml": "online", "online_simpo_1b.yaml": "online",
+    "toy/online_dpo.yaml": "online", "toy/online_simpo.yaml": "online", "toy/online_simpo_gamma0.yaml": "online",
     "toy/eval.yaml": "judge",
 }
 HUB_KEYS = ("model_name_or_path", "ref_model_name_or_path", "reward_model_name_or_path", "tokenizer_name_or_path",
@@ -65,6 +68,8 @@ HUB_KEYS = ("model_name_or_path", "ref_model_name_or_path", "reward_model_name_o
 ALLOWED_OVERRIDES = {
     "rloo": {"model_name_or_path", "reward_model_name_or_path", "dataset_name", "global_batch_size",
              "per_device_train_batch_size", "local_rollout_forward_batch_size", "num_iterations", "output_dir"},
+    "online": {"model_name_or_path", "reward_model_name_or_path", "dataset_name", "global_batch_size",
+               "per_device_train_batch_size", "local_rollout_forward_batch_size", "num_iterations", "output_dir"},
     "offline": {"model_name_or_path", "dataset_name", "reward_norm_dataset", "global_batch_size",
                 "per_device_train_batch_size", "per_device_eval_batch_size", "max_steps", "output_dir"},
     "judge": {"checkpoints", "sft_model_name_or_path", "dataset_name", "n", "per_device_eval_batch_size", "output_dir"},
@@ -142,8 +147,8 @@ def _standin(value, paths: dict):
         return paths["reward"] if value.endswith("__reward__tldr") else paths["policy"]
     if value in HUB_FORMATS:
         return paths[value]
-    if value.startswith("toylab://") and "/" not in value[len("toylab://"):]:
-        return "toylab://test/" + value[len("toylab://"):]
+    if value.startswith("toylab://"):  # toylab://NAME or toylab://PROFILE/NAME -> the test profile's NAME
+        return "toylab://test/" + value[len("toylab://"):].split("/")[-1]
     return None
 
 
@@ -156,7 +161,7 @@ def rehearsal_overrides(name: str, shipped: dict, paths: dict, out: Path) -> dic
             swapped = _standin(shipped[key], paths)
             assert swapped is not None, f"{name}: `{key}` = {shipped[key]!r} has no local stand-in"
             over[key] = swapped
-    if script == "rloo":
+    if script in ("rloo", "online"):
         k = shipped.get("rloo_k", 2)
         over.update(global_batch_size=2 * k, per_device_train_batch_size=2, local_rollout_forward_batch_size=2, num_iterations=1)
     elif script == "offline":
@@ -195,6 +200,7 @@ def test_every_shipped_config_is_rehearsed():
 def test_config_rehearsal(standins, name):
     import evaluate_judge
     import train_offline
+    import train_online
     import train_rloo
     from maxent_rlhf.config import config_from_dict, load_yaml
     from maxent_rlhf.checkpoints import list_checkpoints
@@ -206,6 +212,7 @@ def test_config_rehearsal(standins, name):
     over = rehearsal_overrides(name, shipped, paths, out)
     script = SCRIPT_OF[name]
     module, cls = {"rloo": (train_rloo, train_rloo.RLOOConfig), "offline": (train_offline, train_offline.OfflineConfig),
+                   "online": (train_online, train_online.OnlineConfig),
                    "judge": (evaluate_judge, evaluate_judge.EvalConfig)}[script]
     torch.set_num_threads(1)
     result = module.main(config_from_dict(cls, {**shipped, **over}, source=name))
@@ -225,12 +232,22 @@ def test_config_rehearsal(standins, name):
     assert ckpts, "no checkpoint written"
     from transformers import AutoConfig
 
-    AutoConfig.from_pretrained(ckpts[-1])  # an HF model directory
+    if shipped.get("use_peft"):  # a LoRA checkpoint: the adapter, naming its base model
+        from maxent_rlhf.lora import read_adapter_config
+
+        assert read_adapter_config(ckpts[-1])["base_model_name_or_path"] == over["model_name_or_path"]
+    else:
+        AutoConfig.from_pretrained(ckpts[-1])  # an HF model directory
     if script == "rloo":
         last = [m for m in metrics if "objective/scores" in m][-1]  # not an eval/* record (toy configs evaluate)
         assert last["step"] == 1 and _finite(last["objective/scores"]) and _finite(last["loss/policy"]), last
         if shipped.get("regularizer", "kl") == "kl" or shipped.get("kl_ref_every", 1) > 0:
             assert _finite(last["objective/kl_ref"]), last
+        assert Path(result) == out
+    elif script == "online":
+        last = [m for m in metrics if "objective/scores" in m][-1]
+        assert last["step"] == 1 and _finite(last["objective/scores"]) and _finite(last["objective/kl_ref"]), last
+        assert last["online/pairs"] + last["online/ties"] == over["global_batch_size"] // shipped.get("rloo_k", 2), last
         assert Path(result) == out
     else:
         train = [m for m in metrics if "train/loss" in m]
@@ -259,8 +276,8 @@ EXPECTED_LAUNCH = {  # what accelerate's launcher would hand every process
 }
 RUN_HERE = {"single_gpu.yaml": [], "multi_gpu.yaml": ["--num_processes", "2", "--main_process_port", "0"],
             "fsdp2.yaml": ["--num_processes", "2", "--main_process_port", "0"]}
-RUN_ELSEWHERE = {"cpu.yaml": "test_distributed.py", "cpu_fsdp2.yaml": "test_sharded.py",
-                 "deepspeed_zero2.yaml": "test_sharded.py", "deepspeed_zero3.yaml": "test_sharded.py"}
+RUN_ELSEWHERE = {"cpu.yaml": "test_distributed.py", "cpu_fsdp2.yaml": "test_distributed.py",
+                 "deepspeed_zero2.yaml": "test_distributed.py", "deepspeed_zero3.yaml": "test_distributed.py"}
 
 
 def _launch_env(path: Path):
@@ -311,7 +328,7 @@ def test_cpu_fsdp2_is_fsdp2_on_cpu():
 @pytest.mark.parametrize("name", sorted(RUN_HERE))
 def test_accelerate_config_runs_on_cpu_processes(standins, name):
     """One RLOO-KL run (2 iterations) under the shipped accelerate config, bf16 as shipped, on CPU
-    processes (only the process count is lowered); fsdp2.yaml through tests/cpu_sharding.py."""
+    processes (only the process count is lowered); fsdp2.yaml through tests/helpers/cpu_sharding.py."""
     d, paths = standins
     out = d / "accelerate" / name
     job = {"name": name, "script": "rloo", "config": dict(
@@ -326,7 +343,7 @@ def test_accelerate_config_runs_on_cpu_processes(standins, name):
     if name != "single_gpu.yaml":
         env["ACCELERATE_USE_CPU"] = "true"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / name), *RUN_HERE[name],
-           str(ROOT / "tests" / "cpu_sharding.py"), str(jobs), str(d / f"report-{name}")]
+           str(ROOT / "tests" / "helpers" / "cpu_sharding.py"), str(jobs), str(d / f"report-{name}")]
     run = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
     report = json.loads((d / f"report-{name}" / "rank_0.json").read_text())

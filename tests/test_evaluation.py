@@ -1,5 +1,4 @@
-"""maxent_rlhf.evaluation in training (TrainingEvaluator) against evaluate_judge.py, the judge outage path,
-and the run figures of maxent_rlhf.plotting (panel data = the logged series)."""
+"""maxent_rlhf.evaluation in training (TrainingEvaluator) against evaluate_judge.py, and the judge outage path."""
 import json
 import random
 import sys
@@ -14,7 +13,8 @@ for _p in (str(ROOT), str(ROOT / "tests")):
 
 import evaluate_judge as ej  # noqa: E402
 import train_offline  # noqa: E402
-from fake_openai_server import FakeJudgeServer  # noqa: E402
+from helpers.fake_openai_server import FakeJudgeServer  # noqa: E402
+from helpers.jsonl import write_jsonl  # noqa: E402
 from maxent_rlhf import checkpoints, evaluation, plotting, runs  # noqa: E402
 from maxent_rlhf.story import run_story  # noqa: E402
 
@@ -24,13 +24,6 @@ WORDS = "the a my cat dog ran sat on mat far away home happy sad big small today
 def sentence(rng, n):
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
-
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -197,63 +190,6 @@ def test_reward_loss_with_a_judge_is_one_clear_error():
 # --------------------------------------------------------------------------------------------------
 # the run figures: written from a metrics.jsonl, panels hold exactly the logged series
 # --------------------------------------------------------------------------------------------------
-def synthetic_run(path: Path, rloo: bool) -> Path:
-    rng = random.Random(1)
-    recs = []
-    for s in range(1, 13):
-        if rloo:
-            recs.append({"step": s, "objective/rlhf_reward": 0.1 * s + rng.random(), "objective/entropy": 9 - 0.3 * s,
-                         "objective/entropy_bonus": 0.0, "objective/kl_ref": 0.05 * s * s, "objective/kl_prev": rng.random()})
-        else:
-            recs.append({"step": s, "train/loss": 0.7 - 0.03 * s, "rewards/margins": 0.1 * s, "logps/chosen": -20 - s,
-                         "logps/rejected": -21 - 2 * s, "train/grad_norm": rng.random(), "ref/logratio": rng.random() - 0.5})
-        if s % 4 == 0:
-            recs.append({"step": s, "eval/win_rate": 0.5 + 0.02 * s, "eval/win_rate_ci_low": 0.4, "eval/win_rate_ci_high": 0.7,
-                         "eval/n": 50, "eval/invalid": 0})
-    recs.append({"step": 0, "eval/win_rate": 0.3, "eval/win_rate_ci_low": 0.2, "eval/win_rate_ci_high": 0.45})
-    recs.append({"step": 6, "eval/missing": 1})
-    write_jsonl(path / "metrics.jsonl", recs)
-    return path
-
-
-def logged(path, key):
-    rows = [json.loads(l) for l in open(path / "metrics.jsonl")]
-    return [r["step"] for r in rows if key in r], [r[key] for r in rows if key in r]
-
-
-@pytest.mark.parametrize("rloo", [True, False])
-def test_run_figure_is_written_and_its_panels_are_the_logged_series(tmp_path, rloo):
-    run = synthetic_run(tmp_path / "run", rloo)
-    png = (plotting.plot_rloo_run if rloo else plotting.plot_offline_run)(run)
-    assert png == run / plotting.RUN_FIGURE and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    panels = plotting.run_figure_data(plotting.load_run(run), plotting.RLOO_RUN_PANELS if rloo else plotting.OFFLINE_RUN_PANELS)
-    keys = ([["objective/rlhf_reward"], ["objective/entropy"], ["objective/kl_ref"], ["objective/kl_prev"]] if rloo else
-            [["train/loss"], ["rewards/margins"], ["logps/chosen", "logps/rejected"], ["train/grad_norm"], ["ref/logratio"]])
-    assert [sorted(p["series"]) for p in panels[:-1]] == [sorted(k) for k in keys]  # eval/loss was not logged: left out
-    for p in panels[:-1]:
-        for key, (xs, ys) in p["series"].items():
-            assert (xs, ys) == logged(run, key)
-    xs, ys, lo, hi = panels[-1]["win_rate"]
-    assert xs == [0, 4, 8, 12] and ys == [0.3, 0.58, 0.66, 0.74] and lo == [0.2, 0.4, 0.4, 0.4] and hi[0] == 0.45
-    assert panels[-1]["missing"] == [6]
-
-
-def test_run_figure_failure_loses_no_numbers(tmp_path, capsys):
-    run = tmp_path / "run"
-    write_jsonl(run / "metrics.jsonl", [{"step": 1, "perf/tokens_per_s": 3.0}])  # nothing the figure shows
-    before = (run / "metrics.jsonl").read_bytes()
-    assert plotting.plot_rloo_run(run) is None
-    assert "not drawn" in capsys.readouterr().out and (run / "metrics.jsonl").read_bytes() == before
-    assert not (run / plotting.RUN_FIGURE).exists()
-
-
-def test_multi_run_figures_use_the_unweighted_entropy_and_the_paper_kl_direction(tmp_path):
-    a = plotting.load_run(synthetic_run(tmp_path / "a", rloo=True))
-    entropy, kl_prev = plotting.panel_data([a], [plotting.ENTROPY_PANEL, plotting.KL_PREV_PANEL], smooth=1,
-                                         group=lambda r: "run")
-    assert entropy["run"] == logged(a.path, "objective/entropy")  # not the weighted bonus (0 here)
-    assert kl_prev["run"] == logged(a.path, "objective/kl_prev")
-
 
 def test_both_orders_in_training_debiases_a_position_biased_judge(tmp_path, data, tiny_policy_dir, monkeypatch):
     """A judge that always answers "A", every pair judged in both orders: 50% win rate and 100%

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ["rloo kl (float32, 1 process)", "rloo maxent (float32, 1 process)", "dpo (float32, 1 process)",
-          "simpo (float32, 1 process)", "save, kill, resume (rloo maxent)",
+          "simpo (float32, 1 process)", "rloo maxent lora (float32, 1 process)", "save, kill, resume (rloo maxent)",
           "fsdp2 (1 process): rloo maxent + resume, dpo", "zero3 (1 process): rloo maxent + resume, dpo",
           "whole run under 480 s (H100-class GPUs)"]
 

@@ -1,4 +1,4 @@
-"""The closing summary of a run (issue 12, sec. 4) on small synthetic metrics series."""
+"""The closing summary of a run on small synthetic metrics series."""
 from __future__ import annotations
 
 import json
@@ -26,7 +26,7 @@ RISING = [0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.2, 1.4]  # first-quarter mean 0.15, la
 
 
 def test_proxy_up_win_rate_down_is_overoptimised():
-    """The issue's toy run: 32% SFT -> 84.5% at iteration 10 -> 0% at 80 while the proxy rose."""
+    """A toy run of the lab's sweep: 32% SFT -> 84.5% at iteration 10 -> 0% at 80 while the proxy rose."""
     recs = _records(RISING, {0: 0.32, 2: 0.845, 4: 0.6, 8: 0.0}, kl_ref=[None, 0.5, None, 2.0, None, 5.0, None, 12.25])
     s = story.run_story(recs, run_dir="runs/toy/entropy")
     assert s.verdict == story.OVEROPTIMISED

@@ -101,8 +101,7 @@ import train_rloo  # noqa: E402
 from maxent_rlhf import cli, vllm_engine  # noqa: E402
 from maxent_rlhf.runs import read_metrics  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_compare import WEIGHT_ATOL, assert_metrics_close, checkpoint_weights, max_weight_diff  # noqa: E402
+from helpers.run_compare import WEIGHT_ATOL, assert_metrics_close, checkpoint_weights, max_weight_diff  # noqa: E402
 
 WORDS = "the a my cat dog ran sat on mat far away home happy sad big small today we i you it".split()
 ENGINE_KEYS = ("rollout/engine_logprob_diff", "rollout/engine_trainer_logprob_diff", "time/weight_sync")

@@ -1,4 +1,4 @@
-"""Beyond the paper: consequences the suite relies on, checked exactly (issue 2, section 3).
+"""Beyond the paper: consequences the suite relies on, checked exactly.
 
 - maximum entropy = KL regularisation towards the uniform policy, so DPO with a uniform reference has the
   MaxEnt optimum;

@@ -1,4 +1,4 @@
-"""KL between consecutive policies, in both directions, from samples of the older policy (issue 12, sec. 1).
+"""KL between consecutive policies, in both directions, from samples of the older policy.
 
 The paper plots KL(pi_t || pi_{t-1}) (Fig. 3 bottom, Figs. 10-12); an RLOO iteration only has samples of
 pi_{t-1} = pi_old and the log-probs of those samples before (old) and after (new) the update. On the

@@ -2,7 +2,7 @@
 
 Every rule takes plain numbers (win rates as fractions, metric values in nats, lengths in tokens) and
 returns a `Verdict` on one scale, so that each is unit-tested on synthetic series for every verdict it can
-give (tests/test_report_rules.py):
+give (tests/test_toylab_claims.py):
 
     agrees             the toy shows what the claim says, by the rule stated in the row
     partly             part of the claim holds (the rule text says which part)
@@ -417,3 +417,106 @@ def rule_simpo_length_exploitation(growth_norm: Sequence[float], growth_plain: S
     if gp <= gn:
         return Verdict(DISAGREES, ev, LENGTH_SIMPO_RULE)
     return Verdict(PARTLY, ev, LENGTH_SIMPO_RULE, "longer without normalisation, but by less than the thresholds")
+
+
+# --------------------------------------------------------------------------------------------------
+# the online pairwise experiment: hypotheses H1-H3 (rules.py)
+# --------------------------------------------------------------------------------------------------
+def _fails(outcomes: Sequence[Outcome]) -> bool:
+    """More than half of the runs are overoptimised (rules.py: a group FAILS)."""
+    return _count(outcomes, lambda o: o.overoptimised) > len(outcomes) / 2
+
+
+def _holds_stable(outcomes: Sequence[Outcome]) -> bool:
+    """More than half of the runs have trajectory 'stable' (rules.py: a group HOLDS STABLE)."""
+    return _count(outcomes, lambda o: o.trajectory == "stable") > len(outcomes) / 2
+
+
+def _group(outcomes: Sequence[Outcome]) -> str:
+    return (f"{_count(outcomes, lambda o: o.overoptimised)}/{len(outcomes)} overoptimised, "
+            f"{_count(outcomes, lambda o: o.trajectory == 'stable')} stable")
+
+
+def _unknown_proxy(groups) -> int:
+    return sum(len(g) - len(_known(g)) for g in groups)
+
+
+H1_RULE = ("per (rate, gamma) with offline and online SimPO runs: a group fails when more than half of its runs are "
+           "overoptimised, holds stable when more than half are 'stable' (rules.py); tested where online SimPO fails; "
+           "agrees if offline SimPO holds stable at every tested cell, disagrees if at none, partly otherwise; not "
+           "testable here if online SimPO fails nowhere")
+
+
+def rule_dataset_constraint_stabilises(by_cell: Mapping[tuple[float, float], tuple[Sequence[Outcome], Sequence[Outcome]]]
+                                       ) -> Verdict:
+    """H1: offline SimPO stays stable where online SimPO at the same rate (and gamma) overoptimises.
+    by_cell: (lr, gamma) -> (offline SimPO runs, online SimPO runs)."""
+    cells = {k: v for k, v in sorted(by_cell.items()) if v[0] and v[1]}
+    if not cells:
+        return Verdict(NA, "", H1_RULE, "needs offline and online SimPO runs at one rate and gamma")
+    if _unknown_proxy(g for pair in cells.values() for g in pair):
+        return Verdict(NA, "", H1_RULE, "runs without a proxy series")
+    ev = "; ".join(f"lr {lr:g} gamma {g:g}: offline {_group(off)}, online {_group(on)}" for (lr, g), (off, on) in cells.items())
+    tested = [(k, _holds_stable(off)) for k, (off, on) in cells.items() if _fails(on)]
+    if not tested:
+        return Verdict(NOT_TESTABLE, ev, H1_RULE, "online SimPO does not fail at any rate: nothing for the dataset to stabilise")
+    held = _count(tested, lambda t: t[1])
+    level = AGREES if held == len(tested) else DISAGREES if held == 0 else PARTLY
+    return Verdict(level, ev, H1_RULE, f"offline holds stable at {held}/{len(tested)} cells where online fails" if level == PARTLY else "")
+
+
+H2_RULE = (f"per rate with online SimPO runs at gamma {R.PAIRWISE_GAMMA:g} and gamma 0: tested where some run drops >= 10 "
+           "points from its gold peak; there the mean drop of gamma 0 minus that of the margin: >= 5 points agrees, <= 0 "
+           "disagrees (the margin loses as much or more), in between partly; the verdict is the tested rates' common "
+           "level, else partly; not testable here if no run drops >= 10 points")
+
+
+def rule_margin_stabilises(by_lr: Mapping[float, tuple[Sequence[Outcome], Sequence[Outcome]]]) -> Verdict:
+    """H2: online SimPO with a margin is more stable than with gamma 0.
+    by_lr: lr -> (online SimPO runs with the margin, online SimPO runs with gamma 0)."""
+    rows = {lr: v for lr, v in sorted(by_lr.items()) if v[0] and v[1]}
+    if not rows:
+        return Verdict(NA, "", H2_RULE, "needs online SimPO runs with the margin and with gamma 0 at one rate")
+
+    def mean_drop(rs):
+        return statistics.mean(o.drop for o in rs)
+
+    ev = "; ".join(f"lr {lr:g}: mean drop from the peak, margin {mean_drop(m) * 100:.0f} points (n={len(m)}), gamma 0 "
+                   f"{mean_drop(z) * 100:.0f} points (n={len(z)})" for lr, (m, z) in rows.items())
+    levels = []
+    for lr, (m, z) in rows.items():
+        if max(o.drop for o in list(m) + list(z)) < DROP - 1e-9:
+            continue
+        diff = mean_drop(z) - mean_drop(m)
+        levels.append(AGREES if diff >= NOISE - 1e-9 else DISAGREES if diff <= 0 else PARTLY)
+    if not levels:
+        return Verdict(NOT_TESTABLE, ev, H2_RULE, "no online SimPO run drops >= 10 points at any rate: nothing to stabilise")
+    level = levels[0] if len(set(levels)) == 1 else PARTLY
+    reason = "" if level != PARTLY else ("less drop, but within noise" if set(levels) == {PARTLY} else "the rates disagree")
+    return Verdict(level, ev, H2_RULE, reason)
+
+
+H3_RULE = ("per rate with online SimPO (the default gamma) and online MaxEnt RLOO (Eq. 7) runs: each group fails when more "
+           "than half of its runs are overoptimised (rules.py); agrees if they fail at exactly the same rates, disagrees "
+           "if they differ at every rate where either fails, partly otherwise; not testable here if neither fails at any rate")
+
+
+def rule_online_simpo_fails_like_maxent(by_lr: Mapping[float, tuple[Sequence[Outcome], Sequence[Outcome]]]) -> Verdict:
+    """H3: online SimPO fails like online maximum-entropy RLOO.
+    by_lr: lr -> (online SimPO runs, online MaxEnt RLOO runs)."""
+    rows = {lr: v for lr, v in sorted(by_lr.items()) if v[0] and v[1]}
+    if not rows:
+        return Verdict(NA, "", H3_RULE, "needs online SimPO and online MaxEnt RLOO runs at one rate")
+    if _unknown_proxy(g for pair in rows.values() for g in pair):
+        return Verdict(NA, "", H3_RULE, "runs without a proxy series")
+    ev = "; ".join(f"lr {lr:g}: online SimPO {_group(s)}, MaxEnt RLOO {_group(m)}" for lr, (s, m) in rows.items())
+    flags = {lr: (_fails(s), _fails(m)) for lr, (s, m) in rows.items()}
+    failing = [lr for lr, (fs, fm) in flags.items() if fs or fm]
+    if not failing:
+        return Verdict(NOT_TESTABLE, ev, H3_RULE, "neither fails at any rate: no failure to compare")
+    same = [lr for lr in flags if flags[lr][0] == flags[lr][1]]
+    if len(same) == len(flags):
+        return Verdict(AGREES, ev, H3_RULE)
+    if not any(lr in same for lr in failing):
+        return Verdict(DISAGREES, ev, H3_RULE)
+    return Verdict(PARTLY, ev, H3_RULE, f"the same at {len(same)}/{len(flags)} rates")

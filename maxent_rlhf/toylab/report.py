@@ -455,7 +455,7 @@ def claims_table(stats: list, offline: dict, lrs: list, extra_lrs=(), ceiling: O
     L = ["## Claims of the paper (Sections 3-4, Appendix B) against the toy lab\n",
          "Each verdict is a rule of `maxent_rlhf/toylab/claims.py` with the thresholds, terms and run selections of "
          "`maxent_rlhf/toylab/rules.py`, both fixed before the sweep (provenance above), each rule unit-tested in "
-         "`tests/test_report_rules.py` on synthetic series for every verdict it can give: **agrees**, **partly**, "
+         "`tests/test_toylab_claims.py` on synthetic series for every verdict it can give: **agrees**, **partly**, "
          "**disagrees**, **not testable here** (the data exist but could not have come out the other way on this toy), "
          "or **n/a** (the sweep lacks the data). The rules, below the table, say what would have made each disagree. "
          "A toy model on a synthetic task is not Pythia on TL;DR: agreement shows the mechanism can appear, "

@@ -100,6 +100,35 @@ CLAIM_INPUTS = {  # claim -> (runs, metric, estimator), in words
 }
 
 
+# ---- the online pairwise experiment: hypotheses H1-H3 (fixed before its runs) ------------------------
+# The paper explains why SimPO stays stable offline while online maximum-entropy RL overoptimises by
+# "dataset constraints and target margins" (Sec. 1, 4.3, 5, App. B), a hypothesis it does not test. The
+# conditions separate the two: offline SimPO (dataset constraint and margin), online SimPO (margin only,
+# train_online.py), online SimPO with gamma 0 (neither), online DPO (the reference instead), beside the main
+# grid's online MaxEnt (Eq. 7) and KL RLOO; every condition at each of PAIRWISE_LRS and 3 seeds.
+#   a group of runs FAILS        more than half of its runs are overoptimised (the term above)
+#   a group HOLDS STABLE         more than half of its runs have trajectory 'stable' (the term above)
+#   H1 the dataset constraint stabilises: at each (rate, gamma) where online SimPO fails, offline SimPO at the
+#      same rate and gamma holds stable. agrees: at every such cell; disagrees: at none; partly: at some;
+#      not testable here: online SimPO fails nowhere (nothing for the dataset to stabilise).
+#   H2 the margin stabilises: at each rate where some online SimPO run (either gamma) drops >= DROP from its
+#      peak, the default gamma's mean drop is >= NOISE below gamma 0's (agrees there), not below it at all
+#      (disagrees there), or below within noise (partly there); the verdict is the rates' common level, else
+#      partly; not testable here: no online SimPO run drops >= DROP at any rate.
+#   H3 online SimPO fails like online MaxEnt RLOO: at each rate with both, online SimPO (default gamma) fails
+#      exactly when MaxEnt (Eq. 7) fails. agrees: at every rate; disagrees: they differ at every rate where
+#      either fails; partly otherwise; not testable here: neither fails at any rate (no failure to compare).
+PAIRWISE_LRS = (HIGH_LR / LOW_LR_FACTOR, HIGH_LR)  # the main grid's two rates: every condition of H1-H3 runs at both
+PAIRWISE_GAMMA = 0.5  # the default margin: configs/toy/simpo.yaml's and configs/toy/online_simpo.yaml's simpo_gamma
+HYPOTHESES = {  # hypothesis -> (runs, metric, rule), in words (printed in the report)
+    "H1": ("offline vs online SimPO at each rate of PAIRWISE_LRS, gamma 0 and PAIRWISE_GAMMA", "gold win rate + proxy per checkpoint",
+           "online fails -> offline holds stable"),
+    "H2": ("online SimPO, PAIRWISE_GAMMA vs gamma 0, at each rate", "gold drop from the peak", "mean drop, gamma 0 - margin"),
+    "H3": ("online SimPO (PAIRWISE_GAMMA) vs online MaxEnt RLOO (Eq. 7) at each rate", "gold win rate + proxy per checkpoint",
+           "fails (majority overoptimised) in both or neither"),
+}
+
+
 def rules_file() -> Path:
     return Path(__file__)
 

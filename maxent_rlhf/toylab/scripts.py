@@ -9,7 +9,7 @@ Accelerator, process group or random state is shared with the caller (which may 
 
 Where the scripts are. They are not part of the installed package: they are the readable entry points
 at the root of a clone, next to `configs/toy/`. The toy lab looks
-  1. in $MAXENT_RLHF_SCRIPTS, when set (a folder holding the three scripts and configs/toy/), then
+  1. in $MAXENT_RLHF_SCRIPTS, when set (a folder holding the scripts and configs/toy/), then
   2. in the folder above the imported `maxent_rlhf` package, when it holds them (a clone used through
      `pip install -e .` or PYTHONPATH),
 and otherwise stops with an error saying this. So a non-editable install (`pip install .`, a wheel) runs
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 ENV_SCRIPTS = "MAXENT_RLHF_SCRIPTS"
-SCRIPTS = ("train_offline.py", "train_rloo.py", "evaluate_judge.py")
+SCRIPTS = ("train_offline.py", "train_rloo.py", "train_online.py", "evaluate_judge.py")
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds the `maxent_rlhf` package
 # launcher variables a child must not inherit: it runs alone, not as a rank of the caller's launch
 _LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",

@@ -13,8 +13,9 @@ Online runs: `python train_rloo.py --config configs/toy/REG.yaml --learning_rate
      coefficient and the no-regulariser runs as coefficient 0), so "regardless of the entropy
      coefficient" is tested (claim 1).
   4. further conditions (CONDITIONS): the length channel (configs/toy/length_{maxent,entropy}.yaml, and
-     SimPO with and without length normalisation on the `length` build profile's pairs), and hooks for
-     conditions whose configs do not exist yet (LoRA rank 2, online SimPO / DPO), skipped until they do.
+     SimPO with and without length normalisation on the `length` build profile's pairs), the online pairwise
+     experiment (rules.py: H1-H3; offline and online SimPO with and without the margin, online DPO through
+     train_online.py), and hooks for conditions whose configs do not exist yet (LoRA rank 2), skipped until they do.
 Every run's DONE.json records the code commit and the sha256 of the pre-registered rules (`rules.py`);
 the report refuses to mix runs whose code or rules differ. The cost of the whole plan, hooks included, is
 estimated from the last sweep's per-run timings (`estimate_minutes`, written into sweep.json).
@@ -71,7 +72,7 @@ EVAL_N = 200
 @dataclass(frozen=True)
 class Condition:
     """A set of runs beyond the main grid: `config` (configs/toy/CONFIG.yaml) through `kind`'s script
-    ("rloo": train_rloo.py, "offline": train_offline.py) at each lr and seed, with `options` on top; the
+    ("rloo": train_rloo.py, "online": train_online.py, "offline": train_offline.py) at each lr and seed, with `options` on top; the
     runs go to OUT/<folder>/<kind>/<name>_lr<lr>_s<seed>. Evaluated with configs/toy/eval.yaml plus
     `eval_options`. A condition whose config file does not exist yet is skipped and listed as disabled."""
 
@@ -96,6 +97,18 @@ class Condition:
         return [(f"{self.name}_lr{lr_tag(lr)}_s{seed}", lr, seed) for seed in self.seeds for lr in self.lrs]
 
 
+# CPU minutes per run, from the last sweep's DONE.json records (training + evaluation, 58 runs on a 2-core
+# machine, partly under load 7-8): RLOO median 188 s + ~16 s evaluation; offline ~85 s + evaluation;
+# artifacts 92 s per profile. Length-channel RLOO runs decode 24 tokens instead of 16 (x1.3).
+# Online pairwise (train_online.py, configs/toy/online_simpo.yaml at lr 1e-3, 80 iterations, on the same
+# loaded 2-core machine): 106 s wall with the in-training win rate (78 s of it the iterations: one
+# optimizer step per iteration where RLOO takes two epochs) + ~20 s for the checkpoint evaluation.
+MINUTES = {"rloo": 3.4, "offline": 1.8, "online": 2.1, "artifacts": 1.5}  # offline: + ~0.2 min for the proxy evaluation
+# the whole sweep: ~5 CPU-hours, i.e. ~2.5 h of wall clock in two shards on 2 cores (4 before the online pairwise
+# experiment's 30 runs, ~1 CPU-hour)
+BUDGET_MINUTES = 300
+
+
 # the length-channel toy (build profile `length`): its proxy learned a taste for long summaries; the
 # summaries get room to grow (24 tokens where the main toy's budget is 16); the gold judge is unchanged
 LENGTH_TOKENS = 24
@@ -118,19 +131,24 @@ CONDITIONS = (
     # the README main job (configs/toy/maxent.yaml as it is, lr 2e-4, seed 1), so the numbers quoted for it
     # come from a run of the report's tables; it decides no claim (its lr is in no rule)
     Condition("main_job", "rloo", "maxent", (2e-4,), (1,), folder="main", minutes=3.4),
-    # hooks, disabled until their configs exist: LoRA rank 2 (the main grid's KL and MaxEnt at the high lr)
-    # and the online SimPO / DPO objectives; their budget is in the estimate below
+    # hooks, disabled until their configs exist: LoRA rank 2 (the main grid's KL and MaxEnt at the high lr);
+    # their budget is in the estimate below
     Condition("lora_r2_kl", "rloo", "lora_r2_kl", (rules.HIGH_LR,), (1,), minutes=3.4),
     Condition("lora_r2_maxent", "rloo", "lora_r2_maxent", (rules.HIGH_LR,), (1,), minutes=3.4),
-    Condition("online_simpo", "rloo", "online_simpo", (rules.LENGTH_LR,), (1,), minutes=3.4),
-    Condition("online_dpo", "rloo", "online_dpo", (rules.LENGTH_LR,), (1,), minutes=3.4),
+    # the online pairwise experiment (rules.py: H1-H3): offline SimPO (dataset constraint + margin), online SimPO
+    # (margin only) and with gamma 0 (neither), online DPO, at the main grid's rates and seeds, beside its online
+    # MaxEnt and KL RLOO runs; offline SimPO here is configs/toy/simpo.yaml at 3 seeds (the main grid's SimPO runs
+    # have one seed and other rates)
+    Condition("pairwise_offline_simpo", "offline", "simpo", rules.PAIRWISE_LRS, SEEDS,
+              {"beta": 2.0, "simpo_gamma": rules.PAIRWISE_GAMMA}, folder="pairwise", minutes=MINUTES["offline"]),
+    Condition("pairwise_offline_simpo_gamma0", "offline", "simpo", rules.PAIRWISE_LRS, SEEDS,
+              {"beta": 2.0, "simpo_gamma": 0.0}, folder="pairwise", minutes=MINUTES["offline"]),
+    Condition("online_simpo", "online", "online_simpo", rules.PAIRWISE_LRS, SEEDS, folder="pairwise", minutes=MINUTES["online"]),
+    Condition("online_simpo_gamma0", "online", "online_simpo_gamma0", rules.PAIRWISE_LRS, SEEDS, folder="pairwise",
+              minutes=MINUTES["online"]),
+    Condition("online_dpo", "online", "online_dpo", rules.PAIRWISE_LRS, SEEDS, folder="pairwise", minutes=MINUTES["online"]),
 )
 
-# CPU minutes per run, from the last sweep's DONE.json records (training + evaluation, 58 runs on a 2-core
-# machine, partly under load 7-8): RLOO median 188 s + ~16 s evaluation; offline ~85 s + evaluation;
-# artifacts 92 s per profile. Length-channel RLOO runs decode 24 tokens instead of 16 (x1.3).
-MINUTES = {"rloo": 3.4, "offline": 1.8, "artifacts": 1.5}  # offline: + ~0.2 min for the proxy evaluation
-BUDGET_MINUTES = 240  # the whole sweep: 4 CPU-hours, i.e. ~2 h of wall clock in two shards on 2 cores
 
 
 def estimate_minutes(n_rloo: int, n_offline: int, conditions=CONDITIONS, enabled_only: bool = False) -> dict:
@@ -194,6 +212,18 @@ def run_rloo(out: Path, reg: str, lr: float, seed: int, iterations: Optional[int
     if coef is not None:
         record["entropy_coef"] = coef
     return _run_once(out, "train_rloo.py", toy_config(reg), options, record)
+
+
+def run_online(out: Path, config: str, lr: float, seed: int, iterations: Optional[int] = None,
+               extra: Optional[dict] = None) -> Path:
+    """configs/toy/CONFIG.yaml (online_simpo, online_dpo, ...) through train_online.py at this learning rate and
+    seed (`extra`: more options) into `out`."""
+    options = dict(learning_rate=lr, seed=seed, output_dir=str(out))
+    if iterations:
+        options["num_iterations"] = iterations
+    options.update(extra or {})
+    return _run_once(out, "train_online.py", toy_config(config), options,
+                     {"kind": "online", "config": config, "learning_rate": lr, "seed": seed, **(extra or {})})
 
 
 def run_offline(out: Path, config: str, lr: float, seed: int = 1, extra: Optional[dict] = None) -> Path:
@@ -296,7 +326,7 @@ def job_list(plan: list, off: list, extra_jobs: list, online: bool = True, offli
 def condition_jobs(conditions=CONDITIONS, online: bool = True, offline: bool = True) -> list[tuple]:
     """("condition", (condition, run name, lr, seed)) for every run of the enabled conditions."""
     return [("condition", (c, name, lr, seed)) for c in conditions if c.enabled() for name, lr, seed in c.runs()
-            if (online if c.kind == "rloo" else offline)]
+            if (online if c.kind in ("rloo", "online") else offline)]
 
 
 def sweep(
@@ -372,6 +402,8 @@ def sweep(
             print(f"[toylab sweep] ({i + 1}/{len(todo)}) {c.kind} {name} -> {run}", flush=True)
             if c.kind == "rloo":
                 run_rloo(run, c.config, lr, seed, iterations, extra=c.options)
+            elif c.kind == "online":
+                run_online(run, c.config, lr, seed, iterations, extra=c.options)
             else:
                 run_offline(run, c.config, lr, seed, extra=c.options)
             evaluate_run(run, eval_n, options=c.eval_options)

@@ -1,9 +1,9 @@
 """Test driver: the scripts' `main(cfg)` under FSDP2 or DeepSpeed ZeRO on CPU processes (gloo).
 
-    accelerate launch --config_file configs/accelerate/cpu_fsdp2.yaml tests/cpu_sharding.py jobs.yaml report_dir
+    accelerate launch --config_file configs/accelerate/cpu_fsdp2.yaml tests/helpers/cpu_sharding.py jobs.yaml report_dir
 
 accelerate 1.15 never shards CPU processes, so this driver corrects accelerate's process state before
-the scripts build their `Accelerator` (two shims, test-only, found by running it; tests/test_sharded.py):
+the scripts build their `Accelerator` (two shims, test-only, found by running it; tests/test_distributed.py):
 
 - FSDP: with ACCELERATE_USE_CPU=true the config's FSDP section is dropped silently: accelerate selects
   FSDP only for GPU-like multi-process types (state.py, AcceleratorState: MULTI_GPU, MULTI_XPU, ...), so
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 

@@ -87,7 +87,7 @@ def test_coefficient_rule_needs_a_real_coefficient_sweep():
     sweep[0.1] = [STABLE, STABLE]  # the smallest coefficient is stable: not "regardless of the coefficient"
     v = claims.rule_overoptimise_regardless_of_coef(sweep)
     assert v.level == PARTLY and "2/4 runs" in v.reason
-    # the maxent_c1_lr1e-3_s2: gold falls but the proxy falls too -> not overoptimised
+    # the toy run maxent_c1_lr1e-3_s2: gold falls but the proxy falls too -> not overoptimised
     sweep[0.1] = [COLLAPSES, run(0.32, 0.73, 0.0, proxy=(1.05, 0.85))]
     assert claims.rule_overoptimise_regardless_of_coef(sweep).level == PARTLY
     calm = {c: [STABLE] for c in (0.0, 0.1, 0.5, 1.0)}
@@ -251,7 +251,7 @@ def test_simpo_length_exploitation_without_normalisation():
 
 def test_every_rule_text_says_what_would_make_it_disagree():
     texts = [v for k, v in vars(claims).items() if k.endswith("_RULE") and isinstance(v, str)]
-    assert len(texts) == 13 and all("disagree" in t for t in texts)
+    assert len(texts) == 16 and all("disagree" in t for t in texts)  # 13 claims + H1-H3
 
 
 def test_claim_2_is_decided_at_a_rate_fixed_by_rule():
@@ -381,3 +381,68 @@ def test_the_sweep_plans_the_data_the_rules_need_and_shards_split_it():
         sweep.shard_items(plan, (2, 2))
     assert sweep.rloo_run_name("maxent", 1e-3, 2, 0.1) == "maxent_c0.1_lr1e-3_s2"
     assert sweep.rloo_run_name("maxent", 1e-3, 2, 0.5) == "maxent_lr1e-3_s2"  # the default coefficient
+
+
+# --------------------------------------------------------------------------------------------------
+# the online pairwise experiment: H1-H3 (rules.py), every verdict each can give
+# --------------------------------------------------------------------------------------------------
+NO_FALL = run(0.30, 0.35, 0.33, proxy=(1.0, 1.1))  # never gains, never falls: neither stable nor overoptimised
+
+
+def test_h1_dataset_constraint_stabilises():
+    rule = claims.rule_dataset_constraint_stabilises
+    # online SimPO collapses at both cells; offline stays stable at both / neither / one
+    assert rule({(1e-3, 0.5): ([STABLE] * 3, [COLLAPSES] * 3), (1e-3, 0.0): ([STABLE] * 3, [DECLINES] * 3)}).level == AGREES
+    assert rule({(1e-3, 0.5): ([COLLAPSES] * 3, [COLLAPSES] * 3), (1e-3, 0.0): ([NO_FALL] * 3, [COLLAPSES] * 3)}).level == DISAGREES
+    v = rule({(1e-3, 0.5): ([STABLE] * 3, [COLLAPSES] * 3), (1e-4, 0.5): ([COLLAPSES, COLLAPSES, STABLE], [COLLAPSES] * 3)})
+    assert v.level == PARTLY and "1/2" in v.reason
+    # a cell where online SimPO is fine is not tested: offline failing there says nothing about H1
+    assert rule({(1e-3, 0.5): ([STABLE] * 3, [COLLAPSES] * 3), (1e-4, 0.5): ([COLLAPSES] * 3, [STABLE] * 3)}).level == AGREES
+    v = rule({(1e-3, 0.5): ([STABLE] * 3, [STABLE, STABLE, COLLAPSES])})  # online fails in 1 of 3 seeds: not a failure
+    assert v.level == NOT_TESTABLE and "does not fail" in v.reason
+    assert rule({(1e-3, 0.5): ([], [COLLAPSES])}).level == NA
+    assert rule({(1e-3, 0.5): ([STABLE], [run(0.3, 0.85, 0.0, proxy=(None, None))])}).level == NA
+
+
+def test_h2_margin_stabilises():
+    rule = claims.rule_margin_stabilises
+    assert rule({1e-3: ([STABLE] * 3, [COLLAPSES] * 3)}).level == AGREES  # the margin keeps what gamma 0 loses
+    assert rule({1e-3: ([COLLAPSES] * 3, [STABLE] * 3)}).level == DISAGREES  # the margin makes it worse
+    assert rule({1e-3: ([COLLAPSES] * 3, [COLLAPSES] * 3)}).level == DISAGREES  # the same loss: no stabilisation
+    v = rule({1e-3: ([run(0.30, 0.85, 0.05)] * 3, [run(0.30, 0.85, 0.02)] * 3)})  # 3 points less drop: within noise
+    assert v.level == PARTLY and "noise" in v.reason
+    v = rule({1e-3: ([STABLE] * 3, [COLLAPSES] * 3), 1e-4: ([COLLAPSES] * 3, [STABLE] * 3)})
+    assert v.level == PARTLY and "rates disagree" in v.reason
+    assert rule({1e-4: ([STABLE] * 3, [STABLE] * 3), 1e-3: ([STABLE] * 3, [COLLAPSES] * 3)}).level == AGREES  # 1e-4 untested
+    assert rule({1e-4: ([STABLE] * 3, [NO_FALL] * 3)}).level == NOT_TESTABLE
+    assert rule({1e-4: ([STABLE] * 3, [])}).level == NA
+
+
+def test_h3_online_simpo_fails_like_maxent():
+    rule = claims.rule_online_simpo_fails_like_maxent
+    assert rule({1e-3: ([COLLAPSES] * 3, [COLLAPSES] * 3), 1e-4: ([STABLE] * 3, [STABLE] * 3)}).level == AGREES
+    assert rule({1e-3: ([STABLE] * 3, [COLLAPSES] * 3), 1e-4: ([STABLE] * 3, [STABLE] * 3)}).level == DISAGREES
+    assert rule({1e-3: ([COLLAPSES] * 3, [STABLE] * 3)}).level == DISAGREES  # SimPO fails where MaxEnt does not
+    v = rule({1e-3: ([COLLAPSES] * 3, [COLLAPSES] * 3), 1e-4: ([STABLE] * 3, [COLLAPSES] * 3)})
+    assert v.level == PARTLY and "1/2" in v.reason
+    assert rule({1e-3: ([STABLE] * 3, [NO_FALL] * 3)}).level == NOT_TESTABLE
+    assert rule({1e-3: ([], [COLLAPSES])}).level == NA
+    assert rule({1e-3: ([run(0.3, 0.85, 0.0, proxy=(None, None))], [COLLAPSES])}).level == NA
+
+
+def test_the_pairwise_experiment_runs_every_condition_at_the_rules_rates_and_seeds():
+    from maxent_rlhf.toylab import sweep
+
+    by_name = {c.name: c for c in sweep.CONDITIONS}
+    for name in ("pairwise_offline_simpo", "pairwise_offline_simpo_gamma0", "online_simpo", "online_simpo_gamma0", "online_dpo"):
+        c = by_name[name]
+        assert c.enabled() and tuple(c.lrs) == rules.PAIRWISE_LRS and tuple(c.seeds) == sweep.SEEDS
+    # the main grid's MaxEnt and KL RLOO runs sit at the same rates and seeds
+    assert set(rules.PAIRWISE_LRS) <= set(sweep.LEARNING_RATES) and {"maxent", "kl"} <= set(sweep.REGULARIZERS)
+    assert by_name["pairwise_offline_simpo"].options["simpo_gamma"] == rules.PAIRWISE_GAMMA
+    assert by_name["pairwise_offline_simpo_gamma0"].options["simpo_gamma"] == 0.0
+    from maxent_rlhf.config import load_yaml
+
+    assert load_yaml(sweep.toy_config("online_simpo"))["simpo_gamma"] == rules.PAIRWISE_GAMMA
+    assert load_yaml(sweep.toy_config("online_simpo_gamma0"))["simpo_gamma"] == 0.0
+    assert {c.kind for c in sweep.CONDITIONS if c.name.startswith("online_")} == {"online"}

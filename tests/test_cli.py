@@ -1,6 +1,7 @@
-"""Every bad input costs the user ONE line naming the field, file or row, and no traceback.
+"""`maxent_rlhf.cli` through the three scripts: every bad input costs the user ONE line naming the field, file or
+row, and no traceback.
 
-The table below runs the three scripts as subprocesses, exactly as a user types them (in parallel, so
+The table below runs the four scripts as subprocesses, exactly as a user types them (in parallel, so
 the whole table takes well under a minute: most cases fail before any model loads; the few that need a
 model or data get tiny local ones from `env`). Each case asserts the exit status (2: usage and
 configuration, 1: data and run state), that stderr is exactly one line `script.py: error: ...`
@@ -11,16 +12,17 @@ so nothing is filtered out of stderr.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers.scripts import run_script, subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
-RLOO, OFFLINE, JUDGE = "train_rloo.py", "train_offline.py", "evaluate_judge.py"
+RLOO, OFFLINE, JUDGE, ONLINE = "train_rloo.py", "train_offline.py", "evaluate_judge.py", "train_online.py"
 
 # (case id, script, arguments, exit status, words the one error line must contain)
 # {pol} tiny policy (64 positions), {rm} tiny reward model, {d} the folder of the bad files below
@@ -79,6 +81,12 @@ CASES = [
          "--resume ", "damaged_run/checkpoints/step_00000001, or start over with --overwrite_output_dir"]),
     ("rloo_output_dir_holds_a_run", RLOO, "--output_dir {d}/a_run", 2, ["a_run", "already holds a run", "--resume latest",
                                                                          "--overwrite_output_dir"]),
+    # ---- train_online.py: configuration ------------------------------------------------------------------
+    ("online_rloo_k_1", ONLINE, "--rloo_k 1", 2, ["`rloo_k` = 1", "at least 2 completions per prompt"]),
+    ("online_offline_only_loss", ONLINE, "--loss_type sft", 2, ["`loss_type` = 'sft' is an offline loss", "train_offline.py"]),
+    ("online_unknown_loss", ONLINE, "--loss_type dpoo", 2, ["unknown loss_type 'dpoo'", "simpo"]),
+    ("online_group_does_not_divide", ONLINE, "--model_name_or_path {pol} --reward_model_name_or_path {rm} "
+     "--dataset_name {d}/prompts.jsonl --global_batch_size 10 --rloo_k 4", 2, ["`global_batch_size` = 10", "rloo_k"]),
     # ---- train_offline.py: configuration and data --------------------------------------------------------
     ("offline_bad_loss", OFFLINE, "--loss_type dpoo", 2, ["`loss_type` must be one of"]),
     ("offline_micro_batch_does_not_divide", OFFLINE, "--global_batch_size 6 --per_device_train_batch_size 4", 2,
@@ -170,21 +178,6 @@ def env(tmp_path_factory, tiny_tokenizer):
     return {"d": str(d), "pol": str(pol), "rm": str(rm)}
 
 
-def subprocess_env() -> dict:
-    keep = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "MAXENT_RLHF_DEBUG")}
-    keep.update(
-        PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1",
-        HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore",
-    )
-    return keep
-
-
-def run_script(script: str, args: list[str], cwd: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**subprocess_env(), **(extra_env or {})})
-
-
 # The table runs through one launcher process that imports what the scripts import (torch, transformers,
 # accelerate, datasets: ~2 s of CPU per interpreter) once and then FORKS one child per case, which runs
 # the script as `__main__` with its own argv, cwd, stdout and stderr: what `python script.py ...` does,
@@ -192,7 +185,7 @@ def run_script(script: str, args: list[str], cwd: Path, extra_env: dict | None =
 LAUNCHER = r"""
 import json, os, runpy, signal, sys, traceback
 sys.path.insert(0, ROOT)
-import train_rloo, train_offline, evaluate_judge  # noqa: F401  (their imports, once)
+import train_rloo, train_offline, train_online, evaluate_judge  # noqa: F401  (their imports, once)
 import datasets, openai, transformers  # noqa: F401  (and what they import lazily on the way to an error)
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
 import transformers.models.gpt_neox.modeling_gpt_neox  # noqa: F401
@@ -267,7 +260,7 @@ def results(env, tmp_path_factory):
 def test_the_table_is_large_and_distinct():
     names = [c[0] for c in CASES]
     assert len(names) == len(set(names)) and len({(c[1], c[2]) for c in CASES}) == len(CASES)
-    assert len(CASES) >= 30 and {c[1] for c in CASES} == {RLOO, OFFLINE, JUDGE}
+    assert len(CASES) >= 30 and {c[1] for c in CASES} == {RLOO, OFFLINE, JUDGE, ONLINE}
 
 
 @pytest.mark.parametrize("name,script,args,status,words", CASES, ids=[c[0] for c in CASES])

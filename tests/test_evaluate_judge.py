@@ -1,6 +1,7 @@
 """evaluate_judge.py + maxent_rlhf/judges.py end to end through the real `openai` client against the
-local fake server (tests/fake_openai_server.py): exact win rates, A/B mapping, invalid answers, faults
-and retries, the crash-safe cache (rerun, kill + restart), the API key never written anywhere."""
+local fake server (tests/helpers/fake_openai_server.py): exact win rates, A/B mapping, invalid answers, faults
+and retries, the crash-safe cache (rerun, kill + restart), the API key never written anywhere; outputs
+keyed by judge, template and prompts, never mixed (`runs.check_same_evaluation`); the win-rate figure."""
 import json
 import logging
 import os
@@ -18,9 +19,11 @@ for _p in (str(ROOT), str(ROOT / "tests")):
         sys.path.insert(0, _p)
 
 import evaluate_judge as ej  # noqa: E402
-from fake_openai_server import FakeJudgeServer  # noqa: E402
-from maxent_rlhf import evaluation, judges  # noqa: E402
+from helpers.fake_openai_server import FakeJudgeServer  # noqa: E402
+from maxent_rlhf import evaluation, judges, plotting  # noqa: E402
+from maxent_rlhf.config import ConfigError  # noqa: E402
 from maxent_rlhf.judges import JudgeUnavailableError, OpenAIJudge, Pair, parse_preference  # noqa: E402
+
 SECRET = "sk-test-SECRET-9f8e7d6c5b4a"
 MARKER = "good"
 WORDS = "my cat sat on the mat today and it was very happy but the dog ran far away from home".split()
@@ -582,3 +585,104 @@ def test_openai_cache_identity_includes_the_server_but_no_credentials(monkeypatc
     assert local == "openai/gpt-4o-mini@127.0.0.1:8000/v1"
     assert len({default, local, other}) == 3
     assert "secret" not in local and "user" not in local
+
+
+# --------------------------------------------------------------------------------------------------
+# keyed outputs, never mixed: another judge, template or prompt set never reuses judgments; the figure at 0% and 100%
+# --------------------------------------------------------------------------------------------------
+N = 40  # at 0/40 and 40/40 the Wilson bound lands ~1e-17 past the estimate (the crash seen)
+WINNERS = {0, 1, 2}  # examples where the policy's summary has the word "good"; "bad" on the others
+
+
+@pytest.fixture
+def judge_setup(tmp_path):
+    data = tmp_path / "test.jsonl"
+    rows = [{"id": f"ex{i}", "prompt": f"SUBREDDIT: r/cats\n\nTITLE: t{i}\n\nPOST: my cat sat {i}\n\nTL;DR:",
+             "completion": f" reference summary {i}"} for i in range(N)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ckpt = fake_run(tmp_path, [10])  # a run directory: all its checkpoints
+    out = tmp_path / "out"
+    gen = out / "generations" / "step_00000010.jsonl"
+    gen.parent.mkdir(parents=True)
+    with open(gen, "w") as f:
+        for i, r in enumerate(rows):
+            text = "the cat sat good" if i in WINNERS else "the cat sat bad"
+            f.write(json.dumps({"id": r["id"], "generation": text, "n_tokens": 4, "reference_tokens": 3,
+                                "prompt_sha": evaluation.prompt_hash(r["prompt"]), "max_new_tokens": 53}) + "\n")
+    return data, ckpt, out
+
+
+def judge_config(data, ckpt, out, server, **kw):
+    base = dict(output_dir=str(out), checkpoints=[str(ckpt)], dataset_name=str(data), dataset_test_split="test", n=0,
+                judge="openai", judge_model="judge-a", base_url=server.base_url, concurrency=2, request_timeout=5.0,
+                max_retries=1, backoff_base=0.01, backoff_max=0.05, plot=False)
+    base.update(kw)
+    return ej.EvalConfig(**base)
+
+
+def test_another_judge_model_or_template_never_reuses_judgments(judge_setup, monkeypatch):
+    """Judge A prefers summaries with "good", judge B (another server) those with "bad". Sharing one
+    output_dir and its cache, each judge's win rate is its own: B is asked every pair again, and A
+    afterwards none. A new template version is asked every pair again too."""
+    data, ckpt, out = judge_setup
+    with FakeJudgeServer(marker="good", anti_marker="bad", api_key=SECRET) as a, \
+            FakeJudgeServer(marker="bad", anti_marker="good", api_key=SECRET) as b:
+        first = ej.main(judge_config(data, ckpt, out, a))
+        assert first["checkpoints"][0]["win_rate"] == len(WINNERS) / N and first["judged_now"] == N
+        second = ej.main(judge_config(data, ckpt, out, b, judge_model="judge-b"))
+        assert second["judged_now"] == N and second["cached"] == 0 and len(b.judged) == N
+        assert second["checkpoints"][0]["win_rate"] == (N - len(WINNERS)) / N
+        requests_a = a.requests
+        again = ej.main(judge_config(data, ckpt, out, a))
+        assert a.requests == requests_a and again["cached"] == N
+        assert again["checkpoints"][0]["win_rate"] == len(WINNERS) / N
+        # same judge model name, new template: judged again (here by B's preferences), never read from A's
+        from maxent_rlhf import evaluation, judges
+
+        new_version = judges.TEMPLATE_VERSION + "-next"
+        for module in (judges, evaluation, ej):  # every module holding the name (the key is built from it)
+            if hasattr(module, "TEMPLATE_VERSION"):
+                monkeypatch.setattr(module, "TEMPLATE_VERSION", new_version)
+        requests_b = b.requests
+        new_template = ej.main(judge_config(data, ckpt, out, b))
+        assert new_template["judged_now"] == N and b.requests - requests_b == N
+        assert new_template["checkpoints"][0]["win_rate"] == (N - len(WINNERS)) / N
+    keys = [json.loads(l)["key"] for l in (out / "judgments.jsonl").read_text().splitlines()]
+    assert len(keys) == 3 * N == len(set(keys))
+
+
+def test_judge_refuses_outputs_made_for_other_prompts(judge_setup):
+    data, ckpt, out = judge_setup
+    with FakeJudgeServer(api_key=SECRET) as server:
+        ej.main(judge_config(data, ckpt, out, server))
+        with pytest.raises(ConfigError, match=r"holds outputs made with `max_prompt_length` = 512 \(this run: 256\).*another output_dir"):
+            ej.main(judge_config(data, ckpt, out, server, max_prompt_length=256))
+        ej.main(judge_config(data, ckpt, out, server, concurrency=1))  # transport settings may change
+
+
+def test_evaluate_judge_at_0_and_100_percent_win_rates_draws_its_figure(judge_setup):
+    """The crash seen against a real server: the figure after judging, at a 0% or 100% win rate."""
+    data, ckpt, out = judge_setup
+    for judge_model, marker, anti, expected in (("judge-all", "cat", "reference", 1.0), ("judge-none", "reference", "cat", 0.0)):
+        (out / "win_rate.png").unlink(missing_ok=True)
+        with FakeJudgeServer(marker=marker, anti_marker=anti, api_key=SECRET) as server:
+            summary = ej.main(judge_config(data, ckpt, out, server, judge_model=judge_model, plot=True))
+        row = summary["checkpoints"][0]
+        assert row["win_rate"] == expected and row["n"] == N
+        assert row["ci_low"] <= row["win_rate"] + 1e-12 and row["ci_high"] >= row["win_rate"] - 1e-12
+        assert (out / "win_rate.png").stat().st_size > 1000
+
+
+def test_a_figure_that_fails_keeps_the_numbers(judge_setup, monkeypatch, capsys):
+    data, ckpt, out = judge_setup
+
+    def broken(*a, **k):
+        raise ValueError("'yerr' must not contain negative values")
+
+    monkeypatch.setattr(plotting, "plot_win_rates", broken)
+    with FakeJudgeServer(marker="reference", anti_marker="cat", api_key=SECRET) as server:  # the policy never wins
+        summary = ej.main(judge_config(data, ckpt, out, server, plot=True))
+    captured = capsys.readouterr()
+    assert json.loads((out / "summary.json").read_text())["checkpoints"][0]["win_rate"] == summary["checkpoints"][0]["win_rate"]
+    assert "win rate" in captured.out  # the table was printed
+    assert "WARNING" in captured.err and "win_rate.png was not drawn" in captured.err and "summary.json" in captured.err

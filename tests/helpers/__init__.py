@@ -1,0 +1,1 @@
+"""Test helpers: not tests themselves (pytest collects only test_*.py)."""

@@ -1,0 +1,421 @@
+"""Online pairwise training: online DPO / SimPO / IPO / ... on the policy's own samples.
+
+    accelerate launch train_online.py --config configs/online_simpo_1b.yaml [--key value ...]
+    python train_online.py --config configs/toy/online_dpo.yaml --output_dir runs/toy/online_dpo --resume latest
+
+Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"; TRL's OnlineDPOTrainer):
+each iteration samples completions from the current policy, the reward model ranks them, and a pairwise
+loss of train_offline.py is applied to the on-policy pair. The pairs change with the policy: there is no
+dataset constraint, only the loss's own anchor (DPO's reference, SimPO's margin).
+
+One iteration, numbered below exactly like this; steps 1-2 and 6 are the online trainers' shared rollout
+(`maxent_rlhf.rollout`, as in train_rloo.py), each step a function of the iteration's `Rollout` record
+(this process's rows) whose values `main` assigns, so `main` reads as the list:
+  1. generate: `rloo_k` >= 2 completions per prompt at `temperature`, cut after EOS      `rollout.generate`
+  2. score: reward model at the last real token (or `reward_fn`); missing-EOS penalty     `rollout.score`
+  3. pairs: chosen = best, rejected = worst of each prompt's k by score; a prompt whose k scores are all
+     equal (a tie) has no preference: skipped and counted (`online/ties`)       `objectives.best_worst_pairs`
+  4. log-probs of every sample under the policy before the update (entropy, KL metrics) and, when the
+     loss needs the reference (dpo, ipo, chipo) or objective/kl_ref is due, under the reference
+                                                                                `rollout.policy_logprobs`
+  5. update: the pairwise loss of train_offline.py (`objectives.preference_loss`, one dispatch for both)
+     on the pairs' summed log-probs S and lengths |y|, mean over the GLOBAL batch's pairs; gradient
+     accumulation over `per_device_train_batch_size` pairs, clipping, one optimizer and one schedule step
+     per iteration                                                                            `update`
+  6. kl_prev: log-probs of the same samples after the update                 `rollout.kl_prev_logprobs`
+  7. log: the RLOO run's keys where they mean the same (objective/scores, entropy, kl_ref (+_k3),
+     kl_prev*, response/*, eval/* win rate) plus train_offline's pairwise ones (train/loss,
+     rewards/chosen, rejected, margins, accuracies, logps/*)                       `iteration_metrics`
+  8. sample, checkpoint (`--resume latest` continues exactly: weights, optimizer, schedule, prompt stream;
+     sampling streams are tied to the iteration), closing summary (`maxent_rlhf.story.run_story`)
+
+Decisions (documented here once; the rollout's are in `maxent_rlhf.rollout`):
+- The loss reads log pi(y|x) from logits / temperature, as every log-prob of the rollout does: the policy
+  that is trained is the one that sampled. With temperature 1 the numbers are train_offline's exactly
+  (tests/test_online.py). DPO's reference log-probs use the same temperature.
+- `global_batch_size` counts completions (prompts x rloo_k), as in train_rloo.py; each process holds whole
+  prompt groups, so its pairs are its own. `per_device_train_batch_size` counts pairs per micro-batch.
+- Ties stay in the micro-batches with weight 0 (every process runs the same forwards, so the gradient
+  all-reduce lines up); the loss and the pairwise metrics are means over the global batch's untied pairs.
+  An iteration whose every prompt ties makes no optimizer step (the schedule still steps; the pairwise
+  metrics are absent from its record).
+- Step 4's policy forward is one no-grad pass over every sample (k per prompt): the update only sees
+  the pairs, but entropy and both KL metrics are over all samples, as in an RLOO run. The update's
+  forward runs the plain (unshared) prompt pass: its rows are chosen / rejected, not prompt groups.
+- Reference-free losses (simpo, cpo, orpo, slic) load the reference only for objective/kl_ref, every
+  `kl_ref_every` iterations (0: never, and it is not loaded), as train_rloo.py does.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from maxent_rlhf import distributed, generation, objectives, plotting, rollout
+from maxent_rlhf.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, TrainConfig, cfg, derive_batch_sizes
+from maxent_rlhf.data import PromptStream, load_any_dataset, require_columns
+from maxent_rlhf.distributed import resolve_mixed_precision, resolve_trackers, seed_everything
+from maxent_rlhf.evaluation import EvalArgs, TrainingEvaluator
+from maxent_rlhf.models import check_context_length, load_model_config
+from maxent_rlhf.rollout import Models, Rollout, RolloutArgs
+from maxent_rlhf.runs import check_finite, open_run_dir, read_metrics
+from maxent_rlhf.schedules import build_lr_scheduler
+from maxent_rlhf.story import run_story
+
+# the pairwise losses that take an on-policy pair; sft / reward / simpo_pl (K ranked responses) are offline-only
+ONLINE_LOSSES = ("dpo", "ipo", "chipo", "simpo", "cpo", "orpo", "slic")
+OFFLINE_ONLY = ("sft", "reward", "simpo_pl")
+
+
+@dataclass
+class OnlineConfig(EvalArgs, RolloutArgs, TrainConfig):
+    """Online pairwise training (online DPO / SimPO / ...): the rollout's fields are `RolloutArgs` (`rloo_k`:
+    completions per prompt, >= 2); the loss fields are train_offline.py's; the win rate during training
+    (EvalArgs) is off unless `judge` is set."""
+
+    loss_type: str = cfg("simpo", "pairwise loss on the on-policy pair: " + ", ".join(ONLINE_LOSSES))
+    global_batch_size: int = cfg(64, "GLOBAL completions per iteration (prompts x rloo_k), over all processes")
+    per_device_train_batch_size: int = cfg(
+        8, "pairs (prompts) per micro-batch on each process; accumulation = prompts per process / this")
+    total_episodes: int = cfg(1_000_000, "total completions to train on; iterations = total_episodes // global_batch_size")
+    num_iterations: Optional[int] = cfg(None, "if set, overrides total_episodes: number of iterations to run")
+    learning_rate: float = cfg(5e-7, "peak AdamW learning rate (TRL's OnlineDPOConfig default)")
+    lr_scheduler_type: str = cfg(
+        "linear", "decay after warmup, one scheduler step per iteration: 'linear' to 0, 'cosine' or 'constant'",
+        choices=LR_SCHEDULER_TYPES,
+    )
+    warmup_ratio: float = cfg(0.0, "fraction of the iterations spent warming the learning rate up from 0")
+    max_grad_norm: float = cfg(1.0, "gradient clipping norm (<= 0 disables)")
+    # loss hyper-parameters: train_offline.py's fields (objectives.PreferenceLossParams)
+    beta: float = cfg(0.1, "inverse temperature of dpo/ipo/chipo/simpo/cpo (SimPO: beta of beta*A)")
+    simpo_gamma: float = cfg(0.5, "SimPO target margin, absolute (TRL's simpo_gamma, not the ratio gamma/beta)")
+    length_normalize: bool = cfg(True, "SimPO: average log-probs over response tokens (A = S/|y|)")
+    cpo_alpha: float = cfg(1.0, "CPO: weight of the chosen NLL term (TRL's cpo_alpha)")
+    orpo_lambda: float = cfg(0.1, "ORPO: weight lambda of the odds-ratio term")
+    slic_delta: float = cfg(1.0, "SLiC-HF: hinge margin delta on S_w - S_l")
+    slic_nll_coef: float = cfg(0.1, "SLiC-HF: weight of the chosen NLL term")
+    chipo_reward_clip: float = cfg(1.0, "chi-PO: R_max; the reward difference is clipped to +-2 R_max")
+    kl_ref_every: int = cfg(
+        1, "reference-free losses: compute objective/kl_ref every N iterations (0: never); dpo/ipo/chipo every iteration"
+    )
+
+    def range_checks(self) -> list:
+        """Value ranges (config.check_ranges, at construction); the batch arithmetic is `batch_plan`'s."""
+        offline = (f"`loss_type` = {self.loss_type!r} is an offline loss (train_offline.py); " if self.loss_type in OFFLINE_ONLY
+                   else f"unknown loss_type {self.loss_type!r}; ")
+        return super().range_checks() + [
+            (self.loss_type in ONLINE_LOSSES, offline + "online pairwise losses: " + ", ".join(ONLINE_LOSSES)),
+            (self.rloo_k >= 2, f"`rloo_k` = {self.rloo_k}: online pairwise training needs at least 2 completions per "
+                               "prompt (chosen = best, rejected = worst); set rloo_k >= 2"),
+            (self.kl_ref_every >= 0, f"`kl_ref_every` = {self.kl_ref_every} must be >= 0"),
+        ]
+
+    def needs_loss_ref(self) -> bool:
+        return self.loss_type in objectives.REFERENCE_LOSSES
+
+    def kl_ref_interval(self) -> int:
+        """Iterations between reference forwards: 1 when the loss needs pi_ref, else `kl_ref_every`."""
+        return 1 if self.needs_loss_ref() else self.kl_ref_every
+
+    def needs_ref(self, iteration: Optional[int] = None) -> bool:
+        """Is the reference used at `iteration` (None: at all, i.e. must it be loaded; `rollout.load_models`)?"""
+        every = self.kl_ref_interval()
+        return every > 0 and (iteration is None or iteration % every == 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# plumbing
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class BatchPlan:
+    prompts_global: int  # prompts (= pairs before ties) per iteration over all processes
+    prompts_local: int  # prompts per iteration on this process
+    rows_local: int  # completions per iteration on this process
+    grad_accum: int  # micro-batches of per_device_train_batch_size pairs per optimizer step
+    num_iterations: int
+
+
+def batch_plan(c: OnlineConfig, num_processes: int) -> BatchPlan:
+    gbs, k = c.global_batch_size, c.rloo_k
+    if gbs % (num_processes * k):
+        raise ConfigError(
+            f"`global_batch_size` = {gbs} completions must be a multiple of num_processes x rloo_k = "
+            f"{num_processes} x {k} = {num_processes * k}, so every process holds whole prompt groups"
+        )
+    prompts_local, accum = derive_batch_sizes(gbs // k, num_processes, c.per_device_train_batch_size,
+                                              name="global_batch_size / rloo_k (prompts)")
+    n_iter = c.num_iterations if c.num_iterations is not None else c.total_episodes // gbs
+    if n_iter < 1:
+        raise ConfigError(f"`total_episodes` = {c.total_episodes} is less than one batch of {gbs}; nothing to train")
+    return BatchPlan(gbs // k, prompts_local, prompts_local * k, accum, n_iter)
+
+
+# ----------------------------------------------------------------------------------------------------
+# steps 3-5 (the record and steps 1-2, 6: maxent_rlhf.rollout)
+# ----------------------------------------------------------------------------------------------------
+def select_pairs(c: OnlineConfig, ro: Rollout) -> objectives.PairSelection:
+    """Step 3: this process's pairs (one per local prompt), as ROW indices of the rollout (row p * k + j)."""
+    sel = objectives.best_worst_pairs(ro.scores.view(-1, c.rloo_k))
+    first = torch.arange(sel.valid.shape[0], device=sel.valid.device) * c.rloo_k
+    return objectives.PairSelection(first + sel.chosen, first + sel.rejected, sel.valid)
+
+
+def sequence_logps(logprobs: torch.Tensor, response_mask: torch.Tensor, chosen: torch.Tensor,
+                   rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """S and |y| of the pairs, [pairs, 2] (column 0 chosen, 1 rejected): train_offline's layout.
+    `logprobs` [2 * pairs, T] rows chosen first, then rejected; `response_mask` [n, T] of the whole rollout."""
+    rows = torch.cat([chosen, rejected])
+    mask = response_mask[rows]
+    s = objectives.masked_sum(logprobs, mask)
+    n = mask.sum(-1).to(s.dtype)
+    p = chosen.shape[0]
+    return torch.stack([s[:p], s[p:]], 1), torch.stack([n[:p], n[p:]], 1)
+
+
+def update(c: OnlineConfig, m: Models, plan: BatchPlan, ro: Rollout, pairs: objectives.PairSelection, optimizer,
+           scheduler, check: Callable[[str, torch.Tensor], None] = lambda name, value: None) -> dict:
+    """Step 5: one optimizer step on the pairwise loss, mean over the global batch's untied pairs.
+
+    Returns {"n_pairs": global untied pairs, "sums": {metric: sum over this process's untied pairs},
+    "grad_norm": tensor or None, "lr": the learning rate used}."""
+    acc, policy, device = m.accelerator, m.policy, m.accelerator.device
+    params = objectives.PreferenceLossParams.of(c)
+    weights = pairs.valid.float()
+    n_pairs = float(acc.reduce(weights.sum(), reduction="sum")) if acc.num_processes > 1 else float(weights.sum())
+    sums: dict[str, torch.Tensor] = {}
+    grad_norm = None
+    if n_pairs > 0:  # the same on every process: all run the same forwards or none
+        policy.train()
+        micro = c.per_device_train_batch_size
+        for a in range(plan.grad_accum):
+            idx = slice(a * micro, (a + 1) * micro)
+            chosen, rejected, w = pairs.chosen[idx], pairs.rejected[idx], weights[idx]
+            rows = torch.cat([chosen, rejected])
+            # DDP/FSDP: all-reduce on the last micro-batch only; DeepSpeed: the engine steps there
+            with distributed.micro_step(acc, policy, a == plan.grad_accum - 1), acc.autocast():
+                lp = generation.response_logprobs(policy, ro.query_responses[rows], ro.attention_mask[rows],
+                                                  ro.context_length, c.temperature)
+                logps, lengths = sequence_logps(lp.float(), ro.response_mask, chosen, rejected)
+                ref = None
+                if c.needs_loss_ref():
+                    ref, _ = sequence_logps(ro.ref_logprobs[rows], ro.response_mask, chosen, rejected)
+                out = objectives.preference_loss(c.loss_type, logps, lengths, ref, params)
+                # sum over this process's pairs / global pairs x processes: DDP's mean over processes
+                # then gives the mean over the global batch's untied pairs
+                loss = (out.losses * w).sum() * acc.num_processes / n_pairs
+                acc.backward(loss)
+            check("pairwise loss", out.losses.detach())
+            stats = {"train/loss": out.losses, "rewards/chosen": out.chosen_rewards,
+                     "rewards/rejected": out.rejected_rewards, "rewards/margins": out.margins,
+                     "rewards/accuracies": out.accuracies, "logps/chosen": logps[:, 0], "logps/rejected": logps[:, 1],
+                     "logps/chosen_per_token": logps[:, 0] / lengths[:, 0],
+                     "logps/rejected_per_token": logps[:, 1] / lengths[:, 1]}
+            if ref is not None:
+                stats["ref/logratio"] = ref[:, 0] - ref[:, 1]
+            for key, v in stats.items():
+                sums[key] = sums.get(key, 0.0) + (v.detach().float() * w).sum()
+        if c.max_grad_norm > 0:
+            # float(): under FSDP2 the norm is a DTensor, which the metric reduce cannot take
+            grad_norm = torch.tensor(float(acc.clip_grad_norm_(policy.parameters(), c.max_grad_norm)), device=device)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return {"n_pairs": n_pairs, "sums": sums, "grad_norm": grad_norm, "lr": lr}
+
+
+# ----------------------------------------------------------------------------------------------------
+# step 7: metrics
+# ----------------------------------------------------------------------------------------------------
+def iteration_metrics(c: OnlineConfig, ro: Rollout, pairs: objectives.PairSelection, stats: dict,
+                      gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+                      reduce: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> dict[str, float]:
+    """Step 7: the iteration's metrics, means over the global batch (`gather` concatenates every process's
+    rows, `reduce` sums a tensor over processes; the identity on one process). The pairwise ones are
+    means over the untied pairs."""
+    lengths = ro.response_mask.sum(1).float()
+
+    def gmean(x: torch.Tensor) -> float:
+        return float(gather(x.detach().float().reshape(-1)).mean())
+
+    def seq_sum(x: torch.Tensor) -> torch.Tensor:
+        return objectives.masked_sum(x, ro.response_mask)
+
+    tokens_global = float(gather(lengths).sum())
+    metrics = {"objective/scores": gmean(ro.scores), **rollout.entropy_metrics(ro.old_logprobs, ro.response_mask, gather)}
+    if ro.ref_logprobs is not None:
+        metrics["objective/kl_ref"] = gmean(seq_sum(objectives.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k1")))
+        metrics["objective/kl_ref_k3"] = gmean(seq_sum(objectives.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k3")))
+    metrics["objective/kl_ref_every"] = c.kl_ref_interval()
+    kl_rows = ro.kl_prev_rows if ro.kl_prev_rows is not None else slice(None)
+    metrics.update(rollout.kl_prev_metrics(ro.old_logprobs[kl_rows], ro.new_logprobs, ro.response_mask[kl_rows], gather))
+    metrics["objective/kl_prev_samples"] = c.global_batch_size // c.rloo_k * (c.kl_prev_per_prompt or c.rloo_k)
+    metrics["policy/entropy"] = float(gather(seq_sum(ro.token_entropy)).sum()) / max(tokens_global, 1.0)
+    n_pairs = stats["n_pairs"]
+    metrics["online/pairs"] = n_pairs
+    metrics["online/ties"] = c.global_batch_size // c.rloo_k - n_pairs
+    gap = (ro.scores[pairs.chosen] - ro.scores[pairs.rejected]) * pairs.valid.float()
+    if n_pairs > 0:
+        metrics["online/score_gap"] = float(reduce(gap.sum())) / n_pairs  # score(chosen) - score(rejected)
+        names = sorted(stats["sums"])
+        totals = reduce(torch.stack([stats["sums"][k] for k in names]))
+        metrics.update({k: float(totals[i]) / n_pairs for i, k in enumerate(names)})
+    if stats["grad_norm"] is not None:
+        metrics["train/grad_norm"] = gmean(stats["grad_norm"])
+    metrics["train/lr"] = stats["lr"]
+    metrics["response/length"] = tokens_global / c.global_batch_size
+    metrics["response/eos_fraction"] = gmean(ro.contains_eos)
+    return metrics
+
+
+def sample_records(c: OnlineConfig, m: Models, ro: Rollout, pairs: objectives.PairSelection, iteration: int) -> list[dict]:
+    """The first `num_samples` completions of this process, for samples.jsonl (`pair`: chosen / rejected / '')."""
+    rows = list(range(min(c.num_samples, len(ro))))
+    prompts = rollout.prompt_texts(m.tokenizer, ro.query_ids[rows], ro.query_mask[rows])
+    role = {}
+    for ch, rj, ok in zip(pairs.chosen.tolist(), pairs.rejected.tolist(), pairs.valid.tolist()):
+        if ok:
+            role[ch], role[rj] = "chosen", "rejected"
+    return [{"step": iteration, "prompt": prompts[j], "completion": ro.completions[r], "score": float(ro.scores[r]),
+             "pair": role.get(r, ""), "contains_eos": bool(ro.contains_eos[r]), "temperature": c.temperature}
+            for j, r in enumerate(rows)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------
+def main(c: OnlineConfig, reward_fn: Optional[Callable] = None) -> Path:
+    """Train; returns the run directory. `reward_fn` (optional) replaces the reward model (maxent_rlhf.rollout)."""
+    from accelerate import Accelerator
+
+    trackers = resolve_trackers(c.report_to)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(c.mixed_precision), log_with=trackers or None,
+                              project_dir=c.output_dir)
+    device = accelerator.device
+    plan = batch_plan(c, accelerator.num_processes)
+    reward_fn = rollout.resolve_reward_fn(c, reward_fn)  # the programmatic reward, or None: the reward model
+
+    # refuses an output_dir holding another run unless --resume / --overwrite_output_dir (runs.open_run_dir)
+    run_dir, ckpt = open_run_dir(c.output_dir, c.resume, c.overwrite_output_dir, accelerator)
+    run_dir.save_config(c)
+    seed_everything(c.seed)
+    if trackers:
+        accelerator.init_trackers(c.tracker_project_name, config={k: v for k, v in vars(c).items() if isinstance(v, (int, float, str, bool))})
+
+    # ---- models, optimizer ----
+    check_context_length(load_model_config(c.model_name_or_path, trust_remote_code=c.trust_remote_code),
+                         c.max_prompt_length, c.response_length, "max_prompt_length", "response_length")
+    m = rollout.load_models(c, accelerator, reward_fn, log_prefix="[train_online]")
+    optimizer = torch.optim.AdamW(m.policy.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
+                                  eps=c.adam_epsilon, weight_decay=c.weight_decay)
+    scheduler = build_lr_scheduler(optimizer, c.lr_scheduler_type, plan.num_iterations, c.warmup_ratio)
+    distributed.configure_deepspeed(accelerator, c.per_device_train_batch_size, c.max_grad_norm)  # no-op without DeepSpeed
+    m.policy, optimizer = accelerator.prepare(m.policy, optimizer)
+    m.sharing = rollout.prompt_sharing(c, m, plan.rows_local)  # the update's rows are pairs: its pass is plain
+
+    # ---- data ----
+    dataset = load_any_dataset(c.dataset_name, c.dataset_train_split)
+    require_columns(dataset, [c.prompt_column], f"{c.dataset_name} ({c.dataset_train_split})")
+    prompts_all = dataset[c.prompt_column]
+    stream = PromptStream(len(prompts_all), plan.prompts_global, c.seed)
+    truncated_prompts = 0
+
+    # ---- resume ----
+    start = 0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, m.policy, optimizer, scheduler, accelerator)
+        start = state["step"]
+        stream.load(state["data"])
+        truncated_prompts = int(state.get("truncated_prompts", 0))
+        if accelerator.is_main_process:
+            print(f"[train_online] resumed from {ckpt} at iteration {start}")
+    evaluator = TrainingEvaluator(c, accelerator, run_dir, plan.num_iterations, start, log_prefix="[train_online]")
+    if start == 0 and evaluator.due(0):  # the initial policy: the "SFT" point of the closing summary
+        run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, 0), 0)
+
+    rank, gather = accelerator.process_index, accelerator.gather
+    reduce = (lambda x: accelerator.reduce(x, reduction="sum")) if accelerator.num_processes > 1 else (lambda x: x)
+    last_saved = start if ckpt is not None else -1
+    progress = tqdm(range(start + 1, plan.num_iterations + 1), desc=f"train_online[{c.loss_type}]", initial=start,
+                    total=plan.num_iterations, disable=not accelerator.is_main_process, dynamic_ncols=True)
+    for it in progress:
+        t_iter, cpu_iter = time.perf_counter(), time.process_time()
+        timings: dict = {}
+        check = lambda name, v: check_finite(name, v, it, run_dir)  # noqa: E731
+        idx = stream.next()[rank * plan.prompts_local : (rank + 1) * plan.prompts_local]  # whole prompt groups
+        query_ids, query_mask, cut = rollout.prompt_batch(c, m.tokenizer, [prompts_all[i] for i in idx], device)
+        truncated_prompts += int(gather(torch.tensor([cut], device=device)).sum())
+
+        with rollout.timed(timings, "generate"):  # 1. rloo_k completions per prompt, cut after EOS
+            ro = rollout.generate(c, m, query_ids, query_mask, it, first_row=rank * plan.rows_local)
+        with rollout.timed(timings, "score"):  # 2. reward-model score; missing-EOS penalty
+            ro.completions, ro.scores = rollout.score(c, m, ro)
+            check("reward-model score", ro.scores)
+        pairs = select_pairs(c, ro)  # 3. chosen = best, rejected = worst; ties marked
+        with rollout.timed(timings, "logprobs"):  # 4. the policy's (old) and, when used, the reference's log-probs
+            ro.old_logprobs, ro.token_entropy = rollout.policy_logprobs(c, m, ro, m.policy, m.sharing.old, return_entropy=True)
+            ro.ref_logprobs = rollout.reference_logprobs(c, m, ro) if c.needs_ref(it) else None
+        with rollout.timed(timings, "update"):  # 5. the pairwise loss, one optimizer step
+            stats = update(c, m, plan, ro, pairs, optimizer, scheduler, check)
+        with rollout.timed(timings, "kl_prev"):  # 6. the same samples after the update
+            ro.kl_prev_rows, ro.new_logprobs = rollout.kl_prev_logprobs(c, m, ro)
+
+        # 7. log (means over the global batch)
+        metrics = iteration_metrics(c, ro, pairs, stats, gather, reduce)
+        metrics["data/truncated_prompts"] = truncated_prompts
+        metrics["data/epoch"] = stream.epoch
+        metrics["episodes"] = it * c.global_batch_size
+        metrics.update({f"time/{k}": v for k, v in timings.items()})
+        t_total = time.perf_counter() - t_iter
+        metrics["time/iteration"] = t_total
+        metrics["time/iteration_cpu"] = time.process_time() - cpu_iter
+        metrics["perf/episodes_per_s"] = c.global_batch_size / t_total
+        metrics["perf/tokens_per_s"] = metrics["response/length"] * c.global_batch_size / t_total
+        if it % c.logging_steps == 0 or it == plan.num_iterations:
+            run_dir.log_metrics(metrics, it)
+        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", loss=f"{metrics.get('train/loss', float('nan')):.3f}",
+                             ties=int(metrics["online/ties"]), refresh=False)
+        # 8. win rate, samples, checkpoint
+        if evaluator.due(it):  # before the checkpoint: a resume redoes it
+            run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, it), it)
+        if c.sample_every > 0 and it % c.sample_every == 0 and c.num_samples > 0:
+            run_dir.append_jsonl("samples.jsonl", sample_records(c, m, ro, pairs, it))
+        if (c.save_steps > 0 and it % c.save_steps == 0) or it == plan.num_iterations:
+            save_checkpoint(run_dir, it, m.policy, m.tokenizer, optimizer, scheduler,
+                            state={"data": stream.state(), "truncated_prompts": truncated_prompts}, keep_last=c.save_total_limit)
+            last_saved = it
+    if last_saved < 0 and latest_checkpoint(run_dir.path) is None:  # nothing ran (resumed at the end)
+        save_checkpoint(run_dir, start, m.policy, m.tokenizer, optimizer, scheduler,
+                        state={"data": stream.state(), "truncated_prompts": truncated_prompts})
+    accelerator.wait_for_everyone()
+    if trackers:
+        accelerator.end_training()
+    if accelerator.is_main_process:
+        closing_summary(run_dir.path)
+    return run_dir.path
+
+
+# the run figure: the RLOO figure's panels (entropy, KL to the reference, KL between consecutive policies)
+# under the proxy score, plus the pairwise loss's implicit reward margin
+ONLINE_RUN_PANELS = ([("proxy score", [("objective/scores", None)])] + plotting.RLOO_RUN_PANELS[1:]
+                     + [("reward margin", [("rewards/margins", None)])])
+
+
+def closing_summary(run_path: Path) -> None:
+    """The run's story from its metrics.jsonl (maxent_rlhf.story: proxy score, KL, win rate, verdict) and its
+    figure (<run>/curves.png)."""
+    print("[train_online] summary\n" + run_story(read_metrics(run_path), run_path).text(), flush=True)
+    figure = plotting._run_figure(run_path, ONLINE_RUN_PANELS, "online pairwise", plotting.RUN_FIGURE)
+    if figure is not None:
+        print(f"[train_online] figure: {figure}", flush=True)
+
+
+if __name__ == "__main__":
+    from maxent_rlhf.cli import run_script
+
+    run_script(main, OnlineConfig)
