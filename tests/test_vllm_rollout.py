@@ -214,6 +214,21 @@ def test_probe_equals_trainer_after_each_sync_and_a_skipped_sync_stops_the_run(w
     print("skipped sync:", line)
 
 
+@needs_vllm
+def test_a_lora_policy_pushes_its_merged_weights(work, tmp_path):
+    """use_peft: the engine serves the base, the sync sends base + the LoRA update (lora.merged_state_dict);
+    after each update the probe and the sampled tokens' log-probs are the trainer's (the adapter's B starts
+    at 0, so only a sync that merges moves the engine)."""
+    pytest.importorskip("peft")
+    c = train_rloo.RLOOConfig(**_config(work, num_iterations=2, save_steps=0, learning_rate=1e-2, use_peft=True,
+                                        lora_r=4, lora_alpha=8, output_dir=str(tmp_path / "lora")))
+    metrics = read_metrics(train_rloo.main(c))
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["rollout/engine_logprob_diff"] <= FP32_ATOL and m["rollout/engine_trainer_logprob_diff"] <= FP32_ATOL, m
+    assert metrics[1]["objective/kl_ref"] != 0  # the adapter moved the policy away from the base
+
+
 # the engine process is spawned: the driver needs the `__main__` guard (vLLM re-imports the main module).
 # A job with `kill_at` dies by SIGKILL while logging that iteration (after the checkpoint before it), first
 # writing the ids of its descendants (the engine's processes) to <output_dir>.pids.
