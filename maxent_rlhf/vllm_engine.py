@@ -163,7 +163,9 @@ def start_engine(c, accelerator, max_model_len: int) -> "VLLMEngine":
                           f"process ({accelerator.num_processes} run): each colocated engine holds its process's GPU")
     with only_this_device(accelerator):
         engine = VLLMEngine(
-            resolve_path(c.model_name_or_path), dtype=engine_dtype(c.mixed_precision, accelerator.device),
+            # the precision the trainer's forward runs in (accelerate's resolved `mixed_precision`, which a
+            # launcher config may set when the run's own is 'auto'), so the engine samples from that model
+            resolve_path(c.model_name_or_path), dtype=engine_dtype(accelerator.mixed_precision, accelerator.device),
             gpu_memory_utilization=c.vllm_gpu_memory_utilization, tensor_parallel_size=c.vllm_tensor_parallel_size,
             enable_sleep_mode=c.vllm_enable_sleep_mode, max_model_len=max_model_len, seed=c.seed)
     atexit.register(engine.close)
