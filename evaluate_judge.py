@@ -66,6 +66,9 @@ class EvalConfig(JudgeArgs, BaseConfig):
     cache_path: Optional[str] = cfg(
         None, "judgment cache (JSONL file; an existing directory: judgments.jsonl in it); default <output_dir>/judgments.jsonl")
     dry_run: bool = cfg(False, "generate, then print the number of judge requests and the token estimate, and stop")
+    use_vllm: bool = cfg(
+        False, "decode the greedy generations with vLLM (an engine per checkpoint and process; the same "
+        "max_new_tokens / EOS semantics); needs the `vllm` extra")
     plot: bool = cfg(True, "write win_rate.png (win rate against training step)")
 
     def range_checks(self) -> list:  # the judge options' ranges are JudgeArgs'
@@ -180,7 +183,6 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
     from maxent_rlhf.artifacts import is_local_path
     from maxent_rlhf.lora import is_adapter_dir, load_merged_from_adapter, read_adapter_config
     from maxent_rlhf.models import TOKENIZER_FILES, load_policy, load_tokenizer, resolve_dtype
-    from maxent_rlhf.runs import open_jsonl_for_append
 
     path = out_dir / "generations" / f"{target.label}.jsonl"
     existing = read_generations(path, examples, config)
@@ -191,26 +193,48 @@ def generate_missing(target: Target, examples: list[Example], config: EvalConfig
         return
     dtype = resolve_dtype(config.mixed_precision, state.device)
     tok_path = config.tokenizer_name_or_path or target.path
-    if is_local_path(target.path) and is_adapter_dir(target.path):
+    adapter = is_local_path(target.path) and is_adapter_dir(target.path)
+    if adapter and not any((Path(target.path) / f).exists() for f in TOKENIZER_FILES):
+        tok_path = config.tokenizer_name_or_path or read_adapter_config(target.path)["base_model_name_or_path"]
+    tok = load_tokenizer(tok_path, padding_side="left", trust_remote_code=config.trust_remote_code)
+    if config.use_vllm:  # this process's share on an engine serving the checkpoint (closed before the next)
+        from maxent_rlhf.artifacts import resolve_path
+        from maxent_rlhf.vllm_engine import VLLMEngine, engine_dtype, only_this_device
+
+        serve = read_adapter_config(target.path)["base_model_name_or_path"] if adapter else target.path
+        with only_this_device(state):
+            engine = VLLMEngine(resolve_path(serve), tokenizer=resolve_path(tok_path),
+                                dtype=engine_dtype(config.mixed_precision, state.device), seed=config.seed)
+        with engine:
+            if adapter:  # the base with the adapter merged in float32, as the plain path judges it
+                engine.load_weights(load_merged_from_adapter(target.path, torch.float32,
+                                                             config.trust_remote_code).state_dict().items())
+            records = generate_records(None, tok, missing, config, target.path, state, engine=engine)
+        _append_generations(path, records, state)
+        return
+    if adapter:
         # a LoRA checkpoint: its base (adapter_config.json) with the adapter merged in float32, then cast, the
         # very weights `python -m maxent_rlhf.lora merge` writes and load_policy would cast
         model = load_merged_from_adapter(target.path, torch.float32, config.trust_remote_code).to(dtype)
-        if not any((Path(target.path) / f).exists() for f in TOKENIZER_FILES):
-            tok_path = config.tokenizer_name_or_path or read_adapter_config(target.path)["base_model_name_or_path"]
     else:
         model = load_policy(target.path, dtype=dtype, trust_remote_code=config.trust_remote_code)
     model = model.to(state.device).eval()
-    tok = load_tokenizer(tok_path, padding_side="left", trust_remote_code=config.trust_remote_code)
     # each process holds the whole model (no sharding): no synced_gpus
     records = generate_records(model, tok, missing, config, target.path, state, progress=f"generate {target.label}")
+    _append_generations(path, records, state)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _append_generations(path: Path, records, state) -> None:
+    from maxent_rlhf.runs import open_jsonl_for_append
+
     if state.is_main_process:
         with open_jsonl_for_append(path) as f:
             for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     state.wait_for_everyone()
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------------

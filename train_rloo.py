@@ -18,6 +18,8 @@ model loading are the online trainers' shared rollout (`maxent_rlhf.rollout`); s
   5. RLOO leave-one-out advantages over the k samples of each prompt (optional whitening) `rloo_row_advantages`
   6. update: num_ppo_epochs x num_mini_batches clipped policy-gradient steps (grad accumulation,
      clipping, lr decay); with one epoch of one mini-batch it also does 3 (policy part)-5    `update`
+     with `use_vllm` (step 1 then samples on a vLLM engine): the new weights go into the engine, and a
+     probe sequence checks it took them                                               `rollout.sync_engine`
   7. kl_prev: log-probs of the same samples after the update (KL between consecutive policies;
      all of them, or `kl_prev_per_prompt` of each prompt)                          `rollout.kl_prev_logprobs`
   8. log, sample, checkpoint                                                              `iteration_metrics`
@@ -78,16 +80,17 @@ from maxent_rlhf.models import check_context_length, load_model_config
 from maxent_rlhf.rollout import Models, Rollout, RolloutArgs
 from maxent_rlhf.schedules import build_lr_scheduler
 from maxent_rlhf.story import run_story
+from maxent_rlhf.vllm_engine import VLLMArgs
 from maxent_rlhf.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from maxent_rlhf.distributed import resolve_mixed_precision, resolve_trackers, seed_everything
 from maxent_rlhf.runs import check_finite, open_run_dir, read_metrics
 
 
 @dataclass
-class RLOOConfig(PeftArgs, EvalArgs, RolloutArgs, TrainConfig):
+class RLOOConfig(PeftArgs, EvalArgs, VLLMArgs, RolloutArgs, TrainConfig):
     """Online RLOO (PPO-style clipped update, no value head) with a KL / entropy / no regulariser; the win
     rate during training (EvalArgs: `judge`, `eval_steps`, `judge_dataset_*`) is off unless `judge` is set.
-    Models, data and sampling: `RolloutArgs`."""
+    Models, data and sampling: `RolloutArgs`; vLLM as the rollout engine: `VLLMArgs`."""
 
     # RLOO / PPO (the rollout's fields: RolloutArgs)
     global_batch_size: int = cfg(64, "GLOBAL completions per iteration (prompts x rloo_k), over all processes")
@@ -288,8 +291,13 @@ def update(c: RLOOConfig, m: Models, plan: BatchPlan, ro: Rollout, optimizer, sc
                         adv = computed[-1].advantages
                     else:
                         new_lp, old_lp, adv = out.float(), ro.old_logprobs[rows], ro.advantages[rows]
+                    is_weights = None  # vLLM's samples: truncated importance weights of the engine/trainer mismatch
+                    if c.use_vllm and c.vllm_importance_sampling_correction:
+                        is_weights = objectives.truncated_importance_weights(
+                            old_lp, ro.engine_logprobs[rows], ro.response_mask[rows], c.vllm_importance_sampling_cap,
+                            c.loss_level)
                     pg = objectives.ppo_clipped_policy_loss(new_lp, old_lp, adv, ro.response_mask[rows], c.cliprange,
-                                                            level=c.loss_level)
+                                                            level=c.loss_level, weights=is_weights)
                     acc.backward(pg.loss / plan.grad_accum)
                 check("policy loss", pg.loss)
                 for key in ("clipfrac", "approxkl", "ratio", "loss"):
@@ -433,10 +441,12 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
         truncated_prompts = int(state.get("truncated_prompts", 0))
         if accelerator.is_main_process:
             print(f"[train_rloo] resumed from {ckpt} at iteration {start}")
+        if m.engine is not None:  # the engine started from model_name_or_path: give it the checkpoint's weights
+            rollout.sync_engine(c, m)
     # win rate during training (when `judge` is set): one evaluator for the run, which prints a paid judge's cost once
     evaluator = TrainingEvaluator(c, accelerator, run_dir, plan.num_iterations, start, log_prefix="[train_rloo]")
     if start == 0 and evaluator.due(0):  # the initial policy: the "SFT" point of the closing summary
-        run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, 0), 0)
+        run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, 0, engine=m.engine), 0)
 
     rank, gather = accelerator.process_index, accelerator.gather
     last_saved = start if ckpt is not None else -1
@@ -459,11 +469,17 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
             check_finite("reward-model score", ro.scores, it, run_dir)
         stats = learn(c, m, plan, ro, optimizer, scheduler, c.needs_ref(it), timings,  # 3.-6.
                       check=lambda name, v: check_finite(name, v, it, run_dir))
+        if m.engine is not None:  # 6b. the updated weights into the vLLM engine; probe that it took them
+            with rollout.timed(timings, "weight_sync"):
+                probe_diff = rollout.sync_engine(c, m, probe=ro, iteration=it)
         with rollout.timed(timings, "kl_prev"):  # 7. the same samples (all, or kl_prev_per_prompt of each prompt) after the update
             ro.kl_prev_rows, ro.new_logprobs = rollout.kl_prev_logprobs(c, m, ro)
 
         # 8. log, sample, checkpoint (metrics are means over the global batch: gathered from every process)
         metrics = iteration_metrics(c, ro, stats, gather)
+        if m.engine is not None:
+            metrics["rollout/engine_logprob_diff"] = probe_diff
+            metrics.update(rollout.engine_metrics(c, ro, gather))
         metrics["data/truncated_prompts"] = truncated_prompts
         metrics["data/epoch"] = stream.epoch
         metrics["episodes"] = it * c.global_batch_size
@@ -480,7 +496,7 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
             kl_prev=f"{metrics['objective/kl_prev']:.2g}", eps_s=f"{metrics['perf/episodes_per_s']:.1f}", refresh=False,
         )
         if evaluator.due(it):  # greedy summaries of the current weights, judged (before the checkpoint: a resume redoes it)
-            run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, it), it)
+            run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, it, engine=m.engine), it)
         if c.sample_every > 0 and it % c.sample_every == 0 and c.num_samples > 0:
             run_dir.append_jsonl("samples.jsonl", sample_records(c, m, ro, it))
         if (c.save_steps > 0 and it % c.save_steps == 0) or it == plan.num_iterations:
@@ -490,6 +506,8 @@ def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     if last_saved < 0 and latest_checkpoint(run_dir.path) is None:  # nothing ran (resumed at the end)
         save_checkpoint(run_dir, start, m.policy, m.tokenizer, optimizer, scheduler,
                         state={"data": stream.state(), "truncated_prompts": truncated_prompts})
+    if m.engine is not None:
+        m.engine.close()
     accelerator.wait_for_everyone()
     if trackers:
         accelerator.end_training()

@@ -24,6 +24,11 @@ checkpointing on. Checks, one row each:
                           rloo maxent 3 iterations + a resume from its step-2 (sharded) checkpoint, dpo
                           3 steps; zero3 is SKIP when deepspeed is not installed
   whole run               under --budget_s (480 s) on an H100-class GPU (SKIP on other devices)
+  rloo kl + vLLM          (GPU with vLLM installed only, after the budgeted run) the rloo kl run with
+                          `use_vllm: true` in bf16: episodes/s beside the HF-generate row's, engine start,
+                          weight sync seconds, the probe's engine/trainer log-prob gap after each sync (the
+                          run stops itself above 0.1 per token) and the sampled tokens' gap; then the same
+                          with `vllm_importance_sampling_correction` (the weights' mean and truncated fraction)
 
 Every training row also requires finite metrics and a final checkpoint that plain `from_pretrained`
 loads as a full model (no missing keys, full shapes). Columns: episodes/s (RLOO) or pairs/s (offline),
@@ -491,6 +496,8 @@ def main() -> int:
                  ("PASS" if total <= args.budget_s else "FAIL"), "episodes_s": float("nan"), "tokens_s": float("nan"),
                  "peak_gib": float("nan"), "mfu": float("nan"), "seconds": total,
                  "note": "not an H100-class device: not judged" if not h100_class else f"{total:.0f} s"})
+    if not args.tiny:
+        rows += vllm_rows(out, job, args.timeout, rows[0])
     table = render(rows, device, total, peak)
     print(table, flush=True)
     table_path = Path(args.table) if args.table else out / "gpu_smoke.md"
@@ -503,6 +510,49 @@ def main() -> int:
         print(f"[gpu_smoke] FAILED: {'; '.join(failed)} (logs under {out})", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def vllm_rows(out: Path, job, timeout: int, plain: dict) -> list:
+    """The vLLM checks (a GPU with vLLM installed; none otherwise): the rloo kl run on the engine, bf16."""
+    import importlib.util
+    import re
+
+    if importlib.util.find_spec("vllm") is None:
+        return [{"check": "rloo kl + vLLM (bf16, 1 process)", "status": "SKIP", "episodes_s": float("nan"),
+                 "tokens_s": float("nan"), "peak_gib": float("nan"), "mfu": float("nan"), "seconds": 0.0,
+                 "note": 'vLLM is not installed (pip install -e ".[vllm]")'}]
+    print("[gpu_smoke] vLLM: rloo kl with use_vllm, plain and with importance-sampling correction", flush=True)
+    jobs = [job("rloo_kl_vllm", "rloo_kl", use_vllm=True),
+            job("rloo_kl_vllm_is", "rloo_kl", use_vllm=True, vllm_importance_sampling_correction=True)]
+    rc, entries, _ = launch(out, "vllm", jobs, "single_gpu.yaml", False, timeout)
+    log = (out / "vllm.log").read_text()
+    starts = [float(x) for x in re.findall(r"vLLM engine \(\w+\) started in ([\d.]+) s", log)]
+    by_name = {e["name"]: e for e in entries}
+    rows = []
+    for i, (j, label) in enumerate(((jobs[0], "rloo kl + vLLM (bf16, 1 process)"),
+                                    (jobs[1], "rloo kl + vLLM + IS correction (bf16, 1 process)"))):
+        entry = by_name.get(j["name"], {"ok": False, "error": f"worker exit {rc}"})
+        row = {"check": label, "status": "FAIL", "episodes_s": float("nan"), "tokens_s": float("nan"),
+               "peak_gib": entry.get("peak_gib", float("nan")), "mfu": float("nan"),
+               "seconds": entry.get("wall_s", float("nan")), "note": ""}
+        if not entry.get("ok"):
+            row["note"] = (entry.get("error") or "did not run").strip().splitlines()[-1][:200]
+            rows.append(row)
+            continue
+        metrics = _metrics(out / j["name"])
+        steady = metrics[1:] or metrics
+        row.update(status="PASS", episodes_s=_median(steady, "perf/episodes_per_s"), tokens_s=_median(steady, "perf/tokens_per_s"))
+        probe = max(m["rollout/engine_logprob_diff"] for m in metrics)
+        note = (f"engine start {starts[i] if i < len(starts) else float('nan'):.1f} s; weight sync "
+                f"{_median(steady, 'time/weight_sync'):.3f} s; generate {_median(steady, 'time/generate'):.2f} s "
+                f"(HF generate row: {plain['episodes_s']:.2f} episodes/s); probe gap after sync <= {probe:.2e} "
+                f"per token; sampled tokens' gap {_median(metrics, 'rollout/engine_trainer_logprob_diff'):.2e}")
+        if "rollout/is_weight_mean" in metrics[0]:
+            note += (f"; IS weight mean {_median(metrics, 'rollout/is_weight_mean'):.3f}, truncated "
+                     f"{_median(metrics, 'rollout/is_clipped_frac'):.1%}")
+        row["note"] = note
+        rows.append(row)
+    return rows
 
 
 def _load_initial(out: Path) -> dict:

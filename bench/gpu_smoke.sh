@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU acceptance run (one command): a Pythia-160M-shape GPT-NeoX built locally (no download); bf16 RLOO
-# (KL, MaxEnt) and DPO / SimPO on one GPU, save + kill + resume, FSDP2 and ZeRO-3 with one process;
+# (KL, MaxEnt) and DPO / SimPO on one GPU, save + kill + resume, FSDP2 and ZeRO-3 with one process, and
+# RLOO with vLLM rollouts where vLLM is installed (engine start, weight sync, log-prob gap, episodes/s);
 # one table (episodes/s, tokens/s, peak GPU memory, update-phase MFU, pass/fail per check), written to
 # the file it names; exit status 1 when a check fails. Estimated 3-5 minutes on one H100 (see the README).
 #

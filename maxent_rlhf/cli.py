@@ -36,6 +36,7 @@ def _user_error_classes() -> tuple[tuple[type, int], ...]:
     for module, name, status in (
         ("maxent_rlhf.data", "DataError", 1),
         ("maxent_rlhf.runs", "NonFiniteError", 1),
+        ("maxent_rlhf.vllm_engine", "EngineSyncError", 1),
         ("maxent_rlhf.checkpoints", "CheckpointError", 1),
         ("maxent_rlhf.judges", "JudgeError", 1),
     ):

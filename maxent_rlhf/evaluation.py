@@ -212,13 +212,14 @@ def generation_record(example: Example, completion, tokenizer, max_new_tokens: i
 
 
 def generate_records(model, tokenizer, examples: Sequence[Example], c, model_name: str, processes=None,
-                     synced_gpus: bool = False, progress: Optional[str] = None) -> Optional[list[dict]]:
+                     synced_gpus: bool = False, progress: Optional[str] = None, engine=None) -> Optional[list[dict]]:
     """Greedy generation records (`generation_record`) of `examples`, split over `processes` (an
     Accelerator or PartialState; None: this process alone): the main process returns them in the order of
     `examples`, the others None. Every process decodes every world-th example and runs the same number of
     batches (padded with repeats of the first example, dropped): sharded forwards (ZeRO-3, FSDP2, with
     `synced_gpus`) line up. `c` gives max_new_tokens, per_device_eval_batch_size, max_prompt_length;
-    `progress`: a progress-bar title on the main process."""
+    `progress`: a progress-bar title on the main process. `engine`: a `vllm_engine.VLLMEngine` holding the
+    model's weights decodes instead (`vllm_engine.complete_prompts`, the same semantics; `model` unused)."""
     from tqdm.auto import tqdm
 
     from .generation import complete_prompts
@@ -232,9 +233,14 @@ def generate_records(model, tokenizer, examples: Sequence[Example], c, model_nam
     bar = tqdm(total=len(examples), desc=progress, disable=progress is None or not is_main)
     records = []
     try:
-        batches = complete_prompts(model, tokenizer, [e.prompt for e in padded], c.max_new_tokens,
-                                   c.per_device_eval_batch_size, max_prompt_length=c.max_prompt_length,
-                                   device=device, synced_gpus=synced_gpus)
+        if engine is not None:  # one request batch: the engine schedules it
+            from .vllm_engine import complete_prompts as engine_complete
+
+            batches = [engine_complete(engine, tokenizer, [e.prompt for e in padded], c.max_new_tokens, c.max_prompt_length)]
+        else:
+            batches = complete_prompts(model, tokenizer, [e.prompt for e in padded], c.max_new_tokens,
+                                       c.per_device_eval_batch_size, max_prompt_length=c.max_prompt_length,
+                                       device=device, synced_gpus=synced_gpus)
         for completions in batches:
             for e, completion in zip(padded[len(records):], completions):
                 records.append(generation_record(e, completion, tokenizer, c.max_new_tokens, model_name))
@@ -539,12 +545,13 @@ class TrainingEvaluator:
             line += f"; cache {self.cache_path}"
         self._print(line)
 
-    def evaluate(self, model, tokenizer, step: int) -> dict:
+    def evaluate(self, model, tokenizer, step: int, engine=None) -> dict:
         """Greedy generations of the current policy, judged: the `eval/*` metrics of `step`, or
-        {"eval/missing": 1} when the judge failed or the request cap is spent (training goes on)."""
+        {"eval/missing": 1} when the judge failed or the request cap is spent (training goes on).
+        `engine`: the run's vLLM engine (synced to the policy's weights) generates them instead."""
         if not self.enabled:
             return {}
-        records = self._generate(model, tokenizer, step)
+        records = self._generate(model, tokenizer, step, engine)
         result = None
         if self.is_main:
             result = self._judge(records, step)
@@ -554,12 +561,15 @@ class TrainingEvaluator:
             result = broadcast_object_list([result], from_process=0)[0]
         return result
 
-    def _generate(self, model, tokenizer, step: int) -> Optional[dict[str, dict]]:
+    def _generate(self, model, tokenizer, step: int, engine=None) -> Optional[dict[str, dict]]:
         """{example id: generation record} on the main process (None elsewhere); writes
         <run>/eval/generations/step_XXXXXXXX.jsonl."""
         from . import distributed
 
         acc = self.accelerator
+        if engine is not None:  # the run's vLLM engine, synced to the current weights
+            return self._write(generate_records(None, tokenizer, self.examples, self.config, f"step {step}", acc,
+                                                engine=engine), step)
         was_training = model.training
         model.eval()
         try:
@@ -571,6 +581,9 @@ class TrainingEvaluator:
         finally:
             if was_training:
                 model.train()
+        return self._write(records, step)
+
+    def _write(self, records: Optional[list[dict]], step: int) -> Optional[dict[str, dict]]:
         if not self.is_main:
             return None
         path = self.dir / "generations" / f"step_{step:08d}.jsonl"

@@ -690,6 +690,28 @@ def whiten(values: Tensor, mask: Optional[Tensor] = None, shift_mean: bool = Tru
     return out if shift_mean else out + mean
 
 
+def truncated_importance_weights(trainer_logprobs: Tensor, engine_logprobs: Tensor, response_mask: Tensor,
+                                 cap: float, level: str = "sequence") -> Tensor:
+    """Truncated importance sampling (TIS) weights of samples drawn by a rollout engine whose log-probs differ
+    from the trainer's (vLLM in bf16): w = min(pi_trainer(y) / pi_engine(y), cap), as TRL's
+    `vllm_importance_sampling_correction`.
+
+    trainer_logprobs, engine_logprobs, response_mask: [B, T] (the trainer's old log-probs and the engine's of
+    the same sampled tokens). level="sequence": [B], w = min(exp(sum_t (trainer - engine)), cap) over real
+    tokens; level="token": [B, T], w_t = min(exp(trainer_t - engine_t), cap), 1 on padding. Constants
+    (no gradient). Only the top is truncated: a weight below 1 down-weights a sample the engine over-drew.
+    """
+    _check_same_shape(trainer_logprobs=trainer_logprobs, engine_logprobs=engine_logprobs, response_mask=response_mask)
+    _check_positive("cap", cap)
+    mask = response_mask.to(torch.float64)
+    log_w = (trainer_logprobs.detach().double() - engine_logprobs.detach().double()) * mask
+    if level == "sequence":
+        log_w = log_w.sum(-1)
+    elif level != "token":
+        raise ValueError(f"`level` must be 'sequence' or 'token', got {level!r}")
+    return torch.clamp(log_w, max=math.log(cap)).exp().to(trainer_logprobs.dtype)
+
+
 @dataclass
 class PolicyLossOutput:
     loss: Tensor  # scalar
@@ -705,12 +727,15 @@ def ppo_clipped_policy_loss(
     response_mask: Tensor,
     cliprange: float,
     level: str = "sequence",
+    weights: Optional[Tensor] = None,
 ) -> PolicyLossOutput:
     """Clipped surrogate max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) (Schulman et al. 2017).
 
     new_logprobs, old_logprobs, response_mask: [B, T]; advantages: [B] (one per sequence).
       level="sequence": rho = exp(sum_t new - sum_t old), the paper's RLOO tooling (TRL's 2024 RLOOTrainer);
       level="token":    rho_t per token with the sequence advantage broadcast, masked token mean.
+    `weights` (optional, constants): each sequence's ([B]) or token's ([B, T]) term of the loss is
+    multiplied by its weight (`truncated_importance_weights`); clipfrac / approxkl / ratio are unweighted.
     """
     _check_same_shape(new_logprobs=new_logprobs, old_logprobs=old_logprobs, response_mask=response_mask)
     if advantages.shape != new_logprobs.shape[:1]:
@@ -722,7 +747,8 @@ def ppo_clipped_policy_loss(
         ratio = log_ratio.exp()
         unclipped = -advantages * ratio
         clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-        loss = torch.max(unclipped, clipped).mean()
+        per_seq = torch.max(unclipped, clipped)
+        loss = (per_seq if weights is None else per_seq * weights).mean()
         clipfrac = (clipped > unclipped).to(ratio.dtype).mean()
         approxkl = 0.5 * log_ratio.pow(2).mean()
         return PolicyLossOutput(loss, clipfrac.detach(), approxkl.detach(), ratio.mean().detach())
@@ -732,7 +758,8 @@ def ppo_clipped_policy_loss(
         adv = advantages[:, None]
         unclipped = -adv * ratio
         clipped = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-        loss = masked_mean(torch.max(unclipped, clipped), mask)
+        per_token = torch.max(unclipped, clipped)
+        loss = masked_mean(per_token if weights is None else per_token * weights, mask)
         clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), mask)
         approxkl = 0.5 * masked_mean(log_ratio.pow(2), mask)
         return PolicyLossOutput(loss, clipfrac.detach(), approxkl.detach(), masked_mean(ratio, mask).detach())

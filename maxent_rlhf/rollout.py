@@ -6,13 +6,15 @@ take that config as `c`.
   1. generate: `rloo_k` completions per prompt (KV-cached sampling at `temperature`, top_k 0 / top_p 1,
      `generation.sample`), each truncated after its first EOS (EOS kept), the rest padded and the all-pad
      tail columns dropped                                                         `generate`, `cut_to_longest`
+     (with `use_vllm`: on the run's vLLM engine, which also returns its log-probs     `engine_generate`)
   2. score: prompt + completion with the reward model at the last real token (or `reward_fn`); the
      missing-EOS penalty                                                                             `score`
   3. (the trainer's) log-probs of the sampled tokens under a model, from logits / T          `policy_logprobs`
   7. kl_prev: log-probs of the same samples after the update                                `kl_prev_logprobs`
 Around them: `load_models` (tokenizer, policy with dropout off, the reference when `c.needs_ref()`, the
 reward model or `reward_fn`; with `use_peft` a LoRA policy whose reference is itself with the adapter
-switched off, `Models.reference`), `prompt_batch` (this process's prompts), `prompt_sharing` (the shared prompt
+switched off, `Models.reference`; the vLLM engine with `use_vllm`), `sync_engine` (the updated weights into
+the engine, `full_policy_weights`, and the probe that checks them), `prompt_batch` (this process's prompts), `prompt_sharing` (the shared prompt
 pass, decided once per run), and the metrics of the rollout's own values (`kl_prev_metrics`,
 `entropy_metrics`).
 
@@ -52,6 +54,7 @@ Decisions (documented here once):
 from __future__ import annotations
 
 import importlib
+import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -59,7 +62,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import distributed, generation, lora, objectives
+from . import distributed, generation, lora, objectives, vllm_engine
 from .config import ConfigError, cfg
 from .data import tokenize_prompts
 from .models import load_policy, load_reward_model, load_tokenizer, resolve_dtype
@@ -225,6 +228,7 @@ class Models:
     retokenize: bool = False  # the reward model reads its own tokens (other vocabulary)
     reward_fn: Optional[Callable] = None
     sharing: PromptSharing = field(default_factory=PromptSharing)  # main: `prompt_sharing` once the models are prepared
+    engine: Optional[object] = None  # vllm_engine.VLLMEngine when `use_vllm` (step 1 samples with it)
 
     @property
     def reference_model(self) -> Optional[torch.nn.Module]:
@@ -262,6 +266,7 @@ class Rollout:
     advantages: Optional[torch.Tensor] = None  # [n] step 5
     new_logprobs: Optional[torch.Tensor] = None  # [len(kl_prev_rows), T] step 7: those rows' tokens after the update
     kl_prev_rows: Optional[torch.Tensor] = None  # step 7: the rows it ran on (all, or the first m of each prompt)
+    engine_logprobs: Optional[torch.Tensor] = None  # [n, T] step 1 with vLLM: the engine's log-probs of the samples
 
     def __post_init__(self):
         self.query_responses = torch.cat([self.query_ids, self.responses], 1)
@@ -277,7 +282,13 @@ class Rollout:
 
 def load_models(c, accelerator, reward_fn: Optional[Callable], log_prefix: str = "[rollout]") -> Models:
     """Tokenizer, policy (dropout off), the reference when `c.needs_ref()`, and the reward model unless a
-    reward_fn scores. Frozen models are in the mixed-precision dtype and prepared for the engine."""
+    reward_fn scores. Frozen models are in the mixed-precision dtype and prepared for the engine. With
+    `c.use_vllm` (VLLMArgs) this process's vLLM engine starts first, from `model_name_or_path`."""
+    engine = None
+    if getattr(c, "use_vllm", False):  # chosen once: step 1 samples with it for the whole run (started first: fails fast)
+        engine = vllm_engine.start_engine(c, accelerator, max_model_len=c.max_prompt_length + c.response_length)
+        if accelerator.is_main_process:
+            print(f"{log_prefix} vLLM engine ({engine.dtype}) started in {engine.start_seconds:.1f} s")
     frozen_dtype = resolve_dtype(c.mixed_precision, accelerator.device)
     tokenizer = load_tokenizer(c.model_name_or_path, padding_side="left", trust_remote_code=c.trust_remote_code)
     use_peft = getattr(c, "use_peft", False)
@@ -302,6 +313,7 @@ def load_models(c, accelerator, reward_fn: Optional[Callable], log_prefix: str =
         m.retokenize = not same_vocabulary(tokenizer, m.reward_tokenizer)
         if m.retokenize and accelerator.is_main_process:
             print(f"{log_prefix} policy and reward model tokenizers differ: re-tokenising text for the reward model")
+    m.engine = engine
     return m
 
 
@@ -355,21 +367,127 @@ def generate(c, m: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, it
     Each chunk samples from a stream tied to its first row in the GLOBAL batch (`first_row` = this
     process's offset), not to the process: with `local_rollout_forward_batch_size` dividing the
     per-process batch, N processes sample exactly what one process samples (distributed.sampling_rng).
+    With the vLLM engine (`m.engine`) every row samples with a seed of its own from (seed, iteration,
+    global row), so N processes sample what one does there too; the engine's log-probs of the samples
+    come back in `engine_logprobs`.
     """
     acc, tok = m.accelerator, m.tokenizer
-    m.policy.eval()
-    raw = []
-    with distributed.unwrap_for_generation(acc, m.policy) as gen_model, acc.autocast():
-        for s in chunks(query_ids.shape[0], c.local_rollout_forward_batch_size):
-            with distributed.sampling_rng(c.seed, iteration, first_row + s.start, acc.device):
-                # generation.sample: generate's tokens without its per-token overhead (sharded: generate itself)
-                raw.append(generation.sample(gen_model, query_ids[s], query_mask[s], c.response_length, tok.eos_token_id,
-                                             tok.pad_token_id, temperature=c.temperature,
-                                             synced_gpus=distributed.needs_synced_gpus(acc),
-                                             shared_prefix_k=m.sharing.sample))
-    responses, response_mask, contains_eos = generation.truncate_after_eos(torch.cat(raw), tok.eos_token_id, tok.pad_token_id)
+    if m.engine is not None:
+        raw, engine_lp = engine_generate(c, m, query_ids, query_mask, iteration, first_row)
+    else:
+        m.policy.eval()
+        raw, engine_lp = [], None
+        with distributed.unwrap_for_generation(acc, m.policy) as gen_model, acc.autocast():
+            for s in chunks(query_ids.shape[0], c.local_rollout_forward_batch_size):
+                with distributed.sampling_rng(c.seed, iteration, first_row + s.start, acc.device):
+                    # generation.sample: generate's tokens without its per-token overhead (sharded: generate itself)
+                    raw.append(generation.sample(gen_model, query_ids[s], query_mask[s], c.response_length,
+                                                 tok.eos_token_id, tok.pad_token_id, temperature=c.temperature,
+                                                 synced_gpus=distributed.needs_synced_gpus(acc),
+                                                 shared_prefix_k=m.sharing.sample))
+        raw = torch.cat(raw)
+    responses, response_mask, contains_eos = generation.truncate_after_eos(raw, tok.eos_token_id, tok.pad_token_id)
     responses, response_mask = cut_to_longest(responses, response_mask)
-    return Rollout(query_ids, query_mask, responses, response_mask, contains_eos)
+    ro = Rollout(query_ids, query_mask, responses, response_mask, contains_eos)
+    if engine_lp is not None:
+        ro.engine_logprobs = engine_lp[:, : responses.shape[1]] * response_mask
+    return ro
+
+
+def engine_generate(c, m: Models, query_ids: torch.Tensor, query_mask: torch.Tensor, iteration: int,
+                    first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1 on the vLLM engine: (responses [n, response_length], the engine's log-probs of them), on the
+    accelerator's device. The same sampling as `generation.sample` (softmax(logits / T), top_k 0, top_p 1,
+    stop after the EOS, kept); the seed of global row r is (mix_seed(seed, iteration), r)
+    (`vllm_engine.request_seed`). The engine sleeps between rollouts with `vllm_enable_sleep_mode`."""
+    k, tok, device = c.rloo_k, m.tokenizer, m.accelerator.device
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(query_ids[::k].cpu(), query_mask[::k].cpu())]
+    m.engine.wake_up()
+    responses, logprobs = m.engine.generate(prompts, n=k, max_tokens=c.response_length, temperature=c.temperature,
+                                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                            seed=distributed.mix_seed(c.seed, iteration), row_offset=first_row)
+    if m.engine.enable_sleep_mode:
+        m.engine.sleep()
+    return responses.to(device), logprobs.to(device)
+
+
+def full_policy_weights(accelerator, policy) -> dict[str, torch.Tensor]:
+    """The policy's full HF-named weights on EVERY process (what a colocated engine loads): a LoRA
+    `PeftModel` gives its base weights with the adapters added (`lora.merged_state_dict`, which gathers
+    FSDP2 shards itself); any other model `accelerator.get_state_dict`, as the checkpoint writer takes them
+    (ZeRO-3 / FSDP gather the shards onto the main process, which then broadcasts them: one pickled copy
+    of the weights per process, the cost of colocated engines on sharded training). Every process must call it."""
+    unwrapped = accelerator.unwrap_model(policy)
+    try:
+        import peft
+    except ImportError:
+        peft = None
+    if peft is not None and isinstance(unwrapped, peft.PeftModel):
+        return lora.merged_state_dict(policy)
+    state = accelerator.get_state_dict(policy)
+    if accelerator.num_processes > 1 and distributed.distributed_type(accelerator) in ("DEEPSPEED", "FSDP"):
+        box = [state if accelerator.is_main_process else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        state = box[0]
+    return state
+
+
+def sync_engine(c, m: Models, probe: Optional[Rollout] = None, iteration: int = 0) -> Optional[float]:
+    """Push the policy's current weights into this process's engine (every process calls it). With `probe`
+    (the iteration's rollout): the mean |engine - trainer| log-prob per token of its first row (prompt +
+    completion) at T=1, the largest over the processes, after the sync; a gap beyond the dtype's rounding
+    stops the run (`vllm_engine.check_probe`: the engine did not take the weights). Returns that gap."""
+    weights = full_policy_weights(m.accelerator, m.policy)
+    m.engine.wake_up()
+    m.engine.load_weights(weights.items())
+    del weights
+    diff = None
+    if probe is not None:
+        diff = engine_probe_diff(m, probe)
+        try:
+            vllm_engine.check_probe(diff, m.engine.dtype, iteration)
+        except vllm_engine.EngineSyncError:
+            m.engine.close()  # the run stops here: shut the engine down now, not at interpreter exit
+            raise
+    if m.engine.enable_sleep_mode:
+        m.engine.sleep()
+    return diff
+
+
+def engine_probe_diff(m: Models, ro: Rollout) -> float:
+    """Mean |engine - trainer| log-prob at T=1 over the real completion tokens of `ro`'s first row, the
+    largest over the processes. T=1: the engine's prompt log-probs are the raw logits' ones."""
+    prompt = ro.query_ids[0][ro.query_mask[0].bool()].tolist()
+    real = ro.response_mask[0].bool()
+    m.policy.eval()
+    with torch.no_grad(), m.accelerator.autocast():
+        trainer = generation.response_logprobs(m.policy, ro.query_responses[:1], ro.attention_mask[:1],
+                                               ro.context_length, 1.0)[0].float()[real]
+    engine = m.engine.sequence_logprobs(prompt, ro.responses[0][real].tolist(), temperature=1.0).to(trainer.device)
+    diff = (engine - trainer).abs().mean().reshape(1)
+    return float(m.accelerator.gather(diff).max())
+
+
+def engine_metrics(c, ro: Rollout, gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> dict[str, float]:
+    """How far the engine's log-probs of the samples are from the trainer's old ones: the mean |difference|
+    over the real tokens of the global batch; with `vllm_importance_sampling_correction`, the truncated
+    importance weights' mean and the fraction truncated at the cap (tokens or sequences, as loss_level)."""
+    mask = ro.response_mask.float()
+    gap = gather(objectives.masked_sum((ro.engine_logprobs - ro.old_logprobs).abs().float(), mask).reshape(-1))
+    out = {"rollout/engine_trainer_logprob_diff": float(gap.sum()) / max(float(gather(mask.sum(1)).sum()), 1.0)}
+    if c.vllm_importance_sampling_correction:
+        raw = objectives.truncated_importance_weights(ro.old_logprobs, ro.engine_logprobs, ro.response_mask,
+                                                      math.inf, c.loss_level)
+        real = ro.response_mask.bool() if c.loss_level == "token" else torch.ones_like(raw, dtype=torch.bool)
+        raw = raw[real].double()  # real tokens, or every sequence
+        # sums and counts per process, then over the processes (per-token tensors differ in length between them)
+        totals = gather(torch.stack([raw.clamp(max=c.vllm_importance_sampling_cap).sum(),
+                                     (raw > c.vllm_importance_sampling_cap).double().sum(),
+                                     torch.tensor(float(raw.numel()), dtype=torch.float64, device=raw.device)]
+                                    ).reshape(1, 3)).sum(0)
+        out["rollout/is_weight_mean"] = float(totals[0] / totals[2].clamp(min=1))
+        out["rollout/is_clipped_frac"] = float(totals[1] / totals[2].clamp(min=1))
+    return out
 
 
 def cut_to_longest(responses: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

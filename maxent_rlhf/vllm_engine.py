@@ -18,15 +18,18 @@ lives in a venv of its own (see .ci/run).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, cfg
 
 Tensor = torch.Tensor
 
@@ -34,6 +37,56 @@ INSTALL_HINT = 'pip install -e ".[vllm]" (on a CPU-only machine the community bu
 # vLLM's CPU backend sizes its KV cache from this variable (GiB); left unset, recent versions reserve a
 # large share of the machine's RAM. Rollout batches of the CPU tests need far less than 2 GiB.
 CPU_KV_CACHE_GIB = "2"
+
+
+# The probe check after each weight sync (`check_probe`): mean |engine - trainer| log-prob per token of a
+# fixed sequence at T=1. Same weights give rounding only: about 1e-6 in float32 (measured on CPU), of
+# order 1e-2 in bf16 (TRL #5312 saw 0.015 with synced weights). Weights NOT applied after an update give
+# the update's own change, 0.2 in that report. The thresholds sit a decade above the rounding of each dtype.
+PROBE_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
+
+
+class EngineSyncError(RuntimeError):
+    """The engine's log-probs after a weight sync are not the trainer's: the rollouts would come from other weights."""
+
+
+@dataclass
+class VLLMArgs:
+    """vLLM as the rollout engine (TRL's option names), mixed into an online trainer's config; everything here
+    is read only with `use_vllm: true` (`rollout.load_models` starts the engine once per run)."""
+
+    use_vllm: bool = cfg(
+        False, "generate the rollouts with vLLM (one colocated engine per process, weights pushed after every "
+        "update); needs the `vllm` extra. The PPO ratio still uses the trainer's own old log-probs")
+    vllm_mode: str = cfg(
+        "colocate", "'colocate' only: each process starts its own engine. TRL's 'server' mode (a separate "
+        "`trl vllm-serve` process fed weights over NCCL) is not offered: its weight channel is TRL's, and "
+        "colocated engines already run one per process", choices=("colocate",))
+    vllm_gpu_memory_utilization: float = cfg(
+        0.3, "fraction of the accelerator's memory the engine may take (weights + KV cache); the trainer "
+        "shares the device, so keep it low")
+    vllm_tensor_parallel_size: int = cfg(
+        1, "GPUs per engine; > 1 only with one training process (colocated engines each hold their process's GPU)")
+    vllm_enable_sleep_mode: bool = cfg(
+        False, "offload the engine's weights and free its KV cache between rollouts (level 1: the synced weights "
+        "come back on wake-up); GPU platforms only")
+    vllm_importance_sampling_correction: bool = cfg(
+        False, "weight each sample's loss by the truncated importance ratio min(exp(trainer old - engine "
+        "log-prob), cap) (per token or per sequence, as loss_level): corrects the engine/trainer mismatch "
+        "(bf16 rounding) that makes the rollouts slightly off-policy")
+    vllm_importance_sampling_cap: float = cfg(3.0, "upper truncation of that importance weight (TRL's default 3)")
+
+    def range_checks(self) -> list:
+        """Value ranges of the vLLM options (config.check_ranges; chained with the other mixed-in configs)."""
+        return getattr(super(), "range_checks", list)() + [
+            (0 < self.vllm_gpu_memory_utilization <= 1,
+             f"`vllm_gpu_memory_utilization` = {self.vllm_gpu_memory_utilization} must be in (0, 1]"),
+            (self.vllm_tensor_parallel_size >= 1,
+             f"`vllm_tensor_parallel_size` = {self.vllm_tensor_parallel_size} must be >= 1"),
+            (self.vllm_importance_sampling_cap >= 1,
+             f"`vllm_importance_sampling_cap` = {self.vllm_importance_sampling_cap} must be >= 1 (a cap below 1 "
+             "would down-weight on-policy samples)"),
+        ]
 
 
 def require_vllm():
@@ -68,6 +121,135 @@ class WeightSyncExtension:
         weights = load_file(path)
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
         return len(weights)
+
+
+def engine_dtype(mixed_precision: str, device) -> str:
+    """The engine's weights dtype: the trainer's forward dtype (bf16 autocast -> bfloat16, else float32)."""
+    from .models import resolve_dtype
+
+    return str(resolve_dtype(mixed_precision, device)).removeprefix("torch.")
+
+
+@contextmanager
+def only_this_device(accelerator):
+    """The engine process (spawned inside) sees only this process's GPU: every colocated engine would
+    otherwise take GPU 0. CPU: nothing to do."""
+    device = accelerator.device
+    if device.type != "cuda" or device.index is None:
+        yield
+        return
+    key = "CUDA_VISIBLE_DEVICES"
+    before = os.environ.get(key)
+    visible = before.split(",") if before else [str(i) for i in range(torch.cuda.device_count())]
+    os.environ[key] = visible[device.index]
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def start_engine(c, accelerator, max_model_len: int) -> "VLLMEngine":
+    """The colocated engine of this process for config `c` (VLLMArgs + the rollout's fields), serving the
+    policy's starting weights (`model_name_or_path`; `scheme://` locations resolved to their directory).
+    Closed at interpreter exit if the trainer does not close it first."""
+    from .artifacts import resolve_path
+
+    require_vllm()
+    if c.vllm_tensor_parallel_size > 1 and accelerator.num_processes > 1:
+        raise ConfigError(f"`vllm_tensor_parallel_size` = {c.vllm_tensor_parallel_size} needs a single training "
+                          f"process ({accelerator.num_processes} run): each colocated engine holds its process's GPU")
+    with only_this_device(accelerator):
+        engine = VLLMEngine(
+            # the precision the trainer's forward runs in (accelerate's resolved `mixed_precision`, which a
+            # launcher config may set when the run's own is 'auto'), so the engine samples from that model
+            resolve_path(c.model_name_or_path), dtype=engine_dtype(accelerator.mixed_precision, accelerator.device),
+            gpu_memory_utilization=c.vllm_gpu_memory_utilization, tensor_parallel_size=c.vllm_tensor_parallel_size,
+            enable_sleep_mode=c.vllm_enable_sleep_mode, max_model_len=max_model_len, seed=c.seed)
+    atexit.register(engine.close)
+    return engine
+
+
+def complete_prompts(engine: "VLLMEngine", tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                     max_prompt_length: Optional[int] = None) -> list:
+    """`generation.complete_prompts`'s greedy completions (a `Completion` per prompt, in order) from the engine:
+    each prompt tokenised alone without special tokens, keeping its last `max_prompt_length` tokens; the
+    completion cut after its first EOS and decoded without it. The engine holds the weights of its last sync."""
+    from .generation import Completion
+
+    eos = tokenizer.eos_token_id
+    queries = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    if max_prompt_length:
+        queries = [q[-max_prompt_length:] for q in queries]
+    engine.wake_up()
+    rows = engine.greedy(queries, max_new_tokens, eos)
+    if engine.enable_sleep_mode:
+        engine.sleep()
+    out = []
+    for tokens in rows:
+        tokens = tokens[:-1] if tokens and tokens[-1] == eos else tokens
+        out.append(Completion(tokenizer.decode(tokens, skip_special_tokens=True).strip(), len(tokens)))
+    return out
+
+
+def check_probe(diff: float, dtype: str, step: int) -> None:
+    """Stop the run (EngineSyncError) when the probe's mean per-token log-prob difference after a sync is
+    beyond the dtype's rounding (`PROBE_TOLERANCE`): the engine did not take the new weights."""
+    limit = PROBE_TOLERANCE.get(dtype, 0.1)
+    if not diff <= limit:  # NaN too
+        raise EngineSyncError(
+            f"after the weight sync of iteration {step} the vLLM engine's log-probs differ from the trainer's by "
+            f"{diff:.3g} per token (limit {limit:g} for {dtype}): the engine did not take the new weights; "
+            f"stopping (rerun without use_vllm, or report the vLLM version and the model)")
+
+
+# Started (detached) beside each engine: vLLM's engine processes do not watch the process that started them,
+# so a trainer killed by SIGKILL (OOM killer, scheduler, kill -9) would leave them running, holding their
+# memory (on a GPU: the device memory a resumed run needs). The watchdog polls once a second and kills the
+# engine's processes when the trainer is gone; it exits when they do (`close`). psutil ships with vLLM.
+_WATCHDOG = """
+import os, sys, time
+if os.fork():
+    os._exit(0)  # detached: the starter reaps this intermediate process, init adopts the watchdog
+import psutil
+def get(pid):
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+trainer = get(int(sys.argv[1]))
+engine = [p for p in map(get, map(int, sys.argv[2:])) if p is not None]
+while trainer is not None and trainer.is_running() and any(p.is_running() for p in engine):
+    time.sleep(1.0)
+for p in engine:
+    try:
+        if p.is_running():  # is_running checks the start time too: a reused pid is left alone
+            p.kill()
+    except psutil.NoSuchProcess:
+        pass
+"""
+
+
+def _watch_engine(pids: Sequence[int]) -> None:
+    """Kill the engine processes `pids` if this process dies without closing them (see _WATCHDOG)."""
+    import subprocess
+    import sys
+
+    if pids:
+        subprocess.run([sys.executable, "-c", _WATCHDOG, str(os.getpid()), *map(str, pids)], check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       start_new_session=True)
+
+
+def _descendants() -> set[int]:
+    """This process's descendants, less multiprocessing's resource tracker (it stays while this process lives)."""
+    import psutil
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    return {p.pid for p in psutil.Process().children(recursive=True)} - {tracker}
 
 
 def _exchange_dir() -> str:
@@ -105,7 +287,9 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)  # read by the engine process
         self.enable_sleep_mode = enable_sleep_mode
         self.sleeping = False
+        self.dtype = dtype
         started = time.perf_counter()
+        before = _descendants()
         self.llm = vllm.LLM(
             model=str(model),
             # loaded though ids go in and out undecoded (detokenize=False): without one, vLLM's start-up
@@ -125,6 +309,7 @@ class VLLMEngine:
             worker_extension_cls=f"{__name__}.WeightSyncExtension",
         )
         self.start_seconds = time.perf_counter() - started
+        _watch_engine(sorted(_descendants() - before))
 
     # -- sampling ----------------------------------------------------------------------------------
     def generate(
@@ -172,6 +357,19 @@ class VLLMEngine:
             logprobs[r, : len(tokens)] = torch.as_tensor(
                 [step[tok].logprob for tok, step in zip(tokens, completion.logprobs)], dtype=torch.float32)
         return responses, logprobs
+
+    def greedy(self, prompt_token_ids: Sequence[Sequence[int]], max_tokens: int, eos_token_id: int) -> list[list[int]]:
+        """Greedy completions (vLLM's temperature 0: the argmax token), each cut after the given EOS (kept)
+        or at `max_tokens` tokens, as token lists in the order of the prompts."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._check_awake("greedy")
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                stop_token_ids=[eos_token_id], detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in ids]) for ids in prompt_token_ids],
+                                    params, use_tqdm=False)
+        return [list(out.outputs[0].token_ids) for out in outputs]
 
     # -- probe -------------------------------------------------------------------------------------
     def sequence_logprobs(self, prompt_ids: Sequence[int], completion_ids: Sequence[int],

@@ -65,6 +65,11 @@ CASES = [
     ("rloo_context_too_long", RLOO, "--model_name_or_path {pol} --reward_model_name_or_path {rm} --max_prompt_length 60 "
      "--response_length 10 --dataset_name {d}/prompts.jsonl", 2,
      ["`max_prompt_length` + `response_length` = 60 + 10 = 70", "max_position_embeddings = 64"]),
+    ("rloo_use_vllm_without_vllm", RLOO, "--use_vllm true --model_name_or_path {pol} --reward_model_name_or_path {rm} "
+     "--max_prompt_length 32 --response_length 8", 2, ["vLLM is not installed", '".[vllm]"']),
+    ("rloo_vllm_mode_server", RLOO, "--use_vllm true --vllm_mode server", 2, ["`vllm_mode` must be one of"]),
+    ("rloo_vllm_memory_fraction", RLOO, "--vllm_gpu_memory_utilization 1.5", 2, ["`vllm_gpu_memory_utilization` = 1.5"]),
+    ("rloo_vllm_is_cap_below_1", RLOO, "--vllm_importance_sampling_cap 0.5", 2, ["`vllm_importance_sampling_cap` = 0.5"]),
     ("offline_context_too_long", OFFLINE, "--model_name_or_path {pol} --dataset_name {d}/pairs.jsonl --global_batch_size 2 "
      "--per_device_train_batch_size 1 --max_prompt_length 40 --max_completion_length 40", 2,
      ["`max_prompt_length` + `max_completion_length` = 40 + 40 = 80", "max_position_embeddings = 64"]),

@@ -67,8 +67,16 @@ PROFILES["length"] = {
     **copy.deepcopy(PROFILES["default"]),
     "pairs": {**PROFILES["default"]["pairs"], "max_new_tokens": 24, "label_length_bias": 0.25, "bt_temperature": 0.75},
 }
-# artifacts a profile takes from another profile (same recipe): the length channel changes only the labels
-SHARED = {"length": {"tokenizer": "default", "sft_data": "default", "prompts": "default", "sft": "default"}}
+# the default lab with head size 32 (2 heads of 32, not 4 of 16): vLLM's CPU attention kernels reject head
+# size 16, so the vLLM rollout tests compare the engine with the default path on this policy
+PROFILES["head32"] = {
+    **copy.deepcopy(PROFILES["default"]),
+    "model": {**MODEL, "num_heads": 2},
+}
+# artifacts a profile takes from another profile (same recipe): the length channel changes only the labels;
+# head32 only the policy's attention shape (and so the pairs sampled from it, and the reward model)
+SHARED = {"length": {"tokenizer": "default", "sft_data": "default", "prompts": "default", "sft": "default"},
+          "head32": {"tokenizer": "default", "sft_data": "default", "prompts": "default"}}
 
 DEPENDENCIES = {
     "tokenizer": [],
