@@ -364,8 +364,14 @@ def shared_prefix_supported(model) -> bool:
       which eats the saving, and their backward prefetch / reshard expects one forward;
     - gradient checkpointing: HF turns the KV cache off in training then, and a recomputed prompt pass
       would not be shared anyway;
-    - an encoder-decoder model."""
+    - an encoder-decoder model;
+    - a wrapper that is not the HF model itself (a DeepSpeed engine, whose forward passes on only its own
+      arguments: ZeRO-2 runs the plain path)."""
+    from transformers import PreTrainedModel
+
     hf = distributed.hf_model(model)
+    if not isinstance(hf, PreTrainedModel):
+        return False
     checkpointing = getattr(hf, "is_activation_checkpointing", None)  # transformers 5 name; 4.x: the old one
     if checkpointing is None:
         checkpointing = getattr(hf, "is_gradient_checkpointing", False)
