@@ -47,25 +47,20 @@ Decisions (documented here once; the rollout's are in `maxent_rlhf.rollout`):
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from maxent_rlhf import distributed, generation, objectives, plotting, rollout
-from maxent_rlhf.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, TrainConfig, cfg, derive_batch_sizes
-from maxent_rlhf.data import PromptStream, load_any_dataset, require_columns
-from maxent_rlhf.distributed import resolve_mixed_precision, resolve_trackers, seed_everything
-from maxent_rlhf.evaluation import EvalArgs, TrainingEvaluator
-from maxent_rlhf.models import check_context_length, load_model_config
+from maxent_rlhf.evaluation import EvalArgs
+from maxent_rlhf.lora import PeftArgs
 from maxent_rlhf.rollout import Models, Rollout, RolloutArgs
-from maxent_rlhf.runs import check_finite, open_run_dir, read_metrics
-from maxent_rlhf.schedules import build_lr_scheduler
+from maxent_rlhf.runs import read_metrics
 from maxent_rlhf.story import run_story
+from maxent_rlhf.vllm_engine import VLLMArgs
 
 # the pairwise losses that take an on-policy pair; sft / reward / simpo_pl (K ranked responses) are offline-only
 ONLINE_LOSSES = ("dpo", "ipo", "chipo", "simpo", "cpo", "orpo", "slic")
@@ -73,10 +68,10 @@ OFFLINE_ONLY = ("sft", "reward", "simpo_pl")
 
 
 @dataclass
-class OnlineConfig(EvalArgs, RolloutArgs, TrainConfig):
+class OnlineConfig(PeftArgs, EvalArgs, VLLMArgs, RolloutArgs, TrainConfig):
     """Online pairwise training (online DPO / SimPO / ...): the rollout's fields are `RolloutArgs` (`rloo_k`:
     completions per prompt, >= 2); the loss fields are train_offline.py's; the win rate during training
-    (EvalArgs) is off unless `judge` is set."""
+    (EvalArgs) is off unless `judge` is set. LoRA: `PeftArgs`; vLLM as the rollout engine: `VLLMArgs`."""
 
     loss_type: str = cfg("simpo", "pairwise loss on the on-policy pair: " + ", ".join(ONLINE_LOSSES))
     global_batch_size: int = cfg(64, "GLOBAL completions per iteration (prompts x rloo_k), over all processes")
@@ -113,6 +108,11 @@ class OnlineConfig(EvalArgs, RolloutArgs, TrainConfig):
             (self.rloo_k >= 2, f"`rloo_k` = {self.rloo_k}: online pairwise training needs at least 2 completions per "
                                "prompt (chosen = best, rejected = worst); set rloo_k >= 2"),
             (self.kl_ref_every >= 0, f"`kl_ref_every` = {self.kl_ref_every} must be >= 0"),
+            (not self.use_peft or self.lora_task_type == "CAUSAL_LM",
+             f"`lora_task_type` = {self.lora_task_type!r}: the online policy is a causal LM; set lora_task_type: CAUSAL_LM"),
+            (not self.vllm_importance_sampling_correction,
+             "`vllm_importance_sampling_correction`: the pairwise loss takes no importance weights (train_rloo.py "
+             "does); set vllm_importance_sampling_correction: false"),
         ]
 
     def needs_loss_ref(self) -> bool:
@@ -291,113 +291,35 @@ def sample_records(c: OnlineConfig, m: Models, ro: Rollout, pairs: objectives.Pa
 # ----------------------------------------------------------------------------------------------------
 def main(c: OnlineConfig, reward_fn: Optional[Callable] = None) -> Path:
     """Train; returns the run directory. `reward_fn` (optional) replaces the reward model (maxent_rlhf.rollout)."""
-    from accelerate import Accelerator
-
-    trackers = resolve_trackers(c.report_to)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(c.mixed_precision), log_with=trackers or None,
-                              project_dir=c.output_dir)
-    device = accelerator.device
-    plan = batch_plan(c, accelerator.num_processes)
-    reward_fn = rollout.resolve_reward_fn(c, reward_fn)  # the programmatic reward, or None: the reward model
-
-    # refuses an output_dir holding another run unless --resume / --overwrite_output_dir (runs.open_run_dir)
-    run_dir, ckpt = open_run_dir(c.output_dir, c.resume, c.overwrite_output_dir, accelerator)
-    run_dir.save_config(c)
-    seed_everything(c.seed)
-    if trackers:
-        accelerator.init_trackers(c.tracker_project_name, config={k: v for k, v in vars(c).items() if isinstance(v, (int, float, str, bool))})
-
-    # ---- models, optimizer ----
-    check_context_length(load_model_config(c.model_name_or_path, trust_remote_code=c.trust_remote_code),
-                         c.max_prompt_length, c.response_length, "max_prompt_length", "response_length")
-    m = rollout.load_models(c, accelerator, reward_fn, log_prefix="[train_online]")
-    optimizer = torch.optim.AdamW(m.policy.parameters(), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
-                                  eps=c.adam_epsilon, weight_decay=c.weight_decay)
-    scheduler = build_lr_scheduler(optimizer, c.lr_scheduler_type, plan.num_iterations, c.warmup_ratio)
-    distributed.configure_deepspeed(accelerator, c.per_device_train_batch_size, c.max_grad_norm)  # no-op without DeepSpeed
-    m.policy, optimizer = accelerator.prepare(m.policy, optimizer)
-    m.sharing = rollout.prompt_sharing(c, m, plan.rows_local)  # the update's rows are pairs: its pass is plain
-
-    # ---- data ----
-    dataset = load_any_dataset(c.dataset_name, c.dataset_train_split)
-    require_columns(dataset, [c.prompt_column], f"{c.dataset_name} ({c.dataset_train_split})")
-    prompts_all = dataset[c.prompt_column]
-    stream = PromptStream(len(prompts_all), plan.prompts_global, c.seed)
-    truncated_prompts = 0
-
-    # ---- resume ----
-    start = 0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, m.policy, optimizer, scheduler, accelerator)
-        start = state["step"]
-        stream.load(state["data"])
-        truncated_prompts = int(state.get("truncated_prompts", 0))
-        if accelerator.is_main_process:
-            print(f"[train_online] resumed from {ckpt} at iteration {start}")
-    evaluator = TrainingEvaluator(c, accelerator, run_dir, plan.num_iterations, start, log_prefix="[train_online]")
-    if start == 0 and evaluator.due(0):  # the initial policy: the "SFT" point of the closing summary
-        run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, 0), 0)
-
-    rank, gather = accelerator.process_index, accelerator.gather
-    reduce = (lambda x: accelerator.reduce(x, reduction="sum")) if accelerator.num_processes > 1 else (lambda x: x)
-    last_saved = start if ckpt is not None else -1
-    progress = tqdm(range(start + 1, plan.num_iterations + 1), desc=f"train_online[{c.loss_type}]", initial=start,
-                    total=plan.num_iterations, disable=not accelerator.is_main_process, dynamic_ncols=True)
-    for it in progress:
-        t_iter, cpu_iter = time.perf_counter(), time.process_time()
-        timings: dict = {}
-        check = lambda name, v: check_finite(name, v, it, run_dir)  # noqa: E731
-        idx = stream.next()[rank * plan.prompts_local : (rank + 1) * plan.prompts_local]  # whole prompt groups
-        query_ids, query_mask, cut = rollout.prompt_batch(c, m.tokenizer, [prompts_all[i] for i in idx], device)
-        truncated_prompts += int(gather(torch.tensor([cut], device=device)).sum())
-
+    # setup, resume and the iteration-0 win rate: rollout.start_run; the update's rows are pairs: its pass is plain
+    run = rollout.start_run(c, reward_fn, batch_plan, "[train_online]")
+    m, plan, gather, acc = run.m, run.plan, run.accelerator.gather, run.accelerator
+    reduce = (lambda x: acc.reduce(x, reduction="sum")) if acc.num_processes > 1 else (lambda x: x)
+    for it in run.iterations(desc=f"train_online[{c.loss_type}]"):
+        timings = rollout.Timings()
+        query_ids, query_mask = run.next_prompts()  # whole prompt groups, each repeated k times (row p * k + j)
         with rollout.timed(timings, "generate"):  # 1. rloo_k completions per prompt, cut after EOS
-            ro = rollout.generate(c, m, query_ids, query_mask, it, first_row=rank * plan.rows_local)
+            ro = rollout.generate(c, m, query_ids, query_mask, it, first_row=run.first_row)
         with rollout.timed(timings, "score"):  # 2. reward-model score; missing-EOS penalty
             ro.completions, ro.scores = rollout.score(c, m, ro)
-            check("reward-model score", ro.scores)
+            run.check(it)("reward-model score", ro.scores)
         pairs = select_pairs(c, ro)  # 3. chosen = best, rejected = worst; ties marked
         with rollout.timed(timings, "logprobs"):  # 4. the policy's (old) and, when used, the reference's log-probs
             ro.old_logprobs, ro.token_entropy = rollout.policy_logprobs(c, m, ro, m.policy, m.sharing.old, return_entropy=True)
             ro.ref_logprobs = rollout.reference_logprobs(c, m, ro) if c.needs_ref(it) else None
         with rollout.timed(timings, "update"):  # 5. the pairwise loss, one optimizer step
-            stats = update(c, m, plan, ro, pairs, optimizer, scheduler, check)
+            stats = update(c, m, plan, ro, pairs, run.optimizer, run.scheduler, run.check(it))
+        engine = run.sync_after_update(ro, it, timings)  # 5b. vLLM: the updated weights into the engine, probed
         with rollout.timed(timings, "kl_prev"):  # 6. the same samples after the update
             ro.kl_prev_rows, ro.new_logprobs = rollout.kl_prev_logprobs(c, m, ro)
 
-        # 7. log (means over the global batch)
-        metrics = iteration_metrics(c, ro, pairs, stats, gather, reduce)
-        metrics["data/truncated_prompts"] = truncated_prompts
-        metrics["data/epoch"] = stream.epoch
-        metrics["episodes"] = it * c.global_batch_size
-        metrics.update({f"time/{k}": v for k, v in timings.items()})
-        t_total = time.perf_counter() - t_iter
-        metrics["time/iteration"] = t_total
-        metrics["time/iteration_cpu"] = time.process_time() - cpu_iter
-        metrics["perf/episodes_per_s"] = c.global_batch_size / t_total
-        metrics["perf/tokens_per_s"] = metrics["response/length"] * c.global_batch_size / t_total
-        if it % c.logging_steps == 0 or it == plan.num_iterations:
-            run_dir.log_metrics(metrics, it)
-        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", loss=f"{metrics.get('train/loss', float('nan')):.3f}",
-                             ties=int(metrics["online/ties"]), refresh=False)
-        # 8. win rate, samples, checkpoint
-        if evaluator.due(it):  # before the checkpoint: a resume redoes it
-            run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, it), it)
-        if c.sample_every > 0 and it % c.sample_every == 0 and c.num_samples > 0:
-            run_dir.append_jsonl("samples.jsonl", sample_records(c, m, ro, pairs, it))
-        if (c.save_steps > 0 and it % c.save_steps == 0) or it == plan.num_iterations:
-            save_checkpoint(run_dir, it, m.policy, m.tokenizer, optimizer, scheduler,
-                            state={"data": stream.state(), "truncated_prompts": truncated_prompts}, keep_last=c.save_total_limit)
-            last_saved = it
-    if last_saved < 0 and latest_checkpoint(run_dir.path) is None:  # nothing ran (resumed at the end)
-        save_checkpoint(run_dir, start, m.policy, m.tokenizer, optimizer, scheduler,
-                        state={"data": stream.state(), "truncated_prompts": truncated_prompts})
-    accelerator.wait_for_everyone()
-    if trackers:
-        accelerator.end_training()
-    if accelerator.is_main_process:
-        closing_summary(run_dir.path)
-    return run_dir.path
+        # 7. log (means over the global batch); 8. win rate, samples, checkpoint
+        metrics = {**iteration_metrics(c, ro, pairs, stats, gather, reduce), **engine}
+        run.add_bookkeeping(metrics, it, timings)
+        run.end_iteration(it, metrics, samples=lambda: sample_records(c, m, ro, pairs, it), postfix=dict(
+            score=f"{metrics['objective/scores']:.3f}", loss=f"{metrics.get('train/loss', float('nan')):.3f}",
+            ties=int(metrics["online/ties"])))
+    return run.finish(closing_summary)
 
 
 # the run figure: the RLOO figure's panels (entropy, KL to the reference, KL between consecutive policies)

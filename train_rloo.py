@@ -63,27 +63,20 @@ objective/entropy, dropout, the reward_fn hook, the shared prompt pass, are in `
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from maxent_rlhf import distributed, generation, objectives, plotting, rollout
 from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, TrainConfig, cfg, derive_batch_sizes
-from maxent_rlhf.data import PromptStream, load_any_dataset, require_columns
-from maxent_rlhf.evaluation import EvalArgs, TrainingEvaluator
-from maxent_rlhf.lora import PeftArgs, require_peft
-from maxent_rlhf.models import check_context_length, load_model_config
+from maxent_rlhf.evaluation import EvalArgs
+from maxent_rlhf.lora import PeftArgs
 from maxent_rlhf.rollout import Models, Rollout, RolloutArgs
-from maxent_rlhf.schedules import build_lr_scheduler
 from maxent_rlhf.story import run_story
 from maxent_rlhf.vllm_engine import VLLMArgs
-from maxent_rlhf.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from maxent_rlhf.distributed import resolve_mixed_precision, resolve_trackers, seed_everything
-from maxent_rlhf.runs import check_finite, open_run_dir, read_metrics
+from maxent_rlhf.runs import read_metrics
 
 
 @dataclass
@@ -223,10 +216,16 @@ def can_fuse(c: RLOOConfig) -> bool:
             and c.per_device_train_batch_size % c.rloo_k == 0)
 
 
+def update_chunk(c: RLOOConfig) -> Optional[int]:
+    """The update forward's rows when it runs whole prompt groups in row order (the fused update, `can_fuse`:
+    it may share the prompt pass); None: the other updates run shuffled rows (plain)."""
+    return c.per_device_train_batch_size if can_fuse(c) else None
+
+
 def prompt_sharing(c: RLOOConfig, m: Models, plan: BatchPlan) -> rollout.PromptSharing:
-    """The run's one shared-or-plain decision (`rollout.prompt_sharing`) with RLOO's own forward: the fused
-    update runs whole prompt groups in row order (`can_fuse`), the other updates shuffled rows (plain)."""
-    return rollout.prompt_sharing(c, m, plan.rows_local, c.per_device_train_batch_size if can_fuse(c) else None)
+    """The run's one shared-or-plain decision (`rollout.prompt_sharing`, which `rollout.start_run` makes) with
+    RLOO's own update forward (`update_chunk`)."""
+    return rollout.prompt_sharing(c, m, plan.rows_local, update_chunk(c))
 
 
 def regularised_reward(c: RLOOConfig, ro: Rollout, rows=slice(None), old_logprobs: Optional[torch.Tensor] = None
@@ -391,129 +390,29 @@ def sample_records(c: RLOOConfig, m: Models, ro: Rollout, iteration: int) -> lis
 
 def main(c: RLOOConfig, reward_fn: Optional[Callable] = None) -> Path:
     """Train; returns the run directory. `reward_fn` (optional) replaces the reward model (see docstring)."""
-    from accelerate import Accelerator
-
-    if c.use_peft:
-        require_peft()  # without peft: one line naming the install, before anything is written
-    trackers = resolve_trackers(c.report_to)
-    accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(c.mixed_precision),
-        log_with=trackers or None,
-        project_dir=c.output_dir,
-    )
-    device = accelerator.device
-    plan = _batch_plan(c, accelerator.num_processes)
-    reward_fn = rollout.resolve_reward_fn(c, reward_fn)  # the programmatic reward, or None: the reward model
-
-    # refuses an output_dir holding another run unless --resume / --overwrite_output_dir (runs.open_run_dir)
-    run_dir, ckpt = open_run_dir(c.output_dir, c.resume, c.overwrite_output_dir, accelerator)
-    run_dir.save_config(c)
-    seed_everything(c.seed)
-    if trackers:
-        accelerator.init_trackers(c.tracker_project_name, config={k: v for k, v in vars(c).items() if isinstance(v, (int, float, str, bool))})
-
-    # ---- models, optimizer ----
-    # prompt + response must fit the policy's positions: checked from its config.json, before any weights load
-    check_context_length(load_model_config(c.model_name_or_path, trust_remote_code=c.trust_remote_code),
-                         c.max_prompt_length, c.response_length, "max_prompt_length", "response_length")
-    m = rollout.load_models(c, accelerator, reward_fn, log_prefix="[train_rloo]")
-    optimizer = torch.optim.AdamW([p for p in m.policy.parameters() if p.requires_grad], lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
-                                  eps=c.adam_epsilon, weight_decay=c.weight_decay)
-    # one scheduler step per iteration: linear gives lr_t = lr * (1 - t / num_iterations) without warmup
-    scheduler = build_lr_scheduler(optimizer, c.lr_scheduler_type, plan.num_iterations, c.warmup_ratio)
-    distributed.configure_deepspeed(accelerator, c.per_device_train_batch_size, c.max_grad_norm)  # no-op without DeepSpeed
-    m.policy, optimizer = accelerator.prepare(m.policy, optimizer)
-    m.sharing = prompt_sharing(c, m, plan)  # shared prompt pass or plain, per forward, for the whole run
-
-    # ---- data ----
-    dataset = load_any_dataset(c.dataset_name, c.dataset_train_split)
-    require_columns(dataset, [c.prompt_column], f"{c.dataset_name} ({c.dataset_train_split})")
-    prompts_all = dataset[c.prompt_column]
-    stream = PromptStream(len(prompts_all), plan.prompts_global, c.seed)
-    truncated_prompts = 0
-
-    # ---- resume ----
-    start = 0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, m.policy, optimizer, scheduler, accelerator)
-        start = state["step"]
-        stream.load(state["data"])
-        truncated_prompts = int(state.get("truncated_prompts", 0))
-        if accelerator.is_main_process:
-            print(f"[train_rloo] resumed from {ckpt} at iteration {start}")
-        if m.engine is not None:  # the engine started from model_name_or_path: give it the checkpoint's weights
-            rollout.sync_engine(c, m)
-    # win rate during training (when `judge` is set): one evaluator for the run, which prints a paid judge's cost once
-    evaluator = TrainingEvaluator(c, accelerator, run_dir, plan.num_iterations, start, log_prefix="[train_rloo]")
-    if start == 0 and evaluator.due(0):  # the initial policy: the "SFT" point of the closing summary
-        run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, 0, engine=m.engine), 0)
-
-    rank, gather = accelerator.process_index, accelerator.gather
-    last_saved = start if ckpt is not None else -1
-    progress = tqdm(
-        range(start + 1, plan.num_iterations + 1), desc=f"train_rloo[{c.regularizer}]", initial=start,
-        total=plan.num_iterations, disable=not accelerator.is_main_process, dynamic_ncols=True,
-    )
-    for it in progress:
-        t_iter, cpu_iter = time.perf_counter(), time.process_time()
-        timings: dict = {}
-        # prompts of this process: whole groups, each repeated k times (row p * k + j)
-        idx = stream.next()[rank * plan.prompts_local : (rank + 1) * plan.prompts_local]
-        query_ids, query_mask, cut = rollout.prompt_batch(c, m.tokenizer, [prompts_all[i] for i in idx], device)
-        truncated_prompts += int(gather(torch.tensor([cut], device=device)).sum())
-
+    # setup, resume and the iteration-0 win rate (rollout.start_run; the shared prompt pass: `prompt_sharing`)
+    run = rollout.start_run(c, reward_fn, _batch_plan, "[train_rloo]", update_chunk=update_chunk(c))
+    m, plan, gather = run.m, run.plan, run.accelerator.gather
+    for it in run.iterations(desc=f"train_rloo[{c.regularizer}]"):
+        timings = rollout.Timings()
+        query_ids, query_mask = run.next_prompts()  # whole prompt groups, each repeated k times (row p * k + j)
         with rollout.timed(timings, "generate"):  # 1. sample rloo_k completions per prompt, cut after EOS
-            ro = rollout.generate(c, m, query_ids, query_mask, it, first_row=rank * plan.rows_local)
+            ro = rollout.generate(c, m, query_ids, query_mask, it, first_row=run.first_row)
         with rollout.timed(timings, "score"):  # 2. reward-model score; missing-EOS penalty
             ro.completions, ro.scores = rollout.score(c, m, ro)
-            check_finite("reward-model score", ro.scores, it, run_dir)
-        stats = learn(c, m, plan, ro, optimizer, scheduler, c.needs_ref(it), timings,  # 3.-6.
-                      check=lambda name, v: check_finite(name, v, it, run_dir))
-        if m.engine is not None:  # 6b. the updated weights into the vLLM engine; probe that it took them
-            with rollout.timed(timings, "weight_sync"):
-                probe_diff = rollout.sync_engine(c, m, probe=ro, iteration=it)
+            run.check(it)("reward-model score", ro.scores)
+        stats = learn(c, m, plan, ro, run.optimizer, run.scheduler, c.needs_ref(it), timings, check=run.check(it))  # 3.-6.
+        engine = run.sync_after_update(ro, it, timings)  # 6b. vLLM: the updated weights into the engine, probed
         with rollout.timed(timings, "kl_prev"):  # 7. the same samples (all, or kl_prev_per_prompt of each prompt) after the update
             ro.kl_prev_rows, ro.new_logprobs = rollout.kl_prev_logprobs(c, m, ro)
 
         # 8. log, sample, checkpoint (metrics are means over the global batch: gathered from every process)
-        metrics = iteration_metrics(c, ro, stats, gather)
-        if m.engine is not None:
-            metrics["rollout/engine_logprob_diff"] = probe_diff
-            metrics.update(rollout.engine_metrics(c, ro, gather))
-        metrics["data/truncated_prompts"] = truncated_prompts
-        metrics["data/epoch"] = stream.epoch
-        metrics["episodes"] = it * c.global_batch_size
-        metrics.update({f"time/{k}": v for k, v in timings.items()})
-        t_total = time.perf_counter() - t_iter
-        metrics["time/iteration"] = t_total
-        metrics["time/iteration_cpu"] = time.process_time() - cpu_iter  # CPU seconds of this process (all threads)
-        metrics["perf/episodes_per_s"] = c.global_batch_size / t_total
-        metrics["perf/tokens_per_s"] = metrics["response/length"] * c.global_batch_size / t_total  # real response tokens
-        if it % c.logging_steps == 0 or it == plan.num_iterations:
-            run_dir.log_metrics(metrics, it)
-        progress.set_postfix(
+        metrics = {**iteration_metrics(c, ro, stats, gather), **engine}
+        run.add_bookkeeping(metrics, it, timings)
+        run.end_iteration(it, metrics, samples=lambda: sample_records(c, m, ro, it), postfix=dict(
             score=f"{metrics['objective/scores']:.3f}", rlhf=f"{metrics['objective/rlhf_reward']:.3f}",
-            kl_prev=f"{metrics['objective/kl_prev']:.2g}", eps_s=f"{metrics['perf/episodes_per_s']:.1f}", refresh=False,
-        )
-        if evaluator.due(it):  # greedy summaries of the current weights, judged (before the checkpoint: a resume redoes it)
-            run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, it, engine=m.engine), it)
-        if c.sample_every > 0 and it % c.sample_every == 0 and c.num_samples > 0:
-            run_dir.append_jsonl("samples.jsonl", sample_records(c, m, ro, it))
-        if (c.save_steps > 0 and it % c.save_steps == 0) or it == plan.num_iterations:
-            save_checkpoint(run_dir, it, m.policy, m.tokenizer, optimizer, scheduler,
-                            state={"data": stream.state(), "truncated_prompts": truncated_prompts}, keep_last=c.save_total_limit)
-            last_saved = it
-    if last_saved < 0 and latest_checkpoint(run_dir.path) is None:  # nothing ran (resumed at the end)
-        save_checkpoint(run_dir, start, m.policy, m.tokenizer, optimizer, scheduler,
-                        state={"data": stream.state(), "truncated_prompts": truncated_prompts})
-    if m.engine is not None:
-        m.engine.close()
-    accelerator.wait_for_everyone()
-    if trackers:
-        accelerator.end_training()
-    if accelerator.is_main_process:
-        closing_summary(run_dir.path)
-    return run_dir.path
+            kl_prev=f"{metrics['objective/kl_prev']:.2g}", eps_s=f"{metrics['perf/episodes_per_s']:.1f}"))
+    return run.finish(closing_summary)
 
 
 def closing_summary(run_path: Path) -> None:

@@ -1,8 +1,8 @@
 """The online trainers' rollout: models, prompts, sampling, scoring and the log-probs every online step reads.
 
-Shared by the online trainers (train_rloo.py): they run steps 1-2 and 7 from here and their own steps 3-6
-in between. A config mixes in `RolloutArgs` (the fields read here) next to `TrainConfig`; the functions
-take that config as `c`.
+Shared by the online trainers (train_rloo.py, train_online.py): they run steps 1-2 and 7 from here and their
+own steps 3-6 in between. A config mixes in `RolloutArgs` (the fields read here), `PeftArgs`, `VLLMArgs` and
+`EvalArgs` next to `TrainConfig`; the functions take that config as `c`.
   1. generate: `rloo_k` completions per prompt (KV-cached sampling at `temperature`, top_k 0 / top_p 1,
      `generation.sample`), each truncated after its first EOS (EOS kept), the rest padded and the all-pad
      tail columns dropped                                                         `generate`, `cut_to_longest`
@@ -17,6 +17,10 @@ switched off, `Models.reference`; the vLLM engine with `use_vllm`), `sync_engine
 the engine, `full_policy_weights`, and the probe that checks them), `prompt_batch` (this process's prompts), `prompt_sharing` (the shared prompt
 pass, decided once per run), and the metrics of the rollout's own values (`kl_prev_metrics`,
 `entropy_metrics`).
+The run around the iterations is shared too (`OnlineRun`): `start_run` (accelerator, run directory, models,
+optimizer and schedule, prompt stream, resume, the win-rate evaluator), then per iteration `next_prompts`,
+`sync_after_update`, `add_bookkeeping` (data/*, episodes, time/*, perf/*) and `end_iteration` (log,
+evaluate, samples, checkpoint), and `finish`; each trainer's `main` keeps only its own steps and metrics.
 
 Decisions (documented here once):
 - Batch layout: each process holds whole prompt groups; completion j of local prompt p sits at row
@@ -58,14 +62,21 @@ import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from . import distributed, generation, lora, objectives, vllm_engine
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, cfg
-from .data import tokenize_prompts
-from .models import load_policy, load_reward_model, load_tokenizer, resolve_dtype
+from .data import PromptStream, load_any_dataset, require_columns, tokenize_prompts
+from .distributed import resolve_mixed_precision, resolve_trackers, seed_everything
+from .evaluation import TrainingEvaluator
+from .models import check_context_length, load_model_config, load_policy, load_reward_model, load_tokenizer, resolve_dtype
+from .runs import check_finite, open_run_dir
+from .schedules import build_lr_scheduler
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,13 +296,13 @@ def load_models(c, accelerator, reward_fn: Optional[Callable], log_prefix: str =
     reward_fn scores. Frozen models are in the mixed-precision dtype and prepared for the engine. With
     `c.use_vllm` (VLLMArgs) this process's vLLM engine starts first, from `model_name_or_path`."""
     engine = None
-    if getattr(c, "use_vllm", False):  # chosen once: step 1 samples with it for the whole run (started first: fails fast)
+    if c.use_vllm:  # chosen once: step 1 samples with it for the whole run (started first: fails fast)
         engine = vllm_engine.start_engine(c, accelerator, max_model_len=c.max_prompt_length + c.response_length)
         if accelerator.is_main_process:
             print(f"{log_prefix} vLLM engine ({engine.dtype}) started in {engine.start_seconds:.1f} s")
     frozen_dtype = resolve_dtype(c.mixed_precision, accelerator.device)
     tokenizer = load_tokenizer(c.model_name_or_path, padding_side="left", trust_remote_code=c.trust_remote_code)
-    use_peft = getattr(c, "use_peft", False)
+    use_peft = c.use_peft
     # LoRA: the base weights are frozen, so they load in the frozen models' dtype (bf16 on GPU: 13.8 GB at 6.9B)
     policy = load_policy(c.model_name_or_path, dtype=frozen_dtype if use_peft else torch.float32,
                          trust_remote_code=c.trust_remote_code, gradient_checkpointing=c.gradient_checkpointing)
@@ -597,3 +608,186 @@ def entropy_metrics(old_logprobs: torch.Tensor, response_mask: torch.Tensor,
     ent = objectives.sampled_entropy(old_logprobs, response_mask)
     return {"objective/entropy": float(gather(ent.sequence.float()).mean()),
             "objective/entropy_per_token": float(gather(ent.per_token.float()).mean())}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the run around the iterations: setup, an iteration's prompts and bookkeeping, the end
+# ----------------------------------------------------------------------------------------------------
+class Timings(dict):
+    """An iteration's phase seconds (`timed` fills them) and when it started, on the wall and CPU clocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+
+
+@dataclass
+class OnlineRun:
+    """What an online trainer's `main` runs on (`start_run` builds it) and the bookkeeping around its steps.
+
+    `plan` is the trainer's batch plan; read here: prompts_global, prompts_local, rows_local, num_iterations."""
+
+    c: object
+    accelerator: object
+    trackers: list
+    plan: object
+    run_dir: object  # runs.RunDir
+    m: Models
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    prompts: list  # the dataset's prompt column
+    stream: PromptStream
+    start: int  # the last finished iteration: 0, or the resumed checkpoint's
+    evaluator: TrainingEvaluator
+    log_prefix: str
+    truncated_prompts: int = 0  # prompts cut to max_prompt_length so far, over all processes
+    last_saved: int = -1  # the iteration of the last checkpoint written or resumed (-1: none)
+    progress: Optional[object] = None  # the tqdm bar of `iterations`
+
+    def iterations(self, desc: str):
+        """The iterations still to run, start + 1 .. num_iterations, as a progress bar on the main process."""
+        self.progress = tqdm(range(self.start + 1, self.plan.num_iterations + 1), desc=desc, initial=self.start,
+                             total=self.plan.num_iterations, disable=not self.accelerator.is_main_process,
+                             dynamic_ncols=True)
+        return self.progress
+
+    @property
+    def first_row(self) -> int:
+        """This process's first row in the global batch (`generate`'s sampling streams are tied to it)."""
+        return self.accelerator.process_index * self.plan.rows_local
+
+    def check(self, iteration: int) -> Callable[[str, torch.Tensor], None]:
+        """check(name, value): stop the run with a message when `value` is not finite (`runs.check_finite`)."""
+        return lambda name, value: check_finite(name, value, iteration, self.run_dir)
+
+    def next_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's prompts of the next iteration: whole groups, each repeated rloo_k times (row p * k + j),
+        as query ids and mask; the prompts cut to max_prompt_length are counted over all processes."""
+        acc, per = self.accelerator, self.plan.prompts_local
+        idx = self.stream.next()[acc.process_index * per : (acc.process_index + 1) * per]
+        query_ids, query_mask, cut = prompt_batch(self.c, self.m.tokenizer, [self.prompts[i] for i in idx], acc.device)
+        self.truncated_prompts += int(acc.gather(torch.tensor([cut], device=acc.device)).sum())
+        return query_ids, query_mask
+
+    def sync_after_update(self, ro: Rollout, iteration: int, timings: Timings) -> dict[str, float]:
+        """With the vLLM engine, right after the update: the new weights into it and the probe that it took them
+        (`sync_engine`, timed as weight_sync), and the engine's metrics (`engine_metrics`); {} without one."""
+        if self.m.engine is None:
+            return {}
+        with timed(timings, "weight_sync"):
+            probe_diff = sync_engine(self.c, self.m, probe=ro, iteration=iteration)
+        return {"rollout/engine_logprob_diff": probe_diff, **engine_metrics(self.c, ro, self.accelerator.gather)}
+
+    def add_bookkeeping(self, metrics: dict, iteration: int, timings: Timings) -> None:
+        """The keys every online run logs next to its own: data/*, episodes, time/* (the phases, the iteration's
+        wall and CPU seconds of this process) and perf/* (real response tokens per second)."""
+        gbs = self.c.global_batch_size
+        metrics["data/truncated_prompts"] = self.truncated_prompts
+        metrics["data/epoch"] = self.stream.epoch
+        metrics["episodes"] = iteration * gbs
+        metrics.update({f"time/{k}": v for k, v in timings.items()})
+        t_total = time.perf_counter() - timings.wall0
+        metrics["time/iteration"] = t_total
+        metrics["time/iteration_cpu"] = time.process_time() - timings.cpu0  # all threads of this process
+        metrics["perf/episodes_per_s"] = gbs / t_total
+        metrics["perf/tokens_per_s"] = metrics["response/length"] * gbs / t_total
+
+    def end_iteration(self, iteration: int, metrics: dict, postfix: dict, samples: Callable[[], list]) -> None:
+        """Log the metrics (every logging_steps and at the end), show `postfix` on the progress bar, the win
+        rate when due, `samples()` into samples.jsonl every sample_every, the checkpoint every save_steps."""
+        c, m, last = self.c, self.m, self.plan.num_iterations
+        if iteration % c.logging_steps == 0 or iteration == last:
+            self.run_dir.log_metrics(metrics, iteration)
+        self.progress.set_postfix(**postfix, refresh=False)
+        if self.evaluator.due(iteration):  # before the checkpoint: a resume redoes it
+            self.run_dir.log_metrics(self.evaluator.evaluate(m.policy, m.tokenizer, iteration, engine=m.engine), iteration)
+        if c.sample_every > 0 and iteration % c.sample_every == 0 and c.num_samples > 0:
+            self.run_dir.append_jsonl("samples.jsonl", samples())
+        if (c.save_steps > 0 and iteration % c.save_steps == 0) or iteration == last:
+            self._save(iteration, keep_last=c.save_total_limit)
+            self.last_saved = iteration
+
+    def _save(self, iteration: int, keep_last=None) -> None:
+        save_checkpoint(self.run_dir, iteration, self.m.policy, self.m.tokenizer, self.optimizer, self.scheduler,
+                        state={"data": self.stream.state(), "truncated_prompts": self.truncated_prompts},
+                        keep_last=keep_last)
+
+    def finish(self, closing_summary: Callable[[Path], None]) -> Path:
+        """After the last iteration: a checkpoint if none exists (resumed at the end), the engine closed, the
+        trackers ended, `closing_summary(run path)` on the main process; returns the run directory."""
+        if self.last_saved < 0 and latest_checkpoint(self.run_dir.path) is None:  # nothing ran (resumed at the end)
+            self._save(self.start)
+        if self.m.engine is not None:
+            self.m.engine.close()
+        self.accelerator.wait_for_everyone()
+        if self.trackers:
+            self.accelerator.end_training()
+        if self.accelerator.is_main_process:
+            closing_summary(self.run_dir.path)
+        return self.run_dir.path
+
+
+def start_run(c, reward_fn: Optional[Callable], batch_plan: Callable[[object, int], object], log_prefix: str,
+              update_chunk: Optional[int] = None) -> OnlineRun:
+    """Everything before an online trainer's first iteration, in this order: the accelerator and trackers, the
+    batch plan (`batch_plan(c, num_processes)`: its errors come before anything is written), the reward (the
+    config's or main's `reward_fn`, else the reward model), the run directory (refuses another run's
+    output_dir unless --resume / --overwrite_output_dir) with config.yaml, the seeds, the context-length
+    check, `load_models`, AdamW over the trainable parameters with one scheduler step per iteration, the
+    prepared policy, `prompt_sharing` (`update_chunk`: the update's rows when it runs whole prompt groups in
+    row order), the prompt stream, the resume (weights, optimizer, schedule, stream, truncated-prompt count;
+    the engine gets the checkpoint's weights) and the win-rate evaluator with its iteration-0 evaluation.
+    The trainer's config also carries learning_rate, lr_scheduler_type, warmup_ratio, max_grad_norm,
+    per_device_train_batch_size and global_batch_size."""
+    from accelerate import Accelerator
+
+    if c.use_peft:
+        lora.require_peft()  # without peft: one line naming the install, before anything is written
+    trackers = resolve_trackers(c.report_to)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(c.mixed_precision), log_with=trackers or None,
+                              project_dir=c.output_dir)
+    plan = batch_plan(c, accelerator.num_processes)
+    reward_fn = resolve_reward_fn(c, reward_fn)  # the programmatic reward, or None: the reward model
+    run_dir, ckpt = open_run_dir(c.output_dir, c.resume, c.overwrite_output_dir, accelerator)
+    run_dir.save_config(c)
+    seed_everything(c.seed)
+    if trackers:
+        accelerator.init_trackers(c.tracker_project_name,
+                                  config={k: v for k, v in vars(c).items() if isinstance(v, (int, float, str, bool))})
+
+    # ---- models, optimizer ----
+    # prompt + response must fit the policy's positions: checked from its config.json, before any weights load
+    check_context_length(load_model_config(c.model_name_or_path, trust_remote_code=c.trust_remote_code),
+                         c.max_prompt_length, c.response_length, "max_prompt_length", "response_length")
+    m = load_models(c, accelerator, reward_fn, log_prefix=log_prefix)
+    optimizer = torch.optim.AdamW([p for p in m.policy.parameters() if p.requires_grad], lr=c.learning_rate,
+                                  betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon, weight_decay=c.weight_decay)
+    # one scheduler step per iteration: linear gives lr_t = lr * (1 - t / num_iterations) without warmup
+    scheduler = build_lr_scheduler(optimizer, c.lr_scheduler_type, plan.num_iterations, c.warmup_ratio)
+    distributed.configure_deepspeed(accelerator, c.per_device_train_batch_size, c.max_grad_norm)  # no-op without DeepSpeed
+    m.policy, optimizer = accelerator.prepare(m.policy, optimizer)
+    m.sharing = prompt_sharing(c, m, plan.rows_local, update_chunk)  # shared prompt pass or plain, for the whole run
+
+    # ---- data ----
+    dataset = load_any_dataset(c.dataset_name, c.dataset_train_split)
+    require_columns(dataset, [c.prompt_column], f"{c.dataset_name} ({c.dataset_train_split})")
+    prompts = dataset[c.prompt_column]
+    stream = PromptStream(len(prompts), plan.prompts_global, c.seed)
+
+    # ---- resume ----
+    start, truncated = 0, 0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, m.policy, optimizer, scheduler, accelerator)
+        start = state["step"]
+        stream.load(state["data"])
+        truncated = int(state.get("truncated_prompts", 0))
+        if accelerator.is_main_process:
+            print(f"{log_prefix} resumed from {ckpt} at iteration {start}")
+        if m.engine is not None:  # the engine started from model_name_or_path: give it the checkpoint's weights
+            sync_engine(c, m)
+    # win rate during training (when `judge` is set): one evaluator for the run, which prints a paid judge's cost once
+    evaluator = TrainingEvaluator(c, accelerator, run_dir, plan.num_iterations, start, log_prefix=log_prefix)
+    if start == 0 and evaluator.due(0):  # the initial policy: the "SFT" point of the closing summary
+        run_dir.log_metrics(evaluator.evaluate(m.policy, m.tokenizer, 0, engine=m.engine), 0)
+    return OnlineRun(c, accelerator, trackers, plan, run_dir, m, optimizer, scheduler, prompts, stream, start, evaluator,
+                     log_prefix, truncated_prompts=truncated, last_saved=start if ckpt is not None else -1)
