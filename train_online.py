@@ -238,24 +238,7 @@ def iteration_metrics(c: OnlineConfig, ro: Rollout, pairs: objectives.PairSelect
     """Step 7: the iteration's metrics, means over the global batch (`gather` concatenates every process's
     rows, `reduce` sums a tensor over processes; the identity on one process). The pairwise ones are
     means over the untied pairs."""
-    lengths = ro.response_mask.sum(1).float()
-
-    def gmean(x: torch.Tensor) -> float:
-        return float(gather(x.detach().float().reshape(-1)).mean())
-
-    def seq_sum(x: torch.Tensor) -> torch.Tensor:
-        return objectives.masked_sum(x, ro.response_mask)
-
-    tokens_global = float(gather(lengths).sum())
-    metrics = {"objective/scores": gmean(ro.scores), **rollout.entropy_metrics(ro.old_logprobs, ro.response_mask, gather)}
-    if ro.ref_logprobs is not None:
-        metrics["objective/kl_ref"] = gmean(seq_sum(objectives.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k1")))
-        metrics["objective/kl_ref_k3"] = gmean(seq_sum(objectives.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k3")))
-    metrics["objective/kl_ref_every"] = c.kl_ref_interval()
-    kl_rows = ro.kl_prev_rows if ro.kl_prev_rows is not None else slice(None)
-    metrics.update(rollout.kl_prev_metrics(ro.old_logprobs[kl_rows], ro.new_logprobs, ro.response_mask[kl_rows], gather))
-    metrics["objective/kl_prev_samples"] = c.global_batch_size // c.rloo_k * (c.kl_prev_per_prompt or c.rloo_k)
-    metrics["policy/entropy"] = float(gather(seq_sum(ro.token_entropy)).sum()) / max(tokens_global, 1.0)
+    metrics = rollout.rollout_metrics(c, ro, gather)  # scores, entropy, kl_ref, kl_prev, policy/entropy, response/*
     n_pairs = stats["n_pairs"]
     metrics["online/pairs"] = n_pairs
     metrics["online/ties"] = c.global_batch_size // c.rloo_k - n_pairs
@@ -266,10 +249,8 @@ def iteration_metrics(c: OnlineConfig, ro: Rollout, pairs: objectives.PairSelect
         totals = reduce(torch.stack([stats["sums"][k] for k in names]))
         metrics.update({k: float(totals[i]) / n_pairs for i, k in enumerate(names)})
     if stats["grad_norm"] is not None:
-        metrics["train/grad_norm"] = gmean(stats["grad_norm"])
+        metrics["train/grad_norm"] = rollout.global_mean(stats["grad_norm"], gather)
     metrics["train/lr"] = stats["lr"]
-    metrics["response/length"] = tokens_global / c.global_batch_size
-    metrics["response/eos_fraction"] = gmean(ro.contains_eos)
     return metrics
 
 

@@ -339,30 +339,13 @@ def iteration_metrics(c: RLOOConfig, ro: Rollout, stats: dict,
                       gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> dict[str, float]:
     """Step 8: the iteration's metrics from the filled rollout and the update's statistics, as means over
     the global batch (`gather` concatenates every process's rows; the identity on one process)."""
-    lengths = ro.response_mask.sum(1).float()
-
     def gmean(x: torch.Tensor) -> float:
-        return float(gather(x.detach().float().reshape(-1)).mean())
+        return rollout.global_mean(x, gather)
 
-    def seq_sum(x: torch.Tensor) -> torch.Tensor:
-        return objectives.masked_sum(x, ro.response_mask)
-
-    tokens_global = float(gather(lengths).sum())
-    metrics = {
-        "objective/scores": gmean(ro.scores),
-        "objective/rlhf_reward": gmean(ro.rewards),
-        "objective/non_score_reward": gmean(ro.non_score_reward),
-        "objective/entropy_bonus": gmean(ro.non_score_reward) if c.regularizer == "entropy" else 0.0,
-        **rollout.entropy_metrics(ro.old_logprobs, ro.response_mask, gather),
-    }
-    if ro.ref_logprobs is not None:
-        metrics["objective/kl_ref"] = gmean(seq_sum(objectives.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k1")))
-        metrics["objective/kl_ref_k3"] = gmean(seq_sum(objectives.kl_estimate(ro.old_logprobs, ro.ref_logprobs, "k3")))
-    metrics["objective/kl_ref_every"] = c.kl_ref_interval()
-    kl_rows = ro.kl_prev_rows if ro.kl_prev_rows is not None else slice(None)
-    metrics.update(rollout.kl_prev_metrics(ro.old_logprobs[kl_rows], ro.new_logprobs, ro.response_mask[kl_rows], gather))
-    metrics["objective/kl_prev_samples"] = c.global_batch_size // c.rloo_k * (c.kl_prev_per_prompt or c.rloo_k)
-    metrics["policy/entropy"] = float(gather(seq_sum(ro.token_entropy)).sum()) / max(tokens_global, 1.0)
+    metrics = rollout.rollout_metrics(c, ro, gather)  # scores, entropy, kl_ref, kl_prev, policy/entropy, response/*
+    metrics["objective/rlhf_reward"] = gmean(ro.rewards)
+    metrics["objective/non_score_reward"] = gmean(ro.non_score_reward)
+    metrics["objective/entropy_bonus"] = gmean(ro.non_score_reward) if c.regularizer == "entropy" else 0.0
     for key, name in (("clipfrac", "policy/clipfrac"), ("approxkl", "policy/approxkl"), ("ratio", "val/ratio"), ("loss", "loss/policy")):
         metrics[name] = gmean(torch.stack(stats[key]).mean())
     if stats["grad_norm"]:
@@ -370,8 +353,6 @@ def iteration_metrics(c: RLOOConfig, ro: Rollout, stats: dict,
     metrics["train/lr"] = stats["lr"]
     # std over the GLOBAL batch (a mean of per-process stds is not the global std)
     metrics["val/advantage_std"] = float(gather(ro.advantages.detach().float().reshape(-1)).std()) if c.global_batch_size > 1 else 0.0
-    metrics["response/length"] = tokens_global / c.global_batch_size
-    metrics["response/eos_fraction"] = gmean(ro.contains_eos)
     return metrics
 
 

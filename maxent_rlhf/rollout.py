@@ -15,7 +15,7 @@ Around them: `load_models` (tokenizer, policy with dropout off, the reference wh
 reward model or `reward_fn`; with `use_peft` a LoRA policy whose reference is itself with the adapter
 switched off, `Models.reference`; the vLLM engine with `use_vllm`), `sync_engine` (the updated weights into
 the engine, `full_policy_weights`, and the probe that checks them), `prompt_batch` (this process's prompts), `prompt_sharing` (the shared prompt
-pass, decided once per run), and the metrics of the rollout's own values (`kl_prev_metrics`,
+pass, decided once per run), and the metrics of the rollout's own values (`rollout_metrics`, `kl_prev_metrics`,
 `entropy_metrics`).
 The run around the iterations is shared too (`OnlineRun`): `start_run` (accelerator, run directory, models,
 optimizer and schedule, prompt stream, resume, the win-rate evaluator), then per iteration `next_prompts`,
@@ -608,6 +608,38 @@ def entropy_metrics(old_logprobs: torch.Tensor, response_mask: torch.Tensor,
     ent = objectives.sampled_entropy(old_logprobs, response_mask)
     return {"objective/entropy": float(gather(ent.sequence.float()).mean()),
             "objective/entropy_per_token": float(gather(ent.per_token.float()).mean())}
+
+
+
+def global_mean(x: torch.Tensor, gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> float:
+    """The mean of per-row values over the global batch (`gather` concatenates every process's rows)."""
+    return float(gather(x.detach().float().reshape(-1)).mean())
+
+
+def rollout_metrics(c, ro: Rollout, gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> dict[str, float]:
+    """The metrics of the rollout's own values that every online trainer logs, means over the global batch:
+    objective/scores, the sampled entropy (`entropy_metrics`), objective/kl_ref (+ _k3) when the reference ran
+    and kl_ref_every (`c.kl_ref_interval()`), kl_prev* (`kl_prev_metrics`) and kl_prev_samples, policy/entropy
+    (a token mean), response/length and response/eos_fraction."""
+    tokens_global = float(gather(ro.response_mask.sum(1).float()).sum())
+
+    def seq_sum(x: torch.Tensor) -> torch.Tensor:
+        return objectives.masked_sum(x, ro.response_mask)
+
+    metrics = {"objective/scores": global_mean(ro.scores, gather),
+               **entropy_metrics(ro.old_logprobs, ro.response_mask, gather)}
+    if ro.ref_logprobs is not None:
+        for suffix, estimator in (("", "k1"), ("_k3", "k3")):
+            kl = seq_sum(objectives.kl_estimate(ro.old_logprobs, ro.ref_logprobs, estimator))
+            metrics["objective/kl_ref" + suffix] = global_mean(kl, gather)
+    metrics["objective/kl_ref_every"] = c.kl_ref_interval()
+    kl_rows = ro.kl_prev_rows if ro.kl_prev_rows is not None else slice(None)
+    metrics.update(kl_prev_metrics(ro.old_logprobs[kl_rows], ro.new_logprobs, ro.response_mask[kl_rows], gather))
+    metrics["objective/kl_prev_samples"] = c.global_batch_size // c.rloo_k * (c.kl_prev_per_prompt or c.rloo_k)
+    metrics["policy/entropy"] = float(gather(seq_sum(ro.token_entropy)).sum()) / max(tokens_global, 1.0)
+    metrics["response/length"] = tokens_global / c.global_batch_size
+    metrics["response/eos_fraction"] = global_mean(ro.contains_eos, gather)
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------------
