@@ -22,12 +22,16 @@ One iteration, numbered below exactly like this; steps 1-2 and 6 are the online 
      on the pairs' summed log-probs S and lengths |y|, mean over the GLOBAL batch's pairs; gradient
      accumulation over `per_device_train_batch_size` pairs, clipping, one optimizer and one schedule step
      per iteration                                                                            `update`
+     with `use_vllm` (step 1 then samples on a vLLM engine): the new weights go into the engine, and a
+     probe sequence checks it took them, as in train_rloo.py                  `rollout.sync_engine`
   6. kl_prev: log-probs of the same samples after the update                 `rollout.kl_prev_logprobs`
   7. log: the RLOO run's keys where they mean the same (objective/scores, entropy, kl_ref (+_k3),
      kl_prev*, response/*, eval/* win rate) plus train_offline's pairwise ones (train/loss,
      rewards/chosen, rejected, margins, accuracies, logps/*)                       `iteration_metrics`
   8. sample, checkpoint (`--resume latest` continues exactly: weights, optimizer, schedule, prompt stream;
      sampling streams are tied to the iteration), closing summary (`maxent_rlhf.story.run_story`)
+Setup, resume and the bookkeeping around the steps (data/*, time/*, perf/*, logging, the win rate, samples,
+checkpoints) are the online trainers' shared run (`rollout.start_run`, `rollout.OnlineRun`).
 
 Decisions (documented here once; the rollout's are in `maxent_rlhf.rollout`):
 - The loss reads log pi(y|x) from logits / temperature, as every log-prob of the rollout does: the policy
@@ -44,6 +48,10 @@ Decisions (documented here once; the rollout's are in `maxent_rlhf.rollout`):
   forward runs the plain (unshared) prompt pass: its rows are chosen / rejected, not prompt groups.
 - Reference-free losses (simpo, cpo, orpo, slic) load the reference only for objective/kl_ref, every
   `kl_ref_every` iterations (0: never, and it is not loaded), as train_rloo.py does.
+- LoRA (`use_peft`) as in train_rloo.py: the policy trains an adapter and the reference is the same policy
+  with the adapter switched off (no second copy); checkpoints hold the adapter. With vLLM the loss takes no
+  importance weights (`vllm_importance_sampling_correction` is refused): the pairs' log-probs are the
+  trainer's own, and the engine only chooses which completions there are.
 """
 from __future__ import annotations
 

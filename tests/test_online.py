@@ -279,6 +279,104 @@ def test_batch_errors_name_the_numbers():
         _online_config("sft")
 
 
+def test_online_config_refuses_what_the_online_loss_cannot_do():
+    from maxent_rlhf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="the pairwise loss takes no importance weights"):
+        _online_config("simpo", use_vllm=True, vllm_importance_sampling_correction=True)
+    with pytest.raises(ConfigError, match="the online policy is a causal LM"):
+        _online_config("simpo", use_peft=True, lora_task_type="SEQ_CLS")
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA: the adapter trains, the reference is the policy with it switched off
+# --------------------------------------------------------------------------------------------------
+def test_lora_online_dpo_trains_an_adapter_against_its_adapter_off_self(base, tmp_path, monkeypatch, tiny_policy_dir):
+    pytest.importorskip("peft")
+    from maxent_rlhf import checkpoints, lora
+
+    loaded, real_load = [], rollout.load_policy
+    monkeypatch.setattr(rollout, "load_policy", lambda *a, **k: loaded.append(a[0]) or real_load(*a, **k))
+    c = replace(base, loss_type="dpo", use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=2e-2,
+                shared_prefix=False, output_dir=str(tmp_path / "run"))
+    run = Path(train_online.main(c))
+    assert loaded == [tiny_policy_dir]  # the policy only: no reference copy
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2]
+    # iteration 1 samples from the reference itself (B = 0): KL exactly 0 and DPO's implicit margins 0
+    assert records[0]["objective/kl_ref"] == 0.0 and abs(records[0]["rewards/margins"]) < 1e-5
+    assert records[1]["objective/kl_ref_k3"] > 0  # the adapter moved the policy away from its adapter-off self
+    ckpt = checkpoints.latest_checkpoint(run)
+    assert lora.is_adapter_dir(ckpt) and not (ckpt / "model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# the rollout engine gets the weights after every update (as in train_rloo.py)
+# --------------------------------------------------------------------------------------------------
+class CopyEngine:
+    """The vLLM engine's interface on CPU: a copy of the policy that only `load_weights` changes, which samples
+    (`generation.sample`) and scores from that copy, so an engine that missed a sync probes stale weights."""
+
+    dtype, enable_sleep_mode, start_seconds = "float32", False, 0.0
+
+    def __init__(self, path):
+        from maxent_rlhf.models import load_policy
+
+        self.model, self.loads = load_policy(path).eval(), 0
+
+    def wake_up(self):
+        pass
+
+    def sleep(self):
+        pass
+
+    def close(self):
+        pass
+
+    def load_weights(self, named_tensors):
+        missing, unexpected = self.model.load_state_dict(dict(named_tensors), strict=False)
+        assert not unexpected and all("embed_out" in k or "lm_head" in k for k in missing), (missing, unexpected)
+        self.loads += 1
+
+    def _logprobs(self, ids, mask, context_length, temperature):
+        with torch.no_grad():
+            return generation.response_logprobs(self.model, ids, mask, context_length, temperature)
+
+    def sequence_logprobs(self, prompt, tokens, temperature):
+        ids = torch.tensor([prompt + tokens])
+        return self._logprobs(ids, torch.ones_like(ids), len(prompt), temperature)[0]
+
+    def generate(self, prompts, n, max_tokens, temperature, eos_token_id, pad_token_id, seed, row_offset):
+        query_ids, query_mask = generation.left_pad([p for p in prompts for _ in range(n)], pad_token_id)
+        torch.manual_seed(seed + row_offset)
+        with torch.no_grad():
+            raw = generation.sample(self.model, query_ids, query_mask, max_tokens, eos_token_id, pad_token_id,
+                                    temperature=temperature)
+        responses, response_mask, _ = generation.truncate_after_eos(raw, eos_token_id, pad_token_id)
+        lp = self._logprobs(torch.cat([query_ids, responses], 1), torch.cat([query_mask, response_mask], 1),
+                            query_ids.shape[1], temperature)
+        return raw, lp * response_mask
+
+
+def test_the_engine_takes_the_weights_after_every_update_and_a_missed_sync_stops_the_run(base, tmp_path, monkeypatch):
+    from maxent_rlhf import vllm_engine
+
+    engines = []
+    monkeypatch.setattr(vllm_engine, "start_engine",
+                        lambda c, accelerator, max_model_len: engines.append(CopyEngine(c.model_name_or_path)) or engines[-1])
+    c = replace(base, loss_type="dpo", use_vllm=True, learning_rate=1e-2, output_dir=str(tmp_path / "synced"))
+    records = read_metrics(train_online.main(c))
+    assert [r["step"] for r in records] == [1, 2] and engines[0].loads == 2  # one push per update
+    for r in records:  # after each push the engine's log-probs are the trainer's
+        assert r["rollout/engine_logprob_diff"] <= 1e-5 and r["rollout/engine_trainer_logprob_diff"] <= 1e-5, r
+        assert r["time/weight_sync"] > 0
+    assert records[0]["objective/kl_prev"] != 0  # the update moved the policy: a stale engine would show
+
+    monkeypatch.setattr(CopyEngine, "load_weights", lambda self, named_tensors: None)  # the push skipped
+    with pytest.raises(vllm_engine.EngineSyncError, match="iteration 1"):
+        train_online.main(replace(c, output_dir=str(tmp_path / "stale")))
+
+
 # --------------------------------------------------------------------------------------------------
 # 2 processes == 1 process (gloo on CPU), and the 2-process resume
 # --------------------------------------------------------------------------------------------------
