@@ -23,6 +23,8 @@ model loading are the online trainers' shared rollout (`maxent_rlhf.rollout`); s
   7. kl_prev: log-probs of the same samples after the update (KL between consecutive policies;
      all of them, or `kl_prev_per_prompt` of each prompt)                          `rollout.kl_prev_logprobs`
   8. log, sample, checkpoint                                                              `iteration_metrics`
+Setup, resume and the bookkeeping around the steps (data/*, time/*, perf/*, logging, the win rate, samples,
+checkpoints) are the online trainers' shared run (`rollout.start_run`, `rollout.OnlineRun`).
 Speed (same values up to float rounding; tests/test_train_rloo.py compares
 every metric): step 1 cuts the padded responses to the longest real row (`rollout.cut_to_longest`), so every
 later forward is as short as the batch allows; every forward runs each prompt once for its rloo_k completions
