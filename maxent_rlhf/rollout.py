@@ -85,7 +85,7 @@ from .schedules import build_lr_scheduler
 @dataclass
 class RolloutArgs:
     """What the rollout (steps 1-2, 7) and the model loading read (mixed into an online trainer's config
-    next to TrainConfig: `class RLOOConfig(EvalArgs, RolloutArgs, TrainConfig)`)."""
+    next to TrainConfig: `class RLOOConfig(PeftArgs, EvalArgs, VLLMArgs, RolloutArgs, TrainConfig)`)."""
 
     # models and data (the shared fields are in TrainConfig; here the ones the online trainers add or read differently)
     model_name_or_path: str = cfg(
