@@ -69,7 +69,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from maxent_rlhf import checkpoints, data, distributed, generation, lora, models, objectives, plotting, runs
-from maxent_rlhf.config import ConfigError, TrainConfig, cfg, config_to_dict, derive_batch_sizes
+from maxent_rlhf.config import ConfigError, PreferenceLossArgs, TrainConfig, cfg, config_to_dict, derive_batch_sizes
 from maxent_rlhf.evaluation import EvalArgs, TrainingEvaluator
 from maxent_rlhf.lora import PeftArgs
 from maxent_rlhf.story import run_story
@@ -81,7 +81,7 @@ DATA_KIND = {"sft": "sft", "simpo_pl": "listwise"}  # every other loss reads pai
 
 
 @dataclass
-class OfflineConfig(PeftArgs, EvalArgs, TrainConfig):
+class OfflineConfig(PeftArgs, EvalArgs, PreferenceLossArgs, TrainConfig):
     """Offline training: SFT, reward model, DPO / SimPO / IPO / CPO / ORPO / SLiC / chi-PO / SimPO-PL."""
 
     loss_type: str = cfg("dpo", "objective: " + ", ".join(LOSSES), choices=LOSSES)
@@ -132,14 +132,6 @@ class OfflineConfig(PeftArgs, EvalArgs, TrainConfig):
         0, "evaluate every N steps (0: at the end only): the loss-based eval on dataset_test_split (eval/loss, "
         "eval/accuracy) and, when `judge` is set, the win rate on judge_dataset_name (also at step 0)")
     # loss hyper-parameters
-    beta: float = cfg(0.1, "inverse temperature of dpo/ipo/chipo/simpo/simpo_pl/cpo (SimPO: beta of beta*A)")
-    simpo_gamma: float = cfg(0.5, "SimPO / SimPO-PL target margin, absolute (TRL's simpo_gamma, not the ratio gamma/beta)")
-    length_normalize: bool = cfg(True, "SimPO / SimPO-PL: average log-probs over response tokens (A = S/|y|)")
-    cpo_alpha: float = cfg(1.0, "CPO: weight of the chosen NLL term (TRL's cpo_alpha)")
-    orpo_lambda: float = cfg(0.1, "ORPO: weight lambda of the odds-ratio term")
-    slic_delta: float = cfg(1.0, "SLiC-HF: hinge margin delta on S_w - S_l")
-    slic_nll_coef: float = cfg(0.1, "SLiC-HF: weight of the chosen NLL term")
-    chipo_reward_clip: float = cfg(1.0, "chi-PO: R_max; the reward difference is clipped to +-2 R_max")
     # reward model normalisation
     normalize_reward: bool = cfg(True, "loss_type `reward`: after training, shift the output so reference completions average 0")
     reward_norm_dataset: Optional[str] = cfg(

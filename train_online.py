@@ -62,7 +62,7 @@ from typing import Callable, Optional
 import torch
 
 from maxent_rlhf import distributed, generation, objectives, plotting, rollout
-from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, TrainConfig, cfg, derive_batch_sizes
+from maxent_rlhf.config import LR_SCHEDULER_TYPES, ConfigError, PreferenceLossArgs, TrainConfig, cfg, derive_batch_sizes
 from maxent_rlhf.evaluation import EvalArgs
 from maxent_rlhf.lora import PeftArgs
 from maxent_rlhf.rollout import Models, Rollout, RolloutArgs
@@ -76,9 +76,9 @@ OFFLINE_ONLY = ("sft", "reward", "simpo_pl")
 
 
 @dataclass
-class OnlineConfig(PeftArgs, EvalArgs, VLLMArgs, RolloutArgs, TrainConfig):
+class OnlineConfig(PeftArgs, EvalArgs, VLLMArgs, RolloutArgs, PreferenceLossArgs, TrainConfig):
     """Online pairwise training (online DPO / SimPO / ...): the rollout's fields are `RolloutArgs` (`rloo_k`:
-    completions per prompt, >= 2); the loss fields are train_offline.py's; the win rate during training
+    completions per prompt, >= 2); the loss fields are `PreferenceLossArgs` (train_offline.py's); the win rate during training
     (EvalArgs) is off unless `judge` is set. LoRA: `PeftArgs`; vLLM as the rollout engine: `VLLMArgs`."""
 
     loss_type: str = cfg("simpo", "pairwise loss on the on-policy pair: " + ", ".join(ONLINE_LOSSES))
@@ -94,15 +94,6 @@ class OnlineConfig(PeftArgs, EvalArgs, VLLMArgs, RolloutArgs, TrainConfig):
     )
     warmup_ratio: float = cfg(0.0, "fraction of the iterations spent warming the learning rate up from 0")
     max_grad_norm: float = cfg(1.0, "gradient clipping norm (<= 0 disables)")
-    # loss hyper-parameters: train_offline.py's fields (objectives.PreferenceLossParams)
-    beta: float = cfg(0.1, "inverse temperature of dpo/ipo/chipo/simpo/cpo (SimPO: beta of beta*A)")
-    simpo_gamma: float = cfg(0.5, "SimPO target margin, absolute (TRL's simpo_gamma, not the ratio gamma/beta)")
-    length_normalize: bool = cfg(True, "SimPO: average log-probs over response tokens (A = S/|y|)")
-    cpo_alpha: float = cfg(1.0, "CPO: weight of the chosen NLL term (TRL's cpo_alpha)")
-    orpo_lambda: float = cfg(0.1, "ORPO: weight lambda of the odds-ratio term")
-    slic_delta: float = cfg(1.0, "SLiC-HF: hinge margin delta on S_w - S_l")
-    slic_nll_coef: float = cfg(0.1, "SLiC-HF: weight of the chosen NLL term")
-    chipo_reward_clip: float = cfg(1.0, "chi-PO: R_max; the reward difference is clipped to +-2 R_max")
     kl_ref_every: int = cfg(
         1, "reference-free losses: compute objective/kl_ref every N iterations (0: never); dpo/ipo/chipo every iteration"
     )

@@ -72,6 +72,21 @@ class BaseConfig:
 
 
 @dataclasses.dataclass
+class PreferenceLossArgs:
+    """The pairwise / listwise losses' hyper-parameters (`objectives.PreferenceLossParams`), one set of fields for
+    the offline trainer (train_offline.py) and the online one (train_online.py)."""
+
+    beta: float = cfg(0.1, "inverse temperature of dpo/ipo/chipo/simpo/simpo_pl/cpo (SimPO: beta of beta*A)")
+    simpo_gamma: float = cfg(0.5, "SimPO / SimPO-PL target margin, absolute (TRL's simpo_gamma, not the ratio gamma/beta)")
+    length_normalize: bool = cfg(True, "SimPO / SimPO-PL: average log-probs over response tokens (A = S/|y|)")
+    cpo_alpha: float = cfg(1.0, "CPO: weight of the chosen NLL term (TRL's cpo_alpha)")
+    orpo_lambda: float = cfg(0.1, "ORPO: weight lambda of the odds-ratio term")
+    slic_delta: float = cfg(1.0, "SLiC-HF: hinge margin delta on S_w - S_l")
+    slic_nll_coef: float = cfg(0.1, "SLiC-HF: weight of the chosen NLL term")
+    chipo_reward_clip: float = cfg(1.0, "chi-PO: R_max; the reward difference is clipped to +-2 R_max")
+
+
+@dataclasses.dataclass
 class TrainConfig(BaseConfig):
     """Fields every training script shares, under transformers' TrainingArguments / TRL names where they
     have one: model and data, batch sizes, the optimizer and its schedule, checkpointing and logging.

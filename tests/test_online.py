@@ -21,16 +21,12 @@ from maxent_rlhf import data, generation, objectives, rollout
 from maxent_rlhf.checkpoints import list_checkpoints
 from maxent_rlhf.runs import read_metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared 2-core test machine: one torch thread
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the a my cat dog ran sat on mat far away home happy sad big small today we i you it".split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,17 +192,6 @@ EVERY_METRIC = [
 ]
 
 
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    import random
-
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("online_data") / "prompts.jsonl"
-    with open(path, "w") as f:
-        for _ in range(24):
-            post = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
-            f.write(json.dumps({"prompt": f"SUBREDDIT: r/cats POST: {post} TL;DR:"}) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ from maxent_rlhf.data import DataError, PromptStream, tokenize_prompts
 from maxent_rlhf.models import build_tiny_policy, build_tiny_reward_model
 from maxent_rlhf.runs import NonFiniteError, read_metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared 2-core test machine: one torch thread
+
 EVERY_METRIC = [
     "objective/scores", "objective/rlhf_reward", "objective/non_score_reward", "objective/entropy_bonus",
     "objective/entropy", "objective/entropy_per_token", "objective/kl_ref", "objective/kl_ref_k3",
@@ -30,26 +32,8 @@ EVERY_METRIC = [
 PROMPT_WORDS = "the a my cat dog ran sat on mat far away home happy sad big small today we i you it".split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine's 2 cores are shared: one intra-op thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    import random
-
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("rloo_data") / "prompts.jsonl"
-    with open(path, "w") as f:
-        for _ in range(24):
-            post = " ".join(rng.choice(PROMPT_WORDS) for _ in range(rng.randint(2, 6)))
-            f.write(json.dumps({"prompt": f"SUBREDDIT: r/cats POST: {post} TL;DR:"}) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ import torch
 
 from maxent_rlhf import objectives
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared 2-core test machine: one torch thread
+
 ROOT = Path(__file__).resolve().parents[1]
 FP32_ATOL = 1e-5  # engine vs trainer, both float32
 
@@ -110,12 +112,6 @@ WORDS = "the a my cat dog ran sat on mat far away home happy sad big small today
 ENGINE_KEYS = ("rollout/engine_logprob_diff", "rollout/engine_trainer_logprob_diff", "time/weight_sync")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
