@@ -18,6 +18,7 @@ sys.path.insert(0, str(REPO))  # the scripts are top-level modules, importable f
 import train_offline  # noqa: E402
 from maxent_rlhf import checkpoints, lora, models, objectives, rollout, runs  # noqa: E402
 from maxent_rlhf.config import ConfigError  # noqa: E402
+from helpers.resume import copy_killed_run, run_killed_inside
 from test_train_offline import datasets, make_cfg  # noqa: E402,F401  (the module's fixture and config builder)
 
 LORA = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
@@ -109,20 +110,9 @@ def test_adapter_checkpoint_resume_after_kill_equals_the_uninterrupted_run(tmp_p
     kw = dict(LORA, lora_dropout=0.1, loss_type="dpo", max_steps=6, save_steps=2, lr_scheduler_type="cosine",
               warmup_ratio=0.34, learning_rate=2e-2)
     full = train_offline.main(make_cfg(tmp_path / "a", tiny_policy_dir, datasets["pairs12"], **kw))
-    calls = {"n": 0}
-    real = objectives.dpo_loss
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > 4 * 2:  # 4 steps x 2 micro-batches, then the process "dies"
-            raise KeyboardInterrupt("simulated kill")
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_offline.objectives, "dpo_loss", dying)
     cfg_b = make_cfg(tmp_path / "b", tiny_policy_dir, datasets["pairs12"], **kw)
-    with pytest.raises(KeyboardInterrupt):
-        train_offline.main(cfg_b)
-    monkeypatch.setattr(train_offline.objectives, "dpo_loss", real)
+    # 4 steps x 2 micro-batches, then the process "dies" inside step 5
+    run_killed_inside(monkeypatch, train_offline.objectives, "dpo_loss", 4 * 2, lambda: train_offline.main(cfg_b))
     step4 = checkpoints.latest_checkpoint(cfg_b.output_dir)
     assert checkpoints.checkpoint_step(step4) == 4 and lora.is_adapter_dir(step4)
     blob = torch.load(step4 / "trainer_state.pt", weights_only=True)  # the optimizer holds the adapter only
@@ -249,11 +239,7 @@ def test_rloo_lora_resume_is_exact(rloo_base, tmp_path):
 
     c = dataclasses.replace(rloo_base, num_iterations=4, save_steps=2, output_dir=str(tmp_path / "full"))
     full = Path(train_rloo.main(c))
-    killed = tmp_path / "killed"
-    (killed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step_00000002", killed / "checkpoints" / "step_00000002")
-    lines = (full / "metrics.jsonl").read_text().splitlines()
-    (killed / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # step 3 was logged, then the kill
+    killed = copy_killed_run(full, tmp_path / "killed", checkpoint_step=2, logged_lines=3)  # step 3 logged, then the kill
     resumed = Path(train_rloo.main(dataclasses.replace(c, output_dir=str(killed), resume="latest")))
     a = load_file(full / "checkpoints" / "step_00000004" / lora.ADAPTER_WEIGHTS)
     b = load_file(resumed / "checkpoints" / "step_00000004" / lora.ADAPTER_WEIGHTS)

@@ -20,6 +20,7 @@ import train_online
 from maxent_rlhf import data, generation, objectives, rollout
 from maxent_rlhf.checkpoints import list_checkpoints
 from maxent_rlhf.runs import read_metrics
+from helpers.resume import copy_killed_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the shared 2-core test machine: one torch thread
 
@@ -233,11 +234,7 @@ def test_resume_is_exact(base, tmp_path):
     """4 iterations straight == 2 iterations, 'kill', resume for the last 2: identical weights and metrics."""
     c = replace(base, loss_type="dpo", num_iterations=4, save_steps=2, output_dir=str(tmp_path / "full"))
     full = Path(train_online.main(c))
-    killed = tmp_path / "killed"
-    (killed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step_00000002", killed / "checkpoints" / "step_00000002")
-    lines = (full / "metrics.jsonl").read_text().splitlines()
-    (killed / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # step 3 was logged, then the kill
+    killed = copy_killed_run(full, tmp_path / "killed", checkpoint_step=2, logged_lines=3)  # step 3 logged, then the kill
     resumed = Path(train_online.main(replace(c, output_dir=str(killed), resume="latest")))
     from safetensors.torch import load_file
 

@@ -14,6 +14,7 @@ sys.path.insert(0, str(REPO))  # train_offline.py is a top-level script, importa
 
 import train_offline  # noqa: E402
 from helpers.jsonl import write_jsonl
+from helpers.resume import run_killed_inside
 from maxent_rlhf import checkpoints, data, generation, models, objectives, runs
 from maxent_rlhf.config import ConfigError, parse_config
 from train_offline import LOSSES, OfflineConfig
@@ -210,20 +211,9 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, datasets, tiny_poli
     kw = dict(loss_type="dpo", max_steps=6, save_steps=2, lr_scheduler_type="cosine", warmup_ratio=0.34, learning_rate=2e-3)
     full = train_offline.main(make_cfg(tmp_path / "a", tiny_policy_dir, datasets["pairs12"], **kw))
 
-    calls = {"n": 0}
-    real = objectives.dpo_loss
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > 4 * 2:  # 4 steps x 2 micro-batches, then the process "dies"
-            raise KeyboardInterrupt("simulated kill")
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_offline.objectives, "dpo_loss", dying)
     cfg_b = make_cfg(tmp_path / "b", tiny_policy_dir, datasets["pairs12"], **kw)
-    with pytest.raises(KeyboardInterrupt):
-        train_offline.main(cfg_b)
-    monkeypatch.setattr(train_offline.objectives, "dpo_loss", real)
+    # 4 steps x 2 micro-batches, then the process "dies" inside step 5
+    run_killed_inside(monkeypatch, train_offline.objectives, "dpo_loss", 4 * 2, lambda: train_offline.main(cfg_b))
     assert checkpoints.checkpoint_step(checkpoints.latest_checkpoint(cfg_b.output_dir)) == 4
     cfg_b.resume = "latest"
     resumed = train_offline.main(cfg_b)

@@ -18,6 +18,7 @@ from maxent_rlhf.config import ConfigError, parse_config
 from maxent_rlhf.data import DataError, PromptStream, tokenize_prompts
 from maxent_rlhf.models import build_tiny_policy, build_tiny_reward_model
 from maxent_rlhf.runs import NonFiniteError, read_metrics
+from helpers.resume import copy_killed_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the shared 2-core test machine: one torch thread
 
@@ -145,11 +146,7 @@ def test_resume_is_exact(base, tmp_path):
     c = replace(base, num_iterations=4, save_steps=2, whiten_advantages=True, output_dir=str(tmp_path / "full"))
     full = Path(train_rloo.main(c))
     # the killed run: only what existed on disk after iteration 2 (its checkpoint, its log lines + junk past it)
-    killed = tmp_path / "killed"
-    (killed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step_00000002", killed / "checkpoints" / "step_00000002")
-    lines = (full / "metrics.jsonl").read_text().splitlines()
-    (killed / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # step 3 was logged, then the kill
+    killed = copy_killed_run(full, tmp_path / "killed", checkpoint_step=2, logged_lines=3)  # step 3 logged, then the kill
     resumed = Path(train_rloo.main(replace(c, output_dir=str(killed), resume="latest")))
     from safetensors.torch import load_file
 
