@@ -5,7 +5,7 @@
 
 Judgments/s go through the real `openai` client and `maxent_rlhf.judges.OpenAIJudge` (prompt rendering,
 parsing, retries loop); with a fixed server latency L and concurrency C the ideal is C / L.
-Generation tokens/s: `generation.generate(do_sample=False)` on the tests' tiny GPT-NeoX, batch 16,
+Generation tokens/s: `generation.hf_generate(do_sample=False)` on the tests' tiny GPT-NeoX, batch 16,
 53 new tokens, CPU unless a GPU is present.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def bench_generation(batch: int = 16, new_tokens: int = 53, repeats: int = 3, th
     if threads:
         torch.set_num_threads(threads)
 
-    from maxent_rlhf.generation import generate, left_pad, truncate_after_eos
+    from maxent_rlhf.generation import hf_generate, left_pad, truncate_after_eos
     from maxent_rlhf.models import build_tiny_policy, build_word_tokenizer
 
     words = "SUBREDDIT: r/cats TITLE: POST: TL;DR: the a my cat dog ran sat on mat far away home happy sad".split()
@@ -84,13 +84,13 @@ def bench_generation(batch: int = 16, new_tokens: int = 53, repeats: int = 3, th
                    add_special_tokens=False).input_ids for i in range(batch)]
     ids, mask = left_pad(prompts, tok.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
-    generate(model, ids, mask, 4, tok.eos_token_id, tok.pad_token_id, do_sample=False)  # warm-up
+    hf_generate(model, ids, mask, 4, tok.eos_token_id, tok.pad_token_id, do_sample=False)  # warm-up
     times, real = [], 0
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        resp = generate(model, ids, mask, new_tokens, tok.eos_token_id, tok.pad_token_id, do_sample=False)
+        resp = hf_generate(model, ids, mask, new_tokens, tok.eos_token_id, tok.pad_token_id, do_sample=False)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

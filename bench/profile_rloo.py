@@ -42,9 +42,9 @@ def decode_step_cost(root: Path, batch: int, prompt: int, new: int, threads: int
     ids = torch.randint(3, 300, (batch, prompt))
     mask = torch.ones_like(ids)
     for _ in range(2):
-        generation.generate(model, ids, mask, new, 0, 1, temperature=0.7)
+        generation.hf_generate(model, ids, mask, new, 0, 1, temperature=0.7)
     t0 = time.perf_counter()
-    generation.generate(model, ids, mask, new, 0, 1, temperature=0.7)
+    generation.hf_generate(model, ids, mask, new, 0, 1, temperature=0.7)
     gen_s = time.perf_counter() - t0
     with torch.no_grad():
         cache = DynamicCache()

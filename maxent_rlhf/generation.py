@@ -59,7 +59,7 @@ def truncate_after_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) 
 
 
 @torch.no_grad()
-def generate(
+def hf_generate(
     model,
     input_ids: Tensor,
     attention_mask: Tensor,
@@ -122,18 +122,18 @@ def sample(
     synced_gpus: bool = False,
     shared_prefix_k: int = 1,
 ) -> Tensor:
-    """`generate`'s pure-temperature sampling as a plain KV-cached loop: the same tokens under the same RNG.
+    """`hf_generate`'s pure-temperature sampling as a plain KV-cached loop: the same tokens under the same RNG.
 
     Why: at small model sizes HF `generate` spends more time per token in its own machinery (logits
     processors and stopping-criteria objects, input re-preparation, growing input_ids copies) than in the
     forward. This loop runs HF's sampler ops in HF's order (float32 logits of the last position / T,
     softmax, one `torch.multinomial` draw per row, finished rows padded, stop when every row has emitted
-    EOS), so under the same RNG state it returns exactly `generate`'s tensor (tests/test_generation.py).
+    EOS), so under the same RNG state it returns exactly `hf_generate`'s tensor (tests/test_generation.py).
     It reads no generation config at all (nothing saved with a checkpoint can change it), computes the LM
     head at the last position only, and returns [B, max_new_tokens], pad-filled.
 
     `synced_gpus` (ZeRO-3 / FSDP: a forward is a collective, every process must keep stepping until all
-    have finished): handed to `generate`, which implements that protocol.
+    have finished): handed to `hf_generate`, which implements that protocol.
     `shared_prefix_k` > 1: rows p * k + j repeat prompt p (RLOO's layout); the prefill runs each prompt
     once and repeats its KV cache k times. The caller decided that the rows and the model allow it
     (`shared_prefix_usable`); a call where they do not raises (there is no quiet plain prefill).
@@ -141,7 +141,7 @@ def sample(
     if synced_gpus:
         if shared_prefix_k > 1:
             raise ValueError("sample: a shared prefill needs whole parameters; with synced_gpus pass shared_prefix_k=1")
-        return generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+        return hf_generate(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
                         temperature=temperature, synced_gpus=True)
     from transformers import DynamicCache
 
@@ -490,7 +490,7 @@ def complete_prompts(
         ids, mask = left_pad(queries, pad)
         if device is not None:
             ids, mask = ids.to(device), mask.to(device)
-        responses = generate(model, ids, mask, max_new_tokens, eos, pad, temperature=temperature, do_sample=do_sample,
+        responses = hf_generate(model, ids, mask, max_new_tokens, eos, pad, temperature=temperature, do_sample=do_sample,
                              synced_gpus=synced_gpus)
         responses, response_mask, _ = truncate_after_eos(responses, eos, pad)
         batch = []

@@ -706,15 +706,15 @@ def test_generation_refuses_fsdp1_and_flags_synced_gpus(tiny_tokenizer):
 
 
 def test_generate_accepts_a_ddp_style_wrapper(tiny_tokenizer):
-    from maxent_rlhf.generation import generate
+    from maxent_rlhf.generation import hf_generate
 
     model = build_tiny_policy(tiny_tokenizer, seed=0)
     wrapper = torch.nn.Module()
     wrapper.module = model  # DDP exposes the model as .module and has no .generate
     ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
     torch.manual_seed(0)
-    a = generate(wrapper, ids, mask, 4, 0, 1, do_sample=False)
-    b = generate(model, ids, mask, 4, 0, 1, do_sample=False)
+    a = hf_generate(wrapper, ids, mask, 4, 0, 1, do_sample=False)
+    b = hf_generate(model, ids, mask, 4, 0, 1, do_sample=False)
     assert torch.equal(a, b) and a.shape == (1, 4)
 
 

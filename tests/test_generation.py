@@ -9,7 +9,7 @@ import torch
 from maxent_rlhf import objectives
 from maxent_rlhf.generation import (
     first_true_index,
-    generate,
+    hf_generate,
     left_pad,
     response_logprobs,
     reward_model_scores,
@@ -74,8 +74,8 @@ def test_reward_model_reads_last_real_token_independent_of_padding(tiny_tokenize
 def test_greedy_generation_is_deterministic_and_sampling_uses_pure_temperature(tiny_tokenizer):
     model = build_tiny_policy(tiny_tokenizer, seed=0).eval()
     q, qmask = left_pad([[3, 4, 5], [6]], PAD)
-    a = generate(model, q, qmask, 6, EOS, PAD, do_sample=False)
-    b = generate(model, q, qmask, 6, EOS, PAD, do_sample=False)
+    a = hf_generate(model, q, qmask, 6, EOS, PAD, do_sample=False)
+    b = hf_generate(model, q, qmask, 6, EOS, PAD, do_sample=False)
     assert a.shape == (2, 6) and torch.equal(a, b)
     # greedy picks the argmax of the padded forward at every step
     out, mask, _ = truncate_after_eos(a, EOS, PAD)
@@ -87,16 +87,16 @@ def test_greedy_generation_is_deterministic_and_sampling_uses_pure_temperature(t
     assert torch.equal(logits.argmax(-1)[mask.bool()], out[mask.bool()])
     # sampling is reproducible under a seed
     torch.manual_seed(3)
-    s1 = generate(model, q, qmask, 6, EOS, PAD, temperature=0.7)
+    s1 = hf_generate(model, q, qmask, 6, EOS, PAD, temperature=0.7)
     torch.manual_seed(3)
-    s2 = generate(model, q, qmask, 6, EOS, PAD, temperature=0.7)
+    s2 = hf_generate(model, q, qmask, 6, EOS, PAD, temperature=0.7)
     assert torch.equal(s1, s2)
 
 
-@pytest.mark.parametrize("sampler", ["generate", "sample"])
+@pytest.mark.parametrize("sampler", ["hf_generate", "sample"])
 def test_sampling_distribution_is_softmax_of_logits_over_temperature(tiny_tokenizer, sampler):
     """top_k/top_p must be off: the first sampled token's frequencies match softmax(logits / T), for HF
-    `generate` (evaluation, sharded RLOO) and the lean sampler RLOO uses."""
+    `hf_generate` (evaluation, sharded RLOO) and the lean sampler RLOO uses."""
     from maxent_rlhf import generation
 
     draw = getattr(generation, sampler)
@@ -159,7 +159,7 @@ def test_complete_prompts_decodes_what_generate_returns(tiny_tokenizer):
     got = [c for b in batches for c in b]
     for prompt, c in zip(PROMPTS, got):  # each prompt alone, decoded by hand, is the same completion
         q, qmask = left_pad([tok(prompt, add_special_tokens=False).input_ids], tok.pad_token_id)
-        r, m, has_eos = truncate_after_eos(generate(model, q, qmask, 6, tok.eos_token_id, tok.pad_token_id,
+        r, m, has_eos = truncate_after_eos(hf_generate(model, q, qmask, 6, tok.eos_token_id, tok.pad_token_id,
                                                     do_sample=False), tok.eos_token_id, tok.pad_token_id)
         tokens = r[0][m[0].bool()].tolist()
         tokens = tokens[:-1] if has_eos[0] else tokens
@@ -188,7 +188,7 @@ def test_sample_draws_generates_tokens_under_the_same_rng_whatever_the_saved_gen
     prompts = [torch.randint(3, len(tiny_tokenizer), (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (16,), generator=g)]
     q, qmask = left_pad(prompts, PAD)
     torch.manual_seed(1)
-    reference = generate(model, q, qmask, 12, EOS, PAD, temperature=temperature)
+    reference = hf_generate(model, q, qmask, 12, EOS, PAD, temperature=temperature)
     model.generation_config = GenerationConfig(do_sample=True, top_k=2, temperature=0.1)  # must change nothing
     torch.manual_seed(1)
     lean = sample(model, q, qmask, 12, EOS, PAD, temperature=temperature)
@@ -206,7 +206,7 @@ def test_sample_draws_generates_tokens_under_the_same_rng_whatever_the_saved_gen
 # with the saved one, 5.x fill every passed field left None (min_p, suppress_tokens, ...). A checkpoint
 # saved with `do_sample: true, top_k: 5` would then make greedy evaluation sample and RLOO sample from a
 # truncated distribution. Here such checkpoints are saved, loaded with the project's loader, and decoded
-# through `generation.generate` (what evaluate_judge.py, train_rloo.py and the toy lab call).
+# through `generation.hf_generate` (what evaluate_judge.py, train_rloo.py and the toy lab call).
 # ==================================================================================================
 # Sampling switched on with top-k; then it plus every logits processor a checkpoint may switch on; then
 # it plus the knobs that change what `generate` returns (beams, extra sequences, a dict instead of a tensor).
@@ -257,7 +257,7 @@ def test_greedy_ignores_the_checkpoint_generation_config(leaky_policy, tiny_toke
     runs = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        runs.append(generate(model, q, qmask, new, eos, pad, do_sample=False))
+        runs.append(hf_generate(model, q, qmask, new, eos, pad, do_sample=False))
     assert torch.equal(runs[0], runs[1]), "greedy decoding depends on the seed: it samples"
     for i, prompt in enumerate(PROMPT_IDS):
         naive = _naive_greedy(model, prompt, new, eos)
@@ -289,7 +289,7 @@ def test_sampling_stays_pure_temperature(leaky_policy, tiny_tokenizer, temperatu
     prompt = PROMPT_IDS[0]
     q, qmask = left_pad([prompt] * n, pad)
     torch.manual_seed(0)
-    first = generate(model, q, qmask, 1, eos, pad, temperature=temperature)[:, 0]
+    first = hf_generate(model, q, qmask, 1, eos, pad, temperature=temperature)[:, 0]
     with torch.no_grad():
         probs = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1].double() / temperature, -1)
     counts = torch.bincount(first, minlength=probs.numel())
