@@ -18,6 +18,7 @@ import yaml
 
 from maxent_rlhf.config import ConfigError, load_yaml
 from maxent_rlhf.toylab import build, cache, rules, sweep, task
+from helpers.toylab_runs import fake_sweep_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -447,25 +448,8 @@ def test_provenance_names_the_code_and_the_rules():
     assert p["code_commit"] is None or len(p["code_commit"]) == 40
 
 
-def _run_dir(root: Path, name: str, config: dict, win: list, info: dict, metrics=None, tokens=None, proxy=None) -> Path:
-    d = root / name
-    (d / "eval_gold").mkdir(parents=True)
-    (d / "config.yaml").write_text(yaml.safe_dump(config))
-    with open(d / "metrics.jsonl", "w") as f:
-        for m in metrics or [{"step": s} for s in range(1, 4)]:
-            f.write(json.dumps(m) + "\n")
-    tokens = tokens or [None] * len(win)
-    (d / "eval_gold" / "summary.json").write_text(json.dumps({
-        "baseline": {"win_rate": win[0], "mean_policy_tokens": tokens[0]},
-        "checkpoints": [{"step": 10 * (i + 1), "win_rate": w, "mean_policy_tokens": t}
-                        for i, (w, t) in enumerate(zip(win[1:], tokens[1:]))]}))
-    if proxy:
-        (d / "eval_proxy").mkdir()
-        (d / "eval_proxy" / "summary.json").write_text(json.dumps({
-            "baseline": {"mean_policy_score": proxy[0]},
-            "checkpoints": [{"step": 10 * (i + 1), "mean_policy_score": p} for i, p in enumerate(proxy[1:])]}))
-    (d / "DONE.json").write_text(json.dumps(info))
-    return d
+def _run_dir(root: Path, name: str, config: dict, win: list, info: dict, **kw) -> Path:
+    return fake_sweep_run(root, name, config, win, info=info, **kw)
 
 
 def test_the_report_refuses_runs_of_different_code_unless_told(tmp_path, monkeypatch):

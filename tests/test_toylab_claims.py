@@ -9,6 +9,7 @@ import pytest
 
 from maxent_rlhf.toylab import claims, rules
 from maxent_rlhf.toylab.claims import AGREES, DISAGREES, NA, NOT_TESTABLE, PARTLY, Outcome
+from helpers.toylab_runs import fake_sweep_run
 
 
 def run(sft, peak, final, name="r", proxy=(1.0, 1.3)):
@@ -305,22 +306,7 @@ def test_claim_table_marks_claim_1_na_without_a_coefficient_sweep_and_tests_it_w
     assert dict(_verdicts(claims_table(stats, {}, [1e-4, 1e-3], extra_lrs=[2e-5])))["3"] == "agrees"
 
 
-def _fake_run(root, name, config: dict, win: list, metrics=None, info=None):
-    """A run directory as the sweep leaves it: config.yaml, metrics.jsonl, eval_gold/summary.json, DONE.json."""
-    import json
-
-    import yaml
-
-    d = root / name
-    (d / "eval_gold").mkdir(parents=True)
-    (d / "config.yaml").write_text(yaml.safe_dump(config))
-    with open(d / "metrics.jsonl", "w") as f:
-        for m in metrics or [{"step": s} for s in range(1, 4)]:
-            f.write(json.dumps(m) + "\n")
-    (d / "eval_gold" / "summary.json").write_text(json.dumps({
-        "baseline": {"win_rate": win[0]}, "checkpoints": [{"step": 10 * (i + 1), "win_rate": w} for i, w in enumerate(win[1:])]}))
-    (d / "DONE.json").write_text(json.dumps(info or {}))
-    return d
+_fake_run = fake_sweep_run
 
 
 def test_report_from_run_directories_adds_up_the_cost_and_matches_the_toy_configs(tmp_path, monkeypatch):
