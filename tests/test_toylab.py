@@ -510,6 +510,53 @@ def test_the_report_judges_the_length_channel_from_run_directories(tmp_path, mon
     assert "## The length channel" in text and "| 15 | 3.3 (Eq. 7)" in text
 
 
+def test_the_report_judges_h1_to_h3_from_run_directories_reused_runs_included(tmp_path, monkeypatch):
+    """The pairwise section reads pairwise/{offline,online} and the main grid's maxent runs, resolves sweep.json's
+    reused runs (one offline SimPO cell here lives only in offline/), and its verdicts follow the runs both ways."""
+    from maxent_rlhf.toylab import report
+
+    monkeypatch.setenv("MAXENT_RLHF_CACHE", str(tmp_path / "no-cache"))
+    info = {"rules_sha256": rules.rules_sha256()}
+    stable, overopt = ([0.3, 0.8, 0.8], [0.0, 1.0, 1.1]), ([0.3, 0.8, 0.1], [0.0, 1.0, 3.0])
+    lr = rules.PAIRWISE_LRS[-1]
+
+    def sweep_dir(root, online_simpo_curve):
+        sw = root / "sweep"
+        reused = {}
+        for seed in (1, 2, 3):
+            run = f"_lr{sweep.lr_tag(lr)}_s{seed}"
+            for cond, gamma in (("pairwise_offline_simpo", rules.PAIRWISE_GAMMA), ("pairwise_offline_simpo_gamma0", 0.0)):
+                cfg = {"loss_type": "simpo", "learning_rate": lr, "simpo_gamma": gamma, "seed": seed}
+                if seed == 1 and gamma == 0.0:  # the main grid has it: the sweep did not run it again
+                    fake_sweep_run(sw / "offline", "simpo_g0", cfg, stable[0], info=info, proxy=stable[1])
+                    reused[f"pairwise/offline/{cond}{run}"] = "offline/simpo_g0"
+                else:
+                    fake_sweep_run(sw / "pairwise" / "offline", cond + run, cfg, stable[0], info=info, proxy=stable[1])
+            for cond, gamma, (win, proxy) in (("online_simpo", rules.PAIRWISE_GAMMA, online_simpo_curve),
+                                              ("online_simpo_gamma0", 0.0, overopt)):
+                fake_sweep_run(sw / "pairwise" / "online", cond + run, {"loss_type": "simpo", "learning_rate": lr,
+                               "simpo_gamma": gamma, "seed": seed}, win, info=info, proxy=proxy,
+                               metrics=[{"step": 1, "rewards/accuracies": 0.75, "rewards/margins": 2.0}])
+            fake_sweep_run(sw / "rloo", f"maxent{run}", {"regularizer": "entropy", "learning_rate": lr, "seed": seed},
+                           overopt[0], info={**info, "regularizer": "maxent"}, proxy=overopt[1])
+        (sw / "sweep.json").write_text(json.dumps({"reused_runs": reused}))
+        return sw
+
+    text = report.write_report(sweep_dir(tmp_path / "a", overopt), tmp_path / "a" / "report").read_text()
+    assert "## Dataset constraint or margin?" in text
+    assert "pairwise_offline_simpo_gamma0_lr1e-3_s1 = offline/simpo_g0" in text
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ")[2] for r in text.splitlines() if r.startswith("| H")}
+    # online SimPO fails with and without the margin (equal drops), offline SimPO holds stable, MaxEnt fails too
+    assert rows == {"H1": "**agrees**", "H2": "**disagrees**", "H3": "**agrees**"}
+    assert f"| offline SimPO gamma 0 (dataset only) | {lr:g} | 3 | 30% | 80% | 80% | 3 stable | 0/3 | - |" in text
+    assert f"| online SimPO (margin only) | {lr:g} | 3 | 30% | 80% | 10% | 3 collapses | 3/3 | 0.75 / 2.00 |" in text
+    # the margin keeps online SimPO stable: H1 has nothing to stabilise at gamma 0.5 but still at gamma 0 (agrees),
+    # H2 agrees, and H3 disagrees (MaxEnt fails where online SimPO does not)
+    text = report.write_report(sweep_dir(tmp_path / "b", stable), tmp_path / "b" / "report").read_text()
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ")[2] for r in text.splitlines() if r.startswith("| H")}
+    assert rows == {"H1": "**agrees**", "H2": "**agrees**", "H3": "**disagrees**"}
+
+
 def test_kl_outliers_are_found_and_named_with_k1_beside():
     from maxent_rlhf import plotting
     from maxent_rlhf.toylab import report

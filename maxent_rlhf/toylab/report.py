@@ -9,6 +9,7 @@ then says so at the top.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -162,8 +163,9 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report", allow
     length = {"rloo": _load(sweep_dir / "length" / "rloo"), "offline": _load(sweep_dir / "length" / "offline")}
     main_job = _load(sweep_dir / "main" / "rloo")  # the README main job, a run of no claim
     lora = _load(sweep_dir / "lora" / "rloo")  # LoRA maxent, beside the main grid's full-fine-tuning maxent runs
+    pairwise = pairwise_runs(sweep_dir, meta)  # H1-H3: offline / online SimPO, online DPO (main-grid reuses resolved)
     provenance = provenance_lines(list(rloo) + list(offline.values()) + length["rloo"] + length["offline"] + main_job
-                                  + lora, allow_mixed_code)
+                                  + lora + pairwise, allow_mixed_code)
     report_dir.mkdir(parents=True, exist_ok=True)
     stats = [analyse(r) for r in rloo]
     lrs = sorted({_lr(r) for r in rloo})
@@ -237,7 +239,8 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report", allow
                  + (f"coefficient sweep: {coef} (beside the default and coefficient 0 = no regulariser); " if coef else "")
                  + f"iterations {meta.get('iterations') or 'as configs/toy'}, {meta.get('eval_n')} test posts per checkpoint; "
                  f"DPO; SimPO gammas {meta.get('simpo_gammas')} at lrs {meta.get('simpo_lrs')}.\n")
-    L += cost_lines(rloo, offline, build_s, meta, length["rloo"] + length["offline"] + main_job + lora)
+    L += cost_lines(rloo, offline, build_s, meta, length["rloo"] + length["offline"] + main_job + lora
+                    + [r for r in pairwise if r.info.get("reused_from") is None])
     L.append("## What the lab must exhibit\n")
     L.append("| requirement | target | measured | holds |")
     L.append("|---|---|---|---|")
@@ -318,6 +321,7 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report", allow
 
     L += length_section(length, length_rm, length_pairs)
     L += lora_section(lora, rloo, report_dir)
+    L += pairwise_section(pairwise, rloo, report_dir)
     L += claims_table(stats, offline, main_lrs, extra_lrs=[lr for lr in lrs if lr not in main_lrs], ceiling=ceiling,
                       length=length, length_rm=length_rm)
     notes = report_dir / "notes.md"
@@ -706,6 +710,107 @@ def lora_section(lora, rloo, report_dir: Path) -> list[str]:
             L.append(f"| {name(r)} {r.name} | {_fmt(st.get('sft'))} | {_fmt(st['peak'])} ({st['peak_step']}) | "
                      f"{_fmt(st['final'])} | {_trajectory(st)} | {_yes(st.get('overoptimised'))} |")
     L += ["", f"Verdict on \"LoRA prevents the collapse\": **{v.cell()}**. Evidence: {v.evidence or '-'}. Rule: {v.rule}.\n"]
+    return L
+
+
+PAIRWISE_LABELS = {  # condition (sweep.CONDITIONS' name, the run name before _lr) -> what it keeps of SimPO's protections
+    "pairwise_offline_simpo": "offline SimPO (dataset + margin)",
+    "pairwise_offline_simpo_gamma0": "offline SimPO gamma 0 (dataset only)",
+    "online_simpo": "online SimPO (margin only)",
+    "online_simpo_gamma0": "online SimPO gamma 0 (neither)",
+    "online_dpo": "online DPO (reference)",
+    "maxent": "online MaxEnt RLOO (Eq. 7)",
+    "kl": "online KL RLOO",
+}
+
+
+def _condition(run: plotting.Run) -> str:
+    return run.name.rsplit("_lr", 1)[0]
+
+
+def pairwise_runs(sweep_dir: Path, meta: dict) -> list[plotting.Run]:
+    """The online pairwise experiment's runs (pairwise/offline, pairwise/online), each under its condition's run
+    name; a condition run the sweep did not repeat because the main grid has the identical run (sweep.json
+    `reused_runs`) is that main-grid run, renamed, with info["reused_from"] saying so."""
+    runs = _load(sweep_dir / "pairwise" / "offline") + _load(sweep_dir / "pairwise" / "online")
+    have = {r.name for r in runs}
+    for key, source in sorted((meta.get("reused_runs") or {}).items()):
+        if not key.startswith("pairwise/") or Path(key).name in have:
+            continue
+        src = [r for r in _load((sweep_dir / source).parent) if r.name == Path(source).name]
+        if src:
+            runs.append(dataclasses.replace(src[0], path=sweep_dir / key, info={**src[0].info, "reused_from": source}))
+    return runs
+
+
+def _gamma(run: plotting.Run) -> Optional[float]:
+    g = run.config.get("simpo_gamma")
+    return float(g) if g is not None else None
+
+
+def pairwise_section(pairwise, rloo, report_dir: Path) -> list[str]:
+    """H1-H3 (rules.py): which of SimPO's protections, the dataset constraint or the target margin, keeps it stable;
+    trajectories, a per-condition table and the pre-registered verdicts."""
+    if not pairwise:
+        return []
+    lrs = rules.PAIRWISE_LRS
+    seeds = sorted({r.config.get("seed") for r in pairwise})
+    at = lambda r: any(abs(_lr(r) - lr) < 1e-12 for lr in lrs)  # noqa: E731
+    rl = [r for r in rloo if _reg_key(r) in ("maxent", "kl") and _default_coef(r) and at(r) and r.config.get("seed") in seeds]
+    runs = [r for r in pairwise if at(r)] + rl
+    label = lambda r: PAIRWISE_LABELS.get(_condition(r), _condition(r))  # noqa: E731
+    fig = plotting.plot_winrate_per_checkpoint(
+        runs, report_dir / "fig_pairwise_gold.png", label=label, panel=lambda r: f"lr {_lr(r):g}",
+        title="dataset constraint or margin? gold (solid), proxy (dotted), mean over seeds", proxy=True)
+    stats = {id(r): analyse(r) for r in runs}
+    done = lambda rs: _outcomes([stats[id(r)] for r in rs if "final" in stats[id(r)] and stats[id(r)].get("sft") is not None])  # noqa: E731
+    group = lambda cond, lr: [r for r in runs if _condition(r) == cond and abs(_lr(r) - lr) < 1e-12]  # noqa: E731
+    g = rules.PAIRWISE_GAMMA
+    offline_by_gamma = {g: "pairwise_offline_simpo", 0.0: "pairwise_offline_simpo_gamma0"}
+    online_by_gamma = {g: "online_simpo", 0.0: "online_simpo_gamma0"}
+    h1 = claims.rule_dataset_constraint_stabilises(
+        {(lr, gm): (done(group(offline_by_gamma[gm], lr)), done(group(online_by_gamma[gm], lr))) for lr in lrs for gm in (0.0, g)})
+    h2 = claims.rule_margin_stabilises({lr: (done(group("online_simpo", lr)), done(group("online_simpo_gamma0", lr))) for lr in lrs})
+    h3 = claims.rule_online_simpo_fails_like_maxent({lr: (done(group("online_simpo", lr)), done(group("maxent", lr))) for lr in lrs})
+    reused = sorted(f"{r.name} = {r.info['reused_from']}" for r in pairwise if r.info.get("reused_from"))
+    L = ["## Dataset constraint or margin? The online pairwise experiment (H1-H3)\n",
+         "The paper explains SimPO's offline stability by \"dataset constraints and target margins\" (Sec. 1, 4.3, 5, "
+         "App. B) without testing it. Each condition below keeps a different part of SimPO's protection: offline SimPO "
+         "trains on the fixed preference pairs (dataset) with gamma > 0 (margin); online SimPO (`train_online.py`: k "
+         "samples of the current policy, chosen = best and rejected = worst by the proxy) keeps only the margin; online "
+         f"SimPO with gamma 0 keeps neither; online DPO replaces the margin by the reference. Rates {list(lrs)}, seeds "
+         f"{seeds}, gamma {g:g} or 0; online MaxEnt and KL RLOO are the main grid's runs at the same rates and seeds. "
+         "Hypotheses and rules were fixed in `maxent_rlhf/toylab/rules.py` before the runs.\n",
+         f"![pairwise]({Path(fig).name})\n",
+         "| condition | lr | runs | SFT | peak | final | trajectories | overoptimised | final pairwise accuracy / margin |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for cond in PAIRWISE_LABELS:
+        for lr in lrs:
+            rs = group(cond, lr)
+            st = [stats[id(r)] for r in rs if "final" in stats[id(r)]]
+            if not st:
+                continue
+            trajs = {}
+            for s in st:
+                t = rules.trajectory(s["sft"], s["peak"], s["final"]) if s.get("sft") is not None else "?"
+                trajs[t] = trajs.get(t, 0) + 1
+            acc = _mean([r.series("rewards/accuracies")[1][-1] for r in rs if r.series("rewards/accuracies")[1]])
+            margin = _mean([r.series("rewards/margins")[1][-1] for r in rs if r.series("rewards/margins")[1]])
+            L.append(f"| {label(rs[0])} | {lr:g} | {len(st)} | {_fmt(_mean([s.get('sft') for s in st]))} | "
+                     f"{_fmt(_mean([s['peak'] for s in st]))} | {_fmt(_mean([s['final'] for s in st]))} | "
+                     + ", ".join(f"{n} {t}" for t, n in sorted(trajs.items())) + " | "
+                     f"{sum(1 for s in st if s.get('overoptimised'))}/{len(st)} | "
+                     + (f"{acc:.2f} / {margin:.2f}" if acc is not None and margin is not None else "-") + " |")
+    L += ["", "Win rates: mean over seeds. Pairwise accuracy / margin: the last logged batch's `rewards/accuracies` and "
+          "`rewards/margins` (the loss's own implicit rewards), mean over seeds.\n"]
+    if reused:
+        L.append("Runs identical to a main-grid run (same script, config, rate, seed and options) were not run twice; "
+                 "the condition reads the main grid's run: " + "; ".join(reused) + ".\n")
+    L += ["| hypothesis | runs / metric / rule | verdict | evidence |", "|---|---|---|---|"]
+    for name, v in (("H1", h1), ("H2", h2), ("H3", h3)):
+        runs_, metric, how = rules.HYPOTHESES[name]
+        L.append(f"| {name} | {runs_}; {metric}; {how}. {v.rule} | **{v.cell()}** | {v.evidence or '-'} |")
+    L.append("")
     return L
 
 
