@@ -312,7 +312,7 @@ def closing_summary(run_path: Path) -> None:
     """The run's story from its metrics.jsonl (maxent_rlhf.story: proxy score, KL, win rate, verdict) and its
     figure (<run>/curves.png)."""
     print("[train_online] summary\n" + run_story(read_metrics(run_path), run_path).text(), flush=True)
-    figure = plotting._run_figure(run_path, ONLINE_RUN_PANELS, "online pairwise", plotting.RUN_FIGURE)
+    figure = plotting.draw_run_figure(run_path, ONLINE_RUN_PANELS, "online pairwise", plotting.RUN_FIGURE)
     if figure is not None:
         print(f"[train_online] figure: {figure}", flush=True)
 

@@ -390,7 +390,7 @@ def plot_run_figure(run: Run, path: str | Path, panels, title: str) -> Path:
     return _save(fig, path)
 
 
-def _run_figure(run_dir: str | Path, panels, title: str, name: str) -> Optional[Path]:
+def draw_run_figure(run_dir: str | Path, panels, title: str, name: str) -> Optional[Path]:
     """Draw a run's figure into the run directory; a drawing failure is one line, never an exception
     (the numbers stay in metrics.jsonl)."""
     run_dir = Path(run_dir)
@@ -407,14 +407,14 @@ def plot_rloo_run(run_dir: str | Path, name: str = RUN_FIGURE) -> Optional[Path]
     """<run_dir>/curves.png for a train_rloo run, the paper's Fig. 10 layout: RLHF reward, entropy
     (unweighted), KL to the reference, KL between consecutive policies (paper direction), and the win
     rate with its interval when the run evaluated one. Returns the path, or None if it could not be drawn."""
-    return _run_figure(run_dir, RLOO_RUN_PANELS, "RLOO (Fig. 10 layout)", name)
+    return draw_run_figure(run_dir, RLOO_RUN_PANELS, "RLOO (Fig. 10 layout)", name)
 
 
 def plot_offline_run(run_dir: str | Path, name: str = RUN_FIGURE) -> Optional[Path]:
     """<run_dir>/curves.png for a train_offline run, the paper's Fig. 7 layout: loss (train, and eval
     when logged), reward margin, chosen / rejected log-probs, grad norm; `ref/logratio` for DPO-style
     losses; the win rate with its interval when evaluated. Panels a loss does not log are left out."""
-    return _run_figure(run_dir, OFFLINE_RUN_PANELS, "offline (Fig. 7 layout)", name)
+    return draw_run_figure(run_dir, OFFLINE_RUN_PANELS, "offline (Fig. 7 layout)", name)
 
 
 def _save(fig, path: str | Path, dpi: int = 80) -> Path:
