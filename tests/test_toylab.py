@@ -448,6 +448,20 @@ def test_provenance_names_the_code_and_the_rules():
     assert p["code_commit"] is None or len(p["code_commit"]) == 40
 
 
+def test_a_run_records_the_code_it_started_with_not_the_code_at_its_end(tmp_path, monkeypatch):
+    """A commit (or an edit) made while a sweep runs must not relabel the run in progress."""
+    monkeypatch.setattr(sweep, "provenance", lambda: {"code_commit": "a" * 40, "code_dirty": False})
+
+    def fake_script(script, config, **options):  # the run: the code changes while it trains
+        Path(options["output_dir"]).mkdir(parents=True)
+        monkeypatch.setattr(sweep, "provenance", lambda: {"code_commit": "b" * 40, "code_dirty": True})
+
+    monkeypatch.setattr(sweep, "run_script", fake_script)
+    out = sweep.run_offline(tmp_path / "simpo_lr1e-3", "simpo", 1e-3)
+    done = json.loads((out / "DONE.json").read_text())
+    assert done["code_commit"] == "a" * 40 and done["code_dirty"] is False
+
+
 def _run_dir(root: Path, name: str, config: dict, win: list, info: dict, **kw) -> Path:
     return fake_sweep_run(root, name, config, win, info=info, **kw)
 

@@ -291,8 +291,9 @@ def _run_once(out: Path, script: str, config: Path, options: dict, record: dict)
         return out
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
+    made_by = provenance()  # the code as the run starts: a commit made while it runs must not relabel it
     run_script(script, config, **options)
-    _mark_done(out, {**record, "seconds": time.time() - t0, **provenance()})
+    _mark_done(out, {**record, "seconds": time.time() - t0, **made_by})
     return out
 
 
