@@ -413,8 +413,10 @@ def test_server_down_stops_with_clear_error_keeping_judgments(tmp_path, server):
     run = fake_run(tmp_path, [1])
     write_generations(tmp_path / "out", "step_00000001", data, with_marker(n, {0}))
     server.faults = lambda i, body: "503" if i >= 3 else None
+    # the faults come by arrival order: a generous timeout, so that a request slowed by a loaded machine is not
+    # retried (a retry is another arrival, and then fewer than 3 judgments would be saved)
     with pytest.raises(JudgeUnavailableError, match=r"kept failing.*HTTP 503.*3 judgments .*saved") as e:
-        ej.main(config(tmp_path, server, data, [run], concurrency=1, max_retries=2))
+        ej.main(config(tmp_path, server, data, [run], concurrency=1, max_retries=2, request_timeout=30.0))
     assert SECRET not in str(e.value)
     assert len((tmp_path / "out" / "judgments.jsonl").read_text().splitlines()) == 3
     server.faults = None  # the server is back: the rerun judges only the other 5
