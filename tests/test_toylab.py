@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -603,15 +604,18 @@ def test_the_task_ceiling_is_the_ideal_summary_against_the_references(tmp_path):
 
 def test_the_length_conditions_command_lines_parse_into_the_scripts_configs():
     """Each condition's options on top of its config, and the evaluation's options on top of eval.yaml, are
-    options the scripts know (a typo would fail hours into the sweep)."""
+    options the scripts know (a typo would fail hours into the sweep), and its prompt + response fit the toy
+    model's positions under the scripts' own check (a 32-token completion budget once stopped a sweep there)."""
     import evaluate_judge
     import train_offline
     import train_online
     import train_rloo
 
     from maxent_rlhf.config import parse_config
+    from maxent_rlhf.models import check_context_length
     from maxent_rlhf.toylab import scripts
 
+    toy_model = types.SimpleNamespace(max_position_embeddings=build.MODEL["max_position_embeddings"])
     classes = {"rloo": (train_rloo.RLOOConfig, "train_rloo.py"), "offline": (train_offline.OfflineConfig, "train_offline.py"),
                "online": (train_online.OnlineConfig, "train_online.py")}
     for c in (c for c in sweep.CONDITIONS if c.enabled()):
@@ -621,6 +625,8 @@ def test_the_length_conditions_command_lines_parse_into_the_scripts_configs():
                                      **c.options)
         parsed = parse_config(cls, cmd[2:])
         assert parsed.learning_rate == lr and all(getattr(parsed, k) == v for k, v in c.options.items())
+        response = "max_completion_length" if c.kind == "offline" else "response_length"
+        check_context_length(toy_model, parsed.max_prompt_length, getattr(parsed, response), "max_prompt_length", response)
         opts = {k: v for k, v in c.eval_options.items() if k != "reward_model_name_or_path"}
         cmd = scripts.script_command("evaluate_judge.py", scripts.toy_config("eval"), output_dir="/tmp/x", **opts)
         ev = parse_config(evaluate_judge.EvalConfig, cmd[2:])

@@ -133,8 +133,9 @@ LENGTH_TOKENS = 24
 LENGTH_EVAL = {"sft_model_name_or_path": "toylab://length/sft", "dataset_name": "toylab://length/prompts",
                "max_new_tokens": LENGTH_TOKENS, "reward_model_name_or_path": "toylab://length/reward"}
 LENGTH_OFFLINE = {"model_name_or_path": "toylab://length/sft", "dataset_name": "toylab://length/pairs",
-                  "judge_dataset_name": "toylab://length/prompts", "max_new_tokens": LENGTH_TOKENS,
-                  "max_completion_length": 32, "simpo_gamma": 0.5}
+                  "judge_dataset_name": "toylab://length/prompts", "max_new_tokens": LENGTH_TOKENS, "simpo_gamma": 0.5}
+# (max_completion_length stays the SimPO config's 28: the pairs' responses are <= 24 tokens + EOS, and the prompt's
+# 100 tokens + 28 fill the toy model's 128 positions)
 # SimPO's beta scales the length-normalised log-prob; without normalisation the summed log-prob is |y|
 # times larger, so beta is divided by the SFT summaries' typical length (8 tokens): 2.0 -> 0.25
 CONDITIONS = (
