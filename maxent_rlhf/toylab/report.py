@@ -806,10 +806,14 @@ def pairwise_section(pairwise, rloo, report_dir: Path) -> list[str]:
     if reused:
         L.append("Runs identical to a main-grid run (same script, config, rate, seed and options) were not run twice; "
                  "the condition reads the main grid's run: " + "; ".join(reused) + ".\n")
-    L += ["| hypothesis | runs / metric / rule | verdict | evidence |", "|---|---|---|---|"]
-    for name, v in (("H1", h1), ("H2", h2), ("H3", h3)):
-        runs_, metric, how = rules.HYPOTHESES[name]
-        L.append(f"| {name} | {runs_}; {metric}; {how}. {v.rule} | **{v.cell()}** | {v.evidence or '-'} |")
+    verdicts = (("H1", "the dataset constraint stabilises: offline SimPO stays stable where online SimPO at the same rate "
+                       "and gamma overoptimises", h1),
+                ("H2", "the margin stabilises: online SimPO with gamma > 0 is more stable than with gamma 0", h2),
+                ("H3", "online SimPO fails like online maximum-entropy RLOO (Eq. 7)", h3))
+    L += ["| # | hypothesis | toy-lab evidence | verdict |", "|---|---|---|---|"]
+    L += [f"| {name} | {text} | {v.evidence or '-'} | {v.cell()} |" for name, text, v in verdicts]
+    L += ["", "Rules (runs; metric; statistic, from `rules.HYPOTHESES`):", ""]
+    L += [f"- {name}: {'; '.join(rules.HYPOTHESES[name])}. {v.rule}" for name, _, v in verdicts]
     L.append("")
     return L
 
