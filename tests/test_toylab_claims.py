@@ -328,7 +328,8 @@ def test_report_from_run_directories_adds_up_the_cost_and_matches_the_toy_config
               None, {"regularizer": "kl", "seconds": 50.0, "eval_seconds": 10.0})
     _fake_run(sw / "rloo", "kl_lr9e-3_s1", {"regularizer": "kl", "learning_rate": 9e-3, "seed": 1}, [0.3, 0.3, 0.3],
               None, {"regularizer": "kl", "seconds": 999.0})  # outside sweep.json's runs: not in the cost
-    lora_cfg = {**maxent_cfg, "learning_rate": 1e-3, "seed": 1, "use_peft": True, "lora_r": 2, "lora_alpha": 4}
+    lora_cfg = {**{k: v for k, v in load_yaml(sweep.toy_config("lora_r2_maxent")).items() if k != "output_dir"},
+                "learning_rate": 1e-3, "seed": 1}
     _fake_run(sw / "lora" / "rloo", "lora_r2_maxent_lr1e-3_s1", lora_cfg, [0.3, 0.8, 0.8], ent,
               {"regularizer": "lora_r2_maxent", "seconds": 40.0, "eval_seconds": 10.0})
     dpo = [{"step": s, "ref/logratio": -0.1 - 0.01 * (s % 3)} for s in range(1, 21)]
@@ -350,8 +351,10 @@ def test_report_from_run_directories_adds_up_the_cost_and_matches_the_toy_config
     assert 'Verdict on "LoRA prevents the collapse": **agrees**' in text
     assert (tmp_path / "report" / "fig_lora_gold.png").exists()
     assert "outside the sweep, also in the tables: kl_lr9e-3_s1" in text
-    assert f"| configs/toy/maxent.yaml | {main.name} |" in text  # the README main job is a run of the tables
-    assert "| configs/toy/kl.yaml | not in this sweep |" in text
+    # the README main job is a run of the tables, with the numbers the README may quote (no proxy measured here)
+    assert f"| configs/toy/maxent.yaml | {main.name} | 30.0% -> 80.0% (10) -> 80.0% | - -> - |" in text
+    assert "| configs/toy/kl.yaml | not in this sweep | - | - |" in text
+    assert "| configs/toy/lora_r2_maxent.yaml | lora_r2_maxent_lr1e-3_s1 |" in text  # LoRA runs are matched too
     assert "| dpo | dpo | 0.001 | 0.1 | - | 30% | 85% (10) | 30% | 55 | collapses |" in text
     rows = dict(_verdicts(text.split("## Claims")[1].splitlines()))
     assert rows["1"].startswith("n/a") and rows["9"] == "agrees" and rows["5"] == "agrees"

@@ -307,7 +307,7 @@ def write_report(sweep_dir: str | Path, report_dir: str | Path = "report", allow
                  f"{_fmt(s.get(KL_PREV + '_early'), '.3f')} -> {_fmt(s.get(KL_PREV + '_late'), '.3f')} | "
                  f"{_fmt(s.get('entropy_bonus_trend'), '+.3f')} |")
     L.append("")
-    L += main_job_lines(rloo + length["rloo"] + main_job)
+    L += main_job_lines(rloo + length["rloo"] + main_job + lora)
     L += offline_table(offline)
 
     L.append("## Figures\n")
@@ -407,15 +407,20 @@ def main_job_lines(rloo) -> list[str]:
         if "regularizer" not in want:
             continue
         # a sweep regulariser's config must also be the one the run was made from (minent = maxent with a negative entropy_coef)
-        match = [r.name for r in rloo if all(_same(r.config.get(k), v) for k, v in want.items())
+        match = [r for r in rloo if all(_same(r.config.get(k), v) for k, v in want.items())
                  and (f.stem not in REGULARIZERS or _reg_key(r) == f.stem)]
-        rows.append(f"| configs/toy/{f.name} | {', '.join(match) if match else 'not in this sweep'} |")
+        st = analyse(match[0]) if match else {}
+        numbers = (f"{_fmt(st.get('sft'), '.1%')} -> {_fmt(st['peak'], '.1%')} ({st['peak_step']}) -> {_fmt(st['final'], '.1%')} | "
+                   f"{_fmt(st.get('proxy_at_peak'), '.2f')} -> {_fmt(st.get('proxy_final'), '.2f')}") if "final" in st else "- | -"
+        rows.append(f"| configs/toy/{f.name} | {', '.join(r.name for r in match) if match else 'not in this sweep'} | {numbers} |")
     if not rows:
         return []
     return ["## The toy configs in this sweep\n", "Each `configs/toy` RLOO config against the sweep's runs (a run matches "
             "when its resolved config has the same value for every training key the file sets, and, for a "
-            "regulariser's own config, was made from it; the in-training evaluation keys are left out):\n",
-            "| config | run |", "|---|---|", *rows, ""]
+            "regulariser's own config, was made from it; the in-training evaluation keys are left out), with the first "
+            "matching run's gold win rate (SFT -> peak (step) -> final) and proxy reward (at the gold peak -> final): "
+            "the numbers the README and the configs' comments may quote.\n",
+            "| config | run | gold win rate | proxy reward |", "|---|---|---|---|", *rows, ""]
 
 
 def _same(a, b) -> bool:
