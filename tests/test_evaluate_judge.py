@@ -86,8 +86,10 @@ def config(tmp_path, server, data, checkpoints, **kw):
     base = dict(output_dir=str(tmp_path / "out"), checkpoints=[str(c) for c in checkpoints], dataset_name=str(data),
                 dataset_test_split="test", n=0, judge="openai", plot=False)
     if kw.get("judge", "openai") == "openai":  # options only the openai judge takes
+        # a generous timeout: on a loaded machine a 2 s one expired, the client retried, and the server judged a
+        # pair twice (tests that want timeouts use the "slow" fault with their own short request_timeout)
         base.update(judge_model="fake-judge", base_url=server.base_url if server else None, concurrency=4,
-                    request_timeout=2.0, max_retries=3, backoff_base=0.01, backoff_max=0.05)
+                    request_timeout=30.0, max_retries=3, backoff_base=0.01, backoff_max=0.05)
     base.update(kw)
     return ej.EvalConfig(**base)
 
@@ -413,10 +415,8 @@ def test_server_down_stops_with_clear_error_keeping_judgments(tmp_path, server):
     run = fake_run(tmp_path, [1])
     write_generations(tmp_path / "out", "step_00000001", data, with_marker(n, {0}))
     server.faults = lambda i, body: "503" if i >= 3 else None
-    # the faults come by arrival order: a generous timeout, so that a request slowed by a loaded machine is not
-    # retried (a retry is another arrival, and then fewer than 3 judgments would be saved)
     with pytest.raises(JudgeUnavailableError, match=r"kept failing.*HTTP 503.*3 judgments .*saved") as e:
-        ej.main(config(tmp_path, server, data, [run], concurrency=1, max_retries=2, request_timeout=30.0))
+        ej.main(config(tmp_path, server, data, [run], concurrency=1, max_retries=2))
     assert SECRET not in str(e.value)
     assert len((tmp_path / "out" / "judgments.jsonl").read_text().splitlines()) == 3
     server.faults = None  # the server is back: the rerun judges only the other 5
