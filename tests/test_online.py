@@ -20,7 +20,7 @@ import train_online
 from maxent_rlhf import data, generation, objectives, rollout
 from maxent_rlhf.checkpoints import list_checkpoints
 from maxent_rlhf.runs import read_metrics
-from helpers.resume import copy_killed_run
+from helpers.resume import assert_same_checkpoint_weights, copy_killed_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the shared 2-core test machine: one torch thread
 
@@ -236,11 +236,7 @@ def test_resume_is_exact(base, tmp_path):
     full = Path(train_online.main(c))
     killed = copy_killed_run(full, tmp_path / "killed", checkpoint_step=2, logged_lines=3)  # step 3 logged, then the kill
     resumed = Path(train_online.main(replace(c, output_dir=str(killed), resume="latest")))
-    from safetensors.torch import load_file
-
-    a = load_file(full / "checkpoints" / "step_00000004" / "model.safetensors")
-    b = load_file(resumed / "checkpoints" / "step_00000004" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_checkpoint_weights(full, resumed, step=4)
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))}  # noqa: E731
     assert [strip(r) for r in read_metrics(full)] == [strip(r) for r in read_metrics(resumed)]
 

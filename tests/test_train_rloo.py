@@ -18,7 +18,7 @@ from maxent_rlhf.config import ConfigError, parse_config
 from maxent_rlhf.data import DataError, PromptStream, tokenize_prompts
 from maxent_rlhf.models import build_tiny_policy, build_tiny_reward_model
 from maxent_rlhf.runs import NonFiniteError, read_metrics
-from helpers.resume import copy_killed_run
+from helpers.resume import assert_same_checkpoint_weights, copy_killed_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the shared 2-core test machine: one torch thread
 
@@ -148,11 +148,7 @@ def test_resume_is_exact(base, tmp_path):
     # the killed run: only what existed on disk after iteration 2 (its checkpoint, its log lines + junk past it)
     killed = copy_killed_run(full, tmp_path / "killed", checkpoint_step=2, logged_lines=3)  # step 3 logged, then the kill
     resumed = Path(train_rloo.main(replace(c, output_dir=str(killed), resume="latest")))
-    from safetensors.torch import load_file
-
-    a = load_file(full / "checkpoints" / "step_00000004" / "model.safetensors")
-    b = load_file(resumed / "checkpoints" / "step_00000004" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_checkpoint_weights(full, resumed, step=4)
     ma, mb = read_metrics(full), read_metrics(resumed)
     assert [r["step"] for r in mb] == [1, 2, 3, 4]
     for ra, rb in zip(ma, mb):

@@ -32,3 +32,13 @@ def run_killed_inside(monkeypatch, module, function: str, calls_before_kill: int
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(module, function, real)
+
+
+def assert_same_checkpoint_weights(a: Path, b: Path, step: int) -> None:
+    """The model weights two runs saved at `step` are bitwise equal (same tensors, same names)."""
+    import torch
+    from safetensors.torch import load_file
+
+    name = f"step_{step:08d}"
+    wa, wb = (load_file(run / "checkpoints" / name / "model.safetensors") for run in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
