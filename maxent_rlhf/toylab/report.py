@@ -449,11 +449,16 @@ def offline_table(offline: dict) -> list[str]:
 
 def _group_final(stats, variant, lr, default_coef_only=True):
     """Finished runs of one regulariser variant at one lr (by default at the sweep's default coefficient)."""
-    return [s for s in stats if s.get("variant") == variant and abs(s["lr"] - lr) < 1e-12 and "final" in s
-            and s.get("sft") is not None and (s.get("default_coef", True) or not default_coef_only)]
+    return [s for s in _judged(stats) if s.get("variant") == variant and abs(s["lr"] - lr) < 1e-12
+            and (s.get("default_coef", True) or not default_coef_only)]
 
 
 ENTROPY_VARIANTS = ("maxent", "entropy")  # the reference-free maximum-entropy objectives (Eqs. 7 and 6)
+
+
+def _judged(stats) -> list[dict]:
+    """The analysed runs (`analyse`) with a final checkpoint and an SFT baseline: the ones a rule can judge."""
+    return [s for s in stats if "final" in s and s.get("sft") is not None]
 
 
 def _outcomes(sel) -> list[claims.Outcome]:
@@ -696,11 +701,10 @@ def lora_section(lora, rloo, report_dir: Path) -> list[str]:
     fig = plotting.plot_winrate_per_checkpoint(
         full + lora, report_dir / "fig_lora_gold.png", label=name, panel=lambda r: f"maxent (Eq. 7), lr {_lr(r):g}",
         title="LoRA vs full FT: gold (solid), proxy (dotted), mean over seeds", proxy=True)
-    done = lambda rs: [s for s in map(analyse, rs) if "final" in s and s.get("sft") is not None]  # noqa: E731
     by_rank: dict = {}
     for r in lora:
-        by_rank.setdefault(lora_rank(r), []).extend(done([r]))
-    v = claims.rule_lora_prevents_collapse(_outcomes(done(full)),
+        by_rank.setdefault(lora_rank(r), []).extend(_judged([analyse(r)]))
+    v = claims.rule_lora_prevents_collapse(_outcomes(_judged(map(analyse, full))),
                                            {k: _outcomes(rs) for k, rs in by_rank.items()})
     L = ["## LoRA vs full fine-tuning: does the rank constraint alone prevent the collapse?\n",
          f"Maximum-entropy RLOO (Eq. 7) with a LoRA policy (ranks {sorted(by_rank)}, lora_alpha = 2 r, the reference = "
@@ -767,8 +771,7 @@ def pairwise_section(pairwise, rloo, report_dir: Path) -> list[str]:
     fig = plotting.plot_winrate_per_checkpoint(
         runs, report_dir / "fig_pairwise_gold.png", label=label, panel=lambda r: f"lr {_lr(r):g}",
         title="dataset constraint or margin? gold (solid), proxy (dotted), mean over seeds", proxy=True)
-    stats = {id(r): analyse(r) for r in runs}
-    done = lambda rs: _outcomes([stats[id(r)] for r in rs if "final" in stats[id(r)] and stats[id(r)].get("sft") is not None])  # noqa: E731
+    done = lambda rs: _outcomes(_judged(map(analyse, rs)))  # noqa: E731
     group = lambda cond, lr: [r for r in runs if _condition(r) == cond and abs(_lr(r) - lr) < 1e-12]  # noqa: E731
     g = rules.PAIRWISE_GAMMA
     offline_by_gamma = {g: "pairwise_offline_simpo", 0.0: "pairwise_offline_simpo_gamma0"}
@@ -792,7 +795,7 @@ def pairwise_section(pairwise, rloo, report_dir: Path) -> list[str]:
     for cond in PAIRWISE_LABELS:
         for lr in lrs:
             rs = group(cond, lr)
-            st = [stats[id(r)] for r in rs if "final" in stats[id(r)]]
+            st = [s for s in map(analyse, rs) if "final" in s]
             if not st:
                 continue
             trajs = {}
